@@ -1,0 +1,193 @@
+"""Every merge is an affine weight vector over checkpoints (THEORY.md §d').
+
+A trajectory of N checkpoints θ_1..θ_N (oldest first, newest last) is merged as Σ_j w_j θ_j with
+Σ_j w_j = 1. SMA (LAWA/PMA), EMA, WMA, Extra-Merge, least-squares trend extrapolation and the
+theory-optimal filter are all such vectors, so one function (``apply``) merges simulated trajectories and
+one streaming engine (``extramerge``) merges real checkpoints with the very same numbers.
+
+Every builder returns a float64 numpy array of length ``n`` whose last entry weighs the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "sma",
+    "ema",
+    "wma",
+    "extra",
+    "trend",
+    "optimal",
+    "custom",
+    "apply",
+    "lag",
+    "merge_matrix",
+    "required_checkpoints",
+]
+
+AFFINE_TOL = 1e-9
+
+
+def _check_int(name: str, value, lo: int) -> int:
+    if isinstance(value, bool) or not float(value).is_integer() or int(value) < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+    return int(value)
+
+
+def _check_finite(name: str, value) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return value
+
+
+def _need(n: int, needed: int, what: str) -> None:
+    if n < needed:
+        raise ValueError(f"{what} needs at least {needed} checkpoints, got n={n}")
+
+
+def sma(n: int, window: int) -> np.ndarray:
+    """Simple moving average of the last K checkpoints: w_j = 1/K for j > N−K, else 0."""
+    n, window = _check_int("n", n, 1), _check_int("window", window, 1)
+    _need(n, window, f"sma(window={window})")
+    w = np.zeros(n)
+    w[n - window :] = 1.0 / window
+    return w
+
+
+def ema(n: int, decay: float) -> np.ndarray:
+    """Exponential moving average m_k = β m_{k−1} + (1−β) θ_k started at m_1 = θ_1.
+
+    Weights: w_1 = β^{N−1}, w_j = (1−β) β^{N−j} for j ≥ 2 (they sum to 1 exactly).
+    """
+    n = _check_int("n", n, 1)
+    decay = _check_finite("decay", decay)
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must lie in [0, 1), got {decay}")
+    j = np.arange(1, n + 1)
+    w = (1.0 - decay) * decay ** (n - j).astype(float)
+    w[0] = decay ** (n - 1)
+    return w
+
+
+def wma(n: int, window: int) -> np.ndarray:
+    """Linearly weighted average of the last K checkpoints: weights ∝ 1, 2, ..., K (newest heaviest)."""
+    n, window = _check_int("n", n, 1), _check_int("window", window, 1)
+    _need(n, window, f"wma(window={window})")
+    w = np.zeros(n)
+    ramp = np.arange(1, window + 1, dtype=float)
+    w[n - window :] = ramp / ramp.sum()
+    return w
+
+
+def required_checkpoints(window: int, offset: int) -> int:
+    """Extra-Merge over SMA windows K whose ends are d apart reads K + d checkpoints."""
+    return _check_int("window", window, 1) + _check_int("offset", offset, 0)
+
+
+def extra(n: int, window: int, offset: int, alpha: float) -> np.ndarray:
+    """Extra-Merge E = M_N + α (M_N − M_{N−d}), M_k the SMA of checkpoints k−K+1..k (THEORY.md §d).
+
+    α = 0 or d = 0 gives M_N; on an exact line, α = (K−1)/(2d) returns θ_N.
+    """
+    n = _check_int("n", n, 1)
+    window, offset = _check_int("window", window, 1), _check_int("offset", offset, 0)
+    alpha = _check_finite("alpha", alpha)
+    _need(n, window + offset, f"extra(window={window}, offset={offset})")
+    now = sma(n, window)
+    before = np.zeros(n)
+    before[: n - offset] = sma(n - offset, window)
+    return (1.0 + alpha) * now - alpha * before
+
+
+def trend(n: int, window: int, ahead: float = 0.0, steps: Sequence[float] | None = None) -> np.ndarray:
+    """Least-squares line through the last K checkpoints, evaluated ``ahead`` past the newest one.
+
+    With positions x_j (checkpoint index, or ``steps`` when given) and target x_0 = x_N + ahead:
+    w_j = 1/K + (x_0 − x̄)(x_j − x̄) / Σ(x − x̄)². Exact lines are reproduced exactly.
+    ``ahead`` is in checkpoints, or in the units of ``steps`` when those are given.
+    """
+    n, window = _check_int("n", n, 1), _check_int("window", window, 1)
+    ahead = _check_finite("ahead", ahead)
+    _need(n, window, f"trend(window={window})")
+    x = np.arange(1, n + 1, dtype=float) if steps is None else np.asarray(steps, dtype=float)
+    if x.shape != (n,):
+        raise ValueError(f"steps must have one entry per checkpoint ({n}), got shape {x.shape}")
+    if not np.all(np.isfinite(x)) or np.any(np.diff(x) <= 0):
+        raise ValueError("steps must be finite and strictly increasing")
+    xs = x[n - window :]
+    x0 = x[-1] + ahead
+    w = np.zeros(n)
+    if window == 1:
+        if ahead != 0.0:
+            raise ValueError("trend with window=1 cannot extrapolate (ahead != 0): a line needs window >= 2")
+        w[-1] = 1.0
+        return w
+    dx = xs - xs.mean()
+    w[n - window :] = 1.0 / window + (x0 - xs.mean()) * dx / np.dot(dx, dx)
+    return w
+
+
+def optimal(n: int, *, slope: float, lr: float, interval: int, curvatures, noise: float = 1.0) -> np.ndarray:
+    """Theory-optimal affine merge for the linear river (THEORY.md §d'): argmin ΔL(w) s.t. 1ᵀw = 1."""
+    from rivervalley.theory import optimal_weights
+
+    return np.asarray(
+        optimal_weights(n=n, slope=slope, lr=lr, interval=interval, curvatures=curvatures, noise=noise),
+        dtype=float,
+    )
+
+
+def custom(weights: Sequence[float], *, tol: float = 1e-6) -> tuple[np.ndarray, bool]:
+    """A user's weight vector, oldest first. Returns (w, affine) where affine says whether Σw = 1 within tol.
+
+    Weights that do not sum to 1 are returned unchanged: the caller decides whether to warn or refuse.
+    """
+    w = np.asarray(list(weights), dtype=float)
+    if w.ndim != 1 or w.size == 0:
+        raise ValueError("weights must be a non-empty list of numbers")
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"weights must be finite, got {w.tolist()}")
+    return w, bool(abs(w.sum() - 1.0) <= tol)
+
+
+def lag(weights) -> float:
+    """Checkpoints the merge trails the newest one by along a linear river: N − Σ_j j w_j (THEORY.md §d')."""
+    w = np.asarray(weights, dtype=float)
+    t = np.arange(1, w.shape[-1] + 1)
+    return w.shape[-1] - w @ t
+
+
+def merge_matrix(n: int, window: int) -> np.ndarray:
+    """Rows are the SMA weight vectors of the consecutive merged checkpoints M_K..M_N: shape [N−K+1, N]."""
+    n, window = _check_int("n", n, 1), _check_int("window", window, 1)
+    _need(n, window, f"merge_matrix(window={window})")
+    rows = n - window + 1
+    W = np.zeros((rows, n))
+    for r in range(rows):
+        W[r, r : r + window] = 1.0 / window
+    return W
+
+
+def apply(weights, trajectory):
+    """Σ_j w_j θ_j over the checkpoint axis (second to last) of ``trajectory`` [..., N, p].
+
+    Works on numpy arrays and torch tensors alike (the result has the trajectory's type and dtype).
+    ``weights`` may also be a matrix [R, N] of weight vectors, giving [..., R, p].
+    """
+    w = np.asarray(weights, dtype=float)
+    n = trajectory.shape[-2]
+    if w.shape[-1] != n:
+        raise ValueError(f"weights have {w.shape[-1]} entries but the trajectory has {n} checkpoints")
+    if isinstance(trajectory, np.ndarray):
+        return np.einsum("...n,...np->...p" if w.ndim == 1 else "rn,...np->...rp", w, trajectory)
+    import torch
+
+    wt = torch.as_tensor(w, dtype=trajectory.dtype, device=trajectory.device)
+    if wt.ndim == 1:
+        return torch.einsum("n,...np->...p", wt, trajectory)
+    return torch.einsum("rn,...np->...rp", wt, trajectory)
