@@ -1,0 +1,381 @@
+"""`extramerge` command line: inspect, analyze and merge training checkpoints.
+
+    extramerge inspect CKPT... [--json]
+    extramerge analyze CKPT... [--windows 1,2,4,8] -o DIR
+    extramerge merge CKPT... --method {sma,ema,wma,extra,trend,pc1,custom} [knobs] -o OUT [--dry-run]
+
+CKPT is a checkpoint file (.safetensors, .bin, .pt), a Hugging Face model folder, or a folder of
+step_XXXX/ checkpoints (expanded and sorted by step). Checkpoints are ordered oldest first as given.
+Exit status: 0 on success, 2 on a usage or input error (one line on stderr, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections import Counter
+
+__all__ = ["main", "build_parser"]
+
+PROG = "extramerge"
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(nbytes) < 1000 or unit == "TB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.2f} TB"  # pragma: no cover
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+# ------------------------------------------------------------------------------------------------ inspect
+
+
+def _inspect(args) -> int:
+    from .checkpoints import check_compatible, load_checkpoints
+
+    ckpts = load_checkpoints(args.checkpoints)
+    try:
+        rows = []
+        for c in ckpts:
+            dtypes = Counter(str(i.dtype).replace("torch.", "") for i in c.infos.values())
+            rows.append(
+                {
+                    "path": str(c.path),
+                    "format": c.format,
+                    "step": c.step,
+                    "tensors": len(c.infos),
+                    "parameters": int(sum(i.numel for i in c.infos.values())),
+                    "bytes": int(c.nbytes),
+                    "dtypes": dict(sorted(dtypes.items())),
+                    "aliases": dict(getattr(c, "aliases", {}) or {}),
+                }
+            )
+        try:
+            infos = check_compatible(ckpts)
+            consistency = {"consistent": True, "tensors": len(infos), "problem": None}
+        except ValueError as e:
+            consistency = {"consistent": False, "tensors": None, "problem": _oneline(e)}
+    finally:
+        for c in ckpts:
+            c.close()
+    if args.json:
+        print(json.dumps({"checkpoints": rows, **consistency}, indent=1))
+    else:
+        print(f"{'#':>3} {'step':>8} {'format':<15} {'tensors':>7} {'params':>9} {'size':>10}  dtypes / path")
+        for i, r in enumerate(rows):
+            dt = ",".join(f"{k}×{v}" for k, v in r["dtypes"].items())
+            step = "-" if r["step"] is None else r["step"]
+            print(
+                f"{i:>3} {step:>8} {r['format']:<15} {r['tensors']:>7} {_count(r['parameters']):>9} "
+                f"{_human(r['bytes']):>10}  {dt}  {r['path']}"
+            )
+            if r["aliases"]:
+                print(f"{'':>4}tied/aliased: " + ", ".join(f"{a} -> {b}" for a, b in r["aliases"].items()))
+        if consistency["consistent"]:
+            print(
+                f"consistent: yes ({len(rows)} checkpoints, {consistency['tensors']} tensors with equal "
+                "names, shapes and dtypes)"
+            )
+        else:
+            print(f"consistent: NO: {consistency['problem']}")
+    if not consistency["consistent"]:
+        raise _InputError(consistency["problem"])
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ analyze
+
+
+def _fmt(x, spec=".3g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _analyze(args) -> int:
+    from .trajectory import analyze
+
+    report = analyze(
+        args.checkpoints, windows=args.windows, output=args.output, progress=not args.quiet, force=args.force
+    )
+    steps = [c["step"] for c in report["checkpoints"]]
+    span = f" (steps {steps[0]}..{steps[-1]})" if None not in steps else ""
+    print(
+        f"analysed {report['n_checkpoints']} checkpoints{span}: {report['tensors']} float tensors, "
+        f"{_count(report['parameters'])} parameters, |θ_newest| = {report['reference']['norm']:.4g}"
+    )
+    print(
+        f"{'':<10} {'n':>3} {'FVE1':>7} {'mean cos':>9} {'PC1 drift/ckpt':>15} {'(rel. |θ|)':>11}"
+        f" {'resid':>9}"
+    )
+    rows = [("raw", report["raw"])] + [(f"SMA K={k}", g) for k, g in report["merged"].items() if k != "1"]
+    for label, g in rows:
+        print(
+            f"{label:<10} {g['n']:>3} {g['fve1']:>7.4f} {_fmt(g['mean_cosine'], '.3f'):>9} "
+            f"{g['pc1_drift']:>15.4g} {_fmt(g['pc1_drift_relative']):>11} {g['pc1_residual_std']:>9.3g}"
+        )
+    if report["skipped_windows"]:
+        print(f"windows {report['skipped_windows']} skipped: a merged sequence needs at least 2 points")
+    r = report["river"]
+    print(
+        f"river: drift {r['drift']:.4g} per checkpoint; valley noise √V = {r['noise_std']:.4g}, "
+        f"lag-1 autocorrelation ρ = {r['rho']:.2f}"
+    )
+    if "extra_suggestion" in report:
+        s = report["extra_suggestion"]
+        print(
+            f"extra-merge --window {s['window']} --offset {s['offset']}: α_match = {s['alpha_match']:.3f} "
+            f"(zero lag), α_geometric = {s['alpha_geometric']:.3f} (noise-aware, parameter space)"
+        )
+    if args.output:
+        files = report["files"]
+        print(f"wrote {files['analysis']}, {files['gram']} and figures:")
+        for key in ("spectrum", "trajectory", "per_layer"):
+            print(f"  {files[key]}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------- merge
+
+
+def _merge(args) -> int:
+    from . import api
+
+    ckpts, _ = api.open_all(args.checkpoints)
+    try:
+        plan = api.plan(
+            ckpts,
+            args.method,
+            window=args.window,
+            offset=args.offset,
+            alpha=args.alpha,
+            decay=args.decay,
+            weights=args.weights,
+            ahead=args.ahead,
+            gram=args.gram,
+            progress=not args.quiet,
+        )
+        knobs = ", ".join(f"{k}={v}" for k, v in plan.params.items() if not isinstance(v, dict))
+        print(f"method {plan.method}" + (f" ({knobs})" if knobs else ""))
+        print(f"weights (oldest first, sum {plan.weights.sum():.6g}):")
+        for c, w in zip(ckpts, plan.weights, strict=True):
+            step = "" if c.step is None else f"step {c.step}"
+            print(f"  {w:+.6f}  {step:<12} {c.path}")
+        for note in plan.notes:
+            print(f"note: {note}")
+        summary = api.execute(
+            ckpts,
+            plan,
+            args.output,
+            dtype=args.dtype,
+            accumulate=args.accumulate,
+            shard_size=args.shard_size,
+            dry_run=args.dry_run,
+            force=args.force,
+            progress=not args.quiet,
+            allow_nonfinite=args.allow_nonfinite,
+        )
+    finally:
+        for c in ckpts:
+            c.close()
+    print(summary)
+    if args.dry_run:
+        print("dry run: nothing was written")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="{inspect,analyze,merge}")
+    ck = "checkpoint files or folders, oldest first (a folder of step_XXXX/ checkpoints is expanded)"
+
+    q = sub.add_parser("inspect", help="formats, tensors, dtypes, parameter counts and consistency")
+    q.add_argument("checkpoints", nargs="+", metavar="CKPT", help=ck)
+    q.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+    q.set_defaults(func=_inspect)
+
+    a = sub.add_parser("analyze", help="trajectory geometry (PCA, rank-1 fraction, drift) from one pass")
+    a.add_argument("checkpoints", nargs="+", metavar="CKPT", help=ck)
+    a.add_argument(
+        "--windows",
+        type=_ints,
+        default=[1, 2, 4, 8],
+        metavar="K1,K2,...",
+        help="SMA windows to compare with the raw trajectory (default 1,2,4,8; larger than N-1 are skipped)",
+    )
+    a.add_argument(
+        "-o",
+        "--output",
+        metavar="DIR",
+        help="write analysis.json, gram.npz and PNG figures here (atomically)",
+    )
+    a.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    a.set_defaults(func=_analyze)
+
+    m = sub.add_parser("merge", help="merge checkpoints with one weight vector, streaming tensor by tensor")
+    m.add_argument("checkpoints", nargs="+", metavar="CKPT", help=ck)
+    m.add_argument(
+        "--method",
+        required=True,
+        choices=["sma", "ema", "wma", "extra", "trend", "pc1", "custom"],
+        help="sma: mean of the last K; ema: exponential (decay B); wma: linear ramp; extra: "
+        "Extra-Merge M_N + α(M_N − M_{N−d}); trend: least-squares line; pc1: SMA moved onto "
+        "the PC1 trend; custom: --weights",
+    )
+    m.add_argument(
+        "--window", type=int, metavar="K", help="checkpoints per window (default: all N; extra: N//2)"
+    )
+    m.add_argument(
+        "--offset",
+        type=int,
+        metavar="D",
+        help="extra: distance d between the two windows' ends (default N − K)",
+    )
+    m.add_argument(
+        "--alpha",
+        metavar="A",
+        help="extra: a number, 'match' ((K−1)/(2d): zero lag, the default) or 'geometric' "
+        "(noise-aware estimate from a Gram pass)",
+    )
+    m.add_argument("--decay", type=float, metavar="B", help="ema: decay β in [0,1) (default 1 − 2/(N+1))")
+    m.add_argument(
+        "--weights",
+        type=_floats,
+        metavar="W1,W2,...",
+        help="custom: one weight per checkpoint, oldest first (a leading minus needs --weights=-0.5,1.5)",
+    )
+    m.add_argument(
+        "--ahead",
+        type=float,
+        default=0.0,
+        metavar="H",
+        help="trend/pc1: evaluate the line H checkpoints past the newest (default 0)",
+    )
+    m.add_argument(
+        "--gram",
+        metavar="NPZ",
+        help="pc1 / --alpha geometric: reuse gram.npz from `extramerge analyze` (no extra pass)",
+    )
+    m.add_argument(
+        "--dtype",
+        default="same",
+        choices=["same", "float32", "bfloat16", "float16"],
+        help="output dtype of floating tensors (default: same as the inputs)",
+    )
+    m.add_argument(
+        "--accumulate",
+        default="float32",
+        choices=["float32", "float64"],
+        help="accumulation precision of the weighted sum (default float32)",
+    )
+    m.add_argument(
+        "--shard-size",
+        default="5GB",
+        metavar="SIZE",
+        help="largest output shard, e.g. 5GB, 500MB (default 5GB)",
+    )
+    m.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate all inputs, print weights, projected bytes and peak memory; write nothing",
+    )
+    m.add_argument("--force", action="store_true", help="replace an existing non-empty output")
+    m.add_argument("--allow-nonfinite", action="store_true", help="merge tensors containing NaN/Inf anyway")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.add_argument(
+        "-o", "--output", required=True, metavar="OUT", help="output folder (or .safetensors file)"
+    )
+    m.set_defaults(func=_merge)
+    return p
+
+
+# -------------------------------------------------------------------------------------------------- errors
+
+
+class _InputError(ValueError):
+    """An input problem already reported in full on stdout; stderr gets its one line."""
+
+
+def _oneline(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        msg = f"{e.strerror}: {e.filename}"
+    else:
+        msg = str(e) or type(e).__name__
+    return " ".join(msg.split())
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (
+        ValueError,
+        FileNotFoundError,
+        PermissionError,
+        IsADirectoryError,
+        NotADirectoryError,
+        FileExistsError,
+    )
+    try:
+        from .checkpoints import CheckpointError
+
+        errors += (CheckpointError,)
+    except ImportError:  # pragma: no cover - checkpoints module missing in a broken install
+        pass
+    return errors
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(
+        f"{PROG}: warning: {_oneline(message if isinstance(message, Warning) else Warning(message))}",
+        file=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `extramerge` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.showwarning = _show_warning
+        try:
+            return int(args.func(args) or 0)
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:
+            if isinstance(e, _user_errors()):
+                print(f"{PROG}: error: {_oneline(e)}", file=sys.stderr)
+                return 2
+            if isinstance(e, OSError):
+                print(f"{PROG}: error: {_oneline(e)}", file=sys.stderr)
+                return 1
+            raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
