@@ -119,25 +119,25 @@ def check_sma_cross(K_max: int = 5, d_max: int = 7) -> bool:
     return True
 
 
-def check_window_sum_series(K_max: int = 5, d_max: int = 5) -> bool:
-    """The exact ε-expansion used by theory.py near ρ = 1 (ε = 1 − ρ, overlapping windows d < K−1):
+def check_window_sum_series(K_max: int = 5, d_max: int = 7) -> bool:
+    """The exact ε-expansion that theory.py uses near ρ = 1 (ε = 1 − ρ), for every d ≥ 0:
 
-    S_d = K² + Σ_{m≥1} (−ε)^m [C(d+K+1, m+2) − 2C(d+1, m+2) + C(K−d+1, m+2)].
+    S_d = K² + Σ_{m≥1} (−ε)^m M_m,  M_m = C(d+K+1, m+2) − 2C(d+1, m+2) + [d ≥ K] C(d−K+1, m+2)
+                                          + [d ≤ K] C(K−d+1, m+2).
     """
     eps = sp.Symbol("epsilon")
     for K in range(1, K_max + 1):
-        for d in range(min(d_max, K - 2) + 1):
-            brute = sp.expand(_window_sum_brute(K, d, 1 - eps))
-            series = K**2 + sum(
-                (-eps) ** m
-                * (
-                    sp.binomial(d + K + 1, m + 2)
-                    - 2 * sp.binomial(d + 1, m + 2)
-                    + sp.binomial(K - d + 1, m + 2)
-                )
-                for m in range(1, K + d + 1)
+        for d in range(d_max + 1):
+            moment = lambda m, K=K, d=d: (
+                sp.binomial(d + K + 1, m + 2)
+                - 2 * sp.binomial(d + 1, m + 2)
+                + (sp.binomial(d - K + 1, m + 2) if d >= K else 0)
+                + (sp.binomial(K - d + 1, m + 2) if d <= K else 0)
             )
-            _require_equal(brute, series, f"S_d series near rho=1, K={K} d={d}")
+            series = K**2 + sum((-eps) ** m * moment(m) for m in range(1, K + d + 1))
+            _require_equal(
+                sp.expand(_window_sum_brute(K, d, 1 - eps)), series, f"S_d near rho=1, K={K} d={d}"
+            )
     return True
 
 

@@ -13,6 +13,7 @@ are re-derived in :mod:`rivervalley.symbolic` and checked against brute-force su
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from scipy import linalg, special
@@ -39,8 +40,9 @@ __all__ = [
     "decay_average_advance",
 ]
 
-# Near ρ = 1 the closed forms for S_d cancel catastrophically; below this value of (K + d)(1 − ρ) an exact
-# Taylor expansion in ε = 1 − ρ is used instead (truncation error < 1e-17 with _SERIES_TERMS terms).
+# Near ρ = 1 the closed forms for S_d (and 1 − G, G − C_d) cancel catastrophically; below this value of
+# (K + d)(1 − ρ) their exact expansion in ε = 1 − ρ is used instead (terms shrink like ((K+d)ε)^m/m!, so
+# _SERIES_TERMS terms leave a truncation error far below rounding).
 _SERIES_BELOW = 0.05
 _SERIES_TERMS = 10
 
@@ -151,39 +153,75 @@ def _falling_binomial(x, k: int):
     return out / math.factorial(k)
 
 
-def _window_sum(window, offset, rho):
+def _moment(K, d, m: int):
+    """M_m(K, d) = Σ_{j,l<K} C(|d+l−j|, m) for m ≥ 1, from Σ_{h<x}(x−h)C(h, m) = C(x+1, m+2):
+
+    M_m = C(d+K+1, m+2) − 2C(d+1, m+2) + [d ≥ K] C(d−K+1, m+2) + [d ≤ K] C(K−d+1, m+2).
+    """
+    beyond = np.where(d >= K, _falling_binomial(d - K + 1, m + 2), 0.0)
+    within = np.where(d <= K, _falling_binomial(K - d + 1, m + 2), 0.0)
+    return _falling_binomial(d + K + 1, m + 2) - 2 * _falling_binomial(d + 1, m + 2) + beyond + within
+
+
+def _series(K, d, eps, d_ref=None):
+    """Σ_{m≥1} (−ε)^m M_m(K, d) = S_d − K² (or, with d_ref, S_{d_ref} − S_d), the exact expansion of
+    S_d in ε = 1 − ρ obtained from ρ^h = Σ_m C(h, m)(−ε)^m; the moment differences are taken term by term
+    so that nothing cancels."""
+    total = np.zeros_like(eps)
+    for m in range(1, _SERIES_TERMS + 1):
+        moment = _moment(K, d, m) if d_ref is None else _moment(K, d_ref, m) - _moment(K, d, m)
+        total = total + (-eps) ** m * moment
+    return total
+
+
+def _window_sum(K, d, rho):
     """S_d = Σ_{j,l=0}^{K−1} ρ^{|d+l−j|}, so that G_K = S_0/K² and C_d = S_d/K² (THEORY.md §b).
 
-    d ≥ K−1: S_d = ρ^{d−K+1} (Σ_{j<K} ρ^j)²; otherwise the overlapping closed form of §b, or, for
-    (K+d)(1−ρ) small, its exact expansion S_d = K² + Σ_{m≥1} (−ε)^m [C(d+K+1, m+2) − 2C(d+1, m+2) +
-    C(K−d+1, m+2)] in ε = 1 − ρ (from ρ^h = Σ_m C(h, m)(−ε)^m and Σ_{h<x}(x−h)C(h, m) = C(x+1, m+2)).
+    d ≥ K−1: S_d = ρ^{d−K+1}(Σ_{j<K} ρ^j)²; otherwise the overlapping closed form of §b; for
+    (K+d)(1−ρ) small, where that cancels, S_d = K² + Σ_{m≥1} (−ε)^m M_m(K, d).
     """
-    K, d, rho = np.broadcast_arrays(*(np.asarray(a, float) for a in (window, offset, rho)))
+    K, d, rho = np.broadcast_arrays(*(np.asarray(a, float) for a in (K, d, rho)))
     eps = 1.0 - rho
     with np.errstate(all="ignore"):
         disjoint = rho ** (d - K + 1) * _geometric(K, rho) ** 2
         overlap = ((K - d) * (1 + rho) - 2 * rho ** (d + 1) * _geometric(K - d, rho)) / eps + rho ** (
             K - d + 1
         ) * _geometric(d, rho) ** 2
-        series = K**2
-        for m in range(1, _SERIES_TERMS + 1):
-            moment = (
-                _falling_binomial(d + K + 1, m + 2)
-                - 2 * _falling_binomial(d + 1, m + 2)
-                + _falling_binomial(K - d + 1, m + 2)
-            )
-            series = series + (-eps) ** m * moment
-    use_disjoint = d >= K - 1
-    use_series = ~use_disjoint & ((K + d) * eps < _SERIES_BELOW)
-    return np.where(use_disjoint, disjoint, np.where(use_series, series, overlap))
+        series = K**2 + _series(K, d, eps)
+    closed = np.where(d >= K - 1, disjoint, overlap)
+    return np.where(_near_one(K, d, eps), series, closed)
+
+
+def _near_one(K, d, eps):
+    return (K + d) * eps < _SERIES_BELOW
 
 
 def _gain(window, rho):
+    """G_K(ρ) = S_0/K²."""
     return _window_sum(window, 0.0, rho) / np.asarray(window, float) ** 2
 
 
 def _cross(window, offset, rho):
+    """C_d(K, ρ) = S_d/K²."""
     return _window_sum(window, offset, rho) / np.asarray(window, float) ** 2
+
+
+def _gain_deficit(window, rho):
+    """1 − G_K(ρ), accurate also where G_K ≈ 1 (ρ → 1)."""
+    K, rho = np.broadcast_arrays(np.asarray(window, float), np.asarray(rho, float))
+    eps = 1.0 - rho
+    with np.errstate(all="ignore"):
+        series = -_series(K, np.zeros_like(K), eps) / K**2
+    return np.where(_near_one(K, 0.0, eps), series, 1.0 - _gain(K, rho))
+
+
+def _gain_gap(window, offset, rho):
+    """G_K − C_d ≥ 0 (for ρ ≥ 0), accurate also where both are ≈ 1 (ρ → 1)."""
+    K, d, rho = np.broadcast_arrays(*(np.asarray(a, float) for a in (window, offset, rho)))
+    eps = 1.0 - rho
+    with np.errstate(all="ignore"):
+        series = _series(K, d, eps, d_ref=np.zeros_like(d)) / K**2
+    return np.where(_near_one(K, d, eps), series, _gain(K, rho) - _cross(K, d, rho))
 
 
 def _valley_terms(lr, interval, window, offset, curvatures, noise):
@@ -195,12 +233,10 @@ def _valley_terms(lr, interval, window, offset, curvatures, noise):
     _step_product("lr*curvatures", lr * curvatures, allow_zero=True)
     rho = (1.0 - lr * curvatures) ** interval
     omega = lr * noise**2 / (2.0 * (2.0 - lr * curvatures))
-    gain = _gain(window, rho)
-    cross = _cross(window, offset, rho)
     return (
-        np.sum(omega * (1.0 - gain), axis=-1),
-        np.sum(omega * (gain - cross), axis=-1),
-        np.sum(omega * gain, axis=-1),
+        np.sum(omega * _gain_deficit(window, rho), axis=-1),
+        np.sum(omega * _gain_gap(window, offset, rho), axis=-1),
+        np.sum(omega * _gain(window, rho), axis=-1),
     )
 
 
@@ -305,8 +341,7 @@ def valley_factor(alpha, window, offset, rho):
     alpha = _real("alpha", alpha)
     window, offset = _integer("window", window, 1), _integer("offset", offset, 0)
     rho = _rho(rho)
-    gain, cross = _gain(window, rho), _cross(window, offset, rho)
-    return _out(gain + 2 * (gain - cross) * alpha * (1 + alpha))
+    return _out(_gain(window, rho) + 2 * _gain_gap(window, offset, rho) * alpha * (1 + alpha))
 
 
 def extrapolation_delta_loss(alpha, *, slope, lr, interval, window, offset, curvatures, noise=1.0):
@@ -381,18 +416,22 @@ def optimal_weights(*, n, slope, lr, interval, curvatures, noise=1.0):
 
     Minimises ΔL(w) = c²ηs(N − tᵀw) − Σω_i + wᵀQw, Q = Σ_i ω_i Γ_i, subject to 1ᵀw = 1. The Lagrange
     condition −c²ηs·t + 2Qw − ν1 = 0 gives w = Q⁻¹(c²ηs·t + ν1)/2 with
-    ν = (2 − c²ηs·1ᵀQ⁻¹t) / (1ᵀQ⁻¹1). Needs Q positive definite: noise > 0 and some 0 < ηλ_i < 2.
+    ν = (2 − c²ηs·1ᵀQ⁻¹t) / (1ᵀQ⁻¹1). Needs Q positive definite (noise > 0 and some |ρ_i| < 1);
+    a ValueError says so when Q is singular or ill-conditioned to working precision.
     """
     n = int(_scalar("n", _integer("n", n, 1)))
     push, rho, omega = _weights_setup(slope, lr, interval, curvatures, noise)
     Q = np.einsum("i,ijl->jl", omega, _correlation_matrices(rho, n))
     rhs = np.stack([np.arange(1, n + 1, dtype=float), np.ones(n)], axis=1)
     try:
-        solved = linalg.solve(Q, rhs, assume_a="pos")
-    except (linalg.LinAlgError, ValueError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", linalg.LinAlgWarning)
+            solved = linalg.solve(Q, rhs, assume_a="pos")
+    except (linalg.LinAlgError, linalg.LinAlgWarning, ValueError) as exc:
         raise ValueError(
-            "optimal_weights needs noise > 0 and at least one curvature with lr*curvature in (0, 2) "
-            "(otherwise Q = Σ ω_i Γ_i is singular and the loss is unbounded below)"
+            "optimal_weights needs noise > 0 and at least one curvature with (1 - lr*curvature)**interval "
+            "clearly inside (-1, 1); otherwise Q = Σ ω_i Γ_i is singular to working precision and the loss "
+            "has no finite minimiser"
         ) from exc
     q_t, q_1 = solved[:, 0], solved[:, 1]
     nu = (2.0 - push * q_t.sum()) / q_1.sum()
@@ -422,10 +461,12 @@ def rank1_fraction(*, slope, lr, interval, window, curvatures, n, noise=1.0):
     rho = (1.0 - lr * curvatures) ** interval
     variance = lr * noise**2 / (curvatures * (2.0 - lr * curvatures))
     lags = np.abs(np.subtract.outer(np.arange(n), np.arange(n)))
-    gamma = _cross(window, lags[None, :, :], rho[:, None, None])  # (m, n, n)
+    # H1 = 0 and τᵀ1 = 0, so Γ̃ may be replaced by Γ̃ − G·11ᵀ = −Δ, Δ[j,l] = G − C_{|j−l|}: this keeps full
+    # relative accuracy where ρ → 1 makes every entry of Γ̃ ≈ 1.
+    gap = _gain_gap(window, lags[None, :, :], rho[:, None, None])  # Δ, shape (m, n, n)
     tau = np.arange(1, n + 1) - (n + 1) / 2.0
-    centred_trace = np.trace(gamma, axis1=1, axis2=2) - gamma.sum(axis=(1, 2)) / n
-    aligned = np.einsum("j,ijl,l->i", tau, gamma, tau) / (tau @ tau)
+    centred_trace = gap.sum(axis=(1, 2)) / n  # tr(HΓ̃) = −tr(Δ) + 1ᵀΔ1/n and diag Δ = 0
+    aligned = -np.einsum("j,ijl,l->i", tau, gap, tau) / (tau @ tau)
     signal = (lr * slope * interval) ** 2 * n * (n**2 - 1) / 12.0
     noise_total = float(np.sum(variance * centred_trace))
     aligned_total = float(np.sum(variance * aligned))
@@ -465,9 +506,8 @@ def _curved_terms(
     m_now = mean_window * r ** (k - window + 1)
     m_before = mean_window * r ** (k - offset - window + 1)
     river_var = lr * river_noise**2 / (mu * (2.0 - lr * mu))
-    gain_u, cross_u = _gain(window, r), _cross(window, offset, r)
-    base = mu / 2 * river_var * gain_u + valley_gain
-    w_hat = W + mu / 2 * river_var * (gain_u - cross_u)
+    base = mu / 2 * river_var * _gain(window, r) + valley_gain
+    w_hat = W + mu / 2 * river_var * _gain_gap(window, offset, r)
     return mu, m_now, m_before - m_now, base, w_hat
 
 
@@ -529,7 +569,7 @@ def decay_gain(x):
     """
     x = _nonnegative("x", x)
     small = x < 1e-3
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(all="ignore"):
         closed = 0.5 * np.sqrt(np.pi / x) * special.erf(np.sqrt(x))
     series = sum((-x) ** j / (math.factorial(j) * (2 * j + 1)) for j in range(6))
     return _out(np.where(small, series, closed))
@@ -542,7 +582,7 @@ def average_gain(x):
     """
     x = _nonnegative("x", x)
     small = x < 0.1
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(all="ignore"):
         closed = 2.0 * (x + np.expm1(-x)) / x**2
     series = 2.0 * sum((-x) ** m / math.factorial(m + 2) for m in range(12))
     return _out(np.where(small, series, closed))

@@ -14,7 +14,7 @@ from rivervalley import symbolic
         lambda: symbolic.check_sma_gain(K_max=5),
         symbolic.check_sma_gain_general_k,
         lambda: symbolic.check_sma_cross(K_max=4, d_max=6),
-        lambda: symbolic.check_window_sum_series(K_max=5, d_max=3),
+        lambda: symbolic.check_window_sum_series(K_max=5, d_max=7),
         symbolic.check_ema_gain,
         symbolic.check_lags,
         symbolic.derive_delta_loss_quadratic,

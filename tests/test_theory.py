@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import mpmath
 import numpy as np
 import pytest
 from scipy import integrate
@@ -78,6 +79,35 @@ def test_no_cancellation_near_rho_one(K, d, eps):
     assert theory.sma_gain(K, rho) == pytest.approx(brute_gain(K, rho), rel=1e-12)
     G, C = theory.sma_gain(K, rho), theory.sma_cross(K, d, rho)
     assert G - C == pytest.approx(brute_gain(K, rho) - brute_cross(K, d, rho), abs=1e-13)
+
+
+def _mp_window_sum(K: int, d: int, rho) -> mpmath.mpf:
+    return mpmath.fsum(rho ** abs(d + l - j) for j in range(K) for l in range(K))
+
+
+@pytest.mark.parametrize("K,d", [(5, 3), (2, 1), (8, 8), (3, 10)])
+def test_valley_terms_keep_relative_accuracy_near_rho_one(K, d):
+    """1 − G and G − C_d are ≈ (K+d)(1−ρ): compare B and W (through ΔL(0) and α*) with 40-digit sums."""
+    mpmath.mp.dps = 40
+    lr, lam, c = 1e-4, np.array([1e-3, 1e-2, 3e-2]), 0.7
+    B = W = mpmath.mpf(0)
+    for x in lam:
+        rho = (1 - mpmath.mpf(lr) * mpmath.mpf(x)) ** 1
+        omega = mpmath.mpf(lr) / (2 * (2 - mpmath.mpf(lr) * mpmath.mpf(x)))
+        G, C = _mp_window_sum(K, 0, rho) / K**2, _mp_window_sum(K, d, rho) / K**2
+        B += omega * (1 - G)
+        W += omega * (G - C)
+    kw = dict(lr=lr, interval=1, window=K, offset=d, curvatures=lam)
+    assert theory.extrapolation_delta_loss(0.0, slope=0.0, **kw) == pytest.approx(float(-B), rel=1e-11)
+    P = mpmath.mpf(c) ** 2 * mpmath.mpf(lr) * d
+    assert theory.optimal_alpha(slope=c, **kw) == pytest.approx(float((P - 2 * W) / (4 * W)), rel=1e-10)
+
+
+def test_rank1_fraction_two_rows_is_exactly_one():
+    """Two centred rows always lie on a line; tiny curvatures (ρ → 1) must not spoil that."""
+    for lam in ([1e-3], [1e-6, 0.5]):
+        approx, _ = theory.rank1_fraction(slope=0.0, lr=0.06, interval=1, window=3, curvatures=lam, n=2)
+        assert approx == pytest.approx(1.0, abs=1e-14)
 
 
 def test_special_values():
@@ -439,6 +469,10 @@ BAD_INPUT = [
     (lambda: theory.weights_delta_loss([0.5, 0.6], **LINEAR), r"weights must sum to 1"),
     (lambda: theory.weights_delta_loss([0.5, float("nan")], **LINEAR), r"weights must not be NaN"),
     (lambda: theory.optimal_weights(n=4, **{**LINEAR, "noise": 0.0}), r"optimal_weights needs noise > 0"),
+    (
+        lambda: theory.optimal_weights(n=4, **{**LINEAR, "curvatures": [1e-30, 0.0]}),
+        r"singular to working precision",
+    ),
     (
         lambda: theory.rank1_fraction(slope=1, lr=0.1, interval=1, window=2, curvatures=[0.0], n=4),
         r"lr\*curvatures must lie in \(0, 2\)",
