@@ -384,10 +384,22 @@ def _weights_setup(slope, lr, interval, curvatures, noise):
     return slope**2 * lr * interval, rho, omega
 
 
+def _lags(n: int) -> np.ndarray:
+    return np.abs(np.subtract.outer(np.arange(n), np.arange(n))).astype(float)
+
+
 def _correlation_matrices(rho, n: int) -> np.ndarray:
     """Γ_i[j, l] = ρ_i^{|j−l|}, shape (len(rho), n, n)."""
-    lags = np.abs(np.subtract.outer(np.arange(n), np.arange(n))).astype(float)
-    return rho[:, None, None] ** lags
+    return rho[:, None, None] ** _lags(n)
+
+
+def _decorrelation_matrices(rho, n: int) -> np.ndarray:
+    """11ᵀ − Γ_i, i.e. 1 − ρ_i^{|j−l|}, computed with expm1 so that it stays accurate as ρ_i → 1."""
+    rho, lags = rho[:, None, None], _lags(n)[None]
+    near_one = rho > 0.5
+    with np.errstate(all="ignore"):
+        stable = -np.expm1(lags * np.log(np.where(near_one, rho, 1.0)))
+    return np.where(near_one, stable, 1.0 - rho**lags)
 
 
 def weights_delta_loss(weights, *, slope, lr, interval, curvatures, noise=1.0):
@@ -407,8 +419,9 @@ def weights_delta_loss(weights, *, slope, lr, interval, curvatures, noise=1.0):
     push, rho, omega = _weights_setup(slope, lr, interval, curvatures, noise)
     n = w.shape[-1]
     lag = n - w @ np.arange(1, n + 1, dtype=float)
-    quad = np.einsum("...j,ijl,...l->...i", w, _correlation_matrices(rho, n), w)
-    return _out(push * lag - np.sum(omega * (1.0 - quad), axis=-1))
+    # 1 − wᵀΓ_i w = wᵀ(11ᵀ − Γ_i)w for affine w; the right side does not cancel when Γ_i ≈ 11ᵀ (ρ_i → 1).
+    deficit = np.einsum("...j,ijl,...l->...i", w, _decorrelation_matrices(rho, n), w)
+    return _out(push * lag - np.sum(omega * deficit, axis=-1))
 
 
 def optimal_weights(*, n, slope, lr, interval, curvatures, noise=1.0):
@@ -460,7 +473,7 @@ def rank1_fraction(*, slope, lr, interval, window, curvatures, n, noise=1.0):
     _step_product("lr*curvatures", lr * curvatures, allow_zero=False)
     rho = (1.0 - lr * curvatures) ** interval
     variance = lr * noise**2 / (curvatures * (2.0 - lr * curvatures))
-    lags = np.abs(np.subtract.outer(np.arange(n), np.arange(n)))
+    lags = _lags(n)
     # H1 = 0 and τᵀ1 = 0, so Γ̃ may be replaced by Γ̃ − G·11ᵀ = −Δ, Δ[j,l] = G − C_{|j−l|}: this keeps full
     # relative accuracy where ρ → 1 makes every entry of Γ̃ ≈ 1.
     gap = _gain_gap(window, lags[None, :, :], rho[:, None, None])  # Δ, shape (m, n, n)

@@ -184,6 +184,14 @@ def test_extrapolation_matches_weight_vector(K, d, alpha):
     assert a == pytest.approx(b, rel=1e-10, abs=1e-14)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 3.0])
+def test_extrapolation_matches_weight_vector_near_rho_one(alpha):
+    """Flat valleys (ρ = 1 − 1e-7..3e-6): both scores must keep full relative accuracy and agree."""
+    kw = dict(slope=0.7, lr=1e-4, interval=1, curvatures=np.array([1e-3, 1e-2, 3e-2]), noise=1.0)
+    a = theory.extrapolation_delta_loss(alpha, window=5, offset=3, **kw)
+    assert a == pytest.approx(theory.weights_delta_loss(extra_weights(5, 3, alpha), **kw), rel=1e-11)
+
+
 def test_weights_delta_loss_against_explicit_expectation():
     """ΔL(w) = −c(E u(w) − E u_N) + Σ λ_i/2 (Var v_i(w) − V_i) with step-level covariances V(1−ηλ)^{|Δt|}."""
     rng = np.random.default_rng(3)
