@@ -1,0 +1,1055 @@
+"""Checkpoints on disk: lazy readers and streaming, atomic writers for every common layout.
+
+Readers never load tensor data up front: opening a checkpoint parses headers only (safetensors JSON
+headers, validated against the file size; PyTorch files memory-mapped with ``torch.load(mmap=True)``),
+so a malformed input fails in milliseconds, before any merge work starts.
+
+Formats (``Checkpoint.format``):
+    hf-safetensors  folder with model.safetensors, or model-0000k-of-0000K.safetensors + index json
+    hf-bin          folder with pytorch_model.bin, or sharded pytorch_model-*.bin + index json
+    safetensors     a single .safetensors file
+    torch           a .pt/.pth/.bin/.ckpt file: a state dict, or a training checkpoint that nests one
+                    ({'model': ...} as nanoGPT/nanochat write, {'state_dict': ...}, ...); ``_orig_mod.``
+                    (torch.compile) and ``module.`` (DDP) prefixes are stripped
+
+The writer streams safetensors (header first, computed from the output infos, then each tensor's bytes as
+they arrive), so a merge holds one tensor chunk in memory, not a model. PyTorch-file output necessarily
+collects the whole state dict and ``torch.save``s it. Every write goes to a temporary folder beside the
+output (same filesystem), is fsynced and renamed into place: an interrupted merge leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "TensorInfo",
+    "Checkpoint",
+    "WriteResult",
+    "FORMATS",
+    "parse_step",
+    "open_checkpoint",
+    "load_checkpoints",
+    "check_compatible",
+    "check_output",
+    "output_layout",
+    "safetensors_order",
+    "write_checkpoint",
+]
+
+FORMATS = ("hf-safetensors", "hf-bin", "safetensors", "torch")
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
+# Files in a checkpoint folder or run folder that hold training state, not weights.
+_STATE_STEMS = ("optim", "optimizer", "scheduler", "rng_state", "scaler", "training_args", "meta")
+# Top-level entries of a training checkpoint that are dropped from a merged checkpoint (optimizer state is
+# meaningless for a merged model); other non-tensor entries (iter_num, config, model_args, ...) are kept.
+_DROP_KEYS = ("optimizer", "optimizers", "optimizer_states", "optim", "lr_scheduler", "lr_schedulers",
+              "scheduler", "scaler", "grad_scaler", "rng_state", "rng_states")  # fmt: skip
+_KEEP_TENSOR_BYTES = 2**20  # extras holding more tensor bytes than this are dropped too
+_PREFIXES = ("_orig_mod.", "module.")
+_ST_HEADER_LIMIT = 100 * 2**20  # the safetensors library refuses larger headers too
+
+_ST_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
+    "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
+    "C64": torch.complex64, "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64,
+}  # fmt: skip
+# Insertion order above is the safetensors library's dtype order; it writes tensors by descending dtype.
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_ST_RANK = {v: i for i, v in enumerate(_ST_DTYPES.values())}
+
+
+class CheckpointError(ValueError):
+    """A user-facing problem with a checkpoint or an output path; the one-line message names the culprit."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, shape and dtype of a stored tensor, known without reading its data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+def parse_step(name: str) -> int | None:
+    """Training step in a checkpoint's name: step_001000, checkpoint-2000, iter_0003000, model_004000.pt,
+    ckpt-5000.pt, global_step6000, step7000, 8000 ... ; None when the name carries no step."""
+    stem = Path(str(name).rstrip("/")).name
+    for suffix in (*WEIGHT_SUFFIXES, ".index.json"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    hits = re.findall(r"(?:step|iter|iteration|checkpoint|ckpt|model|it|epoch)[_\-.]?(\d+)", stem, re.I)
+    if hits:
+        return int(hits[-1])
+    m = re.fullmatch(r"(?:.*[_\-])?(\d+)", stem)
+    return int(m.group(1)) if m else None
+
+
+# --------------------------------------------------------------------------------------------------- readers
+
+
+class _SafetensorsFile:
+    """One .safetensors file: header parsed and validated up front, tensor bytes read with pread."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header)")
+                (n,) = struct.unpack("<Q", head)
+                if n > min(size - 8, _ST_HEADER_LIMIT):
+                    raise CheckpointError(
+                        f"{path}: truncated or not a safetensors file (header length {n} exceeds the file's "
+                        f"{size} bytes)"
+                    )
+                raw = f.read(n)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
+        try:
+            header = json.loads(raw)
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+        self.data_start = 8 + n
+        self.metadata = header.pop("__metadata__", None) or {}
+        avail = size - self.data_start
+        entries = []
+        for name, meta in header.items():
+            try:
+                dtype = _ST_DTYPES[meta["dtype"]]
+                shape = tuple(int(s) for s in meta["shape"])
+                begin, end = (int(o) for o in meta["data_offsets"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(
+                    f"{path}: corrupt or unsupported header entry for tensor '{name}'"
+                ) from e
+            info = TensorInfo(name, shape, dtype)
+            if min(shape, default=0) < 0 or end - begin != info.nbytes or begin < 0:
+                raise CheckpointError(f"{path}: tensor '{name}' has data offsets inconsistent with its shape")
+            if end > avail:
+                raise CheckpointError(
+                    f"{path}: truncated file: tensor '{name}' ends at byte {self.data_start + end} but the "
+                    f"file has {size} bytes"
+                )
+            entries.append((begin, name, info))
+        entries.sort(key=lambda e: e[0])  # stored order = data order, the order to read sequentially
+        self.infos = {name: info for _, name, info in entries}
+        self.offsets = {name: self.data_start + begin for begin, name, _ in entries}
+
+    def read_range(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        info = self.infos[name]
+        count = stop - start
+        if out is None:
+            out = torch.empty(count, dtype=info.dtype)
+        else:
+            out = out.view(torch.uint8)[: count * info.dtype.itemsize].view(info.dtype)
+        view = memoryview(out.view(torch.uint8).numpy())
+        pos, done = self.offsets[name] + start * info.dtype.itemsize, 0
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            while done < len(view):
+                got = os.preadv(fd, [view[done:]], pos + done)
+                if got <= 0:
+                    raise CheckpointError(f"{self.path}: unexpected end of file reading tensor '{name}'")
+                done += got
+        finally:
+            os.close(fd)
+        return out
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.infos[name]
+        return self.read_range(name, 0, info.numel).view(info.shape)
+
+
+class _TorchFile:
+    """A PyTorch pickle/zip file memory-mapped with torch.load(weights_only=True, mmap=True)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        obj = _torch_load(path)
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(
+                f"{path}: not a checkpoint (torch file holds a {type(obj).__name__}, not a dict)"
+            )
+        nest, state = None, obj
+        if not _is_state_dict(obj):
+            for key in ("model", "state_dict", "model_state_dict", "module", "model_state", "ema"):
+                if isinstance(obj.get(key), Mapping) and _is_state_dict(obj[key]):
+                    nest, state = key, obj[key]
+                    break
+            else:
+                keys = ", ".join(map(repr, list(obj)[:8]))
+                raise CheckpointError(f"{path}: no state dict of tensors found (top-level keys: {keys})")
+        self.nest = nest
+        self.top_keys = list(obj)
+        self.extras = {}
+        self.dropped = []
+        if nest is not None:
+            for k, v in obj.items():
+                if k == nest:
+                    continue
+                if str(k) in _DROP_KEYS or _tensor_bytes(v) > _KEEP_TENSOR_BYTES:
+                    self.dropped.append(k)
+                else:
+                    self.extras[k] = v
+        self.inner_extras = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+        self.prefixes = set()
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.aliases: dict[str, str] = {}
+        seen: dict[tuple, str] = {}
+        for key, t in state.items():
+            if not isinstance(t, torch.Tensor):
+                continue
+            name = _strip_prefixes(str(key), self.prefixes)
+            if name in self.tensors or name in self.aliases:
+                raise CheckpointError(f"{path}: tensor '{name}' appears twice once prefixes are stripped")
+            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if t.numel() > 0 and ident in seen:
+                self.aliases[name] = seen[ident]  # tied weights, e.g. lm_head.weight = transformer.wte.weight
+                continue
+            seen[ident] = name
+            self.tensors[name] = t
+        self.infos = {n: TensorInfo(n, tuple(t.shape), t.dtype) for n, t in self.tensors.items()}
+        self.metadata = {}
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def read_range(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        # A view of the memory-mapped file: no copy (``out`` is not needed).
+        return self.tensors[name].reshape(-1)[start:stop]
+
+
+def _torch_load(path: Path):
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except CheckpointError:
+        raise
+    except Exception as e:
+        what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path}: holds Python objects that torch.load(weights_only=True) refuses to unpickle "
+                f"({what}); re-save the state dict alone"
+            ) from e
+        raise CheckpointError(
+            f"{path}: corrupt or not a PyTorch checkpoint ({type(e).__name__}: {what})"
+        ) from e
+
+
+def _is_state_dict(d: Mapping) -> bool:
+    """A flat name -> tensor mapping (non-tensor leaves such as ``_extra_state`` allowed)."""
+    has_tensor = False
+    for v in d.values():
+        if isinstance(v, torch.Tensor):
+            has_tensor = True
+        elif isinstance(v, Mapping | list | tuple) and _tensor_bytes(v) > 0:
+            return False
+    return has_tensor
+
+
+def _tensor_bytes(v) -> int:
+    if isinstance(v, torch.Tensor):
+        return v.numel() * v.element_size() + 1
+    if isinstance(v, Mapping):
+        return sum(_tensor_bytes(x) for x in v.values())
+    if isinstance(v, list | tuple):
+        return sum(_tensor_bytes(x) for x in v)
+    return 0
+
+
+def _strip_prefixes(name: str, found: set) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            if name.startswith(p):
+                name, changed = name[len(p) :], True
+                found.add(p)
+    return name
+
+
+class Checkpoint:
+    """One checkpoint (file or folder), opened lazily: tensor metadata now, tensor data on ``read``.
+
+    Attributes: ``path`` (what was opened), ``name`` (for messages), ``format`` (see FORMATS), ``step``
+    (from the name, or None), ``infos`` (name -> TensorInfo of the distinct tensors, in stored order),
+    ``aliases`` (tied/shared tensor name -> canonical name in ``infos``), ``extras`` (non-tensor entries of
+    a training checkpoint, kept for the writer), ``metadata`` (safetensors ``__metadata__``), ``files``
+    (the weight files), ``config`` (config.json of an HF folder, else None).
+    """
+
+    def __init__(self, path: Path, fmt: str, sources: list, *, name: str | None = None, step=None):
+        self.path = Path(path)
+        self.format = fmt
+        self.name = name or (self.path.name + ("/" if self.path.is_dir() else ""))
+        self.step = parse_step(self.path.name) if step is None else step
+        self.files = [s.path for s in sources]
+        self._sources = sources
+        self._where: dict = {}
+        self.infos: dict[str, TensorInfo] = {}
+        self.aliases: dict[str, str] = {}
+        self.metadata: dict[str, str] = {}
+        for src in sources:
+            for n, info in src.infos.items():
+                if n in self._where:
+                    raise CheckpointError(f"{self.path}: tensor '{n}' is stored twice ({src.path.name})")
+                self._where[n] = src
+                self.infos[n] = info
+            self.aliases.update(getattr(src, "aliases", {}))
+            self.metadata.update(src.metadata)
+        if "extramerge.aliases" in self.metadata:  # written by our safetensors writer for untied aliases
+            try:
+                self.aliases.update(json.loads(self.metadata["extramerge.aliases"]))
+            except ValueError:
+                pass
+        self.aliases = {a: c for a, c in self.aliases.items() if c in self.infos and a not in self.infos}
+        first = sources[0] if sources else None
+        self.extras: dict = dict(getattr(first, "extras", {})) if isinstance(first, _TorchFile) else {}
+        self.config = None
+        if self.path.is_dir() and (self.path / "config.json").is_file():
+            try:
+                self.config = json.loads((self.path / "config.json").read_text())
+            except ValueError:
+                self.config = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.infos.values())
+
+    def _source(self, name: str):
+        name = self.aliases.get(name, name)
+        try:
+            return self._where[name], name
+        except KeyError:
+            raise CheckpointError(f"{self.name}: no tensor '{name}'") from None
+
+    def _copies(self, name: str) -> bool:
+        """Whether ranged reads of ``name`` copy into a caller's buffer (safetensors) or return views."""
+        return isinstance(self._source(name)[0], _SafetensorsFile)
+
+    def read(self, name: str) -> torch.Tensor:
+        """The whole tensor on CPU, shaped. Safetensors: a fresh tensor read with pread (its memory is
+        released when dropped); torch files: a view of the memory-mapped file. Do not modify it."""
+        src, name = self._source(name)
+        return src.read(name)
+
+    def read_range(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor. Safetensors: read into ``out`` (any contiguous
+        CPU tensor with enough bytes, reused by the caller) or a fresh tensor; torch files: a view."""
+        src, name = self._source(name)
+        return src.read_range(name, start, stop, out)
+
+    @property
+    def torch_layout(self) -> dict:
+        """How a torch-file checkpoint nests its state dict (for the writer): nest key, prefixes, extras."""
+        src = self._sources[0] if self._sources else None
+        if not isinstance(src, _TorchFile):
+            return {"nest": None, "prefixes": [], "top_keys": [], "inner_extras": {}, "dropped": []}
+        return {
+            "nest": src.nest,
+            "prefixes": sorted(src.prefixes),
+            "top_keys": src.top_keys,
+            "inner_extras": src.inner_extras,
+            "dropped": src.dropped,
+        }
+
+    def close(self) -> None:
+        """Release the memory maps (tensors already returned by ``read`` stay valid)."""
+        for src in self._sources:
+            if isinstance(src, _TorchFile):
+                src.tensors = {}
+        self._sources = []
+        self._where = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Checkpoint({str(self.path)!r}, format={self.format!r}, step={self.step}, "
+            f"tensors={len(self.infos)}, bytes={self.nbytes})"
+        )
+
+
+def _hf_weights(folder: Path) -> tuple[str, list[Path]] | None:
+    """(format, weight files) of an HF-style folder, or None."""
+    for fmt, single, index in (
+        ("hf-safetensors", "model.safetensors", "model.safetensors.index.json"),
+        ("hf-bin", "pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
+        if (folder / index).is_file():
+            try:
+                weight_map = json.loads((folder / index).read_text())["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{folder / index}: corrupt index file ({e})") from e
+            missing = [f for f in files if not (folder / f).is_file()]
+            if missing:
+                raise CheckpointError(f"{folder}: shard '{missing[0]}' listed in {index} is missing")
+            return fmt, [folder / f for f in files]
+        if (folder / single).is_file():
+            return fmt, [folder / single]
+    return None
+
+
+def _is_weight_file(p: Path) -> bool:
+    name = p.name.lower()
+    if not name.endswith(WEIGHT_SUFFIXES) or name.startswith("."):
+        return False
+    return not name.startswith(_STATE_STEMS)
+
+
+def _folder_weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and _is_weight_file(p))
+
+
+def _is_checkpoint(path: Path) -> bool:
+    if path.is_file():
+        return _is_weight_file(path)
+    if path.is_dir():
+        return _hf_weights(path) is not None or len(_folder_weight_files(path)) == 1
+    return False
+
+
+def open_checkpoint(
+    path: str | os.PathLike, *, name: str | None = None, step: int | None = None
+) -> Checkpoint:
+    """Open one checkpoint: an HF folder, a folder holding exactly one weight file, or a weight file.
+
+    Raises CheckpointError for a path that is not a checkpoint or a corrupt/truncated one.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        hf = _hf_weights(path)
+        if hf is not None:
+            fmt, files = hf
+            opener = _SafetensorsFile if fmt == "hf-safetensors" else _TorchFile
+            sources = [opener(f) for f in files]
+            if fmt == "hf-safetensors" and len(files) > 1:
+                sources = _restrict_to_index(path, sources)
+            return Checkpoint(path, fmt, sources, name=name, step=step)
+        files = _folder_weight_files(path)
+        if len(files) != 1:
+            what = "no weight files" if not files else f"{len(files)} weight files"
+            raise CheckpointError(
+                f"{path}: not a checkpoint ({what}; expected model.safetensors, pytorch_model.bin, a sharded "
+                "index, or exactly one .safetensors/.pt/.pth/.bin file)"
+            )
+        inner = open_checkpoint(files[0], name=name or f"{path.name}/{files[0].name}", step=step)
+        if inner.step is None:
+            inner.step = parse_step(path.name)
+        return inner
+    if not _is_weight_file(path):
+        raise CheckpointError(
+            f"{path}: not a checkpoint (expected a .safetensors, .pt, .pth, .bin or .ckpt file, or a folder)"
+        )
+    if path.name.endswith(".safetensors"):
+        return Checkpoint(path, "safetensors", [_SafetensorsFile(path)], name=name, step=step)
+    return Checkpoint(path, "torch", [_TorchFile(path)], name=name, step=step)
+
+
+def _restrict_to_index(folder: Path, sources: list) -> list:
+    """Keep, per shard, the tensors the index assigns to it (and check each listed tensor exists)."""
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    by_file = {s.path.name: s for s in sources}
+    for tname, fname in weight_map.items():
+        if tname not in by_file[fname].infos:
+            raise CheckpointError(
+                f"{folder}: tensor '{tname}' is listed in the index but missing from {fname}"
+            )
+    for s in sources:
+        s.infos = {n: i for n, i in s.infos.items() if weight_map.get(n) == s.path.name}
+    return sources
+
+
+def _is_merge_output(p: Path) -> bool:
+    """Our own outputs carry a merge.json record: never mistake them for training checkpoints."""
+    if p.is_dir():
+        return (p / "merge.json").is_file()
+    return _record_path(p).is_file()
+
+
+def _expand_folder(folder: Path) -> list[Checkpoint]:
+    children = [
+        c
+        for c in sorted(folder.iterdir())
+        if not c.name.startswith(".") and not _is_merge_output(c) and _is_checkpoint(c)
+    ]
+    if not children:
+        raise CheckpointError(
+            f"{folder}: not a checkpoint and holds no checkpoints (expected step_XXXX/ or checkpoint-XXXX/ "
+            "folders, or .safetensors/.pt files)"
+        )
+    steps = [parse_step(c.name) for c in children]
+    if len(children) > 1 and None in steps:
+        bad = children[steps.index(None)]
+        raise CheckpointError(
+            f"{folder}: cannot order its checkpoints: '{bad.name}' has no step number in its name (list the "
+            "checkpoints explicitly, oldest first)"
+        )
+    order = sorted(range(len(children)), key=lambda i: (steps[i] or 0, children[i].name))
+    return [open_checkpoint(children[i], step=steps[i]) for i in order]
+
+
+_HUB_REF = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
+
+
+def _open_hub(ref: str) -> Checkpoint:
+    repo, _, revision = ref.partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise CheckpointError(f"{ref}: no such path, and huggingface_hub is not installed to fetch it") from e
+    try:
+        folder = snapshot_download(
+            repo,
+            revision=revision or None,
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"],
+        )
+    except Exception as e:
+        raise CheckpointError(
+            f"{ref}: no such path, and fetching it from the Hugging Face Hub failed ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); if offline, download it first"
+        ) from e
+    return open_checkpoint(folder, name=ref, step=parse_step(revision) if revision else None)
+
+
+def load_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Checkpoint]:
+    """Open checkpoints, oldest first.
+
+    Each path is a checkpoint (see ``open_checkpoint``), a folder OF checkpoints (expanded to its children
+    step_001000/, checkpoint-2000/, iter_0003000/, model_004000.pt, ... sorted by the step in their names;
+    our own merge outputs and optimizer/meta files are skipped), or a Hugging Face Hub reference
+    ``org/name[@revision]`` fetched with huggingface_hub when online. Otherwise the given order is kept.
+    """
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    out: list[Checkpoint] = []
+    for p in paths:
+        path = Path(p)
+        if path.exists():
+            out.extend(
+                [open_checkpoint(path)] if _is_checkpoint(path) or not path.is_dir() else _expand_folder(path)
+            )
+        elif _HUB_REF.match(str(p)) and not str(p).startswith((".", "/")):
+            out.append(_open_hub(str(p)))
+        else:
+            raise CheckpointError(f"{p}: no such file or folder")
+    if not out:
+        raise CheckpointError("no checkpoints given")
+    return out
+
+
+def check_compatible(ckpts: Sequence[Checkpoint]) -> dict[str, TensorInfo]:
+    """Same tensor names, shapes and dtypes in every checkpoint; returns the newest one's infos.
+
+    Raises CheckpointError naming the first offending tensor and the two checkpoints.
+    """
+    if not ckpts:
+        raise CheckpointError("no checkpoints given")
+    ref = ckpts[0]
+    for other in ckpts[1:]:
+        a, b = ref.infos, other.infos
+        for name, info in a.items():
+            o = b.get(name)
+            if o is None:
+                raise CheckpointError(f"tensor '{name}' is in {ref.name} but missing from {other.name}")
+            if o.shape != info.shape:
+                raise CheckpointError(
+                    f"tensor '{name}' has shape {info.shape} in {ref.name} but {o.shape} in {other.name}"
+                )
+            if o.dtype != info.dtype:
+                raise CheckpointError(
+                    f"tensor '{name}' has dtype {_dtype_name(info.dtype)} in {ref.name} but "
+                    f"{_dtype_name(o.dtype)} in {other.name}"
+                )
+        for name in b:
+            if name not in a:
+                raise CheckpointError(f"tensor '{name}' is in {other.name} but missing from {ref.name}")
+    return dict(ckpts[-1].infos)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# --------------------------------------------------------------------------------------------------- writers
+
+
+@dataclass
+class WriteResult:
+    """What a write produced: bytes of tensor data written and the published files."""
+
+    bytes_written: int
+    files: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+    fsync_seconds: float = 0.0
+
+
+def safetensors_order(infos: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """``infos`` in the order safetensors.save_file lays tensors out (dtype rank descending, then name);
+    a streamed file in this order is byte-identical to save_file's."""
+    items = sorted(infos.items(), key=lambda kv: (-_ST_RANK[kv[1].dtype], kv[0]))
+    return dict(items)
+
+
+def _record_path(output: Path) -> Path:
+    """merge.json beside the output: inside an output folder, or <stem>.merge.json next to an output file."""
+    if output.suffix in WEIGHT_SUFFIXES:
+        return output.with_name(output.name[: -len(output.suffix)] + ".merge.json")
+    return output / "merge.json"
+
+
+def output_layout(
+    output: str | os.PathLike, fmt: str, template: Checkpoint | None = None
+) -> tuple[Path, str]:
+    """(published path, file name) of an output: HF formats are folders; ``safetensors``/``torch`` go to the
+    given file when it ends in .safetensors/.pt/.pth/.bin/.ckpt, else into that folder under the template's
+    file name (so nanoGPT's out_dir/ckpt.pt stays ckpt.pt)."""
+    output = Path(output)
+    if fmt not in FORMATS:
+        raise CheckpointError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt.startswith("hf-"):
+        if output.suffix in WEIGHT_SUFFIXES:
+            raise CheckpointError(f"{output}: format {fmt} writes a folder; give a folder name, not a file")
+        return output, ""
+    if output.suffix in WEIGHT_SUFFIXES:
+        return output, output.name
+    ext = ".safetensors" if fmt == "safetensors" else ".pt"
+    same_family = template is not None and template.format == fmt
+    fname = template.path.name if same_family and template.path.is_file() else f"model{ext}"
+    return output, fname
+
+
+def check_output(
+    output: str | os.PathLike,
+    inputs: Iterable[Checkpoint | str | os.PathLike] = (),
+    *,
+    force: bool = False,
+) -> Path:
+    """Refuse an output that is, contains or lies inside an input, or exists (non-empty) without force."""
+    out = Path(os.path.abspath(output))
+    for ck in inputs:
+        paths = [ck.path, *ck.files] if isinstance(ck, Checkpoint) else [Path(ck)]
+        for p in paths:
+            p = Path(os.path.abspath(p))
+            if out == p or out.is_relative_to(p) or p.is_relative_to(out):
+                rel = "is" if out == p else "lies inside" if out.is_relative_to(p) else "contains"
+                raise CheckpointError(
+                    f"output {output} {rel} the input checkpoint {p}; choose another output"
+                )
+            if out.resolve() == p.resolve() or out.resolve().is_relative_to(p.resolve()):
+                raise CheckpointError(f"output {output} resolves into the input checkpoint {p}")
+    if out.exists() and not force:
+        if out.is_file() or out.is_symlink() or any(out.iterdir()):
+            raise CheckpointError(
+                f"output {output} exists and is not empty; pass force=True (--force) to replace it"
+            )
+    if out.is_file() and out.suffix not in WEIGHT_SUFFIXES:
+        raise CheckpointError(f"output {output} is an existing file, not a checkpoint; choose another output")
+    return out
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    t = t.contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+def _write_all(f, data: memoryview) -> None:
+    done = 0
+    while done < len(data):
+        done += f.write(data[done:])
+
+
+def _shard_plan(infos: Mapping[str, TensorInfo], shard_size: int) -> list[list[str]]:
+    """Greedy split in order: a new shard starts when the next tensor would exceed ``shard_size``."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, info in infos.items():
+        if shards[-1] and used + info.nbytes > shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += info.nbytes
+    return shards
+
+
+def _shard_names(stem: str, ext: str, n: int) -> list[str]:
+    if n == 1:
+        return [f"{stem}{ext}"]
+    return [f"{stem}-{k + 1:05d}-of-{n:05d}{ext}" for k in range(n)]
+
+
+def _safetensors_header(infos: Sequence[TensorInfo], metadata: Mapping[str, str] | None) -> bytes:
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for info in infos:
+        if info.dtype not in _ST_NAMES:
+            raise CheckpointError(f"tensor '{info.name}': dtype {info.dtype} cannot be stored in safetensors")
+        header[info.name] = {
+            "dtype": _ST_NAMES[info.dtype],
+            "shape": list(info.shape),
+            "data_offsets": [offset, offset + info.nbytes],
+        }
+        offset += info.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors pads the header with spaces to 8-byte alignment
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class _PieceStream:
+    """Checks that (name, tensor) items arrive in ``infos`` order; a tensor may come in flat pieces."""
+
+    def __init__(self, items: Iterable[tuple[str, torch.Tensor]], infos: Mapping[str, TensorInfo]):
+        self._it = iter(items)
+        self._infos = infos
+
+    def pieces(self, name: str):
+        """Yield the pieces of tensor ``name`` (flat, contiguous) until its numel is complete."""
+        info = self._infos[name]
+        need = info.numel
+        while True:
+            if need == 0 and info.numel > 0:
+                return
+            try:
+                got_name, t = next(self._it)
+            except StopIteration:
+                raise ValueError(f"tensor stream ended before tensor '{name}' was complete") from None
+            if got_name != name:
+                raise ValueError(f"tensor stream out of order: expected '{name}', got '{got_name}'")
+            if not isinstance(t, torch.Tensor) or t.dtype != info.dtype:
+                raise ValueError(
+                    f"tensor '{name}': expected dtype {info.dtype}, got {getattr(t, 'dtype', t)}"
+                )
+            if t.numel() == info.numel and tuple(t.shape) not in (info.shape, (info.numel,)):
+                raise ValueError(f"tensor '{name}': expected shape {info.shape}, got {tuple(t.shape)}")
+            if t.numel() > need and info.numel > 0:
+                raise ValueError(f"tensor '{name}': pieces exceed its {info.numel} elements")
+            need -= t.numel()
+            yield t.reshape(-1)
+            if info.numel == 0:
+                return
+
+    def finish(self) -> None:
+        extra = next(self._it, None)
+        if extra is not None:
+            raise ValueError(f"tensor stream has an unexpected extra tensor '{extra[0]}'")
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_safetensors_shards(folder, stream, infos, shards, names, metadata, fsync) -> tuple[int, float]:
+    written, t_sync = 0, 0.0
+    for shard, fname in zip(shards, names, strict=True):
+        with open(folder / fname, "wb", buffering=0) as f:
+            _write_all(f, memoryview(_safetensors_header([infos[n] for n in shard], metadata)))
+            for name in shard:
+                for piece in stream.pieces(name):
+                    data = _byte_view(piece)
+                    _write_all(f, data)
+                    written += len(data)
+            if fsync:
+                t0 = time.perf_counter()
+                os.fsync(f.fileno())
+                t_sync += time.perf_counter() - t0
+    return written, t_sync
+
+
+def _collect(stream, infos) -> dict[str, torch.Tensor]:
+    """PyTorch-file output: the whole state dict must be in memory for torch.save."""
+    out = {}
+    for name, info in infos.items():
+        t = torch.empty(info.shape, dtype=info.dtype)
+        flat, pos = t.view(-1), 0
+        for piece in stream.pieces(name):
+            flat[pos : pos + piece.numel()].copy_(piece)
+            pos += piece.numel()
+        out[name] = t
+    return out
+
+
+def _torch_save(obj, path: Path, fsync: bool) -> float:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        if not fsync:
+            return 0.0
+        t0 = time.perf_counter()
+        os.fsync(f.fileno())
+        return time.perf_counter() - t0
+
+
+def _copy_hf_files(template: Checkpoint, folder: Path, infos: Mapping[str, TensorInfo]) -> list[str]:
+    """Copy config, generation config, tokenizer files ... (everything but weights and training state)."""
+    copied = []
+    if not template.path.is_dir() or template.format not in ("hf-safetensors", "hf-bin"):
+        return copied
+    skip_names = {
+        "trainer_state.json",
+        "merge.json",
+        "model.safetensors.index.json",
+        "pytorch_model.bin.index.json",
+    }
+    for p in sorted(template.path.iterdir()):
+        n = p.name
+        if not p.is_file() or n.startswith(".") or n in skip_names or n.endswith(WEIGHT_SUFFIXES):
+            continue
+        if n.lower().startswith(_STATE_STEMS) and not n.lower().startswith("meta"):
+            continue  # optimizer/scheduler/rng state: meaningless for a merged model
+        shutil.copyfile(p, folder / n)
+        copied.append(n)
+    if "config.json" in copied:
+        _set_config_dtype(folder / "config.json", infos)
+    return copied
+
+
+def _set_config_dtype(path: Path, infos: Mapping[str, TensorInfo]) -> None:
+    """Keep config.json's dtype truthful (transformers loads in it), avoiding a silent dtype surprise."""
+    dtypes = {i.dtype for i in infos.values() if i.is_float}
+    if len(dtypes) != 1:
+        return
+    name = _dtype_name(dtypes.pop())
+    try:
+        config = json.loads(path.read_text())
+    except ValueError:
+        return
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
+    if all(config.get(k) == name for k in keys):
+        return
+    for k in keys:
+        config[k] = name
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _torch_object(template: Checkpoint | None, state: dict, aliases: Mapping[str, str]):
+    """Rebuild the template's nesting around the merged state dict; aliases share storage again."""
+    sd: dict = {}
+    canon_to_alias: dict[str, list[str]] = {}
+    for a, c in aliases.items():
+        canon_to_alias.setdefault(c, []).append(a)
+    layout = template.torch_layout if template is not None else {"nest": None, "inner_extras": {}}
+    for name, t in state.items():
+        sd[name] = t
+        for a in canon_to_alias.get(name, []):
+            sd[a] = t
+    for k, v in layout.get("inner_extras", {}).items():
+        sd.setdefault(k, v)
+    nest = layout.get("nest")
+    if nest is None:
+        return sd
+    obj = {}
+    for k in layout["top_keys"]:
+        if k == nest:
+            obj[k] = sd
+        elif k in template.extras:
+            obj[k] = template.extras[k]
+    return obj
+
+
+def write_checkpoint(
+    output: str | os.PathLike,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    infos: Mapping[str, TensorInfo],
+    template: Checkpoint | None = None,
+    fmt: str | None = None,
+    shard_size: int = 5 * 2**30,
+    metadata: Mapping[str, str] | None = None,
+    record: Mapping | None = None,
+    force: bool = False,
+    inputs: Iterable[Checkpoint | str | os.PathLike] = (),
+    fsync: bool = True,
+) -> WriteResult:
+    """Stream ``tensors`` into a new checkpoint at ``output``, atomically.
+
+    ``infos`` are the output tensors (names, shapes, dtypes) in write order, known before the first tensor
+    arrives; ``tensors`` yields (name, tensor) in that order, where a tensor may also come as consecutive
+    flat pieces whose sizes add up. Each item is consumed before the next is requested, so a producer may
+    reuse its buffers. ``template`` (the newest input) gives the default format (``fmt``), the config and
+    tokenizer files copied into HF folders, the nesting, non-tensor entries and tied aliases of torch files.
+    Safetensors outputs shard above ``shard_size`` bytes (HF index json); torch outputs are one file.
+    ``metadata`` goes into the safetensors header; ``record`` is written as merge.json beside the output.
+
+    The output is built in a temporary folder beside it, fsynced, then renamed into place (``force``
+    replaces an existing output: old renamed aside, new renamed in, old deleted). On any exception the
+    temporary folder is removed and nothing is published. Inputs (``template`` and ``inputs``) are never
+    written, and an output equal to, inside, or containing one of them is refused.
+    """
+    t_start = time.perf_counter()
+    fmt = fmt or (template.format if template is not None else "safetensors")
+    out = check_output(output, [*([template] if template is not None else []), *inputs], force=force)
+    out, fname = output_layout(out, fmt, template)
+    infos = dict(infos)
+    aliases = {a: c for a, c in (template.aliases if template is not None else {}).items() if c in infos}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the published folder gets the usual mode
+    stream = _PieceStream(tensors, infos)
+    files: list[str] = []
+    try:
+        folder_out = fmt.startswith("hf-") or not fname or out.suffix not in WEIGHT_SUFFIXES
+        meta = dict(metadata or {})
+        written, t_sync = 0, 0.0
+        if fmt in ("hf-safetensors", "safetensors"):
+            if fmt == "hf-safetensors":
+                meta = {"format": "pt", **meta}
+                shards = _shard_plan(infos, shard_size)
+                files = _shard_names("model", ".safetensors", len(shards))
+            else:
+                shards, files = [list(infos)], [fname]
+                if aliases:
+                    meta["extramerge.aliases"] = json.dumps(aliases, sort_keys=True)
+                meta = {"format": "pt", **meta} if meta else meta
+            written, t_sync = _write_safetensors_shards(tmp, stream, infos, shards, files, meta, fsync)
+            if len(shards) > 1:
+                files.append(_write_index(tmp, "model.safetensors.index.json", infos, shards, files, {}))
+        else:
+            state = _collect(stream, infos)
+            written = sum(i.nbytes for i in infos.values())
+            if fmt == "hf-bin":
+                shards = _shard_plan(infos, shard_size)
+                files = _shard_names("pytorch_model", ".bin", len(shards))
+                extra_names: dict[str, list[str]] = {}
+                for shard, f in zip(shards, files, strict=True):
+                    part = {n: state[n] for n in shard}
+                    part_aliases = {a: c for a, c in aliases.items() if c in part}
+                    extra_names[f] = list(part_aliases)
+                    t_sync += _torch_save(_torch_object(None, part, part_aliases), tmp / f, fsync)
+                if len(shards) > 1:
+                    full = [shard + extra_names[f] for shard, f in zip(shards, files, strict=True)]
+                    files.append(_write_index(tmp, "pytorch_model.bin.index.json", infos, full, files, {}))
+            else:
+                t_sync += _torch_save(_torch_object(template, state, aliases), tmp / fname, fsync)
+                files = [fname]
+            del state
+        stream.finish()
+        if fmt.startswith("hf-") and template is not None:
+            files += _copy_hf_files(template, tmp, infos)
+        rec_name = "merge.json" if folder_out else _record_path(out).name
+        if record is not None:
+            (tmp / rec_name).write_text(json.dumps(dict(record), indent=1, default=str) + "\n")
+            files.append(rec_name)
+        if fsync:
+            t0 = time.perf_counter()
+            _fsync_path(tmp)
+            t_sync += time.perf_counter() - t0
+        if folder_out:
+            _publish(tmp, out, force)
+            published = [out / f for f in files]
+        else:
+            if record is not None:
+                os.replace(tmp / rec_name, _record_path(out))
+            _publish(tmp / fname, out, force)
+            tmp.rmdir()
+            published = [out] + ([_record_path(out)] if record is not None else [])
+        if fsync:
+            _fsync_path(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return WriteResult(written, published, time.perf_counter() - t_start, t_sync)
+
+
+def _umask() -> int:
+    try:  # read it rather than set it: os.umask is process-wide and racy under threads
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+def _write_index(folder, index_name, infos, shards, files, extra_meta) -> str:
+    weight_map = {n: f for shard, f in zip(shards, files, strict=False) for n in shard}
+    total = sum(i.nbytes for i in infos.values())
+    params = sum(i.numel for i in infos.values())
+    doc = {
+        "metadata": {"total_size": total, "total_parameters": params, **extra_meta},
+        "weight_map": weight_map,
+    }
+    (folder / index_name).write_text(json.dumps(doc, indent=2) + "\n")
+    return index_name
+
+
+def _publish(src: Path, dst: Path, force: bool) -> None:
+    """Rename ``src`` to ``dst``; an existing ``dst`` (allowed by check_output) is renamed aside first and
+    deleted only after the new one is in place."""
+    aside = None
+    if dst.exists() or dst.is_symlink():
+        if dst.is_dir() and not dst.is_symlink() and not any(dst.iterdir()):
+            dst.rmdir()
+        elif not force:
+            raise CheckpointError(f"output {dst} appeared while writing; pass force=True to replace it")
+        else:
+            aside = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(dst, aside)
+    try:
+        os.rename(src, dst)
+    except BaseException:
+        if aside is not None:
+            os.rename(aside, dst)
+        raise
+    if aside is not None:
+        if aside.is_dir() and not aside.is_symlink():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.unlink()
