@@ -76,18 +76,14 @@ class Plan:
     params: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    def record(self, ckpts) -> dict:
-        """What the merged checkpoint's merge.json records about its origin."""
+    def record(self) -> dict:
+        """What merge.json records about the method (the engine adds inputs, steps and weights)."""
         return {
             "method": self.method,
             **self.params,
             "weights": [float(x) for x in self.weights],
             "weights_sum": float(self.weights.sum()),
             "lag_checkpoints": float(_weights.lag(self.weights)),
-            "sources": [
-                {"path": str(c.path), "step": c.step, "weight": float(w)}
-                for c, w in zip(ckpts, self.weights, strict=True)
-            ],
             "notes": self.notes,
         }
 
@@ -275,8 +271,8 @@ def execute(
         dry_run=dry_run,
         force=force,
         progress=progress,
-        metadata={"extramerge_method": the_plan.method},
-        record=the_plan.record(ckpts),
+        metadata={"extramerge.method": the_plan.method},
+        record=the_plan.record(),
     )
 
 

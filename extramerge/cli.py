@@ -201,8 +201,6 @@ def _merge(args) -> int:
         for c in ckpts:
             c.close()
     print(summary)
-    if args.dry_run:
-        print("dry run: nothing was written")
     return 0
 
 

@@ -8,6 +8,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from rivervalley import weights as _weights  # noqa: E402
 
@@ -31,6 +32,7 @@ def spectrum(report: dict, path) -> None:
         idx = np.flatnonzero(fve > 0)
         ax.plot(idx + 1, fve[idx], marker="o", label=f"{label} (FVE₁={g['fve1']:.3f})")
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("principal component")
     ax.set_ylabel("fraction of variance explained")
     ax.set_title("PCA spectrum of the trajectory")

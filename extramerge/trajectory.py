@@ -92,46 +92,50 @@ def load_gram(path) -> GramData:
         )
 
 
-def _tensor_gram(tensors, ref: int) -> tuple[np.ndarray, float]:
-    """Σ over a tensor's elements of (θ_i − θ_ref)(θ_j − θ_ref), chunked, float64; and ‖θ_ref‖²."""
+def _chunk_gram(pieces, ref: int) -> tuple[np.ndarray, float]:
+    """Σ over one chunk of a tensor of (θ_i − θ_ref)(θ_j − θ_ref), in float64; and ‖θ_ref‖² over it."""
     import torch
 
+    X = torch.stack([p.reshape(-1) for p in pieces]).to(torch.float64)
+    r = X[ref].clone()
+    X -= r  # exact: float32/bf16/fp16 differences are representable in float64
+    return (X @ X.T).numpy(), float(r @ r)
+
+
+def _tensor_gram(tensors, ref: int) -> tuple[np.ndarray, float]:
+    """``_chunk_gram`` over whole in-memory tensors (chunked so the float64 copy stays small)."""
     n = len(tensors)
     flat = [t.reshape(-1) for t in tensors]
-    size = flat[0].numel()
     chunk = max(1, _CHUNK_BYTES // (8 * n))
-    G = torch.zeros((n, n), dtype=torch.float64)
-    ref_norm2 = 0.0
-    for s in range(0, size, chunk):
-        X = torch.stack([f[s : s + chunk] for f in flat]).to(torch.float64)
-        r = X[ref].clone()
-        ref_norm2 += float(r @ r)
-        X -= r
-        G += X @ X.T
-    return G.numpy(), ref_norm2
+    G, r2 = np.zeros((n, n)), 0.0
+    for s in range(0, flat[0].numel(), chunk):
+        g, r = _chunk_gram([f[s : s + chunk] for f in flat], ref)
+        G, r2 = G + g, r2 + r
+    return G, r2
 
 
-def _raise_nonfinite(ckpts, name, tensors) -> None:
+def _nonfinite(ckpts, name, pieces) -> Exception:
     import torch
 
     from extramerge.checkpoints import CheckpointError
 
-    for c, t in zip(ckpts, tensors, strict=True):
+    for c, t in zip(ckpts, pieces, strict=True):
         if not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"{c.path}: tensor '{name}' contains NaN or Inf values")
-    raise CheckpointError(f"tensor '{name}': Gram matrix overflowed float64 (values too large)")
+            return CheckpointError(f"tensor '{name}' in {c.name} contains NaN or Inf values")
+    return CheckpointError(f"tensor '{name}': its Gram matrix overflows float64 (values too large)")
 
 
 def gram_pass(ckpts, *, reference: int = -1, progress: bool = True) -> GramData:
     """One streaming pass over opened checkpoints → Gram matrices of differences from ``reference``.
 
     ``reference`` indexes the checkpoints (default −1: the newest). Floating-point tensors only; integer
-    buffers are listed in ``skipped``. Raises CheckpointError for NaN/Inf naming the file and tensor.
+    buffers are listed in ``skipped``. Tensors are read in chunks (engine.iter_chunks), so memory does not
+    grow with the model or the tensor size. Raises CheckpointError for NaN/Inf naming the tensor and file.
     """
     from tqdm.auto import tqdm
 
     from extramerge.checkpoints import check_compatible
-    from extramerge.engine import iter_aligned
+    from extramerge.engine import iter_chunks
 
     n = len(ckpts)
     if n < 2:
@@ -142,25 +146,25 @@ def gram_pass(ckpts, *, reference: int = -1, progress: bool = True) -> GramData:
     skipped = [k for k, info in infos.items() if not info.is_float]
     if not names:
         raise ValueError("no floating-point tensors to analyse")
+    grams = {k: np.zeros((n, n)) for k in names}
+    norms = dict.fromkeys(names, 0.0)
     total = sum(infos[k].nbytes for k in names) * n
-    per, numel, norms, order = [], [], [], []
+    chunk_bytes = max(2**20, _CHUNK_BYTES // (2 * n))  # float64 work copy of a float32 chunk: ~_CHUNK_BYTES
     with tqdm(total=total, unit="B", unit_scale=True, desc="gram pass", disable=not progress) as bar:
-        for name, tensors in iter_aligned(ckpts, names):
-            G, r2 = _tensor_gram(tensors, ref)
+        for name, _, _, pieces in iter_chunks(ckpts, names, chunk_bytes=chunk_bytes):
+            G, r2 = _chunk_gram(pieces, ref)
             if not np.all(np.isfinite(G)):
-                _raise_nonfinite(ckpts, name, tensors)
-            per.append(G)
-            numel.append(infos[name].numel)
-            norms.append(r2)
-            order.append(name)
-            bar.update(infos[name].nbytes * n)
-    per_tensor = np.stack(per)
+                raise _nonfinite(ckpts, name, pieces)
+            grams[name] += G
+            norms[name] += r2
+            bar.update(sum(p.numel() * p.element_size() for p in pieces))
+    per_tensor = np.stack([grams[k] for k in names])
     return GramData(
         gram=per_tensor.sum(axis=0),
-        names=order,
+        names=names,
         per_tensor=per_tensor,
-        numel=np.asarray(numel, dtype=np.int64),
-        ref_norm2=np.asarray(norms, dtype=np.float64),
+        numel=np.asarray([infos[k].numel for k in names], dtype=np.int64),
+        ref_norm2=np.asarray([norms[k] for k in names], dtype=np.float64),
         reference=ref,
         paths=[str(c.path) for c in ckpts],
         steps=[c.step for c in ckpts],
@@ -296,19 +300,17 @@ def _per_tensor(data: GramData, windows: list[int]) -> dict:
 # --------------------------------------------------------------------------------------------- outputs
 
 
-def _check_output_dir(output: Path, inputs: Sequence[str], force: bool) -> None:
-    out = output.resolve()
-    for p in inputs:
-        src = Path(p).resolve()
-        if out == src or src in out.parents or out in src.parents:
-            raise ValueError(
-                f"output {output} overlaps the input {p}: choose a folder outside the checkpoints"
-            )
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"output {output} exists and is not a folder")
-        if any(out.iterdir()) and not (out / "analysis.json").exists() and not force:
-            raise ValueError(f"output {output} exists and is not empty (use --force to replace it)")
+def _check_output_dir(output: Path, inputs: Sequence, force: bool) -> None:
+    """Refuse an output overlapping an input; replace a non-empty folder only if it holds an earlier
+    analysis (analysis.json) or ``force`` is set."""
+    from extramerge.checkpoints import CheckpointError, check_output
+
+    check_output(output, inputs, force=True)  # overlap with the inputs, existing non-folder
+    if output.exists():
+        if not output.is_dir():
+            raise CheckpointError(f"output {output} exists and is not a folder")
+        if any(output.iterdir()) and not (output / "analysis.json").exists() and not force:
+            raise CheckpointError(f"output {output} exists and is not empty (use --force to replace it)")
 
 
 def _publish(tmp: Path, output: Path) -> None:
@@ -374,7 +376,7 @@ def analyze(
     if isinstance(checkpoints, str | os.PathLike):
         checkpoints = [checkpoints]
     ckpts = list(checkpoints) if opened else load_checkpoints([str(p) for p in checkpoints])
-    inputs = [str(c.path) for c in ckpts]
+    inputs = ckpts
     if output is not None:
         _check_output_dir(Path(output), inputs, force)  # fail before the long pass, not after
     try:

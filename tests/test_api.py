@@ -39,12 +39,12 @@ def test_defaults_per_method():
     assert p.weights[-1] == 1 and p.params == {}
 
 
-def test_record_lists_sources_and_weights():
+def test_record_states_the_method_and_weights():
     ck = _fake(4)
-    rec = api.plan(ck, "extra", window=2, offset=2).record(ck)
+    rec = api.plan(ck, "extra", window=2, offset=2).record()
     assert rec["method"] == "extra" and rec["alpha"] == pytest.approx(0.25)
-    assert [s["step"] for s in rec["sources"]] == [100, 200, 300, 400]
-    assert sum(s["weight"] for s in rec["sources"]) == pytest.approx(1)
+    assert rec["weights"] == pytest.approx([-0.125, -0.125, 0.625, 0.625])
+    assert rec["alpha_estimates"] == {"alpha_match": 0.25} and rec["lag_checkpoints"] == pytest.approx(0)
 
 
 def test_pc1_plan_on_exact_line_lands_ahead():
