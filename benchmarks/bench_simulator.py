@@ -1,0 +1,290 @@
+"""Speed of the batched river-valley simulator (rivervalley.simulate) on CPU.
+
+    python -m benchmarks.bench_simulator                   # full size: S=1024 seeds, p=1024, T=10^4 steps
+    python -m benchmarks.bench_simulator --steps 1000      # quick run
+    python -m benchmarks.bench_simulator --json out.json   # also write the numbers (``--json -``: stdout)
+    python -m benchmarks.bench_simulator --threads 1       # one torch thread (best on a busy machine)
+
+Measures, for plain SGD on the quadratic river valley in its eigenbasis (additive noise σ = 1):
+
+1. the step path: seed·step·coordinate updates per second;
+2. a naive baseline that loops over seeds in Python (one [p] vector per seed, the same math), timed on a
+   few seeds × fewer steps and extrapolated linearly to S × T;
+3. a memory-bandwidth bound: copy bandwidth of a large torch copy (bytes read + written per second) divided
+   by the bytes a step must move per seed·coordinate — read θ (8 B), write θ (8 B), write and read one
+   float32 Gaussian (4 + 4 B): 24 B. Our kernels actually move 40 B (θ ← θ⊙(1 − ηh): 16 B; randn: 4 B;
+   θ += a·ξ: 20 B), reported too. Also the bound set by the Gaussian sampler alone;
+4. the exact fast path (closed-form AR(1) jumps between checkpoints) against stepping, same checkpoints;
+5. the noise-free step path (no sampler; bound: read + write θ, 16 B), showing the update kernels
+   themselves against the bandwidth bound;
+6. optionally the rotated quadratic (dense Hessian: one [S, p] × [p, p] matmul per step), fewer steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from rivervalley._compute import flush_denormals
+from rivervalley.landscapes import QuadraticRiverValley
+from rivervalley.simulate import _NoiseSource, simulate
+
+BYTES_MIN = 24  # read θ 8 + write θ 8 + write ξ 4 + read ξ 4 (float64 θ, float32 noise)
+BYTES_KERNELS = 40  # mul_ 16 + randn 4 + add_(ξ) 20
+
+
+def _landscape(p: int, rotate: bool = False) -> QuadraticRiverValley:
+    # λ_i = i^(−1/2) on the valley: ηλ ≤ 0.5 keeps every coordinate stable at η = 0.5.
+    return QuadraticRiverValley(slope=1.0, m=p - 1, power_law=(1.0, 0.5), rotate=rotate, seed=0)
+
+
+def copy_bandwidth(n_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Best-of-``repeats`` bytes/s of ``dst.copy_(src)`` for float64 buffers of ``n_bytes``, counting the
+    bytes read plus the bytes written."""
+    src = torch.ones(n_bytes // 8, dtype=torch.float64)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n_bytes / best
+
+
+def sampler_rate(s: int, p: int, repeats: int = 20) -> float:
+    """Gaussians per second of the simulator's noise source for an [S, p] float32 buffer."""
+    src = _NoiseSource((s, p), 0, torch.float32, "cpu")
+    try:
+        src.draw()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            src.draw()
+        return s * p * repeats / (time.perf_counter() - t0)
+    finally:
+        src.close()
+
+
+def naive_rate(p: int, seeds: int, steps: int, lr: float, sigma: float) -> float:
+    """Updates per second of a per-seed Python loop: for each seed, for each step, g = hθ − c·e_0 + σξ
+    and θ ← θ − ηg on a [p] vector."""
+    q = _landscape(p)
+    h = q._h
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    with flush_denormals():
+        for _ in range(seeds):
+            theta = torch.zeros(p, dtype=torch.float64)
+            for _ in range(steps):
+                g = h * theta
+                g[0] -= q.slope
+                g += sigma * torch.randn(p, generator=gen, dtype=torch.float64)
+                theta -= lr * g
+    return seeds * steps * p / (time.perf_counter() - t0)
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def run(args) -> dict:
+    s, p, steps, every = args.seeds, args.dim, args.steps, args.ckpt_every
+    lr, sigma = 0.5, 1.0
+    q = _landscape(p)
+    res = {
+        "config": {
+            "seeds": s,
+            "dim": p,
+            "steps": steps,
+            "ckpt_every": every,
+            "lr": lr,
+            "noise": sigma,
+            "command": "python -m benchmarks.bench_simulator " + " ".join(sys.argv[1:]),
+        },
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine(),
+            "note": "shared machine: other jobs may have run concurrently",
+        },
+    }
+
+    bw = copy_bandwidth()
+    rng = sampler_rate(s, p)
+    res["copy_bandwidth_GBps"] = bw / 1e9
+    res["sampler_Gaussians_per_s"] = rng
+
+    kw = dict(steps=steps, lr=lr, seeds=s, noise=sigma, ckpt_every=every)
+    stepped, t_step = _timed(lambda: simulate(q, **kw))
+    rate = s * steps * p / t_step
+    res["step_path"] = {"seconds": t_step, "updates_per_s": rate, "n_ckpts": int(stepped.n_ckpts)}
+    del stepped
+
+    quiet_steps = min(steps, args.noise_free_steps)
+    _, t_quiet = _timed(lambda: simulate(q, steps=quiet_steps, lr=lr, seeds=s))
+    quiet_rate = s * quiet_steps * p / t_quiet
+    res["noise_free_step_path"] = {
+        "steps": quiet_steps,
+        "seconds": t_quiet,
+        "updates_per_s": quiet_rate,
+        "bytes_per_update_min": 16,
+        "fraction_of_bound": quiet_rate * 16 / bw,
+    }
+
+    bound_min = bw / BYTES_MIN
+    res["bandwidth_bound"] = {
+        "bytes_per_update_min": BYTES_MIN,
+        "bytes_per_update_kernels": BYTES_KERNELS,
+        "bound_updates_per_s": bound_min,
+        "fraction_of_bound": rate / bound_min,
+        "fraction_of_bound_kernel_bytes": rate * BYTES_KERNELS / bw,
+        "fraction_of_sampler_bound": rate / rng,
+    }
+
+    n_seeds, n_steps = args.naive_seeds, args.naive_steps
+    nrate = naive_rate(p, n_seeds, n_steps, lr, sigma)
+    res["naive_loop"] = {
+        "seeds_timed": n_seeds,
+        "steps_timed": n_steps,
+        "updates_per_s": nrate,
+        "extrapolated_seconds": s * steps * p / nrate,
+        "speedup_of_step_path": rate / nrate,
+    }
+
+    exact, t_exact = _timed(lambda: simulate(q, exact=True, **kw))
+    res["exact_path"] = {
+        "seconds": t_exact,
+        "n_ckpts": int(exact.n_ckpts),
+        "ckpt_every": every,
+        "speedup_over_step_path": t_step / t_exact,
+        "target_speedup": every,
+    }
+    del exact
+
+    if args.rotated_steps:
+        qr = _landscape(p, rotate=True)
+        rs = args.rotated_steps
+        _, t_rot = _timed(lambda: simulate(qr, steps=rs, lr=lr, seeds=s, noise=sigma))
+        res["rotated_step_path"] = {
+            "steps": rs,
+            "seconds": t_rot,
+            "updates_per_s": s * rs * p / t_rot,
+            "gflops": 2 * s * p * p * rs / t_rot / 1e9,
+        }
+    return res
+
+
+def _table(res: dict) -> str:
+    c = res["config"]
+    rows = [
+        ("config", f"S={c['seeds']} p={c['dim']} T={c['steps']} ckpt_every={c['ckpt_every']}"),
+        ("copy bandwidth (read+write)", f"{res['copy_bandwidth_GBps']:.1f} GB/s"),
+        ("Gaussian sampler", f"{res['sampler_Gaussians_per_s'] / 1e6:.0f} M/s"),
+        (
+            "step path",
+            f"{res['step_path']['updates_per_s'] / 1e6:.0f} M seed·step·coord/s "
+            f"({res['step_path']['seconds']:.1f} s)",
+        ),
+        (
+            "bandwidth bound (24 B/update)",
+            f"{res['bandwidth_bound']['bound_updates_per_s'] / 1e6:.0f} M/s -> "
+            f"{100 * res['bandwidth_bound']['fraction_of_bound']:.0f}% achieved",
+        ),
+        (
+            "  counting kernel bytes (40 B)",
+            f"{100 * res['bandwidth_bound']['fraction_of_bound_kernel_bytes']:.0f}%",
+        ),
+        ("  fraction of sampler bound", f"{100 * res['bandwidth_bound']['fraction_of_sampler_bound']:.0f}%"),
+        (
+            "naive per-seed loop",
+            f"{res['naive_loop']['updates_per_s'] / 1e6:.1f} M/s (timed "
+            f"{res['naive_loop']['seeds_timed']} seeds x {res['naive_loop']['steps_timed']} "
+            f"steps, extrapolated: {res['naive_loop']['extrapolated_seconds']:.0f} s)",
+        ),
+        ("  step path / naive", f"{res['naive_loop']['speedup_of_step_path']:.1f}x"),
+        (
+            "exact fast path",
+            f"{res['exact_path']['seconds']:.3f} s, "
+            f"{res['exact_path']['speedup_over_step_path']:.0f}x faster than stepping "
+            f"(target >= s = {res['exact_path']['ckpt_every']})",
+        ),
+    ]
+    nf = res["noise_free_step_path"]
+    rows.append(
+        (
+            "noise-free step path (16 B/upd.)",
+            f"{nf['updates_per_s'] / 1e6:.0f} M/s -> "
+            f"{100 * nf['fraction_of_bound']:.0f}% of its bound "
+            f"({nf['steps']} steps)",
+        )
+    )
+    if "rotated_step_path" in res:
+        r = res["rotated_step_path"]
+        rows.append(
+            (
+                "rotated (matmul) step path",
+                f"{r['updates_per_s'] / 1e6:.0f} M/s, {r['gflops']:.0f} GFLOP/s ({r['steps']} steps)",
+            )
+        )
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--seeds", type=int, default=1024, help="S, seeds simulated at once (default 1024)")
+    ap.add_argument("--dim", type=int, default=1024, help="p, parameters per seed (default 1024)")
+    ap.add_argument("--steps", type=int, default=10_000, help="T, SGD steps (default 10^4)")
+    ap.add_argument("--ckpt-every", type=int, default=100, help="checkpoint interval s (default 100)")
+    ap.add_argument("--naive-seeds", type=int, default=4, help="seeds timed for the naive loop (default 4)")
+    ap.add_argument(
+        "--naive-steps", type=int, default=500, help="steps timed for the naive loop (default 500)"
+    )
+    ap.add_argument(
+        "--noise-free-steps",
+        type=int,
+        default=2000,
+        help="steps for the noise-free variant (no sampling: pure update bandwidth; default 2000)",
+    )
+    ap.add_argument(
+        "--rotated-steps",
+        type=int,
+        default=100,
+        help="steps for the rotated (matmul) variant; 0 skips it (default 100)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's choice); 1 is faster on a busy shared machine",
+    )
+    ap.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON ('-' for stdout)")
+    args = ap.parse_args(argv)
+    if args.steps % args.ckpt_every:
+        ap.error("--steps must be a multiple of --ckpt-every")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    res = run(args)
+    print(_table(res))
+    if args.json == "-":
+        print(json.dumps(res, indent=2))
+    elif args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,503 @@
+"""Simulate an optimizer on a landscape for S seeds at once and keep checkpoints (THEORY.md, "The toy model").
+
+:func:`simulate` runs the step path (one batched optimizer step per iteration, no loop over seeds) or, for
+SGD on a quadratic with a constant learning rate, the exact fast path that jumps from checkpoint to
+checkpoint with the closed-form AR(1) transition of every eigen-coordinate.
+
+Gradient noise (``noise`` = σ, ``river_noise`` = σ_u, default σ):
+
+- ``'additive'``: g̃ = ∇L + n with n Gaussian; for the quadratics n has std σ_u on the river and σ on every
+  valley eigen-coordinate (THEORY: v_{t+1} = (1 − ηλ)v_t + ησξ_t). With ``rotate=True`` and σ_u = σ this is
+  isotropic noise in parameter space (the rotation leaves it unchanged). On the 2-D curved rivers the noise
+  is isotropic σ with its component along the local river tangent rescaled to σ_u.
+- ``'minibatch'``: noise covariance proportional to the curvature: valley eigen-coordinate i gets std
+  σ·√λ_i (covariance σ²H, as for minibatch gradients of a least-squares loss), the river keeps σ_u. On the
+  curved rivers the valley std is σ·√(λ|∇v|²), the local curvature across the floor.
+
+Checkpoints: steps ``ckpt_from, ckpt_from + ckpt_every, ...`` up to ``steps``. Step k means θ_k, the
+parameters after k updates, so ``ckpt_from=0`` includes the initial point θ_0. Ask for N checkpoints with
+``n_ckpts`` (with ``ckpt_every``; ``steps`` then defaults to ``ckpt_from + (N − 1)·ckpt_every``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ._compute import flush_denormals
+from .landscapes import Landscape, QuadraticRiverValley, _EigenQuadratic
+from .optimizers import SGD
+from .schedules import Schedule, as_schedule
+
+__all__ = ["SimResult", "simulate", "checkpoint_steps", "exact_transition"]
+
+INITS = ("zero", "stationary")
+
+
+@dataclass
+class SimResult:
+    """Outcome of :func:`simulate`.
+
+    ``checkpoints`` [S, N, p] and ``final`` [S, p] are torch tensors; ``ckpt_steps`` [N] (int64) says which
+    step each checkpoint is; ``ckpt_loss`` [S, N] (computed on first access); ``loss_curve`` [n] is the
+    seed-mean loss at ``loss_steps`` [n] (None unless ``record_loss_every`` was given).
+    """
+
+    checkpoints: torch.Tensor
+    ckpt_steps: np.ndarray
+    final: torch.Tensor
+    steps: int
+    landscape: Landscape
+    loss_curve: np.ndarray | None = None
+    loss_steps: np.ndarray | None = None
+    config: dict = field(default_factory=dict)
+    _ckpt_loss: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def ckpt_loss(self) -> torch.Tensor:
+        """Loss of every checkpoint, [S, N] (one checkpoint at a time, to bound temporary memory)."""
+        if self._ckpt_loss is None:
+            s, n, _ = self.checkpoints.shape
+            out = torch.empty(s, n, dtype=self.checkpoints.dtype, device=self.checkpoints.device)
+            for k in range(n):
+                out[:, k] = self.landscape.loss(self.checkpoints[:, k])
+            self._ckpt_loss = out
+        return self._ckpt_loss
+
+    @property
+    def seeds(self) -> int:
+        return self.checkpoints.shape[0]
+
+    @property
+    def n_ckpts(self) -> int:
+        return self.checkpoints.shape[1]
+
+    def u(self) -> torch.Tensor:
+        """River coordinate of every checkpoint, [S, N]."""
+        s, n, p = self.checkpoints.shape
+        return self.landscape.river_coordinate(self.checkpoints.reshape(s * n, p)).reshape(s, n)
+
+    def v(self) -> torch.Tensor:
+        """Valley coordinates of every checkpoint, [S, N, m]."""
+        s, n, p = self.checkpoints.shape
+        return self.landscape.valley_coordinates(self.checkpoints.reshape(s * n, p)).reshape(s, n, -1)
+
+
+# --------------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _int_at_least(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _nonneg_float(name: str, value) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return value
+
+
+def checkpoint_steps(
+    steps: int | None = None, *, ckpt_every: int | None = None, n_ckpts: int | None = None, ckpt_from: int = 0
+) -> tuple[int, np.ndarray]:
+    """Resolve the checkpoint plan: returns ``(steps, ckpt_steps)``.
+
+    - ``ckpt_every`` only: ``ckpt_from, ckpt_from + ckpt_every, ... <= steps``;
+    - ``ckpt_every`` and ``n_ckpts``: exactly N checkpoints from ``ckpt_from`` (``steps`` defaults to the
+      last one and must not be smaller);
+    - ``n_ckpts`` only: ``ckpt_every = (steps − ckpt_from) // (n_ckpts − 1)``;
+    - neither: no checkpoints.
+    """
+    ckpt_from = _int_at_least("ckpt_from", ckpt_from, 0)
+    if ckpt_every is not None:
+        ckpt_every = _int_at_least("ckpt_every", ckpt_every, 1)
+    if n_ckpts is not None:
+        n_ckpts = _int_at_least("n_ckpts", n_ckpts, 1)
+    if steps is None:
+        if ckpt_every is None or n_ckpts is None:
+            raise ValueError("steps is required unless both ckpt_every and n_ckpts are given")
+        steps = ckpt_from + (n_ckpts - 1) * ckpt_every
+    steps = _int_at_least("steps", steps, 0)
+    if ckpt_every is None and n_ckpts is None:
+        return steps, np.zeros(0, dtype=np.int64)
+    if ckpt_from > steps:
+        raise ValueError(f"ckpt_from must be in [0, steps={steps}], got {ckpt_from}")
+    if ckpt_every is None:
+        if n_ckpts == 1:
+            return steps, np.array([ckpt_from], dtype=np.int64)
+        ckpt_every = (steps - ckpt_from) // (n_ckpts - 1)
+        if ckpt_every < 1:
+            raise ValueError(f"n_ckpts={n_ckpts} checkpoints do not fit in steps {ckpt_from}..{steps}")
+    if n_ckpts is None:
+        return steps, np.arange(ckpt_from, steps + 1, ckpt_every, dtype=np.int64)
+    last = ckpt_from + (n_ckpts - 1) * ckpt_every
+    if last > steps:
+        raise ValueError(
+            f"n_ckpts={n_ckpts} checkpoints every {ckpt_every} from {ckpt_from} end at step "
+            f"{last} > steps={steps}"
+        )
+    return steps, ckpt_from + ckpt_every * np.arange(n_ckpts, dtype=np.int64)
+
+
+def _lr_array(lr, steps: int) -> tuple[np.ndarray, Callable]:
+    sched = as_schedule(lr)
+    if isinstance(sched, Schedule):
+        lrs = np.asarray(sched(np.arange(max(steps, 1))), dtype=np.float64)
+    else:
+        lrs = np.array([float(sched(t)) for t in range(max(steps, 1))], dtype=np.float64)
+    if not np.all(np.isfinite(lrs)) or np.any(lrs < 0):
+        raise ValueError("lr must be finite and >= 0 at every step (got NaN, inf or a negative value)")
+    return lrs, sched
+
+
+def _is_constant_lr(sched) -> bool:
+    return isinstance(sched, Schedule) and sched.is_constant
+
+
+# --------------------------------------------------------------------------------------------------
+# exact AR(1) transitions
+
+
+def _pow_and_geom(lr: float, h: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
+    """ρ = (1 − ηh)^s and Σ_{j<s} (1 − ηh)^{2j}, accurate also when ηh is tiny."""
+    eh = lr * h
+    a = 1.0 - eh
+    pos = eh < 1  # a > 0: log1p keeps log(1 − ηh) accurate for tiny ηh
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        log_abs = np.where(pos, np.log1p(-np.where(pos, eh, 0.0)), np.log(np.abs(a)))
+        rho = np.sign(a) ** s * np.exp(s * log_abs)
+        log_q = 2.0 * log_abs  # q = a², Σ_{j<s} q^j = expm1(s log q) / expm1(log q)
+        geom = np.where(log_q == 0, float(s), np.expm1(s * log_q) / np.expm1(log_q))
+    return rho, geom
+
+
+def exact_transition(landscape: _EigenQuadratic, lr: float, s: int, sigma_eigen: np.ndarray):
+    """Exact s-step SGD transition of each eigen-coordinate: z_{t+s} = ρ z_t + d + √q·ξ.
+
+    Valley/curved river (h > 0): ρ = (1 − ηh)^s, d = (1 − ρ)·c_k/h (c_0 = slope, else 0),
+    q = η²σ_k² Σ_{j<s}(1 − ηh)^{2j} (= V(1 − ρ²) when stationary). Flat direction (h = 0): ρ = 1,
+    d = η c_k s, q = η²σ_k² s. Returns numpy ``(rho, drift, innovation_std)``, each [p].
+    """
+    h = landscape.hessian_eigen()
+    c = np.zeros_like(h)
+    c[0] = landscape.slope
+    rho, geom = _pow_and_geom(lr, h, s)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        drift = np.where(h > 0, (1.0 - rho) * c / np.where(h > 0, h, 1.0), lr * c * s)
+    innov = lr * np.asarray(sigma_eigen, dtype=np.float64) * np.sqrt(geom)
+    return rho, drift, innov
+
+
+# --------------------------------------------------------------------------------------------------
+# initial point
+
+
+def _initial_theta(
+    landscape, init, s_count, lr0, noise, river_noise, noise_kind, river_start, gen, device, dtype
+):
+    p = landscape.dim
+    if isinstance(init, str):
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS} or a tensor, got {init!r}")
+        if init == "zero":
+            if river_start is not None:
+                raise ValueError("river_start is only used with init='stationary'")
+            return torch.zeros(s_count, p, dtype=dtype, device=device)
+        if not isinstance(landscape, _EigenQuadratic):
+            raise ValueError(f"init='stationary' needs a quadratic landscape, got {type(landscape).__name__}")
+        try:
+            var = landscape.stationary_variance(lr0, noise, river_noise, noise_kind)
+        except ValueError as e:
+            raise ValueError(f"init='stationary' needs lr*curvature in (0, 2): {e}") from None
+        if not np.all(np.isfinite(var[1:])):
+            raise ValueError("init='stationary' needs every valley curvature > 0")
+        mu = landscape.river_curvature
+        if river_start is None:
+            river_start = landscape.river_optimum if mu > 0 else 0.0
+        river_start = float(river_start)
+        if not math.isfinite(river_start):
+            raise ValueError(f"river_start must be finite, got {river_start}")
+        std = np.sqrt(np.where(np.isfinite(var), var, 0.0))
+        z = torch.randn(s_count, p, generator=gen, dtype=dtype, device=device)
+        z.mul_(torch.as_tensor(std, dtype=dtype, device=device))
+        z[:, 0] += river_start
+        return landscape.from_eigen(z).contiguous()
+    if river_start is not None:
+        raise ValueError("river_start is only used with init='stationary'")
+    theta0 = torch.as_tensor(init).to(dtype=dtype, device=device)
+    if theta0.ndim == 1:
+        theta0 = theta0.expand(s_count, -1)
+    if theta0.shape != (s_count, p):
+        raise ValueError(f"init must have shape [{p}] or [{s_count}, {p}], got {tuple(theta0.shape)}")
+    if not torch.isfinite(theta0).all():
+        raise ValueError("init must be finite (got NaN or inf)")
+    return theta0.clone().contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# Gaussian draws
+
+
+class _NoiseSource:
+    """Standard normals for a [S, p] batch, drawn by ``streams`` independent generators on contiguous row
+    blocks (their seeds derived from ``seed``) so that the blocks can be filled in parallel threads: torch's
+    CPU sampler is serial and is the bottleneck of a step. The numbers depend on (seed, S, p, streams), never
+    on how many threads fill them."""
+
+    def __init__(self, shape, seed: int, dtype, device, streams: int = 4):
+        base = torch.Generator().manual_seed(int(seed))
+        self.init_gen = torch.Generator(device=device).manual_seed(
+            int(torch.randint(0, 2**62, (1,), generator=base))
+        )
+        self.buf = torch.empty(shape, dtype=dtype, device=device)
+        self.views = [v for v in self.buf.chunk(streams, dim=0) if v.numel()]
+        seeds = torch.randint(0, 2**62, (len(self.views),), generator=base).tolist()
+        self.gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        workers = min(len(self.views), torch.get_num_threads())
+        big = self.buf.numel() >= 1 << 17 and torch.device(device).type == "cpu"
+        self.pool = ThreadPoolExecutor(workers) if big and workers > 1 else None
+
+    def draw(self) -> torch.Tensor:
+        if self.pool is None:
+            for v, g in zip(self.views, self.gens, strict=True):
+                torch.randn(v.shape, generator=g, dtype=v.dtype, device=v.device, out=v)
+        else:
+            futures = [
+                self.pool.submit(torch.randn, v.shape, generator=g, dtype=v.dtype, device=v.device, out=v)
+                for v, g in zip(self.views, self.gens, strict=True)
+            ]
+            for f in futures:
+                f.result()
+        return self.buf
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+
+
+# --------------------------------------------------------------------------------------------------
+# the simulator
+
+
+def simulate(
+    landscape: Landscape,
+    optimizer=None,
+    *,
+    steps: int | None = None,
+    lr: float | Callable[[int], float],
+    seeds: int = 1,
+    noise: float = 0.0,
+    river_noise: float | None = None,
+    noise_kind: str = "additive",
+    ckpt_every: int | None = None,
+    n_ckpts: int | None = None,
+    ckpt_from: int = 0,
+    init="zero",
+    river_start: float | None = None,
+    exact: bool = False,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float64,
+    noise_dtype: torch.dtype = torch.float32,
+    record_loss_every: int | None = None,
+) -> SimResult:
+    """Run ``optimizer`` (default plain :class:`~rivervalley.optimizers.SGD`) on ``landscape`` for ``seeds``
+    independent runs at once and return a :class:`SimResult`.
+
+    ``lr``: a float or a schedule ``step -> lr`` (:mod:`rivervalley.schedules`), evaluated at steps
+    0..steps−1. ``init``: ``'zero'`` (θ_0 = 0), ``'stationary'`` (quadratics: every eigen-coordinate with
+    h > 0 drawn from its stationary N(0, V) of THEORY §a at η = lr(0), centred on the floor; the river
+    coordinate starts at ``river_start``, default u* = c/μ for a curved river, 0 for a linear one, plus
+    N(0, V_u) when curved), or a tensor [p] or [S, p]. ``exact=True`` uses the closed-form AR(1) jumps
+    (quadratic landscape, plain SGD, constant lr; otherwise ValueError).
+
+    Randomness: one seed ``seed`` fixes everything, for a given S and p (not per seed). Per-step gradient
+    noise is drawn in ``noise_dtype`` (default float32: torch's vectorised CPU sampler, several times faster
+    than float64; draws have 24-bit resolution, tails beyond ~5.7σ are cut, probability < 1e-8) and
+    accumulated in ``dtype``; pass ``noise_dtype=torch.float64`` for full-precision draws.
+    """
+    if not isinstance(landscape, Landscape):
+        raise ValueError(f"landscape must be a rivervalley Landscape, got {type(landscape).__name__}")
+    optimizer = SGD() if optimizer is None else optimizer
+    s_count = _int_at_least("seeds", seeds, 1)
+    noise = _nonneg_float("noise", noise)
+    river_noise = None if river_noise is None else _nonneg_float("river_noise", river_noise)
+    steps, ckpts = checkpoint_steps(steps, ckpt_every=ckpt_every, n_ckpts=n_ckpts, ckpt_from=ckpt_from)
+    if record_loss_every is not None:
+        record_loss_every = _int_at_least("record_loss_every", record_loss_every, 1)
+    lrs, sched = _lr_array(lr, steps)
+    device = torch.device(device)
+    landscape = landscape.to(device, dtype)
+    noise_fn = landscape._make_noise(noise, river_noise, noise_kind)  # validates noise_kind
+    if exact:
+        _check_exact(landscape, optimizer, sched, record_loss_every)
+    config = {
+        "optimizer": repr(optimizer),
+        "lr": repr(sched),
+        "seeds": s_count,
+        "noise": noise,
+        "river_noise": river_noise,
+        "noise_kind": noise_kind,
+        "exact": bool(exact),
+        "seed": int(seed),
+        "init": init if isinstance(init, str) else "tensor",
+        "landscape": landscape.describe(),
+    }
+
+    source = _NoiseSource((s_count, landscape.dim), seed, noise_dtype, device)
+    try:
+        theta = _initial_theta(
+            landscape,
+            init,
+            s_count,
+            float(lrs[0]),
+            noise,
+            river_noise,
+            noise_kind,
+            river_start,
+            source.init_gen,
+            device,
+            dtype,
+        )
+        ckpt_tensor = torch.empty(s_count, len(ckpts), landscape.dim, dtype=dtype, device=device)
+        with flush_denormals(), torch.no_grad():
+            if exact:
+                theta = _run_exact(
+                    landscape,
+                    theta,
+                    float(lrs[0]),
+                    steps,
+                    ckpts,
+                    ckpt_tensor,
+                    landscape.noise_std(noise, river_noise, noise_kind),
+                    source,
+                )
+                loss_steps = loss_curve = None
+            else:
+                theta, loss_steps, loss_curve = _run_steps(
+                    landscape,
+                    optimizer,
+                    theta,
+                    lrs,
+                    steps,
+                    ckpts,
+                    ckpt_tensor,
+                    noise_fn,
+                    landscape.noise_std(noise, river_noise, noise_kind)
+                    if isinstance(landscape, _EigenQuadratic)
+                    else None,
+                    source,
+                    record_loss_every,
+                )
+    finally:
+        source.close()
+    return SimResult(
+        checkpoints=ckpt_tensor,
+        ckpt_steps=ckpts,
+        final=theta,
+        steps=steps,
+        landscape=landscape,
+        loss_curve=loss_curve,
+        loss_steps=loss_steps,
+        config=config,
+    )
+
+
+def _check_exact(landscape, optimizer, sched, record_loss_every) -> None:
+    if not isinstance(landscape, _EigenQuadratic):
+        raise ValueError(f"exact=True needs a quadratic landscape, got {type(landscape).__name__}")
+    if not (isinstance(optimizer, SGD) and optimizer.is_plain):
+        raise ValueError(f"exact=True needs plain SGD (no momentum, no weight decay), got {optimizer!r}")
+    if not _is_constant_lr(sched):
+        raise ValueError("exact=True needs a constant lr (a float or schedules.constant)")
+    if record_loss_every is not None:
+        raise ValueError("record_loss_every is not available with exact=True (it skips the steps in between)")
+
+
+def _run_exact(landscape, theta, lr, steps, ckpts, ckpt_tensor, sigma, source):
+    """Jump θ_0 → θ_{ckpt_0} → ... → θ_steps by :func:`exact_transition` in eigen-coordinates."""
+    dtype, device = theta.dtype, theta.device
+    noisy = bool(np.any(sigma))
+    z = landscape.to_eigen(theta).clone()
+    identity = isinstance(landscape, QuadraticRiverValley) and not landscape.rotate
+    cache: dict[int, tuple] = {}
+    t = k = 0
+    for target in dict.fromkeys([int(c) for c in ckpts] + [steps]):
+        s = target - t
+        if s > 0:
+            if s not in cache:
+                cache[s] = tuple(
+                    torch.as_tensor(x, dtype=dtype, device=device)
+                    for x in exact_transition(landscape, lr, s, sigma)
+                )
+            rho, drift, innov = cache[s]
+            torch.addcmul(drift, z, rho, out=z)
+            if noisy:
+                z.addcmul_(source.draw(), innov)
+            t = target
+        while k < len(ckpts) and ckpts[k] == t:
+            ckpt_tensor[:, k].copy_(z if identity else landscape.from_eigen(z))
+            k += 1
+    return landscape.from_eigen(z).contiguous()
+
+
+def _run_steps(
+    landscape, optimizer, theta, lrs, steps, ckpts, ckpt_tensor, noise_fn, sigma, source, record_loss_every
+):
+    """One batched optimizer step per iteration. Plain SGD on an unrotated quadratic takes a fused update
+    θ ← θ ⊙ (1 − ηh) + ηc·e_0 − η σ ⊙ ξ (two passes over θ, no gradient buffer); everything else computes
+    g = ∇L(θ) + noise into a reused buffer and calls ``optimizer.step``."""
+    state = optimizer.init(theta)
+    gbuf = torch.empty_like(theta)
+    fused = (
+        isinstance(landscape, QuadraticRiverValley)
+        and not landscape.rotate
+        and isinstance(optimizer, SGD)
+        and optimizer.is_plain
+    )
+    if fused:
+        h = landscape._h
+        std = torch.as_tensor(sigma, dtype=theta.dtype, device=theta.device)
+        iso = bool(np.all(sigma == sigma[0]))
+        slope = landscape.slope
+        cur_lr = None
+    loss_steps, loss_vals = [], []
+    k = 0
+    for t in range(steps + 1):
+        while k < len(ckpts) and ckpts[k] == t:
+            ckpt_tensor[:, k].copy_(theta)
+            k += 1
+        if record_loss_every is not None and t % record_loss_every == 0:
+            loss_steps.append(t)
+            loss_vals.append(float(landscape.loss(theta).mean()))
+        if t == steps:
+            break
+        lr = float(lrs[t])
+        if fused:
+            if lr != cur_lr:
+                cur_lr, decay, coef = lr, 1.0 - lr * h, -lr * std
+            theta.mul_(decay)
+            if noise_fn is not None:
+                if iso:
+                    theta.add_(source.draw(), alpha=-lr * float(sigma[0]))
+                else:
+                    theta.addcmul_(source.draw(), coef)
+            if slope != 0:
+                theta[:, 0] += lr * slope
+        else:
+            g = landscape._grad_into(theta, gbuf)
+            if noise_fn is not None:
+                noise_fn(g, source.draw(), theta)
+            theta = optimizer.step(theta, g, lr, state)
+    if record_loss_every is None:
+        return theta, None, None
+    return theta, np.asarray(loss_steps, dtype=np.int64), np.asarray(loss_vals, dtype=np.float64)
