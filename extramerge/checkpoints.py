@@ -267,14 +267,17 @@ def _torch_load(path: Path):
     except CheckpointError:
         raise
     except Exception as e:
-        what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        text = str(e)
+        m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
+        what = (m.group(1) if m else text.strip() or type(e).__name__).strip().splitlines()[0]
+        if "Unsupported global" in text:
+            what = re.sub(r" Please use .*", "", what)
             raise CheckpointError(
                 f"{path}: holds Python objects that torch.load(weights_only=True) refuses to unpickle "
                 f"({what}); re-save the state dict alone"
             ) from e
         raise CheckpointError(
-            f"{path}: corrupt or not a PyTorch checkpoint ({type(e).__name__}: {what})"
+            f"{path}: corrupt or not a PyTorch checkpoint ({type(e).__name__}: {what[:200]})"
         ) from e
 
 
@@ -651,8 +654,8 @@ def output_layout(
     output: str | os.PathLike, fmt: str, template: Checkpoint | None = None
 ) -> tuple[Path, str]:
     """(published path, file name) of an output: HF formats are folders; ``safetensors``/``torch`` go to the
-    given file when it ends in .safetensors/.pt/.pth/.bin/.ckpt, else into that folder under the template's
-    file name (so nanoGPT's out_dir/ckpt.pt stays ckpt.pt)."""
+    given file when it ends in .safetensors/.pt/.pth/.bin/.ckpt, else into that folder as model.safetensors
+    / model.pt, or under the template's file name when that carries no step (nanoGPT's ckpt.pt)."""
     output = Path(output)
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -663,8 +666,11 @@ def output_layout(
     if output.suffix in WEIGHT_SUFFIXES:
         return output, output.name
     ext = ".safetensors" if fmt == "safetensors" else ".pt"
-    same_family = template is not None and template.format == fmt
-    fname = template.path.name if same_family and template.path.is_file() else f"model{ext}"
+    keep = template is not None and template.format == fmt and template.files
+    # nanoGPT's out_dir/ckpt.pt stays ckpt.pt; a step-named file (step_000400.pt) is not reused, so the
+    # merged file is not mistaken for that training checkpoint.
+    name = template.files[0].name if keep else ""
+    fname = name if name and parse_step(name) is None else f"model{ext}"
     return output, fname
 
 
