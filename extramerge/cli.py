@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from collections import Counter
@@ -365,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
         except Exception as e:
             if isinstance(e, _user_errors()):
                 print(f"{PROG}: error: {_oneline(e)}", file=sys.stderr)

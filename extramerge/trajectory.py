@@ -92,14 +92,32 @@ def load_gram(path) -> GramData:
         )
 
 
-def _chunk_gram(pieces, ref: int) -> tuple[np.ndarray, float]:
-    """Σ over one chunk of a tensor of (θ_i − θ_ref)(θ_j − θ_ref), in float64; and ‖θ_ref‖² over it."""
+_NUMPY_FLOATS = ("torch.float16", "torch.float32", "torch.float64")
+
+
+def _chunk_gram(pieces, ref: int, buf: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Σ over one chunk of a tensor of (θ_i − θ_ref)(θ_j − θ_ref), in float64; and ‖θ_ref‖² over it.
+
+    numpy does the float64 work (its X Xᵀ uses syrk, several times faster than torch's matmul here);
+    ``buf`` is an optional reusable float64 scratch array of at least N × chunk elements.
+    """
     import torch
 
-    X = torch.stack([p.reshape(-1) for p in pieces]).to(torch.float64)
-    r = X[ref].clone()
-    X -= r  # exact: float32/bf16/fp16 differences are representable in float64
-    return (X @ X.T).numpy(), float(r @ r)
+    n, m = len(pieces), pieces[0].numel()
+    X = (np.empty(n * m) if buf is None or buf.size < n * m else buf[: n * m]).reshape(n, m)
+    for j, p in enumerate(pieces):
+        p = p.reshape(-1)
+        if str(p.dtype) in _NUMPY_FLOATS:
+            X[j] = p.numpy()
+        else:  # bfloat16, float8: numpy has no such dtype, let torch convert
+            torch.from_numpy(X[j]).copy_(p)
+    r = X[ref]
+    r2 = float(r @ r)
+    for j in range(n):  # row by row: no temporary copy of the reference row
+        if j != ref:
+            X[j] -= r  # exact: float32/bf16/fp16 differences are representable in float64
+    r[:] = 0.0
+    return X @ X.T, r2
 
 
 def _tensor_gram(tensors, ref: int) -> tuple[np.ndarray, float]:
@@ -150,9 +168,11 @@ def gram_pass(ckpts, *, reference: int = -1, progress: bool = True) -> GramData:
     norms = dict.fromkeys(names, 0.0)
     total = sum(infos[k].nbytes for k in names) * n
     chunk_bytes = max(2**20, _CHUNK_BYTES // (2 * n))  # float64 work copy of a float32 chunk: ~_CHUNK_BYTES
+    itemsize = min(infos[k].dtype.itemsize for k in names)
+    buf = np.empty(n * (chunk_bytes // itemsize + 1))
     with tqdm(total=total, unit="B", unit_scale=True, desc="gram pass", disable=not progress) as bar:
         for name, _, _, pieces in iter_chunks(ckpts, names, chunk_bytes=chunk_bytes):
-            G, r2 = _chunk_gram(pieces, ref)
+            G, r2 = _chunk_gram(pieces, ref, buf)
             if not np.all(np.isfinite(G)):
                 raise _nonfinite(ckpts, name, pieces)
             grams[name] += G
