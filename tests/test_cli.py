@@ -165,7 +165,7 @@ def test_merge_each_method_matches_reference(capsys, run6, tmp_path, method, ext
     rec = json.loads((out / "merge.json").read_text())
     assert rec["method"] == method and len(rec["weights"]) == 6
     assert sum(rec["weights"]) == pytest.approx(1)
-    merged = load_state(out / run6[-1].name)
+    merged = load_state(out)  # the one weights file beside merge.json
     ref = reference_merge(run6, rec["weights"])
     for name, v in ref.items():
         torch.testing.assert_close(merged[name].double(), v.double(), rtol=1e-5, atol=1e-5)
@@ -193,7 +193,7 @@ def test_pc1_ahead_lands_on_the_line(capsys, tmp_path):
     rc, _, _ = _cli(capsys, "merge", *paths, "--method", "pc1", "--ahead", h, "-o", out, "--quiet",
                     "--accumulate", "float64")  # fmt: skip
     assert rc == 0
-    merged = load_state(out / paths[-1].name)
+    merged = load_state(out)
     for k in a:
         torch.testing.assert_close(merged[k], a[k] + b[k] * (5 + h), rtol=1e-9, atol=1e-9)
 
