@@ -1,5 +1,6 @@
 """extramerge.api: method → weight vector resolution (plan) and the end-to-end Python API."""
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -110,3 +111,21 @@ def test_parse_size():
     for bad in ("five", "0MB", "-1GB", "5XB"):
         with pytest.raises(ValueError):
             api.parse_size(bad)
+
+
+def test_public_api_end_to_end(tmp_path):
+    from _ckpt_factory import make_safetensors_files
+
+    import extramerge
+
+    paths = make_safetensors_files(tmp_path / "run", n=5, seed=1)
+    rep = extramerge.analyze(paths, windows=(1, 2), output=tmp_path / "rep", progress=False)
+    assert rep["n_checkpoints"] == 5 and (tmp_path / "rep" / "gram.npz").exists()
+    s = extramerge.merge(paths, method="extra", alpha="geometric", output=tmp_path / "m", progress=False)
+    assert not s.dry_run and s.n_checkpoints == 5
+    rec = json.loads((tmp_path / "m" / "merge.json").read_text())
+    assert rec["alpha_rule"] == "geometric" and rec["alpha"] == rec["alpha_estimates"]["alpha_geometric"]
+    assert rec["notes"] == ["Gram matrix computed by an extra read pass"]
+    s = extramerge.merge(paths, method="pc1", gram=tmp_path / "rep" / "gram.npz", output=tmp_path / "p",
+                         dry_run=True, progress=False)  # fmt: skip
+    assert s.dry_run and not (tmp_path / "p").exists()
