@@ -21,7 +21,8 @@ Three estimates, each optimising something different. Be clear which one you use
     the river slope c and the valley curvatures λ_i, which checkpoints alone do not reveal: parameter
     geometry cannot tell a flat noisy direction from a steep one. The loss rewards moving *further* along a
     descending river (P enters linearly), so α* is not α_geometric in general. Supply P and W from a model
-    of the landscape, or fall back on measuring held-out loss with ``select_alpha_by_eval``.
+    of the landscape (``rivervalley.theory.optimal_alpha`` computes α* from slope, learning rate, checkpoint
+    interval and curvatures), or fall back on measuring held-out loss with ``select_alpha_by_eval``.
 
 All data-driven quantities come from the N×N Gram matrix (one streaming pass; see extramerge.trajectory):
 no second read of the checkpoints is needed.
