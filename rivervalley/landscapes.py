@@ -419,6 +419,8 @@ class MatrixLeastSquares(_EigenQuadratic):
     ``input_cov_spectrum``: b nonnegative eigenvalues (default :func:`flat_then_steep`: a few flat, the
     rest steep), sorted ascending; ``river_curvature`` overrides s_0 (0 gives a linear river).
     ``target``: ``'random'`` (W* ~ N(0, 1/b) entries, from ``seed``), ``'zero'``, or an [a, b] tensor.
+    With s_0 = 0 and a > 1 the other a − 1 directions x_i u_0ᵀ are flat too but carry no slope: under noise
+    they random-walk (the exact path handles them; ``init='stationary'`` refuses them).
     """
 
     def __init__(

@@ -156,7 +156,6 @@ def zeropower_via_newtonschulz(
         raise ValueError(f"g must be a matrix or a batch of matrices, got shape {tuple(g.shape)}")
     a, b, c = (float(x) for x in ns_coefficients)
     x = g.to(dtype) if dtype is not None else g
-    x = x.clone() if x.data_ptr() == g.data_ptr() else x
     batch = x.shape[:-2]
     x = x.reshape(-1, *x.shape[-2:])
     transposed = x.shape[-2] > x.shape[-1]

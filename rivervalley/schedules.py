@@ -60,7 +60,8 @@ class Schedule:
             raise ValueError(f"step must be an int or an array of ints, got dtype {steps.dtype}")
         if steps.size and steps.min() < 0:
             raise ValueError("step must be >= 0")
-        return self._fn(steps.astype(np.float64))
+        out = self._fn(steps.astype(np.float64))
+        return float(out) if out.ndim == 0 else out
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())

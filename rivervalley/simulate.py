@@ -232,7 +232,7 @@ def _initial_theta(
         return landscape.from_eigen(z).contiguous()
     if river_start is not None:
         raise ValueError("river_start is only used with init='stationary'")
-    theta0 = torch.as_tensor(init).to(dtype=dtype, device=device)
+    theta0 = torch.as_tensor(init).detach().to(dtype=dtype, device=device)
     if theta0.ndim == 1:
         theta0 = theta0.expand(s_count, -1)
     if theta0.shape != (s_count, p):
@@ -247,36 +247,51 @@ def _initial_theta(
 
 
 class _NoiseSource:
-    """Standard normals for a [S, p] batch, drawn by ``streams`` independent generators on contiguous row
-    blocks (their seeds derived from ``seed``) so that the blocks can be filled in parallel threads: torch's
-    CPU sampler is serial and is the bottleneck of a step. The numbers depend on (seed, S, p, streams), never
-    on how many threads fill them."""
+    """Standard normals for a [S, p] batch, drawn in ``dtype`` by ``streams`` independent generators on
+    contiguous row blocks (seeds derived from ``seed``) and delivered in ``out_dtype``.
 
-    def __init__(self, shape, seed: int, dtype, device, streams: int = 4):
+    Drawing float32 and converting (a vectorised copy) is several times faster than torch's float64
+    sampler, and it keeps every later update same-dtype (mixed-dtype CPU kernels are slow). Row blocks can
+    be filled by parallel threads; the numbers depend on (seed, S, p, streams), never on the thread count.
+    """
+
+    def __init__(self, shape, seed: int, dtype, device, out_dtype=None, streams: int = 4):
         base = torch.Generator().manual_seed(int(seed))
-        self.init_gen = torch.Generator(device=device).manual_seed(
-            int(torch.randint(0, 2**62, (1,), generator=base))
-        )
+        init_seed = int(torch.randint(0, 2**62, (1,), generator=base))
+        self.init_gen = torch.Generator(device=device).manual_seed(init_seed)
+        out_dtype = dtype if out_dtype is None else out_dtype
         self.buf = torch.empty(shape, dtype=dtype, device=device)
-        self.views = [v for v in self.buf.chunk(streams, dim=0) if v.numel()]
-        seeds = torch.randint(0, 2**62, (len(self.views),), generator=base).tolist()
+        self.out = self.buf if out_dtype == dtype else torch.empty(shape, dtype=out_dtype, device=device)
+        self.blocks = [
+            (v, o)
+            for v, o in zip(self.buf.chunk(streams, 0), self.out.chunk(streams, 0), strict=True)
+            if v.numel()
+        ]
+        seeds = torch.randint(0, 2**62, (len(self.blocks),), generator=base).tolist()
         self.gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-        workers = min(len(self.views), torch.get_num_threads())
+        workers = min(len(self.blocks), torch.get_num_threads())
         big = self.buf.numel() >= 1 << 17 and torch.device(device).type == "cpu"
         self.pool = ThreadPoolExecutor(workers) if big and workers > 1 else None
 
+    @staticmethod
+    def _fill(block, gen) -> None:
+        raw, out = block
+        torch.randn(raw.shape, generator=gen, dtype=raw.dtype, device=raw.device, out=raw)
+        if out is not raw:
+            out.copy_(raw)
+
     def draw(self) -> torch.Tensor:
+        """Fresh standard normals, [S, p] in ``out_dtype`` (the same buffer every call)."""
         if self.pool is None:
-            for v, g in zip(self.views, self.gens, strict=True):
-                torch.randn(v.shape, generator=g, dtype=v.dtype, device=v.device, out=v)
+            for block, gen in zip(self.blocks, self.gens, strict=True):
+                self._fill(block, gen)
         else:
             futures = [
-                self.pool.submit(torch.randn, v.shape, generator=g, dtype=v.dtype, device=v.device, out=v)
-                for v, g in zip(self.views, self.gens, strict=True)
+                self.pool.submit(self._fill, b, g) for b, g in zip(self.blocks, self.gens, strict=True)
             ]
             for f in futures:
                 f.result()
-        return self.buf
+        return self.out
 
     def close(self) -> None:
         if self.pool is not None:
@@ -320,10 +335,10 @@ def simulate(
     N(0, V_u) when curved), or a tensor [p] or [S, p]. ``exact=True`` uses the closed-form AR(1) jumps
     (quadratic landscape, plain SGD, constant lr; otherwise ValueError).
 
-    Randomness: one seed ``seed`` fixes everything, for a given S and p (not per seed). Per-step gradient
-    noise is drawn in ``noise_dtype`` (default float32: torch's vectorised CPU sampler, several times faster
-    than float64; draws have 24-bit resolution, tails beyond ~5.7σ are cut, probability < 1e-8) and
-    accumulated in ``dtype``; pass ``noise_dtype=torch.float64`` for full-precision draws.
+    Randomness: one seed ``seed`` fixes everything, for a given S and p (not per seed). Gaussians are drawn
+    in ``noise_dtype`` (default float32: torch's vectorised CPU sampler, several times faster than its
+    float64 one; draws have 24-bit resolution and tails beyond ~5.7σ are cut, probability < 1e-8), then
+    converted to ``dtype`` for the update; pass ``noise_dtype=torch.float64`` for full-precision draws.
     """
     if not isinstance(landscape, Landscape):
         raise ValueError(f"landscape must be a rivervalley Landscape, got {type(landscape).__name__}")
@@ -353,7 +368,7 @@ def simulate(
         "landscape": landscape.describe(),
     }
 
-    source = _NoiseSource((s_count, landscape.dim), seed, noise_dtype, device)
+    source = _NoiseSource((s_count, landscape.dim), seed, noise_dtype, device, out_dtype=dtype)
     try:
         theta = _initial_theta(
             landscape,
@@ -424,15 +439,18 @@ def _check_exact(landscape, optimizer, sched, record_loss_every) -> None:
 
 
 def _run_exact(landscape, theta, lr, steps, ckpts, ckpt_tensor, sigma, source):
-    """Jump θ_0 → θ_{ckpt_0} → ... → θ_steps by :func:`exact_transition` in eigen-coordinates."""
+    """Jump θ_0 → θ_{ckpt_0} → ... → θ_steps by :func:`exact_transition` in eigen-coordinates. In the
+    eigenbasis (unrotated quadratic) each jump writes straight into its checkpoint slot: no extra copy."""
     dtype, device = theta.dtype, theta.device
     noisy = bool(np.any(sigma))
-    z = landscape.to_eigen(theta).clone()
     identity = isinstance(landscape, QuadraticRiverValley) and not landscape.rotate
+    z = theta if identity else landscape.to_eigen(theta)  # theta is our own copy: update it in place
+    slot = {int(c): k for k, c in enumerate(ckpts)}
     cache: dict[int, tuple] = {}
-    t = k = 0
+    t = 0
     for target in dict.fromkeys([int(c) for c in ckpts] + [steps]):
         s = target - t
+        k = slot.get(target)
         if s > 0:
             if s not in cache:
                 cache[s] = tuple(
@@ -440,14 +458,19 @@ def _run_exact(landscape, theta, lr, steps, ckpts, ckpt_tensor, sigma, source):
                     for x in exact_transition(landscape, lr, s, sigma)
                 )
             rho, drift, innov = cache[s]
-            torch.addcmul(drift, z, rho, out=z)
+            # into the checkpoint slot, else back into theta's buffer (z may be a stored slot by now)
+            dst = (ckpt_tensor[:, k] if k is not None else theta) if identity else z
+            torch.addcmul(drift, z, rho, out=dst)
             if noisy:
-                z.addcmul_(source.draw(), innov)
-            t = target
-        while k < len(ckpts) and ckpts[k] == t:
+                dst.addcmul_(source.draw(), innov)
+            z, t = dst, target
+            if identity and k is not None:
+                continue  # already stored
+        if k is not None:
             ckpt_tensor[:, k].copy_(z if identity else landscape.from_eigen(z))
-            k += 1
-    return landscape.from_eigen(z).contiguous()
+    return (
+        z.clone(memory_format=torch.contiguous_format) if identity else landscape.from_eigen(z).contiguous()
+    )
 
 
 def _run_steps(

@@ -70,6 +70,11 @@ def test_noise_free_sgd_follows_closed_form(rotate):
     ex = simulate(q, steps=steps, lr=eta, ckpt_every=5, init=theta0, seeds=2, exact=True)
     torch.testing.assert_close(ex.checkpoints, res.checkpoints, rtol=0, atol=1e-11)
     torch.testing.assert_close(ex.final, res.final, rtol=0, atol=1e-11)
+    # off the checkpoint grid: the last jump must not overwrite the last stored checkpoint
+    off = simulate(q, steps=steps + 3, lr=eta, ckpt_every=5, ckpt_from=2, init=theta0, seeds=2)
+    ex_off = simulate(q, steps=steps + 3, lr=eta, ckpt_every=5, ckpt_from=2, init=theta0, seeds=2, exact=True)
+    torch.testing.assert_close(ex_off.checkpoints, off.checkpoints, rtol=0, atol=1e-11)
+    torch.testing.assert_close(ex_off.final, off.final, rtol=0, atol=1e-11)
 
 
 def test_noise_free_curved_river_relaxes_to_optimum():
