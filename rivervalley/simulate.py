@@ -22,6 +22,7 @@ parameters after k updates, so ``ckpt_from=0`` includes the initial point θ_0. 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -251,27 +252,34 @@ class _NoiseSource:
     contiguous row blocks (seeds derived from ``seed``) and delivered in ``out_dtype``.
 
     Drawing float32 and converting (a vectorised copy) is several times faster than torch's float64
-    sampler, and it keeps every later update same-dtype (mixed-dtype CPU kernels are slow). Row blocks can
-    be filled by parallel threads; the numbers depend on (seed, S, p, streams), never on the thread count.
+    sampler and keeps every later update same-dtype (mixed-dtype CPU kernels are slow). For large batches
+    the blocks are filled by background threads (torch.randn releases the GIL) into two alternating
+    buffers, so the next step's noise is drawn while the current step computes. The numbers depend on
+    (seed, S, p, streams) only, never on the thread count or on prefetching. A returned buffer stays valid
+    until the next call.
     """
 
-    def __init__(self, shape, seed: int, dtype, device, out_dtype=None, streams: int = 4):
+    def __init__(self, shape, seed: int, dtype, device, out_dtype=None, streams: int = 4, threads=None):
         base = torch.Generator().manual_seed(int(seed))
         init_seed = int(torch.randint(0, 2**62, (1,), generator=base))
         self.init_gen = torch.Generator(device=device).manual_seed(init_seed)
         out_dtype = dtype if out_dtype is None else out_dtype
-        self.buf = torch.empty(shape, dtype=dtype, device=device)
-        self.out = self.buf if out_dtype == dtype else torch.empty(shape, dtype=out_dtype, device=device)
-        self.blocks = [
-            (v, o)
-            for v, o in zip(self.buf.chunk(streams, 0), self.out.chunk(streams, 0), strict=True)
-            if v.numel()
-        ]
-        seeds = torch.randint(0, 2**62, (len(self.blocks),), generator=base).tolist()
+        numel = math.prod(shape)
+        big = numel >= 1 << 17 and torch.device(device).type == "cpu"
+        workers = min(streams, os.cpu_count() or 1) if threads is None else int(threads)
+        self.pool = ThreadPoolExecutor(max(1, workers)) if big else None
+        self.sets = []
+        for _ in range(2 if big else 1):
+            raw = torch.empty(shape, dtype=dtype, device=device)
+            out = raw if out_dtype == dtype else torch.empty(shape, dtype=out_dtype, device=device)
+            blocks = [
+                (r, o) for r, o in zip(raw.chunk(streams, 0), out.chunk(streams, 0), strict=True) if r.numel()
+            ]
+            self.sets.append((out, blocks))
+        seeds = torch.randint(0, 2**62, (len(self.sets[0][1]),), generator=base).tolist()
         self.gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-        workers = min(len(self.blocks), torch.get_num_threads())
-        big = self.buf.numel() >= 1 << 17 and torch.device(device).type == "cpu"
-        self.pool = ThreadPoolExecutor(workers) if big and workers > 1 else None
+        self._next = 0
+        self._pending = None
 
     @staticmethod
     def _fill(block, gen) -> None:
@@ -280,23 +288,30 @@ class _NoiseSource:
         if out is not raw:
             out.copy_(raw)
 
+    def _submit(self, k: int):
+        blocks = self.sets[k][1]
+        return [self.pool.submit(self._fill, b, g) for b, g in zip(blocks, self.gens, strict=True)]
+
     def draw(self) -> torch.Tensor:
-        """Fresh standard normals, [S, p] in ``out_dtype`` (the same buffer every call)."""
+        """Fresh standard normals, [S, p] in ``out_dtype``."""
         if self.pool is None:
-            for block, gen in zip(self.blocks, self.gens, strict=True):
+            out, blocks = self.sets[0]
+            for block, gen in zip(blocks, self.gens, strict=True):
                 self._fill(block, gen)
-        else:
-            futures = [
-                self.pool.submit(self._fill, b, g) for b, g in zip(self.blocks, self.gens, strict=True)
-            ]
-            for f in futures:
-                f.result()
-        return self.out
+            return out
+        ready = self._next
+        pending = self._pending if self._pending is not None else self._submit(ready)
+        for f in pending:
+            f.result()
+        self._next = 1 - ready
+        self._pending = self._submit(self._next)  # prefetch the next draw while the caller computes
+        return self.sets[ready][0]
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.shutdown()
+            self.pool.shutdown(wait=True)
             self.pool = None
+            self._pending = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,6 +338,7 @@ def simulate(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float64,
     noise_dtype: torch.dtype = torch.float32,
+    noise_threads: int | None = None,
     record_loss_every: int | None = None,
 ) -> SimResult:
     """Run ``optimizer`` (default plain :class:`~rivervalley.optimizers.SGD`) on ``landscape`` for ``seeds``
@@ -339,6 +355,8 @@ def simulate(
     in ``noise_dtype`` (default float32: torch's vectorised CPU sampler, several times faster than its
     float64 one; draws have 24-bit resolution and tails beyond ~5.7σ are cut, probability < 1e-8), then
     converted to ``dtype`` for the update; pass ``noise_dtype=torch.float64`` for full-precision draws.
+    Large batches (S·p ≥ 2^17) are drawn as 4 independent row-block streams filled by ``noise_threads``
+    Python threads (default: one per CPU core, up to 4; the numbers do not depend on the thread count).
     """
     if not isinstance(landscape, Landscape):
         raise ValueError(f"landscape must be a rivervalley Landscape, got {type(landscape).__name__}")
@@ -368,7 +386,11 @@ def simulate(
         "landscape": landscape.describe(),
     }
 
-    source = _NoiseSource((s_count, landscape.dim), seed, noise_dtype, device, out_dtype=dtype)
+    if noise_threads is not None:
+        noise_threads = _int_at_least("noise_threads", noise_threads, 1)
+    source = _NoiseSource(
+        (s_count, landscape.dim), seed, noise_dtype, device, out_dtype=dtype, threads=noise_threads
+    )
     try:
         theta = _initial_theta(
             landscape,

@@ -329,3 +329,23 @@ def test_exact_needs_a_quadratic_and_stationary_needs_one():
     with pytest.raises(ValueError, match="curvatures"):
         QuadraticRiverValley(curvatures=[-1.0])
     assert simulate(QuadraticRiverValley(), steps=3, lr=constant(0.1), exact=True).final.shape == (1, 2)
+
+
+def test_noise_source_is_independent_of_threads_and_prefetch():
+    """Large batches are drawn by background threads into alternating buffers; the numbers must not
+    depend on the thread count nor on prefetching (they equal a synchronous draw)."""
+    from rivervalley.simulate import _NoiseSource
+
+    shape = (256, 512)  # 2^17 entries: the threaded, prefetching path
+    sources = [_NoiseSource(shape, 3, torch.float32, "cpu", out_dtype=F64, threads=t) for t in (1, 2, 4)]
+    sync = _NoiseSource(shape, 3, torch.float32, "cpu", out_dtype=F64)
+    sync.pool.shutdown()
+    sync.pool = None
+    try:
+        for _ in range(3):
+            ref = sync.draw().clone()
+            for src in sources:
+                assert torch.equal(src.draw(), ref)
+    finally:
+        for src in sources:
+            src.close()
