@@ -20,15 +20,19 @@ output (same filesystem), is fsynced and renamed into place: an interrupted merg
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import mmap
 import os
 import re
 import shutil
 import struct
 import tempfile
+import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +175,10 @@ class _SafetensorsFile:
         entries.sort(key=lambda e: e[0])  # stored order = data order, the order to read sequentially
         self.infos = {name: info for _, name, info in entries}
         self.offsets = {name: self.data_start + begin for begin, name, _ in entries}
+        self._mm = None
+        self._base = 0
+        self._lock = threading.Lock()
+        self.mappable = True
 
     def read_range(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         info = self.infos[name]
@@ -195,6 +203,71 @@ class _SafetensorsFile:
     def read(self, name: str) -> torch.Tensor:
         info = self.infos[name]
         return self.read_range(name, 0, info.numel).view(info.shape)
+
+    # Zero-copy path for the engine: a read-only shared mapping of the file. Pages are populated ahead of
+    # use on a reader thread (madvise POPULATE_READ) and dropped from this process again once consumed
+    # (madvise DONTNEED), so resident memory stays a few chunks although the data is never copied.
+
+    def _map(self):
+        if self._mm is None:
+            with self._lock:
+                if self._mm is None and self.mappable:
+                    try:
+                        with open(self.path, "rb") as f:
+                            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                        with warnings.catch_warnings():  # torch warns (once) that the buffer is read-only
+                            warnings.simplefilter("ignore")
+                            anchor = torch.frombuffer(mm, dtype=torch.uint8, count=1)
+                        self._base = anchor.data_ptr()
+                        self._mm = mm
+                    except (OSError, ValueError):
+                        self.mappable = False  # e.g. a filesystem without mmap: fall back to pread
+        return self._mm
+
+    def view_range(self, name: str, start: int, stop: int) -> torch.Tensor | None:
+        """Elements [start, stop) as a view of the mapped file, or None when the file cannot be mapped."""
+        info = self.infos[name]
+        if stop <= start:
+            return torch.empty(0, dtype=info.dtype)
+        mm = self._map()
+        if mm is None:
+            return None
+        offset = self.offsets[name] + start * info.dtype.itemsize
+        return torch.frombuffer(mm, dtype=info.dtype, count=stop - start, offset=offset)
+
+    def advise(self, name: str, start: int, stop: int, advice: str) -> None:
+        """madvise the pages of elements [start, stop): 'populate' (map them now) or 'drop' (unmap)."""
+        if self._mm is None or stop <= start:
+            return
+        isz = self.infos[name].dtype.itemsize
+        lo = self.offsets[name] + start * isz
+        hi = self.offsets[name] + stop * isz
+        lo -= lo % mmap.PAGESIZE
+        _madvise(self._base + lo, hi - lo, advice)
+
+
+_LIBC = None
+_MADV = {
+    "populate": 22,
+    "willneed": getattr(mmap, "MADV_WILLNEED", 3),
+    "drop": getattr(mmap, "MADV_DONTNEED", 4),
+}
+
+
+def _madvise(addr: int, length: int, advice: str) -> None:
+    """madvise through ctypes, which releases the GIL (mmap.madvise does not): populating pages may read
+    from disk, and that must overlap the main thread's arithmetic."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+            _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if not _LIBC:
+        return
+    if _LIBC.madvise(addr, length, _MADV[advice]) != 0 and advice == "populate":
+        _LIBC.madvise(addr, length, _MADV["willneed"])  # kernels before 5.14: asynchronous read-ahead
 
 
 class _TorchFile:
@@ -372,6 +445,26 @@ class Checkpoint:
         """Whether ranged reads of ``name`` copy into a caller's buffer (safetensors) or return views."""
         return isinstance(self._source(name)[0], _SafetensorsFile)
 
+    def _mappable(self, name: str) -> bool:
+        src, _ = self._source(name)
+        return not isinstance(src, _SafetensorsFile) or src._map() is not None
+
+    def view_range(self, name: str, start: int, stop: int) -> torch.Tensor | None:
+        """Elements [start, stop) of the flattened tensor as a zero-copy view of the memory-mapped file
+        (None if the file cannot be mapped; use ``read_range``). Never modify it. Pair with
+        ``advise(..., 'populate')`` before use and ``advise(..., 'drop')`` after, to keep RSS bounded."""
+        src, name = self._source(name)
+        if isinstance(src, _SafetensorsFile):
+            return src.view_range(name, start, stop)
+        return src.read_range(name, start, stop)
+
+    def advise(self, name: str, start: int, stop: int, advice: str) -> None:
+        """Map ('populate') or unmap ('drop') the pages behind elements [start, stop); safetensors only
+        (torch-file tensors are mapped by torch and left alone)."""
+        src, name = self._source(name)
+        if isinstance(src, _SafetensorsFile):
+            src.advise(name, start, stop, advice)
+
     def read(self, name: str) -> torch.Tensor:
         """The whole tensor on CPU, shaped. Safetensors: a fresh tensor read with pread (its memory is
         released when dropped); torch files: a view of the memory-mapped file. Do not modify it."""
@@ -399,10 +492,12 @@ class Checkpoint:
         }
 
     def close(self) -> None:
-        """Release the memory maps (tensors already returned by ``read`` stay valid)."""
+        """Release the memory maps (tensors already returned stay valid: each keeps its map alive)."""
         for src in self._sources:
             if isinstance(src, _TorchFile):
                 src.tensors = {}
+            else:
+                src._mm = None
         self._sources = []
         self._where = {}
 
@@ -634,6 +729,7 @@ class WriteResult:
     files: list[Path] = field(default_factory=list)
     seconds: float = 0.0
     fsync_seconds: float = 0.0
+    publish_seconds: float = 0.0
 
 
 def safetensors_order(infos: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
@@ -799,16 +895,41 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+_WRITEBACK_EVERY = 64 * 2**20
+_SYNC_FILE_RANGE = None
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask Linux to start writing [offset, offset+length) to disk now, without waiting
+    (sync_file_range(SYNC_FILE_RANGE_WRITE)), so the final fsync finds little left to do and disk writes
+    overlap the merge. A no-op where unavailable."""
+    global _SYNC_FILE_RANGE
+    if _SYNC_FILE_RANGE is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            _SYNC_FILE_RANGE = fn
+        except (OSError, AttributeError):
+            _SYNC_FILE_RANGE = False
+    if _SYNC_FILE_RANGE:
+        _SYNC_FILE_RANGE(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE
+
+
 def _write_safetensors_shards(folder, stream, infos, shards, names, metadata, fsync) -> tuple[int, float]:
     written, t_sync = 0, 0.0
     for shard, fname in zip(shards, names, strict=True):
         with open(folder / fname, "wb", buffering=0) as f:
             _write_all(f, memoryview(_safetensors_header([infos[n] for n in shard], metadata)))
+            synced = 0
             for name in shard:
                 for piece in stream.pieces(name):
                     data = _byte_view(piece)
                     _write_all(f, data)
                     written += len(data)
+                    pos = f.tell()
+                    if fsync and pos - synced >= _WRITEBACK_EVERY:
+                        _start_writeback(f.fileno(), synced, pos - synced)
+                        synced = pos
             if fsync:
                 t0 = time.perf_counter()
                 os.fsync(f.fileno())
@@ -994,6 +1115,7 @@ def write_checkpoint(
             t0 = time.perf_counter()
             _fsync_path(tmp)
             t_sync += time.perf_counter() - t0
+        t_publish = time.perf_counter()
         if folder_out:
             _publish(tmp, out, force)
             published = [out / f for f in files]
@@ -1005,10 +1127,11 @@ def write_checkpoint(
             published = [out] + ([_record_path(out)] if record is not None else [])
         if fsync:
             _fsync_path(out.parent)
+        t_publish = time.perf_counter() - t_publish
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return WriteResult(written, published, time.perf_counter() - t_start, t_sync)
+    return WriteResult(written, published, time.perf_counter() - t_start, t_sync, t_publish)
 
 
 def _umask() -> int:

@@ -75,14 +75,27 @@ def _read(ck: Checkpoint, name: str, start, stop, buf):
     return ck.read_range(name, start, stop, buf)
 
 
+def _view(ck: Checkpoint, name: str, start: int, stop: int):
+    ck.advise(name, start, stop, "populate")  # page faults (and disk reads) happen here, off the main thread
+    return ck.view_range(name, start, stop)
+
+
 def _pipeline(
-    units: Iterable, *, depth: int, workers: int, buf_bytes: int | None, max_bytes: int | None = None
+    units: Iterable,
+    *,
+    depth: int,
+    workers: int,
+    buf_bytes: int | None,
+    max_bytes: int | None = None,
+    zero_copy: bool = False,
 ):
     """Run the reads of each unit (tag, [(ckpt, name, start, stop), ...]) on a thread pool, at most ``depth``
     units (and about ``max_bytes``) in flight ahead of the consumer; yield (tag, tensors) in order.
 
-    With ``buf_bytes``, ranged reads of copying sources land in reusable buffers that are handed back when
-    the consumer asks for the next unit: a yielded tensor is valid until then.
+    Ranged reads (start is not None) are valid only until the consumer asks for the next unit: with
+    ``zero_copy`` they are views of the memory-mapped files whose pages are populated by the reader threads
+    and dropped from the process afterwards; otherwise (or where a file cannot be mapped) they land in
+    reusable buffers of ``buf_bytes``. Whole-tensor reads (start None) are fresh and may be kept.
     """
     free: list[torch.Tensor] = []
     pool = ThreadPoolExecutor(workers, thread_name_prefix="extramerge-read") if workers > 0 else None
@@ -99,17 +112,21 @@ def _pipeline(
         tag, reads = unit
         futs, bufs, nbytes = [], [], 0
         for ck, name, start, stop in reads:
-            buf = None
-            if buf_bytes and start is not None and ck._copies(name):
+            fn, args = _read, (ck, name, start, stop, None)
+            if start is not None and zero_copy and ck._mappable(name):
+                fn, args = _view, (ck, name, start, stop)
+                bufs.append((ck, name, start, stop))
+            elif buf_bytes and start is not None and ck._copies(name):
                 buf = free.pop() if free else torch.empty(buf_bytes, dtype=torch.uint8)
-            bufs.append(buf)
+                args = (ck, name, start, stop, buf)
+                bufs.append(buf)
             info = ck.infos[ck.aliases.get(name, name)]
             nbytes += (info.numel if start is None else stop - start) * info.dtype.itemsize
             if pool is None:
                 fut: Future = Future()
-                fut.set_result(_read(ck, name, start, stop, buf))
+                fut.set_result(fn(*args))
             else:
-                fut = pool.submit(_read, ck, name, start, stop, buf)
+                fut = pool.submit(fn, *args)
             futs.append(fut)
         pending.append((tag, futs, bufs, nbytes))
         inflight += nbytes
@@ -126,7 +143,7 @@ def _pipeline(
             tag, futs, bufs, nbytes = pending.popleft()
             results = [f.result() for f in futs]
             inflight -= nbytes
-            free.extend(b for b in held if b is not None)  # the consumer is done with the previous unit
+            _release(held, free)  # the consumer is done with the previous unit
             held = bufs
             while room() and submit():
                 pass
@@ -137,6 +154,19 @@ def _pipeline(
                 f.cancel()
         if pool is not None:
             pool.shutdown(wait=True)  # no read may still be filling a buffer we drop
+        _release(held, free)
+        for _, _, bufs, _ in pending:
+            _release(bufs, free)
+
+
+def _release(held: list, free: list) -> None:
+    """Hand buffers back to the pool; unmap the pages of consumed zero-copy views."""
+    for h in held:
+        if isinstance(h, tuple):
+            ck, name, start, stop = h
+            ck.advise(name, start, stop, "drop")
+        else:
+            free.append(h)
 
 
 def _names(ckpts: Sequence[Checkpoint], names) -> list[str]:
@@ -168,10 +198,13 @@ def iter_chunks(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     prefetch: int = 2,
     workers: int = 2,
+    zero_copy: bool = True,
 ) -> Iterator[tuple[str, int, int, list[torch.Tensor]]]:
     """(name, start, stop, [N flat pieces]) covering each tensor in chunks of about ``chunk_bytes`` bytes
-    per checkpoint. The pieces live in reused buffers: valid only until the next item is requested
-    (inner products such as a Gram matrix accumulate chunk by chunk: G += P Pᵀ)."""
+    per checkpoint. The pieces are zero-copy views of the memory-mapped files (or, with ``zero_copy=False``
+    or a file that cannot be mapped, reused buffers): valid only until the next item is requested, never to
+    be modified. Memory stays about (prefetch + 1) × N × chunk_bytes whatever the tensor sizes; inner
+    products such as a Gram matrix accumulate chunk by chunk (G += P Pᵀ)."""
     names = _names(ckpts, names)
     ref = ckpts[-1]
 
@@ -183,7 +216,8 @@ def iter_chunks(
 
     itemsize = max((i.dtype.itemsize for i in ref.infos.values()), default=1)
     buf_bytes = max(chunk_bytes, itemsize)
-    for (name, a, b), pieces in _pipeline(units(), depth=prefetch, workers=workers, buf_bytes=buf_bytes):
+    pipe = _pipeline(units(), depth=prefetch, workers=workers, buf_bytes=buf_bytes, zero_copy=zero_copy)
+    for (name, a, b), pieces in pipe:
         yield name, a, b, pieces
 
 
@@ -194,11 +228,14 @@ def iter_reads(
     buf_bytes: int = DEFAULT_CHUNK_BYTES,
     prefetch: int = 4,
     workers: int = 2,
+    zero_copy: bool = True,
 ) -> Iterator[tuple[tuple[int, str, int, int], torch.Tensor]]:
     """Read ``requests`` (checkpoint index, name, start, stop) in order with ``prefetch`` reads in flight;
-    yields (request, flat piece), the piece valid until the next item (buffers of ``buf_bytes`` reused)."""
+    yields (request, flat piece), the piece valid until the next item is requested (a view of the
+    memory-mapped file, or a reused buffer of ``buf_bytes``) and never to be modified."""
     units = ((r, [(ckpts[r[0]], r[1], r[2], r[3])]) for r in requests)
-    for req, (piece,) in _pipeline(units, depth=prefetch, workers=workers, buf_bytes=buf_bytes):
+    pipe = _pipeline(units, depth=prefetch, workers=workers, buf_bytes=buf_bytes, zero_copy=zero_copy)
+    for req, (piece,) in pipe:
         yield req, piece
 
 
@@ -259,6 +296,15 @@ def _rss_now() -> int:
 
 
 def _rss_peak() -> int:
+    """This process's resident high-water mark: VmHWM (per address space, so unlike ru_maxrss it does not
+    carry over the parent's peak into an exec'ed child), falling back to ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if os.uname().sysname == "Darwin" else peak * 1024
 
@@ -349,6 +395,17 @@ class MergeSummary:
 # ------------------------------------------------------------------------------------------------ merge
 
 
+def _raise_fd_limit(need: int) -> None:
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < need:
+            resource.setrlimit(
+                resource.RLIMIT_NOFILE, (need if hard == resource.RLIM_INFINITY else min(hard, need), hard)
+            )
+    except (ValueError, OSError):
+        pass
+
+
 def _first_existing(p: Path) -> Path:
     p = Path(os.path.abspath(p))
     while not p.exists() and p != p.parent:
@@ -388,6 +445,7 @@ def merge_weights(
     prefetch: int = 4,
     workers: int = 2,
     fsync: bool = True,
+    zero_copy: bool = True,
 ) -> MergeSummary:
     """Write Σ_j w_j θ_j of ``ckpts`` (oldest first, one weight each) to ``output``, streaming.
 
@@ -398,6 +456,10 @@ def merge_weights(
     Everything is validated before the first byte is read: compatibility of all checkpoints, the weights,
     the output path and the free disk space; ``dry_run`` stops there and returns projected bytes and memory.
     ``fmt`` defaults to the newest checkpoint's format family; ``record`` extends the merge.json record.
+
+    Tuning: ``chunk_bytes`` per read, ``prefetch`` reads in flight on ``workers`` threads; ``zero_copy``
+    reads safetensors through memory maps (pages dropped after use) instead of pread into buffers;
+    ``fsync=False`` skips flushing the output to disk before it is published.
     """
     t0 = time.perf_counter()
     ckpts = list(ckpts)
@@ -486,6 +548,7 @@ def merge_weights(
                 for j in sources:
                     yield j, name, a, b
 
+    _raise_fd_limit(sum(len(c.files) for c in ckpts) + 256)  # each memory-mapped file keeps a descriptor
     acc = torch.empty(acc_numel, dtype=acc_dtype)
     outbuf = torch.empty(acc_numel * out_itemsize, dtype=torch.uint8)
     stats = {"read_wait": 0.0, "compute": 0.0}
@@ -495,7 +558,9 @@ def merge_weights(
     bar = _progress_bar(bytes_read, progress)
 
     def produce():
-        reads = iter_reads(ckpts, requests(), buf_bytes=buf_bytes, prefetch=prefetch, workers=workers)
+        reads = iter_reads(
+            ckpts, requests(), buf_bytes=buf_bytes, prefetch=prefetch, workers=workers, zero_copy=zero_copy
+        )
         count = 0
         while True:
             t_a = time.perf_counter()
@@ -594,8 +659,16 @@ def merge_weights(
     summary.timings = {
         "read_wait": stats["read_wait"],
         "compute": stats["compute"],
-        "write": max(0.0, result.seconds - stats["read_wait"] - stats["compute"] - result.fsync_seconds),
+        "write": max(
+            0.0,
+            result.seconds
+            - stats["read_wait"]
+            - stats["compute"]
+            - result.fsync_seconds
+            - result.publish_seconds,
+        ),
         "fsync": result.fsync_seconds,
+        "publish": result.publish_seconds,
         "total": seconds,
     }
     return summary
