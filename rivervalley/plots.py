@@ -1,0 +1,115 @@
+"""Shared plotting helpers for the paper figures (matplotlib with the non-interactive Agg backend).
+
+Every figure script writes a PNG and the data behind it (JSON, or CSV for tables) into one folder;
+:func:`save_figure` and :func:`save_data` do both the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["figure", "save_figure", "save_data", "save_csv", "errorbars", "mean_se", "COLORS"]
+
+COLORS = {
+    "raw": "#d62728",
+    "sma": "#1f77b4",
+    "ema": "#2ca02c",
+    "theory": "#222222",
+    "extra": "#9467bd",
+    "decay": "#ff7f0e",
+    "average": "#1f77b4",
+    "bound": "#7f7f7f",
+}
+
+_STYLE = {
+    "figure.dpi": 110,
+    "savefig.dpi": 130,
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
+
+
+def figure(ncols: int = 1, nrows: int = 1, *, width: float = 4.2, height: float = 3.3, **kw):
+    """A figure with ``nrows × ncols`` axes of about ``width × height`` inches each (style applied)."""
+    plt.rcParams.update(_STYLE)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False, **kw)
+    return fig, axes.ravel() if axes.size > 1 else axes[0, 0]
+
+
+def _out(out_dir) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def save_figure(fig, out_dir, name: str) -> Path:
+    """Write ``name``.png into ``out_dir`` (created if needed) and close the figure."""
+    path = _out(out_dir) / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        return x if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def save_data(data: dict, out_dir, name: str) -> Path:
+    """Write ``name``.json (numpy arrays become lists, NaN/inf become null)."""
+    path = _out(out_dir) / f"{name}.json"
+    path.write_text(json.dumps(_jsonable(data), indent=1, ensure_ascii=False))
+    return path
+
+
+def save_csv(rows: Sequence[dict], out_dir, name: str) -> Path:
+    """Write ``name``.csv from a list of dicts sharing the same keys."""
+    path = _out(out_dir) / f"{name}.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(_jsonable(list(rows)))
+    return path
+
+
+def mean_se(values, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard error over independent seeds (``axis``)."""
+    v = np.asarray(values, dtype=float)
+    n = v.shape[axis]
+    return v.mean(axis), v.std(axis, ddof=1) / math.sqrt(n) if n > 1 else np.zeros_like(v.mean(axis))
+
+
+def errorbars(ax, x, mean, se, *, label=None, color=None, marker="o", **kw):
+    """Simulated points with ±1 standard-error bars (drawn above the theory curves)."""
+    return ax.errorbar(
+        x, mean, yerr=se, fmt=marker, ms=4, capsize=2.5, lw=1, color=color, label=label, zorder=3, **kw
+    )
