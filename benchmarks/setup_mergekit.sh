@@ -22,7 +22,9 @@ fi
 mkdir -p "$(dirname "$VENV")"
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" "mergekit==$VERSION"
+# (grep drops the noise of this machine's pip config pointing at absent local index folders)
+"$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" "mergekit==$VERSION" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 "$VENV/bin/mergekit-yaml" --help >/dev/null
 echo "installed mergekit $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("mergekit"))')" \
