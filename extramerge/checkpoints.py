@@ -51,6 +51,7 @@ __all__ = [
     "check_compatible",
     "check_output",
     "output_layout",
+    "default_format",
     "safetensors_order",
     "write_checkpoint",
 ]
@@ -746,6 +747,17 @@ def _record_path(output: Path) -> Path:
     return output / "merge.json"
 
 
+def default_format(output: str | os.PathLike, template: Checkpoint | None) -> str:
+    """The output format when none is asked for: a .safetensors file name means one safetensors file,
+    .pt/.pth/.bin/.ckpt a PyTorch file; otherwise the template's (newest input's) format family."""
+    suffix = Path(output).suffix
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix in TORCH_SUFFIXES:
+        return "torch"
+    return template.format if template is not None else "safetensors"
+
+
 def output_layout(
     output: str | os.PathLike, fmt: str, template: Checkpoint | None = None
 ) -> tuple[Path, str]:
@@ -1047,8 +1059,9 @@ def write_checkpoint(
     ``infos`` are the output tensors (names, shapes, dtypes) in write order, known before the first tensor
     arrives; ``tensors`` yields (name, tensor) in that order, where a tensor may also come as consecutive
     flat pieces whose sizes add up. Each item is consumed before the next is requested, so a producer may
-    reuse its buffers. ``template`` (the newest input) gives the default format (``fmt``), the config and
-    tokenizer files copied into HF folders, the nesting, non-tensor entries and tied aliases of torch files.
+    reuse its buffers. ``fmt`` defaults to ``default_format(output, template)``. ``template`` (the newest
+    input) gives the config and tokenizer files copied into HF folders, and the nesting, non-tensor
+    entries and tied aliases of torch files.
     Safetensors outputs shard above ``shard_size`` bytes (HF index json); torch outputs are one file.
     ``metadata`` goes into the safetensors header; ``record`` is written as merge.json beside the output.
 
@@ -1058,7 +1071,7 @@ def write_checkpoint(
     written, and an output equal to, inside, or containing one of them is refused.
     """
     t_start = time.perf_counter()
-    fmt = fmt or (template.format if template is not None else "safetensors")
+    fmt = fmt or default_format(output, template)
     out = check_output(output, [*([template] if template is not None else []), *inputs], force=force)
     out, fname = output_layout(out, fmt, template)
     infos = dict(infos)

@@ -1,12 +1,14 @@
 """The streaming engine: Σ_j w_j θ_j over real checkpoints, tensor chunk by tensor chunk.
 
-Each checkpoint is read once, in stored order, in chunks of ``chunk_bytes`` (16 MiB by default) by a small
-thread pool that keeps a few reads in flight ahead of the arithmetic, so I/O overlaps compute. A chunk is
-read into a reusable buffer (safetensors: ``pread``, no memory map whose touched pages would pile up in
-the resident set), accumulated in place into a float32 (or float64) accumulator with
-``acc.add_(piece, alpha=w)``, cast to the output dtype and handed to the streaming writer, which writes its
-bytes straight to the output file. Peak memory is therefore a few chunks — independent of the model size
-and of the number of checkpoints — except for PyTorch-file outputs, which torch.save must hold whole.
+Each checkpoint is read once, in stored order, in chunks of ``chunk_bytes`` (16 MiB by default). Reads are
+zero-copy: a chunk is a view of the memory-mapped safetensors file whose pages a small thread pool maps in
+ahead of use (madvise POPULATE_READ, so page faults and disk reads overlap the arithmetic) and which are
+unmapped from the process right after use (madvise DONTNEED), so resident memory stays a few chunks. The
+chunk is accumulated in place into a float32 (or float64) accumulator with ``acc.add_(piece, alpha=w)``,
+cast to the output dtype and handed to the streaming writer, which writes its bytes straight to the output
+file and starts their writeback early. Peak memory is therefore a few chunks — independent of the model
+size and of the number of checkpoints — except for PyTorch-file outputs, which torch.save must hold whole
+(and PyTorch-file inputs, which torch memory-maps itself: their touched pages count as resident).
 
 Checkpoints with weight exactly 0 are not read at all. Integer and bool tensors (step counters, masks)
 are not averaged: they are copied from the newest checkpoint.
@@ -34,6 +36,7 @@ from .checkpoints import (
     TensorInfo,
     check_compatible,
     check_output,
+    default_format,
     output_layout,
     write_checkpoint,
 )
@@ -364,10 +367,14 @@ class MergeSummary:
         head = (
             "extramerge dry run (nothing written)" if self.dry_run else f"extramerge merged -> {self.output}"
         )
-        w = ", ".join(f"{x:+.4g}" for x in self.weights)
+        ws = [f"{x:+.4g}" for x in self.weights]
+        w = ", ".join(ws if len(ws) <= 12 else [*ws[:4], "...", *ws[-6:]])
+        steps = [s for s in self.steps if s is not None]
+        span = f", steps {steps[0]}..{steps[-1]}" if len(steps) == len(self.steps) and steps else ""
         lines = [
             head,
-            f"  checkpoints   {self.n_checkpoints} given, {self.n_read} read (weight != 0); weights [{w}]",
+            f"  checkpoints   {self.n_checkpoints} given{span}, {self.n_read} read (weight != 0)",
+            f"  weights       [{w}] (oldest first, sum {sum(self.weights):.6g})",
             f"  tensors       {self.n_tensors} ({self.n_copied} integer/bool copied from the newest)",
             f"  format        {self.format}, dtype {self.dtype}, accumulate {self.accumulate}",
         ]
@@ -455,7 +462,8 @@ def merge_weights(
     NaN/Inf in an input raises CheckpointError naming the tensor and file (unless ``allow_nonfinite``).
     Everything is validated before the first byte is read: compatibility of all checkpoints, the weights,
     the output path and the free disk space; ``dry_run`` stops there and returns projected bytes and memory.
-    ``fmt`` defaults to the newest checkpoint's format family; ``record`` extends the merge.json record.
+    ``fmt`` defaults to the output's suffix (.safetensors, .pt, ...) or else the newest checkpoint's format
+    family (see checkpoints.default_format); ``record`` extends the merge.json record.
 
     Tuning: ``chunk_bytes`` per read, ``prefetch`` reads in flight on ``workers`` threads; ``zero_copy``
     reads safetensors through memory maps (pages dropped after use) instead of pread into buffers;
@@ -478,7 +486,7 @@ def merge_weights(
     acc_dtype = _accumulate_dtype(accumulate)
     infos = check_compatible(ckpts)
     template = ckpts[-1]
-    fmt = fmt or template.format
+    fmt = fmt or default_format(output, template)
     out_infos = {n: TensorInfo(n, i.shape, output_dtype(i, dtype)) for n, i in infos.items()}
     out_path = check_output(output, ckpts, force=force)
     output_layout(out_path, fmt, template)

@@ -149,6 +149,17 @@ def test_merged_hf_model_loads_with_transformers(tmp_path, arch):
     assert torch.isfinite(model(ids).logits).all()
 
 
+def test_output_suffix_picks_a_single_file_format(tmp_path):
+    paths = make_hf_run(tmp_path / "run", "llama", n=2)
+    s = _merge(paths, [0.5, 0.5], tmp_path / "merged.safetensors")
+    assert s.format == "safetensors" and s.files[0] == tmp_path / "merged.safetensors"
+    assert (tmp_path / "merged.merge.json").is_file()
+    _assert_close(load_state(tmp_path / "merged.safetensors"), reference_merge(paths, [0.5, 0.5]))
+    s = _merge(paths, [0.5, 0.5], tmp_path / "merged.pt")
+    assert s.format == "torch"
+    _assert_close(load_state(tmp_path / "merged.pt"), reference_merge(paths, [0.5, 0.5]))
+
+
 def test_hf_bin_to_safetensors_drops_tied_alias_and_loads(tmp_path):
     from transformers import AutoModelForCausalLM
 
