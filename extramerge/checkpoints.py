@@ -327,7 +327,10 @@ class _TorchFile:
 
     def read_range(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         # A view of the memory-mapped file: no copy (``out`` is not needed).
-        return self.tensors[name].reshape(-1)[start:stop]
+        t = self.tensors[name]
+        if not t.is_contiguous():  # a saved transposed view: flatten once, not once per chunk
+            t = self.tensors[name] = t.contiguous()
+        return t.reshape(-1)[start:stop]
 
 
 def _torch_load(path: Path):
@@ -634,6 +637,12 @@ def _expand_folder(folder: Path) -> list[Checkpoint]:
             "checkpoints explicitly, oldest first)"
         )
     order = sorted(range(len(children)), key=lambda i: (steps[i] or 0, children[i].name))
+    for i, j in zip(order, order[1:], strict=False):
+        if steps[i] is not None and steps[i] == steps[j]:
+            raise CheckpointError(
+                f"{folder}: '{children[i].name}' and '{children[j].name}' both carry step {steps[i]}; "
+                "list the checkpoints explicitly, oldest first"
+            )
     return [open_checkpoint(children[i], step=steps[i]) for i in order]
 
 

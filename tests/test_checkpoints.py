@@ -124,6 +124,13 @@ def test_folder_with_unordered_children_is_refused(tmp_path):
         load_checkpoints([tmp_path])
 
 
+def test_folder_with_two_checkpoints_of_one_step_is_refused(tmp_path):
+    (p,) = make_safetensors_files(tmp_path, n=1)
+    (tmp_path / "model_000100.safetensors").write_bytes(p.read_bytes())
+    with pytest.raises(CheckpointError, match="both carry step 100"):
+        load_checkpoints([tmp_path])
+
+
 def test_folder_with_one_weight_file_is_a_checkpoint(tmp_path):
     (tmp_path / "iter_0003000").mkdir()
     torch.save(toy_state(), tmp_path / "iter_0003000" / "model.pt")
