@@ -67,11 +67,14 @@ class Row:
     study: str = ""
     path: str = ""
 
+    def __post_init__(self):
+        self.formula = float(self.formula)
+
     @property
     def z(self) -> float:
         if not (math.isfinite(self.mean) and self.se > 0):
             return math.nan
-        return (self.mean - self.formula) / self.se
+        return float((self.mean - self.formula) / self.se)
 
     @property
     def gated(self) -> bool:
@@ -82,9 +85,9 @@ class Row:
         """Exact rows need |z| ≤ 4, bounds z ≥ −4; approximations always pass (they are reported)."""
         z = self.z
         if self.check == "=":
-            return math.isfinite(z) and abs(z) <= Z_MAX
+            return bool(math.isfinite(z) and abs(z) <= Z_MAX)
         if self.check == "≥":
-            return math.isfinite(z) and z >= -Z_MAX
+            return bool(math.isfinite(z) and z >= -Z_MAX)
         return True
 
     def to_dict(self) -> dict:
