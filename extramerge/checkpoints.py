@@ -465,9 +465,9 @@ class Checkpoint:
     def advise(self, name: str, start: int, stop: int, advice: str) -> None:
         """Map ('populate') or unmap ('drop') the pages behind elements [start, stop); safetensors only
         (torch-file tensors are mapped by torch and left alone)."""
-        src, name = self._source(name)
+        src = self._where.get(self.aliases.get(name, name))  # None once closed: nothing left to advise
         if isinstance(src, _SafetensorsFile):
-            src.advise(name, start, stop, advice)
+            src.advise(self.aliases.get(name, name), start, stop, advice)
 
     def read(self, name: str) -> torch.Tensor:
         """The whole tensor on CPU, shaped. Safetensors: a fresh tensor read with pread (its memory is
@@ -1131,7 +1131,7 @@ def write_checkpoint(
             files += _copy_hf_files(template, tmp, infos)
         rec_name = "merge.json" if folder_out else _record_path(out).name
         if record is not None:
-            (tmp / rec_name).write_text(json.dumps(dict(record), indent=1, default=str) + "\n")
+            (tmp / rec_name).write_text(json.dumps(dict(record), indent=1, default=_jsonable) + "\n")
             files.append(rec_name)
         if fsync:
             t0 = time.perf_counter()
@@ -1154,6 +1154,13 @@ def write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return WriteResult(written, published, time.perf_counter() - t_start, t_sync, t_publish)
+
+
+def _jsonable(o):
+    """numpy arrays/scalars and tensors as numbers, Paths and the rest as strings."""
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
 
 
 def _umask() -> int:

@@ -16,6 +16,7 @@ are not averaged: they are copied from the newest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import resource
@@ -492,6 +493,9 @@ def merge_weights(
     output_layout(out_path, fmt, template)
 
     notes = []
+    if acc_dtype != torch.float64 and any(i.dtype == torch.float64 for i in infos.values()):
+        acc_dtype = torch.float64  # never accumulate below the inputs' precision
+        notes.append("float64 inputs: accumulating in float64")
     if abs(w.sum() - 1.0) > 1e-6:
         notes.append(f"weights sum to {w.sum():.6g}, not 1: the result is not an affine merge")
     copied = [n for n, i in infos.items() if not i.is_float]
@@ -569,6 +573,10 @@ def merge_weights(
         reads = iter_reads(
             ckpts, requests(), buf_bytes=buf_bytes, prefetch=prefetch, workers=workers, zero_copy=zero_copy
         )
+        with contextlib.closing(reads):  # stop the reader threads now, even when the writer fails
+            yield from _accumulate(reads)
+
+    def _accumulate(reads):
         count = 0
         while True:
             t_a = time.perf_counter()

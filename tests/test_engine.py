@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from extramerge.checkpoints import Checkpoint, CheckpointError, TensorInfo, load_checkpoints
 from extramerge.engine import (
+    _rss_now,
     iter_aligned,
     iter_chunks,
     merge_weights,
@@ -202,6 +203,11 @@ def test_float64_accumulation_and_fp16_output(tmp_path):
     for k, r in ref.items():
         if r.dtype.is_floating_point:
             assert torch.allclose(got[k], r, rtol=1e-12, atol=1e-12), k
+    paths64 = make_safetensors_files(tmp_path / "run64", n=4, dtype=torch.float64)
+    s = _merge(paths64, WEIGHTS4, tmp_path / "c.safetensors")  # default accumulate, float64 inputs
+    got, ref = load_state(tmp_path / "c.safetensors"), reference_merge(paths64, WEIGHTS4)
+    name = "transformer.h.0.mlp.c_fc.weight"
+    assert s.accumulate == "float64" and torch.allclose(got[name], ref[name], rtol=1e-12, atol=1e-12)
     _merge(paths, WEIGHTS4, tmp_path / "b.safetensors", dtype="float16")
     assert load_state(tmp_path / "b.safetensors")["transformer.ln_f.weight"].dtype == torch.float16
 
@@ -247,6 +253,21 @@ def test_chunked_merge_of_large_tensors(tmp_path, zero_copy):
         out = tmp_path / f"out{workers}.safetensors"
         _merge(paths, WEIGHTS4, out, chunk_bytes=40, prefetch=3, workers=workers, zero_copy=zero_copy)
         _assert_close(load_state(out), ref)
+
+
+def test_resident_memory_stays_a_few_chunks(tmp_path):
+    """3 × 24 MB inputs, 1 MiB chunks: mapped pages are dropped after use, so RSS grows by a few MiB,
+    not by the 72 MB read (nor by the 24 MB output)."""
+    for k in range(3):
+        save_file({"w": torch.full((6 * 2**20,), float(k))}, str(tmp_path / f"step_{k}.safetensors"))
+    cks = load_checkpoints([tmp_path])
+    kw = {"progress": False, "chunk_bytes": 2**20}
+    merge_weights(cks, [0.2, 0.3, 0.5], tmp_path / "warm.safetensors", **kw)  # first use pages in torch code
+    before = _rss_now()
+    s = merge_weights(cks, [0.2, 0.3, 0.5], tmp_path / "out" / "m.safetensors", **kw)
+    assert s.merge_rss_bytes - before < 24 * 2**20  # measured ~10 MiB; 72 MiB if pages were kept
+    assert s.bytes_read == 3 * 24 * 2**20
+    assert torch.allclose(load_state(tmp_path / "out" / "m.safetensors")["w"], torch.full((6 * 2**20,), 1.3))
 
 
 def test_unmappable_files_fall_back_to_pread(tmp_path):
