@@ -37,7 +37,7 @@ def test_full_grid_scenario_list_without_simulating():
     assert len(rows) >= 20
     assert {r.section for r in rows} >= {"§a", "§b", "§c", "§d", "§d'", "§e", "§f"}
     assert any("ρ=-" in r.scenario for r in rows), "negative ρ (ηλ > 1) must be covered"
-    assert {st.path for st in studies} == {"step", "exact"}
+    assert {"step", "exact"} <= {st.path for st in studies}
     assert all(math.isfinite(r.formula) for r in rows)
     # the full grid uses more seeds than the fast one for every study
     fast = {st.name: st.seeds for st in validate.plan(fast=True)}
