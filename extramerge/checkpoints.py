@@ -179,6 +179,7 @@ class _SafetensorsFile:
         self._mm = None
         self._base = 0
         self._lock = threading.Lock()
+        self._drop = (0, 0)  # pending page range to unmap, batched (see advise)
         self.mappable = True
 
     def read_range(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -237,16 +238,36 @@ class _SafetensorsFile:
         return torch.frombuffer(mm, dtype=info.dtype, count=stop - start, offset=offset)
 
     def advise(self, name: str, start: int, stop: int, advice: str) -> None:
-        """madvise the pages of elements [start, stop): 'populate' (map them now) or 'drop' (unmap)."""
-        if self._mm is None or stop <= start:
+        """madvise the pages of elements [start, stop): 'populate' (map them now), 'drop' (unmap; adjacent
+        small ranges are batched into one call of at least _DROP_BATCH bytes) or 'flush' (pending drops)."""
+        if self._mm is None:
+            return
+        if advice == "flush":
+            lo, hi = self._drop
+            if hi > lo:
+                _madvise(self._base + lo, hi - lo, "drop")
+            self._drop = (0, 0)
+            return
+        if stop <= start:
             return
         isz = self.infos[name].dtype.itemsize
         lo = self.offsets[name] + start * isz
         hi = self.offsets[name] + stop * isz
         lo -= lo % mmap.PAGESIZE
-        _madvise(self._base + lo, hi - lo, advice)
+        if advice != "drop":
+            _madvise(self._base + lo, hi - lo, advice)
+            return
+        plo, phi = self._drop
+        if phi > plo and plo <= hi and lo <= phi + mmap.PAGESIZE:  # touches the pending range: extend it
+            lo, hi = min(lo, plo), max(hi, phi)
+        elif phi > plo:
+            _madvise(self._base + plo, phi - plo, "drop")
+        self._drop = (lo, hi)
+        if hi - lo >= _DROP_BATCH:
+            self.advise(name, 0, 0, "flush")
 
 
+_DROP_BATCH = 2 * 2**20
 _LIBC = None
 _MADV = {
     "populate": 22,
@@ -407,6 +428,7 @@ class Checkpoint:
         self.step = parse_step(self.path.name) if step is None else step
         self.files = [s.path for s in sources]
         self._sources = sources
+        self._dropping = None  # the shard with batched 'drop' advice pending
         self._where: dict = {}
         self.infos: dict[str, TensorInfo] = {}
         self.aliases: dict[str, str] = {}
@@ -467,7 +489,17 @@ class Checkpoint:
         (torch-file tensors are mapped by torch and left alone)."""
         src = self._where.get(self.aliases.get(name, name))  # None once closed: nothing left to advise
         if isinstance(src, _SafetensorsFile):
+            if advice == "drop" and self._dropping is not src:
+                if self._dropping is not None:  # moved on to the next shard: at most one batch pending
+                    self._dropping.advise("", 0, 0, "flush")
+                self._dropping = src
             src.advise(self.aliases.get(name, name), start, stop, advice)
+
+    def flush_advice(self) -> None:
+        """Unmap any pages whose 'drop' advice is still batched."""
+        for src in self._sources:
+            if isinstance(src, _SafetensorsFile):
+                src.advise("", 0, 0, "flush")
 
     def read(self, name: str) -> torch.Tensor:
         """The whole tensor on CPU, shaped. Safetensors: a fresh tensor read with pread (its memory is

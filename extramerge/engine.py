@@ -24,7 +24,7 @@ import shutil
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +61,7 @@ _DTYPES = {
     "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
 }  # fmt: skip
 _ARITH = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INLINE_BYTES = 256 * 2**10  # zero-copy views this small are made on the spot, not on a reader thread
 
 
 # ----------------------------------------------------------------------------------------- read pipeline
@@ -79,9 +80,25 @@ def _read(ck: Checkpoint, name: str, start, stop, buf):
     return ck.read_range(name, start, stop, buf)
 
 
-def _view(ck: Checkpoint, name: str, start: int, stop: int):
-    ck.advise(name, start, stop, "populate")  # page faults (and disk reads) happen here, off the main thread
+def _view(ck: Checkpoint, name: str, start: int, stop: int, populate: bool = True):
+    if populate:  # page faults (and disk reads) happen here, off the main thread
+        ck.advise(name, start, stop, "populate")
     return ck.view_range(name, start, stop)
+
+
+class _Done:
+    """An already computed result with a Future's ``result``/``cancel`` (cheaper than a Future)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+    def cancel(self) -> bool:
+        return False
 
 
 def _pipeline(
@@ -105,6 +122,7 @@ def _pipeline(
     pool = ThreadPoolExecutor(workers, thread_name_prefix="extramerge-read") if workers > 0 else None
     depth = max(depth, 1) if pool is not None else 0
     pending: deque = deque()
+    touched: set = set()
     inflight = 0
     units = iter(units)
 
@@ -120,15 +138,16 @@ def _pipeline(
             if start is not None and zero_copy and ck._mappable(name):
                 fn, args = _view, (ck, name, start, stop)
                 bufs.append((ck, name, start, stop))
+                touched.add(ck)
             elif buf_bytes and start is not None and ck._copies(name):
                 buf = free.pop() if free else torch.empty(buf_bytes, dtype=torch.uint8)
                 args = (ck, name, start, stop, buf)
                 bufs.append(buf)
             info = ck.infos[ck.aliases.get(name, name)]
-            nbytes += (info.numel if start is None else stop - start) * info.dtype.itemsize
-            if pool is None:
-                fut: Future = Future()
-                fut.set_result(fn(*args))
+            size = (info.numel if start is None else stop - start) * info.dtype.itemsize
+            nbytes += size
+            if pool is None or (fn is _view and size <= _INLINE_BYTES):  # a thread hop costs more
+                fut = _Done(fn(*args, False) if fn is _view else fn(*args))
             else:
                 fut = pool.submit(fn, *args)
             futs.append(fut)
@@ -161,6 +180,8 @@ def _pipeline(
         _release(held, free)
         for _, _, bufs, _ in pending:
             _release(bufs, free)
+        for ck in touched:
+            ck.flush_advice()
 
 
 def _release(held: list, free: list) -> None:
@@ -577,7 +598,7 @@ def merge_weights(
             yield from _accumulate(reads)
 
     def _accumulate(reads):
-        count = 0
+        sampled = [time.perf_counter()]
         while True:
             t_a = time.perf_counter()
             item = next(reads, None)
@@ -588,8 +609,8 @@ def merge_weights(
             (j, name, a, b), piece = item
             info = infos[name]
             bar.update(piece.numel() * piece.element_size())
-            count += 1
-            if count % 8 == 0:
+            if t_b - sampled[0] > 0.05:  # sample resident memory ~20 times a second
+                sampled[0] = t_b
                 rss.append(_rss_now())
             if not info.is_float:
                 stats["compute"] += time.perf_counter() - t_b
