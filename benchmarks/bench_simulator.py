@@ -1,9 +1,10 @@
-"""Speed of the batched river-valley simulator (rivervalley.simulate) on CPU.
+"""Speed of the batched river-valley simulator (rivervalley.simulate) on CPU (or a GPU with --device cuda).
 
     python -m benchmarks.bench_simulator                   # full size: S=1024 seeds, p=1024, T=10^4 steps
     python -m benchmarks.bench_simulator --steps 1000      # quick run
     python -m benchmarks.bench_simulator --json out.json   # also write the numbers (``--json -``: stdout)
     python -m benchmarks.bench_simulator --threads 1       # one torch thread (best on a busy machine)
+    python -m benchmarks.bench_simulator --device cuda     # the same measurements on a GPU
 
 Measures, for plain SGD on the quadratic river valley in its eigenbasis (additive noise σ = 1):
 
@@ -47,30 +48,42 @@ def _landscape(p: int, rotate: bool = False) -> QuadraticRiverValley:
     return QuadraticRiverValley(slope=1.0, m=p - 1, power_law=(1.0, 0.5), rotate=rotate, seed=0)
 
 
+DEVICE = "cpu"
+
+
+def _sync() -> None:
+    if DEVICE != "cpu":
+        torch.cuda.synchronize(DEVICE)
+
+
 def copy_bandwidth(n_bytes: int, repeats: int = 5) -> float:
     """Best-of-``repeats`` bytes/s of ``dst.copy_(src)`` for float64 buffers of ``n_bytes``, counting the
     bytes read plus the bytes written. 512 MiB measures DRAM; the simulator's [S, p] size may fit in cache."""
-    src = torch.ones(max(1, n_bytes // 8), dtype=torch.float64)
+    src = torch.ones(max(1, n_bytes // 8), dtype=torch.float64, device=DEVICE)
     dst = torch.empty_like(src)
     dst.copy_(src)
+    _sync()
     reps = max(repeats, int(2**28 // n_bytes))  # small buffers: repeat enough to time reliably
     best = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()
         for _ in range(reps):
             dst.copy_(src)
+        _sync()
         best = min(best, (time.perf_counter() - t0) / reps)
     return 2 * src.numel() * 8 / best
 
 
 def sampler_rate(s: int, p: int, repeats: int = 20) -> float:
     """Gaussians per second of the simulator's noise source for [S, p]: float32 draws converted to float64."""
-    src = _NoiseSource((s, p), 0, torch.float32, "cpu", out_dtype=torch.float64)
+    src = _NoiseSource((s, p), 0, torch.float32, DEVICE, out_dtype=torch.float64)
     try:
         src.draw()
+        _sync()
         t0 = time.perf_counter()
         for _ in range(repeats):
             src.draw()
+        _sync()
         return s * p * repeats / (time.perf_counter() - t0)
     finally:
         src.close()
@@ -81,14 +94,16 @@ def exact_dynamics_seconds(q, lr: float, sigma: float, s: int, steps: int, every
     checkpoint tensor whose pages were touched beforehand, so that first-touch page faults of the output
     (paid equally by both paths, and dominating the exact path's end-to-end time) are left out."""
     _, ckpts = checkpoint_steps(steps, ckpt_every=every)
-    out = torch.zeros(s, len(ckpts), q.dim, dtype=torch.float64)
-    theta = torch.zeros(s, q.dim, dtype=torch.float64)
-    src = _NoiseSource((s, q.dim), 0, torch.float32, "cpu", out_dtype=torch.float64)
+    out = torch.zeros(s, len(ckpts), q.dim, dtype=torch.float64, device=DEVICE)
+    theta = torch.zeros(s, q.dim, dtype=torch.float64, device=DEVICE)
+    src = _NoiseSource((s, q.dim), 0, torch.float32, DEVICE, out_dtype=torch.float64)
     src.draw()
     try:
         with flush_denormals(), torch.no_grad():
+            _sync()
             t0 = time.perf_counter()
             _run_exact(q, theta, lr, steps, ckpts, out, q.noise_std(sigma), src)
+            _sync()
             return time.perf_counter() - t0
     finally:
         src.close()
@@ -97,31 +112,35 @@ def exact_dynamics_seconds(q, lr: float, sigma: float, s: int, steps: int, every
 def naive_rate(p: int, seeds: int, steps: int, lr: float, sigma: float) -> float:
     """Updates per second of a per-seed Python loop: for each seed, for each step, g = hθ − c·e_0 + σξ
     and θ ← θ − ηg on a [p] vector."""
-    q = _landscape(p)
+    q = _landscape(p).to(DEVICE, torch.float64)
     h = q._h
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    _sync()
     t0 = time.perf_counter()
     with flush_denormals():
         for _ in range(seeds):
-            theta = torch.zeros(p, dtype=torch.float64)
+            theta = torch.zeros(p, dtype=torch.float64, device=DEVICE)
             for _ in range(steps):
                 g = h * theta
                 g[0] -= q.slope
-                g += sigma * torch.randn(p, generator=gen, dtype=torch.float64)
+                g += sigma * torch.randn(p, generator=gen, dtype=torch.float64, device=DEVICE)
                 theta -= lr * g
+    _sync()
     return seeds * steps * p / (time.perf_counter() - t0)
 
 
 def _timed(fn):
+    _sync()
     t0 = time.perf_counter()
     out = fn()
+    _sync()
     return out, time.perf_counter() - t0
 
 
 def run(args) -> dict:
     s, p, steps, every = args.seeds, args.dim, args.steps, args.ckpt_every
     lr, sigma = 0.5, 1.0
-    q = _landscape(p)
+    q = _landscape(p).to(DEVICE, torch.float64)
     res = {
         "config": {
             "seeds": s,
@@ -130,6 +149,7 @@ def run(args) -> dict:
             "ckpt_every": every,
             "lr": lr,
             "noise": sigma,
+            "device": DEVICE,
             "command": "python -m benchmarks.bench_simulator " + " ".join(sys.argv[1:]),
         },
         "machine": {
@@ -139,6 +159,7 @@ def run(args) -> dict:
             "torch": torch.__version__,
             "python": platform.python_version(),
             "processor": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name(DEVICE) if DEVICE != "cpu" else None,
             "note": "shared machine: other jobs may have run concurrently",
         },
     }
@@ -149,7 +170,7 @@ def run(args) -> dict:
     res["sampler_Gaussians_per_s"] = rng
 
     # 1. the step path (noise), with the checkpoints of the exact-path comparison
-    kw = dict(steps=steps, lr=lr, seeds=s, noise=sigma, ckpt_every=every)
+    kw = dict(steps=steps, lr=lr, seeds=s, noise=sigma, ckpt_every=every, device=DEVICE)
     stepped, t_step = _timed(lambda: simulate(q, **kw))
     n_ckpts = int(stepped.n_ckpts)
     del stepped
@@ -166,7 +187,7 @@ def run(args) -> dict:
 
     # 2. noise-free: the update kernels alone (16 B per update: read θ, write θ)
     quiet = min(steps, args.noise_free_steps)
-    _, t_quiet = _timed(lambda: simulate(q, steps=quiet, lr=lr, seeds=s))
+    _, t_quiet = _timed(lambda: simulate(q, steps=quiet, lr=lr, seeds=s, device=DEVICE))
     qrate = s * quiet * p / t_quiet
     res["noise_free_step_path"] = {
         "steps": quiet,
@@ -201,9 +222,9 @@ def run(args) -> dict:
 
     # 5. rotated quadratic: dense [p, p] Hessian matmul per step
     if args.rotated_steps:
-        qr = _landscape(p, rotate=True)
+        qr = _landscape(p, rotate=True).to(DEVICE, torch.float64)
         rs = args.rotated_steps
-        _, t_rot = _timed(lambda: simulate(qr, steps=rs, lr=lr, seeds=s, noise=sigma))
+        _, t_rot = _timed(lambda: simulate(qr, steps=rs, lr=lr, seeds=s, noise=sigma, device=DEVICE))
         res["rotated_step_path"] = {
             "steps": rs,
             "seconds": t_rot,
@@ -224,7 +245,7 @@ def _table(res: dict) -> str:
         (
             "config",
             f"S={c['seeds']} p={c['dim']} T={c['steps']} ckpt_every={c['ckpt_every']}, "
-            f"{res['machine']['torch_threads']} torch thread(s), "
+            f"device {c['device']}, {res['machine']['torch_threads']} torch thread(s), "
             f"{res['machine']['sampler_threads']} sampler threads",
         ),
         (
@@ -302,12 +323,15 @@ def main(argv=None) -> dict:
         help="torch intra-op threads (default: torch's choice); 1 is faster on a busy shared machine. The "
         "Gaussian sampler fills its 4 streams from its own threads, one per core",
     )
+    ap.add_argument("--device", default="cpu", help="torch device to simulate on (default cpu; e.g. cuda)")
     ap.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON ('-' for stdout)")
     args = ap.parse_args(argv)
     if args.steps % args.ckpt_every:
         ap.error("--steps must be a multiple of --ckpt-every")
     if args.threads:
         torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = args.device
     res = run(args)
     print(_table(res))
     if args.json == "-":
