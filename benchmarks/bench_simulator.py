@@ -245,7 +245,7 @@ def _table(res: dict) -> str:
         (
             "config",
             f"S={c['seeds']} p={c['dim']} T={c['steps']} ckpt_every={c['ckpt_every']}, "
-            f"device {c['device']}, {res['machine']['torch_threads']} torch thread(s), "
+            f"device {c.get('device', 'cpu')}, {res['machine']['torch_threads']} torch thread(s), "
             f"{res['machine']['sampler_threads']} sampler threads",
         ),
         (
