@@ -12,15 +12,23 @@ Formats (``Checkpoint.format``):
                     ({'model': ...} as nanoGPT/nanochat write, {'state_dict': ...}, ...); ``_orig_mod.``
                     (torch.compile) and ``module.`` (DDP) prefixes are stripped
 
+Safetensors files are read and written with numpy alone (bfloat16 and float8 through ``ml_dtypes``):
+torch is imported only when a PyTorch file is read or written, or when a caller asks for a torch tensor
+(``Checkpoint.read``/``read_range``/``view_range`` return torch tensors unless ``numpy=True``). Dtypes
+are held as safetensors codes (``TensorInfo.dtype_str``: 'F32', 'BF16', ...).
+
 The writer streams safetensors (header first, computed from the output infos, then each tensor's bytes as
-they arrive), so a merge holds one tensor chunk in memory, not a model. PyTorch-file output necessarily
-collects the whole state dict and ``torch.save``s it. Every write goes to a temporary folder beside the
-output (same filesystem), is fsynced and renamed into place: an interrupted merge leaves nothing behind.
+they arrive), so a merge holds one tensor chunk in memory, not a model. Large safetensors outputs are
+written with direct I/O (O_DIRECT: no page-cache copy, nothing left to flush at the end), falling back to
+buffered writes with early writeback. PyTorch-file output necessarily collects the whole state dict and
+``torch.save``s it. Every write goes to a temporary folder beside the output (same filesystem), is
+fsynced and renamed into place: an interrupted merge leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import math
 import mmap
@@ -37,7 +45,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 __all__ = [
     "CheckpointError",
@@ -54,6 +62,9 @@ __all__ = [
     "default_format",
     "safetensors_order",
     "write_checkpoint",
+    "numpy_dtype",
+    "to_numpy",
+    "to_torch",
 ]
 
 FORMATS = ("hf-safetensors", "hf-bin", "safetensors", "torch")
@@ -69,15 +80,18 @@ _KEEP_TENSOR_BYTES = 2**20  # extras holding more tensor bytes than this are dro
 _PREFIXES = ("_orig_mod.", "module.")
 _ST_HEADER_LIMIT = 100 * 2**20  # the safetensors library refuses larger headers too
 
+# Safetensors dtype codes -> (torch/numpy name, bytes per element). Insertion order is the safetensors
+# library's dtype order; save_file writes tensors by descending dtype.
 _ST_DTYPES = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2": torch.float8_e5m2,
-    "F8_E4M3": torch.float8_e4m3fn, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
-    "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
-    "C64": torch.complex64, "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64,
+    "BOOL": ("bool", 1), "U8": ("uint8", 1), "I8": ("int8", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1), "I16": ("int16", 2), "U16": ("uint16", 2), "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2), "I32": ("int32", 4), "U32": ("uint32", 4), "F32": ("float32", 4),
+    "C64": ("complex64", 8), "F64": ("float64", 8), "I64": ("int64", 8), "U64": ("uint64", 8),
 }  # fmt: skip
-# Insertion order above is the safetensors library's dtype order; it writes tensors by descending dtype.
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-_ST_RANK = {v: i for i, v in enumerate(_ST_DTYPES.values())}
+_ST_RANK = {code: i for i, code in enumerate(_ST_DTYPES)}
+_CODE_OF = {name: code for code, (name, _) in _ST_DTYPES.items()}
+_FLOAT_CODES = frozenset({"F8_E5M2", "F8_E4M3", "F16", "BF16", "F32", "F64"})
+_ML_DTYPES = ("bfloat16", "float8_e5m2", "float8_e4m3fn")  # numpy has no such dtypes: ml_dtypes does
 
 
 class CheckpointError(ValueError):
@@ -87,13 +101,77 @@ class CheckpointError(ValueError):
         super().__init__(" ".join(str(message).split()))
 
 
-@dataclass(frozen=True)
+def _dtype_code(dtype) -> str:
+    """Safetensors code ('F32', 'BF16', ...) of a torch dtype, numpy dtype, code or name ('float32');
+    a torch dtype safetensors cannot store keeps its torch name ('complex128')."""
+    if isinstance(dtype, str):
+        if dtype in _ST_DTYPES:
+            return dtype
+        name = dtype.removeprefix("torch.")
+    elif type(dtype).__module__ == "torch":  # a torch.dtype: known without importing torch
+        name = str(dtype).removeprefix("torch.")
+        return _CODE_OF.get(name, name)
+    else:
+        name = np.dtype(dtype).name
+    try:
+        return _CODE_OF[name]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {dtype!r}") from None
+
+
+def numpy_dtype(dtype) -> np.dtype:
+    """The numpy dtype of a safetensors code, name, torch or numpy dtype (bfloat16 and float8 from
+    ml_dtypes)."""
+    name = _dtype_name(_dtype_code(dtype))
+    if name in _ML_DTYPES:
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, name))
+    return np.dtype(name)
+
+
+def _dtype_name(code: str) -> str:
+    """'float32', 'bfloat16', ...: torch's dtype name without the 'torch.' prefix."""
+    return _ST_DTYPES[code][0] if code in _ST_DTYPES else code
+
+
+@dataclass(frozen=True, init=False)
 class TensorInfo:
-    """Name, shape and dtype of a stored tensor, known without reading its data."""
+    """Name, shape and dtype of a stored tensor, known without reading its data.
+
+    ``dtype_str`` is the safetensors code ('F32', 'BF16', ...; the torch name for the few torch dtypes
+    safetensors cannot store). ``TensorInfo(name, shape, dtype)`` accepts a code, a name ('float32'), a
+    numpy or a torch dtype. ``dtype`` (the torch dtype) imports torch; ``np_dtype`` does not.
+    """
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype_str: str
+
+    def __init__(self, name: str, shape, dtype):
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "shape", tuple(int(s) for s in shape))
+        object.__setattr__(self, "dtype_str", _dtype_code(dtype))
+
+    @property
+    def dtype(self):
+        """The torch dtype (imports torch)."""
+        import torch
+
+        return getattr(torch, self.dtype_name)
+
+    @property
+    def dtype_name(self) -> str:
+        return _dtype_name(self.dtype_str)
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return numpy_dtype(self.dtype_str)
+
+    @property
+    def itemsize(self) -> int:
+        known = _ST_DTYPES.get(self.dtype_str)
+        return known[1] if known else self.dtype.itemsize
 
     @property
     def numel(self) -> int:
@@ -101,11 +179,52 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        return self.numel * self.itemsize
 
     @property
     def is_float(self) -> bool:
+        if self.dtype_str in _ST_DTYPES:
+            return self.dtype_str in _FLOAT_CODES
         return self.dtype.is_floating_point
+
+
+def to_torch(a: np.ndarray):
+    """A torch tensor sharing ``a``'s memory (bfloat16/float8 through a byte view; imports torch)."""
+    import torch
+
+    tdt = getattr(torch, _dtype_name(_dtype_code(a.dtype)))
+    flat = np.ascontiguousarray(a).reshape(-1)
+    with warnings.catch_warnings():  # torch warns (once) that a memory-mapped array is read-only
+        warnings.simplefilter("ignore")
+        t = torch.from_numpy(flat.view(np.uint8)).view(tdt)
+    return t.reshape(a.shape)
+
+
+def to_numpy(t) -> np.ndarray:
+    """A numpy array sharing a CPU torch tensor's memory (bfloat16/float8 as ml_dtypes); numpy arrays
+    pass through."""
+    if isinstance(t, np.ndarray):
+        return t
+    t = t.detach()
+    name = str(t.dtype).removeprefix("torch.")
+    if name in _ML_DTYPES:
+        import torch
+
+        return t.contiguous().view(torch.uint8).numpy().view(numpy_dtype(name)).reshape(tuple(t.shape))
+    return t.numpy()
+
+
+def _is_torch(t) -> bool:
+    return type(t).__module__.startswith("torch")
+
+
+def _bytes_of(buf) -> np.ndarray:
+    """Flat uint8 numpy view of a contiguous numpy array or CPU tensor."""
+    if _is_torch(buf):
+        import torch
+
+        return buf.reshape(-1).view(torch.uint8).numpy()
+    return buf.reshape(-1).view(np.uint8)
 
 
 def parse_step(name: str) -> int | None:
@@ -126,7 +245,8 @@ def parse_step(name: str) -> int | None:
 
 
 class _SafetensorsFile:
-    """One .safetensors file: header parsed and validated up front, tensor bytes read with pread."""
+    """One .safetensors file: header parsed and validated up front, tensor bytes read with pread or
+    through a shared read-only memory map."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -157,14 +277,16 @@ class _SafetensorsFile:
         entries = []
         for name, meta in header.items():
             try:
-                dtype = _ST_DTYPES[meta["dtype"]]
+                code = meta["dtype"]
+                if code not in _ST_DTYPES:
+                    raise ValueError(code)
                 shape = tuple(int(s) for s in meta["shape"])
                 begin, end = (int(o) for o in meta["data_offsets"])
             except (KeyError, TypeError, ValueError) as e:
                 raise CheckpointError(
                     f"{path}: corrupt or unsupported header entry for tensor '{name}'"
                 ) from e
-            info = TensorInfo(name, shape, dtype)
+            info = TensorInfo(name, shape, code)
             if min(shape, default=0) < 0 or end - begin != info.nbytes or begin < 0:
                 raise CheckpointError(f"{path}: tensor '{name}' has data offsets inconsistent with its shape")
             if end > avail:
@@ -182,15 +304,18 @@ class _SafetensorsFile:
         self._drop = (0, 0)  # pending page range to unmap, batched (see advise)
         self.mappable = True
 
-    def read_range(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read_array(self, name: str, start: int, stop: int, out=None) -> np.ndarray:
+        """Elements [start, stop) read with pread into ``out`` (any contiguous array or tensor with enough
+        bytes, reused by the caller) or a fresh array."""
         info = self.infos[name]
         count = stop - start
+        dt = info.np_dtype
         if out is None:
-            out = torch.empty(count, dtype=info.dtype)
+            arr = np.empty(count, dtype=dt)
         else:
-            out = out.view(torch.uint8)[: count * info.dtype.itemsize].view(info.dtype)
-        view = memoryview(out.view(torch.uint8).numpy())
-        pos, done = self.offsets[name] + start * info.dtype.itemsize, 0
+            arr = _bytes_of(out)[: count * dt.itemsize].view(dt)
+        view = memoryview(arr.view(np.uint8))
+        pos, done = self.offsets[name] + start * dt.itemsize, 0
         fd = os.open(self.path, os.O_RDONLY)
         try:
             while done < len(view):
@@ -200,15 +325,27 @@ class _SafetensorsFile:
                 done += got
         finally:
             os.close(fd)
-        return out
+        return arr
 
-    def read(self, name: str) -> torch.Tensor:
+    def read_range(self, name: str, start: int, stop: int, out=None, *, numpy: bool = False):
+        arr = self.read_array(name, start, stop, out)
+        if numpy:
+            return arr
+        if out is not None and _is_torch(out):  # keep the caller's tensor as the storage
+            import torch
+
+            tdt = self.infos[name].dtype
+            return out.view(torch.uint8).reshape(-1)[: arr.nbytes].view(tdt)
+        return to_torch(arr)
+
+    def read(self, name: str, *, numpy: bool = False):
         info = self.infos[name]
-        return self.read_range(name, 0, info.numel).view(info.shape)
+        arr = self.read_array(name, 0, info.numel).reshape(info.shape)
+        return arr if numpy else to_torch(arr)
 
     # Zero-copy path for the engine: a read-only shared mapping of the file. Pages are populated ahead of
-    # use on a reader thread (madvise POPULATE_READ) and dropped from this process again once consumed
-    # (madvise DONTNEED), so resident memory stays a few chunks although the data is never copied.
+    # use (madvise POPULATE_READ, off the arithmetic's critical path) and dropped from this process again
+    # once consumed (madvise DONTNEED), so resident memory stays a few chunks although nothing is copied.
 
     def _map(self):
         if self._mm is None:
@@ -217,25 +354,41 @@ class _SafetensorsFile:
                     try:
                         with open(self.path, "rb") as f:
                             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                        with warnings.catch_warnings():  # torch warns (once) that the buffer is read-only
-                            warnings.simplefilter("ignore")
-                            anchor = torch.frombuffer(mm, dtype=torch.uint8, count=1)
-                        self._base = anchor.data_ptr()
+                        anchor = np.frombuffer(mm, dtype=np.uint8, count=1)
+                        self._base = anchor.__array_interface__["data"][0]
                         self._mm = mm
                     except (OSError, ValueError):
                         self.mappable = False  # e.g. a filesystem without mmap: fall back to pread
         return self._mm
 
-    def view_range(self, name: str, start: int, stop: int) -> torch.Tensor | None:
-        """Elements [start, stop) as a view of the mapped file, or None when the file cannot be mapped."""
+    def view_array(self, name: str, start: int, stop: int) -> np.ndarray | None:
+        """Elements [start, stop) as a read-only view of the mapped file, or None when it cannot be
+        mapped."""
         info = self.infos[name]
         if stop <= start:
-            return torch.empty(0, dtype=info.dtype)
+            return np.empty(0, dtype=info.np_dtype)
         mm = self._map()
         if mm is None:
             return None
-        offset = self.offsets[name] + start * info.dtype.itemsize
-        return torch.frombuffer(mm, dtype=info.dtype, count=stop - start, offset=offset)
+        offset = self.offsets[name] + start * info.itemsize
+        return np.frombuffer(mm, dtype=info.np_dtype, count=stop - start, offset=offset)
+
+    def view_range(self, name: str, start: int, stop: int, *, numpy: bool = False):
+        arr = self.view_array(name, start, stop)
+        return arr if arr is None or numpy else to_torch(arr)
+
+    def span(self, name: str, start: int, stop: int) -> tuple[int, int]:
+        """File byte range [lo, hi) of elements [start, stop)."""
+        info = self.infos[name]
+        base = self.offsets[name]
+        return base + start * info.itemsize, base + stop * info.itemsize
+
+    def madvise_span(self, lo: int, hi: int, advice: str) -> None:
+        """madvise the mapped pages of file bytes [lo, hi): 'populate' or 'drop' (thread-safe)."""
+        if self._mm is None or hi <= lo:
+            return
+        lo -= lo % mmap.PAGESIZE
+        _madvise(self._base + lo, hi - lo, advice)
 
     def advise(self, name: str, start: int, stop: int, advice: str) -> None:
         """madvise the pages of elements [start, stop): 'populate' (map them now), 'drop' (unmap; adjacent
@@ -250,9 +403,7 @@ class _SafetensorsFile:
             return
         if stop <= start:
             return
-        isz = self.infos[name].dtype.itemsize
-        lo = self.offsets[name] + start * isz
-        hi = self.offsets[name] + stop * isz
+        lo, hi = self.span(name, start, stop)
         lo -= lo % mmap.PAGESIZE
         if advice != "drop":
             _madvise(self._base + lo, hi - lo, advice)
@@ -296,6 +447,8 @@ class _TorchFile:
     """A PyTorch pickle/zip file memory-mapped with torch.load(weights_only=True, mmap=True)."""
 
     def __init__(self, path: Path):
+        import torch
+
         self.path = path
         obj = _torch_load(path)
         if not isinstance(obj, Mapping):
@@ -343,18 +496,24 @@ class _TorchFile:
         self.infos = {n: TensorInfo(n, tuple(t.shape), t.dtype) for n, t in self.tensors.items()}
         self.metadata = {}
 
-    def read(self, name: str) -> torch.Tensor:
-        return self.tensors[name]
+    def read(self, name: str, *, numpy: bool = False):
+        t = self.tensors[name]
+        return to_numpy(t) if numpy else t
 
-    def read_range(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read_range(self, name: str, start: int, stop: int, out=None, *, numpy: bool = False):
         # A view of the memory-mapped file: no copy (``out`` is not needed).
         t = self.tensors[name]
         if not t.is_contiguous():  # a saved transposed view: flatten once, not once per chunk
             t = self.tensors[name] = t.contiguous()
-        return t.reshape(-1)[start:stop]
+        piece = t.reshape(-1)[start:stop]
+        return to_numpy(piece) if numpy else piece
+
+    view_range = read_range
 
 
 def _torch_load(path: Path):
+    import torch
+
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -381,6 +540,8 @@ def _torch_load(path: Path):
 
 def _is_state_dict(d: Mapping) -> bool:
     """A flat name -> tensor mapping (non-tensor leaves such as ``_extra_state`` allowed)."""
+    import torch
+
     has_tensor = False
     for v in d.values():
         if isinstance(v, torch.Tensor):
@@ -391,6 +552,8 @@ def _is_state_dict(d: Mapping) -> bool:
 
 
 def _tensor_bytes(v) -> int:
+    import torch
+
     if isinstance(v, torch.Tensor):
         return v.numel() * v.element_size() + 1
     if isinstance(v, Mapping):
@@ -475,14 +638,22 @@ class Checkpoint:
         src, _ = self._source(name)
         return not isinstance(src, _SafetensorsFile) or src._map() is not None
 
-    def view_range(self, name: str, start: int, stop: int) -> torch.Tensor | None:
+    def view_range(self, name: str, start: int, stop: int, *, numpy: bool = False):
         """Elements [start, stop) of the flattened tensor as a zero-copy view of the memory-mapped file
-        (None if the file cannot be mapped; use ``read_range``). Never modify it. Pair with
-        ``advise(..., 'populate')`` before use and ``advise(..., 'drop')`` after, to keep RSS bounded."""
+        (None if the file cannot be mapped; use ``read_range``), a torch tensor or, with ``numpy``, an
+        array. Never modify it. Pair with ``advise(..., 'populate')`` before use and
+        ``advise(..., 'drop')`` after, to keep RSS bounded."""
         src, name = self._source(name)
-        if isinstance(src, _SafetensorsFile):
-            return src.view_range(name, start, stop)
-        return src.read_range(name, start, stop)
+        return src.view_range(name, start, stop, numpy=numpy)
+
+    def span(self, name: str, start: int, stop: int):
+        """(file, lo, hi): the memory-mapped safetensors file holding elements [start, stop) and their
+        byte range in it, for ``file.madvise_span(lo, hi, 'populate' | 'drop')``; None for files that are
+        not mapped by us (torch files, unmappable files)."""
+        src, name = self._source(name)
+        if not isinstance(src, _SafetensorsFile) or src._map() is None:
+            return None
+        return (src, *src.span(name, start, stop))
 
     def advise(self, name: str, start: int, stop: int, advice: str) -> None:
         """Map ('populate') or unmap ('drop') the pages behind elements [start, stop); safetensors only
@@ -501,17 +672,18 @@ class Checkpoint:
             if isinstance(src, _SafetensorsFile):
                 src.advise("", 0, 0, "flush")
 
-    def read(self, name: str) -> torch.Tensor:
-        """The whole tensor on CPU, shaped. Safetensors: a fresh tensor read with pread (its memory is
-        released when dropped); torch files: a view of the memory-mapped file. Do not modify it."""
+    def read(self, name: str, *, numpy: bool = False):
+        """The whole tensor on CPU, shaped: a torch tensor or, with ``numpy``, an array. Safetensors: read
+        with pread into fresh memory; torch files: a view of the memory-mapped file. Do not modify it."""
         src, name = self._source(name)
-        return src.read(name)
+        return src.read(name, numpy=numpy)
 
-    def read_range(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Elements [start, stop) of the flattened tensor. Safetensors: read into ``out`` (any contiguous
-        CPU tensor with enough bytes, reused by the caller) or a fresh tensor; torch files: a view."""
+    def read_range(self, name: str, start: int, stop: int, out=None, *, numpy: bool = False):
+        """Elements [start, stop) of the flattened tensor (a torch tensor or, with ``numpy``, an array).
+        Safetensors: read into ``out`` (any contiguous array or CPU tensor with enough bytes, reused by the
+        caller) or fresh memory; torch files: a view."""
         src, name = self._source(name)
-        return src.read_range(name, start, stop, out)
+        return src.read_range(name, start, stop, out, numpy=numpy)
 
     @property
     def torch_layout(self) -> dict:
@@ -745,19 +917,15 @@ def check_compatible(ckpts: Sequence[Checkpoint]) -> dict[str, TensorInfo]:
                 raise CheckpointError(
                     f"tensor '{name}' has shape {info.shape} in {ref.name} but {o.shape} in {other.name}"
                 )
-            if o.dtype != info.dtype:
+            if o.dtype_str != info.dtype_str:
                 raise CheckpointError(
-                    f"tensor '{name}' has dtype {_dtype_name(info.dtype)} in {ref.name} but "
-                    f"{_dtype_name(o.dtype)} in {other.name}"
+                    f"tensor '{name}' has dtype {info.dtype_name} in {ref.name} but "
+                    f"{o.dtype_name} in {other.name}"
                 )
         for name in b:
             if name not in a:
                 raise CheckpointError(f"tensor '{name}' is in {other.name} but missing from {ref.name}")
     return dict(ckpts[-1].infos)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # --------------------------------------------------------------------------------------------------- writers
@@ -777,7 +945,7 @@ class WriteResult:
 def safetensors_order(infos: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
     """``infos`` in the order safetensors.save_file lays tensors out (dtype rank descending, then name);
     a streamed file in this order is byte-identical to save_file's."""
-    items = sorted(infos.items(), key=lambda kv: (-_ST_RANK[kv[1].dtype], kv[0]))
+    items = sorted(infos.items(), key=lambda kv: (-_ST_RANK.get(kv[1].dtype_str, -1), kv[0]))
     return dict(items)
 
 
@@ -852,9 +1020,12 @@ def check_output(
     return out
 
 
-def _byte_view(t: torch.Tensor) -> memoryview:
-    t = t.contiguous().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+def _byte_view(t) -> memoryview:
+    """The bytes of a numpy array or CPU tensor, flattened (a copy only if it is not contiguous)."""
+    if _is_torch(t):
+        t = t.contiguous().reshape(-1)
+        return memoryview(to_numpy(t).view(np.uint8)) if t.numel() else memoryview(b"")
+    return memoryview(np.ascontiguousarray(t).reshape(-1).view(np.uint8))
 
 
 def _write_all(f, data: memoryview) -> None:
@@ -888,10 +1059,12 @@ def _safetensors_header(infos: Sequence[TensorInfo], metadata: Mapping[str, str]
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
     for info in infos:
-        if info.dtype not in _ST_NAMES:
-            raise CheckpointError(f"tensor '{info.name}': dtype {info.dtype} cannot be stored in safetensors")
+        if info.dtype_str not in _ST_DTYPES:
+            raise CheckpointError(
+                f"tensor '{info.name}': dtype {info.dtype_name} cannot be stored in safetensors"
+            )
         header[info.name] = {
-            "dtype": _ST_NAMES[info.dtype],
+            "dtype": info.dtype_str,
             "shape": list(info.shape),
             "data_offsets": [offset, offset + info.nbytes],
         }
@@ -902,9 +1075,10 @@ def _safetensors_header(infos: Sequence[TensorInfo], metadata: Mapping[str, str]
 
 
 class _PieceStream:
-    """Checks that (name, tensor) items arrive in ``infos`` order; a tensor may come in flat pieces."""
+    """Checks that (name, tensor) items arrive in ``infos`` order; a tensor (numpy array or torch tensor)
+    may come in flat pieces."""
 
-    def __init__(self, items: Iterable[tuple[str, torch.Tensor]], infos: Mapping[str, TensorInfo]):
+    def __init__(self, items: Iterable[tuple[str, object]], infos: Mapping[str, TensorInfo]):
         self._it = iter(items)
         self._infos = infos
 
@@ -921,15 +1095,16 @@ class _PieceStream:
                 raise ValueError(f"tensor stream ended before tensor '{name}' was complete") from None
             if got_name != name:
                 raise ValueError(f"tensor stream out of order: expected '{name}', got '{got_name}'")
-            if not isinstance(t, torch.Tensor) or t.dtype != info.dtype:
+            if not _has_dtype(t, info.dtype_str):
                 raise ValueError(
-                    f"tensor '{name}': expected dtype {info.dtype}, got {getattr(t, 'dtype', t)}"
+                    f"tensor '{name}': expected dtype {info.dtype_name}, got {getattr(t, 'dtype', t)}"
                 )
-            if t.numel() == info.numel and tuple(t.shape) not in (info.shape, (info.numel,)):
+            numel = math.prod(t.shape)
+            if numel == info.numel and tuple(t.shape) not in (info.shape, (info.numel,)):
                 raise ValueError(f"tensor '{name}': expected shape {info.shape}, got {tuple(t.shape)}")
-            if t.numel() > need and info.numel > 0:
+            if numel > need and info.numel > 0:
                 raise ValueError(f"tensor '{name}': pieces exceed its {info.numel} elements")
-            need -= t.numel()
+            need -= numel
             yield t.reshape(-1)
             if info.numel == 0:
                 return
@@ -938,6 +1113,15 @@ class _PieceStream:
         extra = next(self._it, None)
         if extra is not None:
             raise ValueError(f"tensor stream has an unexpected extra tensor '{extra[0]}'")
+
+
+def _has_dtype(t, code: str) -> bool:
+    if not (isinstance(t, np.ndarray) or _is_torch(t)):
+        return False
+    try:
+        return _dtype_code(t.dtype) == code
+    except (ValueError, TypeError):
+        return False
 
 
 def _fsync_path(path: Path) -> None:
@@ -968,35 +1152,144 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
         _SYNC_FILE_RANGE(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE
 
 
-def _write_safetensors_shards(folder, stream, infos, shards, names, metadata, fsync) -> tuple[int, float]:
+_DIRECT_BLOCK = 8 * 2**20  # bytes per direct write: large, page-aligned
+_DIRECT_ALIGN = 4096  # O_DIRECT needs offsets, lengths and addresses aligned to the logical block size
+DIRECT_IO_MIN_BYTES = 64 * 2**20  # smaller files are written through the page cache
+
+
+class _FileWriter:
+    """Appends bytes to a new file, either through the page cache (starting writeback every
+    _WRITEBACK_EVERY bytes, so the final fsync is short) or with direct I/O.
+
+    Direct I/O (O_DIRECT) gathers the bytes into a page-aligned block and writes whole blocks straight to
+    the device: no page-cache copy to make and later flush, and no fresh page-cache memory to allocate,
+    which on a VM whose free memory was handed back to the host costs more than the disk write itself.
+    Where the filesystem refuses O_DIRECT (tmpfs, some network filesystems) it falls back to buffered."""
+
+    def __init__(self, path: Path, *, direct: bool, writeback: bool):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        self.direct = bool(direct and hasattr(os, "O_DIRECT"))
+        self.fd = -1
+        if self.direct:
+            try:
+                self.fd = os.open(path, flags | os.O_DIRECT, 0o666)
+            except OSError:
+                self.direct = False
+        if self.fd < 0:
+            self.fd = os.open(path, flags, 0o666)
+        self.writeback = writeback
+        self.pos = 0  # bytes handed to the OS so far
+        self.synced = 0
+        self.fill = 0  # bytes gathered in the direct-I/O block
+        self._block = self._arr = None
+        if self.direct:
+            self._block = mmap.mmap(-1, _DIRECT_BLOCK)  # anonymous maps are page-aligned
+            self._arr = np.frombuffer(self._block, dtype=np.uint8)
+
+    def write(self, data: memoryview) -> None:
+        src = np.frombuffer(data, dtype=np.uint8) if self.direct and len(data) else None
+        done = 0
+        while done < len(data):
+            if not self.direct:  # never chosen, or given up on in _write_block
+                self._write_buffered(data[done:])
+                return
+            n = min(len(data) - done, _DIRECT_BLOCK - self.fill)
+            np.copyto(self._arr[self.fill : self.fill + n], src[done : done + n])  # releases the GIL
+            self.fill += n
+            done += n
+            if self.fill == _DIRECT_BLOCK:
+                self._write_block(_DIRECT_BLOCK)
+
+    def _write_buffered(self, data: memoryview) -> None:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], self.pos + done)
+        self.pos += len(data)
+        if self.writeback and self.pos - self.synced >= _WRITEBACK_EVERY:
+            _start_writeback(self.fd, self.synced, self.pos - self.synced)
+            self.synced = self.pos
+
+    def _write_block(self, length: int) -> None:
+        """Write the gathered block (``length`` is a multiple of _DIRECT_ALIGN, the tail padded)."""
+        view = memoryview(self._block)[:length]
+        try:
+            done = os.pwrite(self.fd, view, self.pos)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            done = 0  # the filesystem accepted O_DIRECT at open but not for writes
+        if done != length:  # refused or short: finish this file through the page cache
+            import fcntl
+
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            self.direct = False
+            self.pos += done
+            self._write_buffered(view[done : self.fill])
+        else:
+            self.pos += min(self.fill, length)
+        self.fill = 0
+
+    def close(self, fsync: bool) -> float:
+        """Write what is left, fsync (if asked) and close; returns the seconds spent in fsync."""
+        try:
+            if self.direct and self.fill:
+                size = self.pos + self.fill
+                padded = -(-self.fill // _DIRECT_ALIGN) * _DIRECT_ALIGN
+                self._arr[self.fill : padded] = 0
+                self._write_block(padded)
+                os.ftruncate(self.fd, size)  # drop the padding of the last block
+                self.pos = size
+            t_sync = 0.0
+            if fsync:
+                t0 = time.perf_counter()
+                os.fsync(self.fd)
+                t_sync = time.perf_counter() - t0
+            return t_sync
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self._arr = None
+        if self._block is not None:
+            self._block.close()
+            self._block = None
+
+
+def _write_safetensors_shards(
+    folder, stream, infos, shards, names, metadata, fsync, direct_io
+) -> tuple[int, float]:
     written, t_sync = 0, 0.0
     for shard, fname in zip(shards, names, strict=True):
-        with open(folder / fname, "wb", buffering=0) as f:
-            _write_all(f, memoryview(_safetensors_header([infos[n] for n in shard], metadata)))
-            synced = 0
+        size = sum(infos[n].nbytes for n in shard)
+        direct = fsync and size >= DIRECT_IO_MIN_BYTES if direct_io is None else direct_io
+        f = _FileWriter(folder / fname, direct=direct, writeback=fsync)
+        try:
+            f.write(memoryview(_safetensors_header([infos[n] for n in shard], metadata)))
             for name in shard:
                 for piece in stream.pieces(name):
                     data = _byte_view(piece)
-                    _write_all(f, data)
+                    f.write(data)
                     written += len(data)
-                    pos = f.tell()
-                    if fsync and pos - synced >= _WRITEBACK_EVERY:
-                        _start_writeback(f.fileno(), synced, pos - synced)
-                        synced = pos
-            if fsync:
-                t0 = time.perf_counter()
-                os.fsync(f.fileno())
-                t_sync += time.perf_counter() - t0
+        except BaseException:
+            f.abort()
+            raise
+        t_sync += f.close(fsync)
     return written, t_sync
 
 
-def _collect(stream, infos) -> dict[str, torch.Tensor]:
+def _collect(stream, infos) -> dict:
     """PyTorch-file output: the whole state dict must be in memory for torch.save."""
+    import torch
+
     out = {}
     for name, info in infos.items():
         t = torch.empty(info.shape, dtype=info.dtype)
         flat, pos = t.view(-1), 0
         for piece in stream.pieces(name):
+            piece = piece if _is_torch(piece) else to_torch(piece)
             flat[pos : pos + piece.numel()].copy_(piece)
             pos += piece.numel()
         out[name] = t
@@ -1004,6 +1297,8 @@ def _collect(stream, infos) -> dict[str, torch.Tensor]:
 
 
 def _torch_save(obj, path: Path, fsync: bool) -> float:
+    import torch
+
     with open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()
@@ -1040,10 +1335,10 @@ def _copy_hf_files(template: Checkpoint, folder: Path, infos: Mapping[str, Tenso
 
 def _set_config_dtype(path: Path, infos: Mapping[str, TensorInfo]) -> None:
     """Keep config.json's dtype truthful (transformers loads in it), avoiding a silent dtype surprise."""
-    dtypes = {i.dtype for i in infos.values() if i.is_float}
+    dtypes = {i.dtype_name for i in infos.values() if i.is_float}
     if len(dtypes) != 1:
         return
-    name = _dtype_name(dtypes.pop())
+    name = dtypes.pop()
     try:
         config = json.loads(path.read_text())
     except ValueError:
@@ -1083,7 +1378,7 @@ def _torch_object(template: Checkpoint | None, state: dict, aliases: Mapping[str
 
 def write_checkpoint(
     output: str | os.PathLike,
-    tensors: Iterable[tuple[str, torch.Tensor]],
+    tensors: Iterable[tuple[str, object]],
     *,
     infos: Mapping[str, TensorInfo],
     template: Checkpoint | None = None,
@@ -1094,22 +1389,25 @@ def write_checkpoint(
     force: bool = False,
     inputs: Iterable[Checkpoint | str | os.PathLike] = (),
     fsync: bool = True,
+    direct_io: bool | None = None,
 ) -> WriteResult:
     """Stream ``tensors`` into a new checkpoint at ``output``, atomically.
 
     ``infos`` are the output tensors (names, shapes, dtypes) in write order, known before the first tensor
-    arrives; ``tensors`` yields (name, tensor) in that order, where a tensor may also come as consecutive
-    flat pieces whose sizes add up. Each item is consumed before the next is requested, so a producer may
-    reuse its buffers. ``fmt`` defaults to ``default_format(output, template)``. ``template`` (the newest
-    input) gives the config and tokenizer files copied into HF folders, and the nesting, non-tensor
-    entries and tied aliases of torch files.
+    arrives; ``tensors`` yields (name, tensor) in that order (numpy arrays or torch tensors), where a
+    tensor may also come as consecutive flat pieces whose sizes add up. Each item is consumed before the
+    next is requested, so a producer may reuse its buffers. ``fmt`` defaults to
+    ``default_format(output, template)``. ``template`` (the newest input) gives the config and tokenizer
+    files copied into HF folders, and the nesting, non-tensor entries and tied aliases of torch files.
     Safetensors outputs shard above ``shard_size`` bytes (HF index json); torch outputs are one file.
     ``metadata`` goes into the safetensors header; ``record`` is written as merge.json beside the output.
 
     The output is built in a temporary folder beside it, fsynced, then renamed into place (``force``
     replaces an existing output: old renamed aside, new renamed in, old deleted). On any exception the
     temporary folder is removed and nothing is published. Inputs (``template`` and ``inputs``) are never
-    written, and an output equal to, inside, or containing one of them is refused.
+    written, and an output equal to, inside, or containing one of them is refused. ``direct_io`` writes
+    safetensors files with O_DIRECT (None: when fsync is on and the file has at least
+    DIRECT_IO_MIN_BYTES).
     """
     t_start = time.perf_counter()
     fmt = fmt or default_format(output, template)
@@ -1136,7 +1434,9 @@ def write_checkpoint(
                 if aliases:
                     meta["extramerge.aliases"] = json.dumps(aliases, sort_keys=True)
                 meta = {"format": "pt", **meta} if meta else meta
-            written, t_sync = _write_safetensors_shards(tmp, stream, infos, shards, files, meta, fsync)
+            written, t_sync = _write_safetensors_shards(
+                tmp, stream, infos, shards, files, meta, fsync, direct_io
+            )
             if len(shards) > 1:
                 files.append(_write_index(tmp, "model.safetensors.index.json", infos, shards, files, {}))
         else:

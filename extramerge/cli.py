@@ -62,7 +62,7 @@ def _inspect(args) -> int:
     try:
         rows = []
         for c in ckpts:
-            dtypes = Counter(str(i.dtype).replace("torch.", "") for i in c.infos.values())
+            dtypes = Counter(i.dtype_name for i in c.infos.values())
             rows.append(
                 {
                     "path": str(c.path),
