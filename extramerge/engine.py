@@ -1,35 +1,41 @@
-"""The streaming engine: Σ_j w_j θ_j over real checkpoints, tensor chunk by tensor chunk.
+"""The streaming engine: Σ_j w_j θ_j over real checkpoints, chunk by chunk, with numpy only.
 
-Each checkpoint is read once, in stored order, in chunks of ``chunk_bytes`` (16 MiB by default). Reads are
-zero-copy: a chunk is a view of the memory-mapped safetensors file whose pages a small thread pool maps in
-ahead of use (madvise POPULATE_READ, so page faults and disk reads overlap the arithmetic) and which are
-unmapped from the process right after use (madvise DONTNEED), so resident memory stays a few chunks. The
-chunk is accumulated in place into a float32 (or float64) accumulator with ``acc.add_(piece, alpha=w)``,
-cast to the output dtype and handed to the streaming writer, which writes its bytes straight to the output
-file and starts their writeback early. Peak memory is therefore a few chunks — independent of the model
-size and of the number of checkpoints — except for PyTorch-file outputs, which torch.save must hold whole
+The model is cut into units of about ``chunk_bytes`` per checkpoint (a slice of a large tensor, or a run
+of small tensors). A small thread pool works on consecutive units: each worker maps the unit's pages of
+every checkpoint in (madvise POPULATE_READ on the shared read-only maps of the safetensors files: no
+copy), accumulates Σ_j w_j x_j in float32 (or float64) in cache-sized blocks (tmp = w·x stays in L2,
+acc += tmp), casts to the output dtype (bfloat16 through ml_dtypes, round-to-nearest-even) into a pooled
+buffer and unmaps the pages again (madvise DONTNEED), so resident memory stays a few units. The calling
+thread meanwhile hands finished units, in order, to the streaming writer (direct I/O for large outputs),
+so reading, arithmetic and writing overlap. Peak memory is a few units — independent of the model size
+and of the number of checkpoints — except for PyTorch-file outputs, which torch.save must hold whole
 (and PyTorch-file inputs, which torch memory-maps itself: their touched pages count as resident).
 
-Checkpoints with weight exactly 0 are not read at all. Integer and bool tensors (step counters, masks)
-are not averaged: they are copied from the newest checkpoint.
+torch is never imported for safetensors inputs and outputs. Checkpoints with weight exactly 0 are not
+read at all. Integer and bool tensors (step counters, masks) are not averaged: they are copied from the
+newest checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as _dt
+import itertools
+import mmap
 import os
 import resource
 import shutil
+import sys
+import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .checkpoints import (
     Checkpoint,
@@ -39,11 +45,14 @@ from .checkpoints import (
     check_output,
     default_format,
     output_layout,
+    to_numpy,
+    to_torch,
     write_checkpoint,
 )
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "MERGE_CHUNK_BYTES",
     "MergeSummary",
     "iter_aligned",
     "iter_chunks",
@@ -54,14 +63,195 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_BYTES = 16 * 2**20
+MERGE_CHUNK_BYTES = 4 * 2**20  # per checkpoint and unit: 8 checkpoints x 4 MiB mapped per worker
+_BLOCK = 64 * 2**10  # elements per arithmetic block: acc and tmp (float32) take 512 KiB of L2
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+    "float32": "F32", "fp32": "F32", "float": "F32",
+    "bfloat16": "BF16", "bf16": "BF16",
+    "float16": "F16", "fp16": "F16", "half": "F16",
+    "float64": "F64", "fp64": "F64", "double": "F64",
 }  # fmt: skip
-_ARITH = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INLINE_BYTES = 256 * 2**10  # zero-copy views this small are made on the spot, not on a reader thread
+
+
+# ------------------------------------------------------------------------------------------ threading
+
+
+_BLAS_LOCAL: list = []
+
+
+def _blas_single_thread() -> None:
+    """Keep BLAS calls made from this thread single-threaded: our workers already use every core, and
+    OpenBLAS's own threads would oversubscribe them (measured: 2x slower Gram pass on 2 cores). Uses
+    OpenBLAS's per-thread ``openblas_set_num_threads_local`` (0.3.27+) where numpy's OpenBLAS has it;
+    a no-op elsewhere."""
+    if not _BLAS_LOCAL:
+        fns = []
+        try:
+            with open("/proc/self/maps") as f:
+                libs = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
+            for lib in sorted(libs):
+                handle = ctypes.CDLL(lib)
+                for sym in ("openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local64_"):
+                    fn = getattr(handle, sym, None)
+                    if fn is not None:
+                        fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+                        fns.append(fn)
+                        break
+        except OSError:
+            pass
+        _BLAS_LOCAL.append(fns)
+    for fn in _BLAS_LOCAL[0]:
+        fn(1)
+
+
+_END = object()
+
+
+def _ordered_map(fn: Callable, items: Iterable, *, workers: int, depth: int) -> Iterator:
+    """fn(item) for each item on ``workers`` threads, yielded in order, with at most ``depth`` items
+    submitted ahead of the consumer. workers=0 runs inline. Closing the generator (or an exception in
+    fn, re-raised here) cancels what has not started and waits for what has."""
+    items = iter(items)
+    if workers <= 0:
+        for item in items:
+            yield fn(item)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="extramerge", initializer=_blas_single_thread)
+    pending: deque = deque()
+    try:
+        for item in itertools.islice(items, max(depth, workers)):
+            pending.append(pool.submit(fn, item))
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(items, _END)
+            if nxt is not _END:
+                pending.append(pool.submit(fn, nxt))
+            yield result
+    finally:
+        for fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True)
+
+
+def can_fork() -> bool:
+    """Whether CPU-bound passes may run in forked worker processes: Linux, and no other Python thread
+    (forking a multi-threaded process can leave a lock held forever in the child)."""
+    return hasattr(os, "fork") and sys.platform.startswith("linux") and threading.active_count() == 1
+
+
+_ERR_BYTES = 4096
+
+
+def run_forked(jobs: list[Callable[[], None]], *, poll: Callable[[], None] | None = None, idle=None) -> None:
+    """Run each job in a forked child process and wait for all of them.
+
+    Threads would serialise here: numpy releases the GIL inside each call, but handing it back and forth
+    between threads every few tens of microseconds costs as much as the calls (measured: 2 threads 1.3x,
+    2 processes 1.9x one). Children share the parent's memory copy-on-write; jobs report through shared
+    memory the caller maps before forking (``mmap.mmap(-1, n)``). ``poll`` runs in the parent every
+    50 ms (progress), ``idle`` once right after forking (work the parent can overlap). A child's exception
+    is re-raised in the parent (CheckpointError, ValueError and OSError keep their type and message); the
+    other children are killed. Children die with the parent (PR_SET_PDEATHSIG).
+    """
+    errors = mmap.mmap(-1, _ERR_BYTES * len(jobs))
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    pids: list[int] = []
+    try:
+        for k, job in enumerate(jobs):
+            pid = os.fork()
+            if pid == 0:  # child: never returns
+                code = 1
+                try:
+                    with contextlib.suppress(Exception):
+                        ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+                    _blas_single_thread()
+                    job()
+                    code = 0
+                except BaseException as e:  # noqa: BLE001 - everything is reported to the parent
+                    msg = f"{type(e).__name__}\0{e}".encode(errors="replace")[: _ERR_BYTES - 1]
+                    errors[k * _ERR_BYTES : k * _ERR_BYTES + len(msg)] = msg
+                finally:
+                    os._exit(code)
+            pids.append(pid)
+        if idle is not None:
+            idle()
+        alive = dict.fromkeys(pids)
+        failed = None
+        while alive and failed is None:
+            for pid in list(alive):
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    del alive[pid]
+                    if os.waitstatus_to_exitcode(status) != 0:
+                        failed = pids.index(pid)
+            if poll is not None:
+                poll()
+            if alive and failed is None:
+                time.sleep(0.02)
+        if failed is not None:
+            raise _child_error(errors[failed * _ERR_BYTES : (failed + 1) * _ERR_BYTES])
+    finally:
+        for pid in pids:  # on failure or interrupt: stop the others, and reap every child
+            with contextlib.suppress(OSError):
+                if os.waitpid(pid, os.WNOHANG) == (0, 0):
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+        errors.close()
+
+
+def _child_error(raw: bytes) -> BaseException:
+    kind, _, msg = raw.rstrip(b"\0").decode(errors="replace").partition("\0")
+    for cls in (CheckpointError, ValueError, OSError, MemoryError):
+        if kind == cls.__name__:
+            return cls(msg)
+    if not kind:
+        return RuntimeError("a worker process died without reporting an error (out of memory?)")
+    return RuntimeError(f"worker process failed: {kind}: {msg}")
+
+
+def _advise_spans(spans: list, advice: str) -> None:
+    """madvise ('populate' | 'drop') the byte ranges [(file, lo, hi), ...], merging adjacent ranges of
+    one file into one call."""
+    by_file: dict = {}
+    for f, lo, hi in spans:
+        by_file.setdefault(id(f), (f, []))[1].append((lo, hi))
+    for f, ranges in by_file.values():
+        ranges.sort()
+        cur_lo, cur_hi = ranges[0]
+        for lo, hi in ranges[1:]:
+            if lo <= cur_hi + mmap.PAGESIZE:
+                cur_hi = max(cur_hi, hi)
+            else:
+                f.madvise_span(cur_lo, cur_hi, advice)
+                cur_lo, cur_hi = lo, hi
+        f.madvise_span(cur_lo, cur_hi, advice)
+
+
+def _unit_arrays(ckpts, infos, segs, sources, *, zero_copy: bool, scratch, read_bytes: int):
+    """For each segment (name, a, b) of a unit, elements [a, b) of every checkpoint index in
+    ``sources(name)`` as numpy arrays: views of the memory-mapped files (whose byte spans are returned,
+    to be populated before use and dropped after) or, for files we cannot map, preads into this
+    thread's buffers (``read_bytes`` per source) — valid until the thread's next unit."""
+    spans: list = []
+    arrays, at = [], 0
+    for name, a, b in segs:
+        row = []
+        for k, j in enumerate(sources(name)):
+            ck = ckpts[j]
+            where = ck.span(name, a, b) if zero_copy else None
+            if where is not None:
+                spans.append(where)
+                row.append(ck.view_range(name, a, b, numpy=True))
+            else:
+                nbytes = (b - a) * infos[name].itemsize
+                buf = scratch.get(("read", k), (read_bytes,), np.uint8)
+                row.append(ck.read_range(name, a, b, buf[at : at + nbytes], numpy=True))
+        arrays.append(row)
+        at += _align((b - a) * infos[name].itemsize)
+    return arrays, spans
 
 
 # ----------------------------------------------------------------------------------------- read pipeline
@@ -76,14 +266,14 @@ def _ranges(numel: int, chunk: int) -> list[tuple[int, int]]:
 
 def _read(ck: Checkpoint, name: str, start, stop, buf):
     if start is None:
-        return ck.read(name)
-    return ck.read_range(name, start, stop, buf)
+        return ck.read(name, numpy=True)
+    return ck.read_range(name, start, stop, buf, numpy=True)
 
 
 def _view(ck: Checkpoint, name: str, start: int, stop: int, populate: bool = True):
     if populate:  # page faults (and disk reads) happen here, off the main thread
         ck.advise(name, start, stop, "populate")
-    return ck.view_range(name, start, stop)
+    return ck.view_range(name, start, stop, numpy=True)
 
 
 class _Done:
@@ -111,14 +301,14 @@ def _pipeline(
     zero_copy: bool = False,
 ):
     """Run the reads of each unit (tag, [(ckpt, name, start, stop), ...]) on a thread pool, at most ``depth``
-    units (and about ``max_bytes``) in flight ahead of the consumer; yield (tag, tensors) in order.
+    units (and about ``max_bytes``) in flight ahead of the consumer; yield (tag, arrays) in order.
 
     Ranged reads (start is not None) are valid only until the consumer asks for the next unit: with
     ``zero_copy`` they are views of the memory-mapped files whose pages are populated by the reader threads
     and dropped from the process afterwards; otherwise (or where a file cannot be mapped) they land in
     reusable buffers of ``buf_bytes``. Whole-tensor reads (start None) are fresh and may be kept.
     """
-    free: list[torch.Tensor] = []
+    free: list[np.ndarray] = []
     pool = ThreadPoolExecutor(workers, thread_name_prefix="extramerge-read") if workers > 0 else None
     depth = max(depth, 1) if pool is not None else 0
     pending: deque = deque()
@@ -140,11 +330,11 @@ def _pipeline(
                 bufs.append((ck, name, start, stop))
                 touched.add(ck)
             elif buf_bytes and start is not None and ck._copies(name):
-                buf = free.pop() if free else torch.empty(buf_bytes, dtype=torch.uint8)
+                buf = free.pop() if free else np.empty(buf_bytes, dtype=np.uint8)
                 args = (ck, name, start, stop, buf)
                 bufs.append(buf)
             info = ck.infos[ck.aliases.get(name, name)]
-            size = (info.numel if start is None else stop - start) * info.dtype.itemsize
+            size = (info.numel if start is None else stop - start) * info.itemsize
             nbytes += size
             if pool is None or (fn is _view and size <= _INLINE_BYTES):  # a thread hop costs more
                 fut = _Done(fn(*args, False) if fn is _view else fn(*args))
@@ -200,6 +390,10 @@ def _names(ckpts: Sequence[Checkpoint], names) -> list[str]:
     return list(names)
 
 
+def _as(arrays: list, numpy: bool) -> list:
+    return arrays if numpy else [to_torch(a) for a in arrays]
+
+
 def iter_aligned(
     ckpts: Sequence[Checkpoint],
     names: Iterable[str] | None = None,
@@ -207,13 +401,17 @@ def iter_aligned(
     prefetch: int = 2,
     workers: int = 2,
     max_bytes: int | None = 2**30,
-) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    numpy: bool = False,
+) -> Iterator[tuple[str, list]]:
     """For each tensor name in order: the N checkpoints' whole tensors (fresh or memory-mapped, the
-    caller may keep them). At most ``prefetch`` groups (and about ``max_bytes``) are read ahead on
-    ``workers`` threads, so memory is about (prefetch + 1) × N × one tensor; for very large tensors prefer
-    ``iter_chunks``, whose memory does not grow with the tensor."""
+    caller may keep them; torch tensors, or numpy arrays with ``numpy``). At most ``prefetch`` groups
+    (and about ``max_bytes``) are read ahead on ``workers`` threads, so memory is about
+    (prefetch + 1) × N × one tensor; for very large tensors prefer ``iter_chunks``, whose memory does not
+    grow with the tensor."""
     units = (((name), [(ck, name, None, None) for ck in ckpts]) for name in _names(ckpts, names))
-    yield from _pipeline(units, depth=prefetch, workers=workers, buf_bytes=None, max_bytes=max_bytes)
+    pipe = _pipeline(units, depth=prefetch, workers=workers, buf_bytes=None, max_bytes=max_bytes)
+    for name, arrays in pipe:
+        yield name, _as(arrays, numpy)
 
 
 def iter_chunks(
@@ -224,26 +422,28 @@ def iter_chunks(
     prefetch: int = 2,
     workers: int = 2,
     zero_copy: bool = True,
-) -> Iterator[tuple[str, int, int, list[torch.Tensor]]]:
+    numpy: bool = False,
+) -> Iterator[tuple[str, int, int, list]]:
     """(name, start, stop, [N flat pieces]) covering each tensor in chunks of about ``chunk_bytes`` bytes
-    per checkpoint. The pieces are zero-copy views of the memory-mapped files (or, with ``zero_copy=False``
-    or a file that cannot be mapped, reused buffers): valid only until the next item is requested, never to
-    be modified. Memory stays about (prefetch + 1) × N × chunk_bytes whatever the tensor sizes; inner
-    products such as a Gram matrix accumulate chunk by chunk (G += P Pᵀ)."""
+    per checkpoint. The pieces (torch tensors, or numpy arrays with ``numpy``) are zero-copy views of the
+    memory-mapped files (or, with ``zero_copy=False`` or a file that cannot be mapped, reused buffers):
+    valid only until the next item is requested, never to be modified. Memory stays about
+    (prefetch + 1) × N × chunk_bytes whatever the tensor sizes; inner products such as a Gram matrix
+    accumulate chunk by chunk (G += P Pᵀ)."""
     names = _names(ckpts, names)
     ref = ckpts[-1]
 
     def units():
         for name in names:
             info = ref.infos[ref.aliases.get(name, name)]
-            for a, b in _ranges(info.numel, max(1, chunk_bytes // info.dtype.itemsize)):
+            for a, b in _ranges(info.numel, max(1, chunk_bytes // info.itemsize)):
                 yield (name, a, b), [(ck, name, a, b) for ck in ckpts]
 
-    itemsize = max((i.dtype.itemsize for i in ref.infos.values()), default=1)
+    itemsize = max((i.itemsize for i in ref.infos.values()), default=1)
     buf_bytes = max(chunk_bytes, itemsize)
     pipe = _pipeline(units(), depth=prefetch, workers=workers, buf_bytes=buf_bytes, zero_copy=zero_copy)
     for (name, a, b), pieces in pipe:
-        yield name, a, b, pieces
+        yield name, a, b, _as(pieces, numpy)
 
 
 def iter_reads(
@@ -254,43 +454,59 @@ def iter_reads(
     prefetch: int = 4,
     workers: int = 2,
     zero_copy: bool = True,
-) -> Iterator[tuple[tuple[int, str, int, int], torch.Tensor]]:
+    numpy: bool = False,
+) -> Iterator[tuple[tuple[int, str, int, int], object]]:
     """Read ``requests`` (checkpoint index, name, start, stop) in order with ``prefetch`` reads in flight;
     yields (request, flat piece), the piece valid until the next item is requested (a view of the
     memory-mapped file, or a reused buffer of ``buf_bytes``) and never to be modified."""
     units = ((r, [(ckpts[r[0]], r[1], r[2], r[3])]) for r in requests)
     pipe = _pipeline(units, depth=prefetch, workers=workers, buf_bytes=buf_bytes, zero_copy=zero_copy)
     for req, (piece,) in pipe:
-        yield req, piece
+        yield req, piece if numpy else to_torch(piece)
 
 
 # ------------------------------------------------------------------------------------------- arithmetic
 
 
-def weighted_sum(
-    tensors: Sequence[torch.Tensor], weights, *, accumulate: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """Σ_j w_j t_j accumulated in ``accumulate`` (float32 by default) whatever the input dtype; returned in
-    the accumulation dtype. Integer/bool tensors are not averaged: the last (newest) one is returned."""
+def _is_float_array(a: np.ndarray) -> bool:
+    return a.dtype.kind == "f" or a.dtype.name in ("bfloat16", "float8_e5m2", "float8_e4m3fn")
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    if a.dtype.kind != "f":  # bfloat16 / float8 (ml_dtypes): check in float32
+        a = a.astype(np.float32)
+    return bool(np.isfinite(a).all())
+
+
+def weighted_sum(tensors: Sequence, weights, *, accumulate="float32"):
+    """Σ_j w_j t_j accumulated in ``accumulate`` (float32 by default; a name or a numpy/torch dtype)
+    whatever the input dtype; returned in the accumulation dtype, as a torch tensor when the inputs are
+    torch tensors, else a numpy array. Integer/bool tensors are not averaged: the last (newest) one is
+    returned."""
     w = np.asarray(weights, dtype=np.float64).reshape(-1)
     if len(tensors) != w.size:
         raise ValueError(f"got {w.size} weights for {len(tensors)} tensors")
     if not tensors:
         raise ValueError("weighted_sum of no tensors")
-    if not tensors[-1].dtype.is_floating_point:
-        return tensors[-1].clone()
-    acc = torch.zeros(tensors[0].shape, dtype=accumulate)
-    for t, wj in zip(tensors, w, strict=True):
-        if wj != 0.0:
-            acc.add_(t if t.dtype in _ARITH else t.to(accumulate), alpha=float(wj))
-    return acc
+    torch_in = not isinstance(tensors[-1], np.ndarray)
+    arrays = [to_numpy(t) for t in tensors]
+    if not _is_float_array(arrays[-1]):
+        out = arrays[-1].copy()
+    else:
+        acc = np.dtype(_accumulate_name(accumulate))
+        out = np.zeros(arrays[0].shape, dtype=acc)
+        tmp = np.empty_like(out)
+        for a, wj in zip(arrays, w, strict=True):
+            if wj != 0.0:
+                np.copyto(tmp, a)
+                tmp *= acc.type(wj)
+                out += tmp
+    return to_torch(out) if torch_in else out
 
 
-def output_dtype(info: TensorInfo, dtype: str) -> torch.dtype:
-    """The dtype a tensor is written in: 'same' keeps it; otherwise floating tensors are cast to ``dtype``
-    and integer/bool tensors keep theirs."""
+def _output_code(info: TensorInfo, dtype: str) -> str:
     if dtype == "same" or not info.is_float:
-        return info.dtype
+        return info.dtype_str
     try:
         return _DTYPES[dtype]
     except KeyError:
@@ -299,14 +515,65 @@ def output_dtype(info: TensorInfo, dtype: str) -> torch.dtype:
         ) from None
 
 
-def _accumulate_dtype(accumulate) -> torch.dtype:
-    if isinstance(accumulate, torch.dtype):
-        acc = accumulate
-    else:
-        acc = _DTYPES.get(str(accumulate))
-    if acc not in (torch.float32, torch.float64):
+def output_dtype(info: TensorInfo, dtype: str):
+    """The (torch) dtype a tensor is written in: 'same' keeps it; otherwise floating tensors are cast to
+    ``dtype`` and integer/bool tensors keep theirs. The engine itself uses the safetensors code."""
+    return TensorInfo(info.name, info.shape, _output_code(info, dtype)).dtype
+
+
+def _accumulate_name(accumulate) -> str:
+    name = str(accumulate).removeprefix("torch.")
+    name = {"F32": "float32", "F64": "float64"}.get(name, name)
+    name = {"fp32": "float32", "float": "float32", "fp64": "float64", "double": "float64"}.get(name, name)
+    if name not in ("float32", "float64"):
         raise ValueError(f"accumulate must be float32 or float64, got {accumulate!r}")
-    return acc
+    return name
+
+
+class _Scratch(threading.local):
+    """Per-thread L2-sized work arrays (and pread buffers for files that cannot be mapped)."""
+
+    def get(self, key, shape, dtype) -> np.ndarray:
+        cache = self.__dict__.setdefault("arrays", {})
+        a = cache.get(key)
+        size = int(np.prod(shape))
+        if a is None or a.dtype != dtype or a.size < size:
+            a = cache[key] = np.empty(size, dtype=dtype)
+        return a[:size].reshape(shape)
+
+
+def _weighted_into(out: np.ndarray, xs: list, ws: list, acc: np.dtype, scratch: _Scratch, check: bool):
+    """out = Σ_k ws[k] xs[k], accumulated in ``acc`` block by block so the block's acc and tmp stay in
+    L2; cast to out's dtype (round-to-nearest-even) per block. Returns the first block start whose
+    result is not finite (when ``check``), else None."""
+    n = out.size
+    direct = out.dtype == acc
+    blk = min(_BLOCK, max(n, 1))
+    tmp_all = scratch.get("tmp", (blk,), acc)
+    acc_all = tmp_all if direct else scratch.get("acc", (blk,), acc)
+    for s in range(0, n, blk):
+        e = min(s + blk, n)
+        m = e - s
+        a = out[s:e] if direct else acc_all[:m]
+        tmp = tmp_all[:m]
+        for k, x in enumerate(xs):
+            xb = x[s:e]
+            if xb.dtype != acc:
+                np.copyto(tmp, xb)  # exact widening: bfloat16/float16/float8 -> float32, float32 -> float64
+                xb = tmp
+            if k == 0:
+                np.multiply(xb, ws[k], out=a)
+            else:
+                np.multiply(xb, ws[k], out=tmp)
+                np.add(a, tmp, out=a)
+        if check and not np.isfinite(a.sum()) and not np.isfinite(a).all():
+            return s
+        if not direct:
+            ob = out[s:e]
+            np.copyto(ob, a, casting="unsafe")
+            if check and ob.dtype == np.float16 and not np.isfinite(ob).all():
+                return -1 - s  # finite in the accumulator, overflowed in float16
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -382,6 +649,7 @@ class MergeSummary:
     dtype: str
     accumulate: str
     dry_run: bool = False
+    workers: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -408,11 +676,14 @@ class MergeSummary:
             ]
         else:
             t = self.timings
-            parts = ", ".join(f"{k} {v:.2f}s" for k, v in t.items() if k != "total")
+            # Workers map pages in/out (read_wait) and compute while the writer writes: these overlap.
+            threads = f"on {self.workers} worker thread(s)" if self.workers else "inline"
+            work = ", ".join(f"{k} {t[k]:.2f}s" for k in ("read_wait", "compute") if k in t)
+            io = ", ".join(f"{k} {t[k]:.2f}s" for k in ("write", "fsync", "publish") if k in t)
             lines += [
                 f"  read          {_fmt_bytes(self.bytes_read)} at {_fmt_bytes(self.read_bandwidth)}/s",
                 f"  written       {_fmt_bytes(self.bytes_written)} in {len(self.files)} file(s)",
-                f"  time          {self.seconds:.2f}s ({parts})",
+                f"  time          {self.seconds:.2f}s ({work} {threads}; overlapped with {io})",
                 f"  peak memory   {_fmt_bytes(self.merge_rss_bytes)} during the merge "
                 f"(process high-water mark {_fmt_bytes(self.peak_rss_bytes)}; "
                 f"projected {_fmt_bytes(self.projected_peak_rss_bytes)})",
@@ -442,17 +713,44 @@ def _first_existing(p: Path) -> Path:
     return p
 
 
-def _nonfinite_error(ckpts, active, name, a, b, acc_dtype) -> CheckpointError:
+def _nonfinite_error(ckpts, active, name, a, b, acc_name) -> CheckpointError:
     for j in active:
-        piece = ckpts[j].read_range(name, a, b)
-        if not bool(torch.isfinite(piece).all()):
+        piece = ckpts[j].read_range(name, a, b, numpy=True)
+        if not _all_finite(piece):
             return CheckpointError(
                 f"tensor '{name}' in {ckpts[j].name} contains NaN or Inf values (allow_nonfinite=True / "
                 "--allow-nonfinite merges anyway)"
             )
     return CheckpointError(
-        f"tensor '{name}': the merged values overflow {acc_dtype} (try accumulate='float64')"
+        f"tensor '{name}': the merged values overflow {acc_name} (try accumulate='float64')"
     )
+
+
+def plan_units(infos: dict[str, TensorInfo], chunk: int) -> list[list[tuple[str, int, int]]]:
+    """Units of work in write order: lists of (name, start, stop) segments of about ``chunk`` elements
+    in all (a slice of a large tensor, or a run of small tensors)."""
+    units: list[list[tuple[str, int, int]]] = []
+    cur: list[tuple[str, int, int]] = []
+    used = 0
+    for name, info in infos.items():
+        for a, b in _ranges(info.numel, chunk):
+            if cur and used + (b - a) > chunk:
+                units.append(cur)
+                cur, used = [], 0
+            cur.append((name, a, b))
+            used += b - a
+    if cur:
+        units.append(cur)
+    return units
+
+
+def _align(n: int, to: int = 64) -> int:
+    return -(-n // to) * to
+
+
+def _unit_bytes(units: list, infos: dict[str, TensorInfo]) -> int:
+    """Bytes of the largest unit, each segment cache-line aligned."""
+    return max((sum(_align((b - a) * infos[n].itemsize) for n, a, b in u) for u in units), default=1)
 
 
 def merge_weights(
@@ -470,26 +768,29 @@ def merge_weights(
     metadata: dict[str, str] | None = None,
     record: dict | None = None,
     fmt: str | None = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int = MERGE_CHUNK_BYTES,
     prefetch: int = 4,
     workers: int = 2,
     fsync: bool = True,
     zero_copy: bool = True,
+    direct_io: bool | None = None,
 ) -> MergeSummary:
     """Write Σ_j w_j θ_j of ``ckpts`` (oldest first, one weight each) to ``output``, streaming.
 
     Floating tensors accumulate in ``accumulate`` (float32 or float64) and are written in ``dtype``
-    ('same' keeps each tensor's dtype; 'float32', 'bfloat16', 'float16' cast floating tensors). Integer and
-    bool tensors are copied from the newest checkpoint; checkpoints with weight exactly 0 are not read.
-    NaN/Inf in an input raises CheckpointError naming the tensor and file (unless ``allow_nonfinite``).
-    Everything is validated before the first byte is read: compatibility of all checkpoints, the weights,
-    the output path and the free disk space; ``dry_run`` stops there and returns projected bytes and memory.
-    ``fmt`` defaults to the output's suffix (.safetensors, .pt, ...) or else the newest checkpoint's format
-    family (see checkpoints.default_format); ``record`` extends the merge.json record.
+    ('same' keeps each tensor's dtype; 'float32', 'bfloat16', 'float16' cast floating tensors, rounding
+    to nearest even). Integer and bool tensors are copied from the newest checkpoint; checkpoints with
+    weight exactly 0 are not read. NaN/Inf in an input raises CheckpointError naming the tensor and file
+    (unless ``allow_nonfinite``). Everything is validated before the first byte is read: compatibility
+    of all checkpoints, the weights, the output path and the free disk space; ``dry_run`` stops there and
+    returns projected bytes and memory. ``fmt`` defaults to the output's suffix (.safetensors, .pt, ...)
+    or else the newest checkpoint's format family (see checkpoints.default_format); ``record`` extends the
+    merge.json record.
 
-    Tuning: ``chunk_bytes`` per read, ``prefetch`` reads in flight on ``workers`` threads; ``zero_copy``
-    reads safetensors through memory maps (pages dropped after use) instead of pread into buffers;
-    ``fsync=False`` skips flushing the output to disk before it is published.
+    Tuning: units of ``chunk_bytes`` per checkpoint are computed on ``workers`` threads (0: inline), at
+    most ``prefetch`` units ahead of the writer; ``zero_copy`` reads safetensors through memory maps
+    (pages dropped after use) instead of pread into buffers; ``fsync=False`` skips flushing the output to
+    disk before it is published; ``direct_io`` (None: automatic) writes large safetensors with O_DIRECT.
     """
     t0 = time.perf_counter()
     ckpts = list(ckpts)
@@ -505,35 +806,43 @@ def merge_weights(
     active = [j for j in range(len(ckpts)) if w[j] != 0.0]
     if not active:
         raise ValueError("all weights are zero")
-    acc_dtype = _accumulate_dtype(accumulate)
+    acc_name = _accumulate_name(accumulate)
     infos = check_compatible(ckpts)
     template = ckpts[-1]
     fmt = fmt or default_format(output, template)
-    out_infos = {n: TensorInfo(n, i.shape, output_dtype(i, dtype)) for n, i in infos.items()}
+    out_infos = {n: TensorInfo(n, i.shape, _output_code(i, dtype)) for n, i in infos.items()}
     out_path = check_output(output, ckpts, force=force)
     output_layout(out_path, fmt, template)
 
     notes = []
-    if acc_dtype != torch.float64 and any(i.dtype == torch.float64 for i in infos.values()):
-        acc_dtype = torch.float64  # never accumulate below the inputs' precision
+    if acc_name != "float64" and any(i.dtype_str == "F64" for i in infos.values()):
+        acc_name = "float64"  # never accumulate below the inputs' precision
         notes.append("float64 inputs: accumulating in float64")
+    acc = np.dtype(acc_name)
     if abs(w.sum() - 1.0) > 1e-6:
         notes.append(f"weights sum to {w.sum():.6g}, not 1: the result is not an affine merge")
     copied = [n for n, i in infos.items() if not i.is_float]
     n_torch = sum(1 for j in active if ckpts[j].format in ("torch", "hf-bin"))
     bytes_read = sum(i.nbytes * (len(active) if i.is_float else 1) for i in infos.values())
     bytes_written = sum(i.nbytes for i in out_infos.values())
-    float_numel = [i.numel for i in infos.values() if i.is_float]
     chunk = max(1, chunk_bytes // 4)
-    acc_numel = min(chunk, max(float_numel, default=0))
-    itemsize = max((i.dtype.itemsize for i in infos.values()), default=1)
-    buf_bytes = chunk * itemsize
-    out_itemsize = max((i.dtype.itemsize for i in out_infos.values()), default=1)
+    units = plan_units(infos, chunk)
+    in_itemsize = max((i.itemsize for i in infos.values()), default=1)
+    unit_bytes = max(
+        (sum(_align((b - a) * out_infos[n].itemsize) for n, a, b in u) for u in units), default=1
+    )
+    read_bytes = max((sum(_align((b - a) * infos[n].itemsize) for n, a, b in u) for u in units), default=1)
     collects = fmt in ("torch", "hf-bin")
+    n_workers = max(workers, 1)
     projected = (
         _rss_now()
-        + (prefetch + 2) * min(buf_bytes, max(i.nbytes for i in infos.values()) if infos else 0)
-        + acc_numel * (acc_dtype.itemsize + out_itemsize)
+        + n_workers
+        * len(active)
+        * min(chunk, max((i.numel for i in infos.values()), default=0))
+        * in_itemsize
+        + (max(prefetch, n_workers) + 1) * unit_bytes
+        + n_workers * 2 * _BLOCK * acc.itemsize
+        + (8 * 2**20 if not collects else 0)  # the direct-I/O block
         + (bytes_written if collects else 0)
         + (bytes_read if n_torch else 0)  # torch-file inputs are memory-mapped: touched pages count as RSS
     )
@@ -543,7 +852,7 @@ def merge_weights(
             f"output {output}: needs {_fmt_bytes(bytes_written)} but only {_fmt_bytes(free_disk)} is "
             "free there"
         )
-    if dtype == "float16" and any(i.dtype in (torch.bfloat16, torch.float32) for i in infos.values()):
+    if dtype == "float16" and any(i.dtype_str in ("BF16", "F32") for i in infos.values()):
         notes.append("casting to float16 can overflow values beyond ±65504; overflow raises an error")
 
     summary = MergeSummary(
@@ -564,8 +873,9 @@ def merge_weights(
         merge_rss_bytes=_rss_now(),
         projected_peak_rss_bytes=projected,
         dtype=dtype,
-        accumulate=str(acc_dtype).removeprefix("torch."),
+        accumulate=acc_name,
         dry_run=dry_run,
+        workers=workers,
         notes=notes,
     )
     if dry_run:
@@ -573,79 +883,83 @@ def merge_weights(
         return summary
 
     newest = len(ckpts) - 1
+    w_active = [acc.type(w[j]) for j in active]
 
-    def requests():
-        for name, info in infos.items():
-            sources = active if info.is_float else [newest]
-            for a, b in _ranges(info.numel, chunk):
-                for j in sources:
-                    yield j, name, a, b
+    def sources(name: str) -> list[int]:
+        return active if infos[name].is_float else [newest]
 
-    _raise_fd_limit(sum(len(c.files) for c in ckpts) + 256)  # each memory-mapped file keeps a descriptor
-    acc = torch.empty(acc_numel, dtype=acc_dtype)
-    outbuf = torch.empty(acc_numel * out_itemsize, dtype=torch.uint8)
-    stats = {"read_wait": 0.0, "compute": 0.0}
-    rss = [summary.merge_rss_bytes]
-    last_of = {n: (active[-1] if i.is_float else newest) for n, i in infos.items()}
+    scratch = _Scratch()
+    stats = {"read_wait": 0.0, "compute": 0.0, "wait": 0.0}
+    stats_lock = threading.Lock()
 
-    bar = _progress_bar(bytes_read, progress)
-
-    def produce():
-        reads = iter_reads(
-            ckpts, requests(), buf_bytes=buf_bytes, prefetch=prefetch, workers=workers, zero_copy=zero_copy
+    def run(item):
+        """One unit on a worker: map its pages in, compute into the unit's output buffer, unmap."""
+        segs, buf = item
+        t_a = time.perf_counter()
+        srcs, spans = _unit_arrays(
+            ckpts, infos, segs, sources, zero_copy=zero_copy, scratch=scratch, read_bytes=read_bytes
         )
-        with contextlib.closing(reads):  # stop the reader threads now, even when the writer fails
-            yield from _accumulate(reads)
-
-    def _accumulate(reads):
-        sampled = [time.perf_counter()]
-        while True:
-            t_a = time.perf_counter()
-            item = next(reads, None)
-            t_b = time.perf_counter()
-            stats["read_wait"] += t_b - t_a
-            if item is None:
-                return
-            (j, name, a, b), piece = item
-            info = infos[name]
-            bar.update(piece.numel() * piece.element_size())
-            if t_b - sampled[0] > 0.05:  # sample resident memory ~20 times a second
-                sampled[0] = t_b
-                rss.append(_rss_now())
-            if not info.is_float:
-                stats["compute"] += time.perf_counter() - t_b
-                yield name, piece
-                continue
-            n = b - a
-            acc_v = acc[:n]
-            if piece.dtype not in _ARITH:
-                piece = piece.to(acc_dtype)
-            if j == active[0]:
-                if piece.dtype == acc_dtype:
-                    torch.mul(piece, float(w[j]), out=acc_v)
-                else:
-                    acc_v.copy_(piece)
-                    acc_v.mul_(float(w[j]))
-            else:
-                acc_v.add_(piece, alpha=float(w[j]))
-            if j != last_of[name]:
-                stats["compute"] += time.perf_counter() - t_b
-                continue
-            if not allow_nonfinite and not bool(torch.isfinite(acc_v.sum())):
-                if not bool(torch.isfinite(acc_v).all()):
-                    raise _nonfinite_error(ckpts, active, name, a, b, acc_dtype)
-            odt = out_infos[name].dtype
-            if odt == acc_dtype:
-                out_piece = acc_v
-            else:
-                out_piece = outbuf[: n * odt.itemsize].view(odt)
-                out_piece.copy_(acc_v)
-                if odt == torch.float16 and not allow_nonfinite and not bool(torch.isfinite(out_piece).all()):
+        if spans:
+            _advise_spans(spans, "populate")  # page faults (and any disk reads) happen here, in one go
+        t_b = time.perf_counter()
+        pieces, off, nread = [], 0, 0
+        try:
+            for (name, a, b), xs in zip(segs, srcs, strict=True):
+                oinfo = out_infos[name]
+                n = b - a
+                out = buf[off : off + n * oinfo.itemsize].view(oinfo.np_dtype)
+                off += _align(n * oinfo.itemsize)
+                nread += sum(x.nbytes for x in xs)
+                if not infos[name].is_float:
+                    np.copyto(out, xs[0])
+                    pieces.append((name, out))
+                    continue
+                with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are checked
+                    bad = _weighted_into(out, xs, w_active, acc, scratch, not allow_nonfinite)
+                if bad is not None and bad < 0:
                     raise CheckpointError(
                         f"tensor '{name}': merged values overflow float16; choose dtype float32 or bfloat16"
                     )
-            stats["compute"] += time.perf_counter() - t_b
-            yield name, out_piece
+                if bad is not None:
+                    raise _nonfinite_error(ckpts, active, name, a, b, acc_name)
+                pieces.append((name, out))
+        finally:
+            t_c = time.perf_counter()
+            if spans:
+                _advise_spans(spans, "drop")
+            t_d = time.perf_counter()
+            with stats_lock:
+                stats["read_wait"] += (t_b - t_a) + (t_d - t_c)
+                stats["compute"] += t_c - t_b
+        return pieces, nread, buf
+
+    _raise_fd_limit(sum(len(c.files) for c in ckpts) + 256)  # each memory-mapped file keeps a descriptor
+    rss = [summary.merge_rss_bytes]
+    bar = _progress_bar(bytes_read, progress)
+    free: list[np.ndarray] = []
+
+    def with_buffers():
+        for segs in units:
+            yield segs, (free.pop() if free else np.empty(unit_bytes, dtype=np.uint8))
+
+    def produce():
+        results = _ordered_map(run, with_buffers(), workers=workers, depth=max(prefetch, workers))
+        sampled = time.perf_counter()
+        with contextlib.closing(results):  # stop the workers now, even when the writer fails
+            while True:
+                t_a = time.perf_counter()
+                item = next(results, None)
+                t_b = time.perf_counter()
+                stats["wait"] += t_b - t_a
+                if item is None:
+                    return
+                pieces, nread, buf = item
+                bar.update(nread)
+                if t_b - sampled > 0.05:  # sample resident memory ~20 times a second
+                    sampled = t_b
+                    rss.append(_rss_now())
+                yield from pieces
+                free.append(buf)  # the writer has consumed every piece of this unit
 
     full_record = {
         "tool": "extramerge",
@@ -664,10 +978,6 @@ def merge_weights(
         **(record or {}),
     }
     meta = {"extramerge.weights": ",".join(repr(float(x)) for x in w), **(metadata or {})}
-    # Reader threads plus torch's intra-op pool must not oversubscribe the cores: an OpenMP barrier waiting
-    # on a descheduled thread costs a scheduler time slice per operation (measured: 8x slower on 2 cores).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - workers)))
     try:
         result = write_checkpoint(
             out_path,
@@ -681,9 +991,9 @@ def merge_weights(
             force=force,
             inputs=ckpts,
             fsync=fsync,
+            direct_io=direct_io,
         )
     finally:
-        torch.set_num_threads(threads)
         bar.close()
     rss.append(_rss_now())
     seconds = time.perf_counter() - t0
@@ -696,14 +1006,7 @@ def merge_weights(
     summary.timings = {
         "read_wait": stats["read_wait"],
         "compute": stats["compute"],
-        "write": max(
-            0.0,
-            result.seconds
-            - stats["read_wait"]
-            - stats["compute"]
-            - result.fsync_seconds
-            - result.publish_seconds,
-        ),
+        "write": max(0.0, result.seconds - stats["wait"] - result.fsync_seconds - result.publish_seconds),
         "fsync": result.fsync_seconds,
         "publish": result.publish_seconds,
         "total": seconds,
