@@ -1,31 +1,57 @@
-"""Figures of a trajectory analysis (matplotlib, Agg backend: no display needed)."""
+"""Figures of a trajectory analysis (matplotlib's Agg canvas: no display, no pyplot).
+
+matplotlib is imported on first use (it costs ~0.4 s, more than a small analysis itself; ``warm_up``
+does it ahead of time). Layouts are fixed margins computed from the label sizes rather than
+``tight_layout``, which draws every figure an extra time to measure its text, and text is rendered
+without hinting: the per-tensor map with 80 labels took 0.95 s that way, 0.35 s now (its glyphs are
+most of that).
+"""
 
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
+from rivervalley import weights as _weights
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from rivervalley import weights as _weights  # noqa: E402
-
-__all__ = ["spectrum", "trajectory", "per_layer"]
+__all__ = ["spectrum", "trajectory", "per_layer", "warm_up"]
 
 _MAX_ROWS = 80  # tensors shown in the per-layer map (largest variance share first)
+_DPI = 110
+
+
+def warm_up() -> None:
+    """Import matplotlib's Agg canvas and load the default font now (e.g. while a pass runs elsewhere)."""
+    from matplotlib import font_manager
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+    from matplotlib.figure import Figure  # noqa: F401
+    from matplotlib.ticker import MaxNLocator  # noqa: F401
+
+    font_manager.get_font(font_manager.findfont(font_manager.FontProperties()))
+
+
+def _figure(width: float, height: float, *, left=0.12, right=0.97, bottom=0.12, top=0.91):
+    """A Figure on an Agg canvas with fixed margins (fractions of the figure) and one Axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    fig.subplots_adjust(left=left, right=right, bottom=bottom, top=top)
+    return fig, fig.add_subplot()
 
 
 def _save(fig, path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    import matplotlib
+
+    with matplotlib.rc_context({"text.hinting": "no_hinting"}):  # 25% faster glyphs, same look at 110 dpi
+        fig.savefig(path, dpi=_DPI)
 
 
 def spectrum(report: dict, path) -> None:
     """Explained-variance fraction per principal component: raw checkpoints vs SMA-merged (log scale)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = _figure(6, 4, left=0.13, bottom=0.12)
     series = [("raw", report["raw"])] + [(f"SMA K={k}", g) for k, g in report["merged"].items() if k != "1"]
     for label, g in series:
         fve = np.asarray(g["fve"], dtype=float)
@@ -36,7 +62,7 @@ def spectrum(report: dict, path) -> None:
     ax.set_xlabel("principal component")
     ax.set_ylabel("fraction of variance explained")
     ax.set_title("PCA spectrum of the trajectory")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")
     _save(fig, path)
 
 
@@ -45,12 +71,13 @@ def trajectory(data, windows, path) -> None:
     from extramerge.trajectory import project_scores
 
     n = data.n
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = _figure(6, 4.5, left=0.14, bottom=0.11)
     raw = project_scores(data.gram, np.eye(n), k=2)
     if raw.shape[1] < 2:
         raw = np.column_stack([raw, np.zeros(n)])
     ax.plot(raw[:, 0], raw[:, 1], "-o", color="0.6", ms=4, label="raw checkpoints")
     ax.annotate("newest", raw[-1], textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.margins(x=0.1)  # room for the label
     for K in windows:
         if K == 1:
             continue
@@ -61,7 +88,7 @@ def trajectory(data, windows, path) -> None:
     ax.set_xlabel("PC1 (parameter units)")
     ax.set_ylabel("PC2 (parameter units)")
     ax.set_title("Trajectory in the PC1–PC2 plane of the raw checkpoints")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="best" if n <= 64 else "upper left")
     _save(fig, path)
 
 
@@ -73,7 +100,15 @@ def per_layer(report: dict, path) -> None:
     order = np.argsort(-share, kind="stable")[:_MAX_ROWS]
     M = np.array([[np.nan if pt["fve1"][c][i] is None else pt["fve1"][c][i] for c in cols] for i in order])
     names = [pt["names"][i] for i in order]
-    fig, ax = plt.subplots(figsize=(2.5 + 0.8 * len(cols), 1.5 + 0.18 * max(len(names), 1)))
+    # Fixed layout: label column sized from the longest name (6 pt DejaVu Sans: ~0.6 em per character).
+    label_in = 0.2 + 0.6 * 6 / 72 * max((len(s) for s in names), default=1)
+    plot_in, bar_in = 0.8 * len(cols), 1.3
+    width = label_in + plot_in + bar_in
+    height = 1.0 + 0.18 * max(len(names), 1)
+    fig, ax = _figure(
+        width, height, left=label_in / width, right=(label_in + plot_in) / width, bottom=0.5 / height,
+        top=1 - 0.45 / height,
+    )  # fmt: skip
     im = ax.imshow(M.reshape(len(names), len(cols)), aspect="auto", vmin=0, vmax=1, cmap="viridis")
     ax.set_xticks(range(len(cols)), [c if c == "raw" else f"K={c}" for c in cols])
     ax.set_yticks(range(len(names)), names, fontsize=6)
@@ -81,5 +116,6 @@ def per_layer(report: dict, path) -> None:
     if len(pt["names"]) > _MAX_ROWS:
         title += f" ({_MAX_ROWS} of {len(pt['names'])} with the largest spread)"
     ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, label="FVE₁")
+    cax = fig.add_axes(((label_in + plot_in + 0.15) / width, 0.5 / height, 0.2 / width, 1 - 0.95 / height))
+    fig.colorbar(im, cax=cax, label="FVE₁")
     _save(fig, path)

@@ -36,7 +36,6 @@ from rivervalley import weights as _weights
 __all__ = ["GramData", "gram_pass", "load_gram", "summarize", "analyze", "project_scores", "DEFAULT_WINDOWS"]
 
 DEFAULT_WINDOWS = (1, 2, 4, 8)
-_CHUNK_BYTES = 64 * 2**20  # float64 work buffer per chunk of a tensor: N × chunk × 8 bytes
 
 
 @dataclass
@@ -92,68 +91,105 @@ def load_gram(path) -> GramData:
         )
 
 
-_NUMPY_FLOATS = ("torch.float16", "torch.float32", "torch.float64")
+_BLOCK = 64 * 2**10  # elements per checkpoint converted to float64 at a time (N x 512 KiB)
+_GEMM_COLS = 8192  # columns per small Gram product: N x 64 KiB of float64 operands stay in L2
+_UNIT_BYTES = 4 * 2**20  # per checkpoint and work unit (one worker maps N of these at a time)
 
 
-def _chunk_gram(pieces, ref: int, buf: np.ndarray | None = None) -> tuple[np.ndarray, float]:
-    """Σ over one chunk of a tensor of (θ_i − θ_ref)(θ_j − θ_ref), in float64; and ‖θ_ref‖² over it.
+def _segment_gram(xs: list, ref: int, scratch) -> tuple[np.ndarray, float]:
+    """Σ over equal-length flat arrays xs (one per checkpoint) of (x_i − x_ref)(x_j − x_ref), as an
+    (N−1) × N block (rows: the checkpoints other than ``ref`` in order; the last column is 0), and
+    ‖x_ref‖², both in float64.
 
-    numpy does the float64 work (its X Xᵀ uses syrk, several times faster than torch's matmul here);
-    ``buf`` is an optional reusable float64 scratch array of at least N × chunk elements.
+    Block by block, each checkpoint's slice is converted to float64 (exact) and the reference subtracted
+    (exact for float32/bf16/fp16 inputs), laid out as S small matrices [N, _GEMM_COLS] so that one
+    stacked matmul (a BLAS gemm per matrix, operands in L2) forms the S Gram blocks. The last row of each
+    matrix is zero: the product A·Bᵀ with A = rows :N−1 and B = all rows is then a plain gemm, several times
+    faster than the syrk numpy would pick for A·Aᵀ with these shapes.
     """
-    import torch
+    n, m = len(xs), xs[0].size
+    others = [j for j in range(n) if j != ref]
+    bg = min(_GEMM_COLS, max(64, 1 << max(m - 1, 0).bit_length()))
+    s_max = max(1, _BLOCK // bg)
+    F3 = scratch.get("gram_F", (s_max * n * bg,), np.float64)
+    R3 = scratch.get("gram_R", (s_max * bg,), np.float64)
+    Gs = scratch.get("gram_G", (s_max * (n - 1) * n,), np.float64)
+    G = np.zeros((n - 1, n))
+    r2 = 0.0
+    for s in range(0, m, s_max * bg):
+        e = min(s + s_max * bg, m)
+        full, rest = divmod(e - s, bg)
+        S = full + (rest > 0)
+        F = F3[: S * n * bg].reshape(S, n, bg)
+        R = R3[: S * bg].reshape(S, bg)
 
-    n, m = len(pieces), pieces[0].numel()
-    X = (np.empty(n * m) if buf is None or buf.size < n * m else buf[: n * m]).reshape(n, m)
-    for j, p in enumerate(pieces):
-        p = p.reshape(-1)
-        if str(p.dtype) in _NUMPY_FLOATS:
-            X[j] = p.numpy()
-        else:  # bfloat16, float8: numpy has no such dtype, let torch convert
-            torch.from_numpy(X[j]).copy_(p)
-    r = X[ref]
-    r2 = float(r @ r)
-    for j in range(n):  # row by row: no temporary copy of the reference row
-        if j != ref:
-            X[j] -= r  # exact: float32/bf16/fp16 differences are representable in float64
-    r[:] = 0.0
-    return X @ X.T, r2
+        def put(dst, x, s=s, e=e, full=full, rest=rest):  # x[s:e] into dst [S, bg], zero-padded
+            if full:
+                np.copyto(dst[:full], x[s : s + full * bg].reshape(full, bg))
+            if rest:
+                np.copyto(dst[full, :rest], x[s + full * bg : e])
+                dst[full, rest:] = 0.0
 
-
-def _tensor_gram(tensors, ref: int) -> tuple[np.ndarray, float]:
-    """``_chunk_gram`` over whole in-memory tensors (chunked so the float64 copy stays small)."""
-    n = len(tensors)
-    flat = [t.reshape(-1) for t in tensors]
-    chunk = max(1, _CHUNK_BYTES // (8 * n))
-    G, r2 = np.zeros((n, n)), 0.0
-    for s in range(0, flat[0].numel(), chunk):
-        g, r = _chunk_gram([f[s : s + chunk] for f in flat], ref)
-        G, r2 = G + g, r2 + r
+        put(R, xs[ref])
+        for row, j in enumerate(others):
+            put(F[:, row, :], xs[j])
+        F[:, n - 1, :] = 0.0
+        np.subtract(F[:, : n - 1, :], R[:, None, :], out=F[:, : n - 1, :])
+        out = Gs[: S * (n - 1) * n].reshape(S, n - 1, n)
+        np.matmul(F[:, : n - 1, :], F.transpose(0, 2, 1), out=out)
+        G += out.sum(axis=0)
+        r = R.reshape(-1)
+        r2 += float(r @ r)
     return G, r2
 
 
-def _nonfinite(ckpts, name, pieces) -> Exception:
-    import torch
+def _embed(G: np.ndarray, ref: int) -> np.ndarray:
+    """The N × N Gram from the (N−1) × N block of ``_segment_gram`` (reference row and column zero),
+    symmetrised."""
+    n = G.shape[1]
+    others = [j for j in range(n) if j != ref]
+    full = np.zeros((n, n))
+    full[np.ix_(others, others)] = G[:, : n - 1]
+    return (full + full.T) / 2
 
+
+def _tensor_gram(tensors, ref: int) -> tuple[np.ndarray, float]:
+    """Gram of differences from tensor ``ref`` (N × N, float64) and ‖θ_ref‖² of whole in-memory tensors
+    (numpy arrays or torch tensors)."""
+    from extramerge.checkpoints import to_numpy
+    from extramerge.engine import _Scratch
+
+    flat = [to_numpy(t).reshape(-1) for t in tensors]
+    with np.errstate(over="ignore", invalid="ignore"):
+        G, r2 = _segment_gram(flat, ref, _Scratch())
+    return _embed(G, ref), r2
+
+
+def _nonfinite(ckpts, name, pieces) -> Exception:
     from extramerge.checkpoints import CheckpointError
+    from extramerge.engine import _all_finite
 
     for c, t in zip(ckpts, pieces, strict=True):
-        if not bool(torch.isfinite(t).all()):
+        if not _all_finite(t):
             return CheckpointError(f"tensor '{name}' in {c.name} contains NaN or Inf values")
     return CheckpointError(f"tensor '{name}': its Gram matrix overflows float64 (values too large)")
 
 
-def gram_pass(ckpts, *, reference: int = -1, progress: bool = True) -> GramData:
+def gram_pass(
+    ckpts, *, reference: int = -1, progress: bool = True, workers: int = 2, background=None
+) -> GramData:
     """One streaming pass over opened checkpoints → Gram matrices of differences from ``reference``.
 
     ``reference`` indexes the checkpoints (default −1: the newest). Floating-point tensors only; integer
-    buffers are listed in ``skipped``. Tensors are read in chunks (engine.iter_chunks), so memory does not
-    grow with the model or the tensor size. Raises CheckpointError for NaN/Inf naming the tensor and file.
+    buffers are listed in ``skipped``. The tensors are cut into units of a few MiB per checkpoint, which
+    each worker maps in, reduces to small Gram blocks and unmaps again, so memory does not grow with the
+    model or the tensor size. ``workers`` ≥ 2 run as forked processes where that is safe (Linux, no other
+    thread; see engine.run_forked), else as threads; 0 runs inline. Each worker sums its units in a fixed
+    order, so the result does not depend on timing. ``background`` (a callable) runs in this process while
+    worker processes do the pass. Raises CheckpointError for NaN/Inf naming the tensor and file.
     """
-    from tqdm.auto import tqdm
-
     from extramerge.checkpoints import check_compatible
-    from extramerge.engine import iter_chunks
+    from extramerge.engine import _advise_spans, _ordered_map, _Scratch, _unit_arrays, _unit_bytes, plan_units
 
     n = len(ckpts)
     if n < 2:
@@ -164,32 +200,119 @@ def gram_pass(ckpts, *, reference: int = -1, progress: bool = True) -> GramData:
     skipped = [k for k, info in infos.items() if not info.is_float]
     if not names:
         raise ValueError("no floating-point tensors to analyse")
-    grams = {k: np.zeros((n, n)) for k in names}
-    norms = dict.fromkeys(names, 0.0)
-    total = sum(infos[k].nbytes for k in names) * n
-    chunk_bytes = max(2**20, _CHUNK_BYTES // (2 * n))  # float64 work copy of a float32 chunk: ~_CHUNK_BYTES
-    itemsize = min(infos[k].dtype.itemsize for k in names)
-    buf = np.empty(n * (chunk_bytes // itemsize + 1))
-    with tqdm(total=total, unit="B", unit_scale=True, desc="gram pass", disable=not progress) as bar:
-        for name, _, _, pieces in iter_chunks(ckpts, names, chunk_bytes=chunk_bytes):
-            G, r2 = _chunk_gram(pieces, ref, buf)
-            if not np.all(np.isfinite(G)):
-                raise _nonfinite(ckpts, name, pieces)
-            grams[name] += G
-            norms[name] += r2
-            bar.update(sum(p.numel() * p.element_size() for p in pieces))
-    per_tensor = np.stack([grams[k] for k in names])
+    floats = {k: infos[k] for k in names}
+    itemsize = min(i.itemsize for i in floats.values())
+    units = plan_units(floats, max(1, _UNIT_BYTES // itemsize))
+    read_bytes = _unit_bytes(units, floats)
+    everyone = list(range(n))
+    scratch = _Scratch()
+
+    def run(segs):
+        arrays, spans = _unit_arrays(
+            ckpts, floats, segs, lambda _: everyone, zero_copy=True, scratch=scratch, read_bytes=read_bytes
+        )
+        if spans:
+            _advise_spans(spans, "populate")
+        try:
+            out = []
+            for (name, _, _), xs in zip(segs, arrays, strict=True):
+                with np.errstate(over="ignore", invalid="ignore"):
+                    G, r2 = _segment_gram(xs, ref, scratch)
+                if not (np.all(np.isfinite(G)) and math.isfinite(r2)):
+                    raise _nonfinite(ckpts, name, xs)
+                out.append((names_idx[name], G, r2))
+            return out, sum(x.nbytes for row in arrays for x in row)
+        finally:
+            if spans:
+                _advise_spans(spans, "drop")
+
+    names_idx = {k: t for t, k in enumerate(names)}
+    total = sum(i.nbytes for i in floats.values()) * n
+    if workers >= 2 and len(units) >= 2:
+        from extramerge.engine import can_fork
+
+        if can_fork():
+            grams, norms = _gram_forked(run, units, workers, len(names), n, total, progress, background)
+            return _gram_data(ckpts, infos, names, skipped, grams, norms, ref)
+    grams = np.zeros((len(names), n - 1, n))
+    norms = np.zeros(len(names))
+    bar = _progress(total, progress)
+    try:
+        for parts, nbytes in _ordered_map(run, units, workers=workers, depth=2 * max(workers, 1)):
+            for t, G, r2 in parts:
+                grams[t] += G
+                norms[t] += r2
+            bar.update(nbytes)
+    finally:
+        bar.close()
+    if background is not None:
+        background()
+    return _gram_data(ckpts, infos, names, skipped, grams, norms, ref)
+
+
+def _gram_forked(run, units, workers, n_names, n, total, progress, background):
+    """The pass on ``workers`` forked processes, unit k on worker k mod workers; per-worker sums come back
+    through shared memory and are added in worker order."""
+    import mmap
+
+    from extramerge.engine import run_forked
+
+    per = n_names * (n - 1) * n + n_names + 1  # grams, norms, bytes done
+    slots = np.frombuffer(mmap.mmap(-1, 8 * per * workers), dtype=np.float64).reshape(workers, per)
+
+    def job(k: int) -> None:
+        grams = slots[k, : -n_names - 1].reshape(n_names, n - 1, n)
+        norms = slots[k, -n_names - 1 : -1]
+        for unit in units[k::workers]:
+            parts, nbytes = run(unit)
+            for t, G, r2 in parts:
+                grams[t] += G
+                norms[t] += r2
+            slots[k, -1] += nbytes
+
+    bar = _progress(total, progress)
+    shown = [0.0]
+
+    def poll() -> None:
+        done = float(slots[:, -1].sum())
+        bar.update(done - shown[0])
+        shown[0] = done
+
+    try:
+        run_forked([lambda k=k: job(k) for k in range(workers)], poll=poll if progress else None,
+                   idle=background)  # fmt: skip
+    finally:
+        bar.close()
+    grams = slots[0, : -n_names - 1].reshape(n_names, n - 1, n).copy()
+    norms = slots[0, -n_names - 1 : -1].copy()
+    for k in range(1, workers):
+        grams += slots[k, : -n_names - 1].reshape(n_names, n - 1, n)
+        norms += slots[k, -n_names - 1 : -1]
+    return grams, norms
+
+
+def _gram_data(ckpts, infos, names, skipped, grams, norms, ref) -> GramData:
+    per_tensor = np.stack([_embed(G, ref) for G in grams])
     return GramData(
         gram=per_tensor.sum(axis=0),
         names=names,
         per_tensor=per_tensor,
         numel=np.asarray([infos[k].numel for k in names], dtype=np.int64),
-        ref_norm2=np.asarray([norms[k] for k in names], dtype=np.float64),
+        ref_norm2=np.asarray(norms, dtype=np.float64),
         reference=ref,
         paths=[str(c.path) for c in ckpts],
         steps=[c.step for c in ckpts],
         skipped=skipped,
     )
+
+
+def _progress(total: int, progress: bool):
+    from extramerge.engine import _progress_bar
+
+    bar = _progress_bar(total, progress)
+    if progress:
+        bar.set_description("gram pass")
+    return bar
 
 
 # --------------------------------------------------------------------------------------------- geometry
@@ -345,6 +468,18 @@ def _publish(tmp: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _render(jobs: list) -> None:
+    """Draw figures in parallel forked processes where that is safe (glyph rendering is most of their
+    cost and holds the GIL), else one after another."""
+    from extramerge.engine import can_fork, run_forked
+
+    if can_fork() and (os.cpu_count() or 1) > 1:
+        run_forked(jobs)
+    else:
+        for job in jobs:
+            job()
+
+
 def write_outputs(data: GramData, report: dict, output, *, inputs=(), force: bool = False) -> dict:
     """Write analysis.json, gram.npz and the PNG figures into ``output`` (temp folder, then rename)."""
     from extramerge import plots
@@ -363,9 +498,15 @@ def write_outputs(data: GramData, report: dict, output, *, inputs=(), force: boo
         }
         report = dict(report, files={k: str(output / v) for k, v in files.items()})
         data.save(tmp / files["gram"])
-        plots.spectrum(report, tmp / files["spectrum"])
-        plots.trajectory(data, report["windows"], tmp / files["trajectory"])
-        plots.per_layer(report, tmp / files["per_layer"])
+        _render(
+            [
+                lambda: plots.per_layer(report, tmp / files["per_layer"]),
+                lambda: (
+                    plots.spectrum(report, tmp / files["spectrum"]),
+                    plots.trajectory(data, report["windows"], tmp / files["trajectory"]),
+                ),
+            ]
+        )
         with open(tmp / files["analysis"], "w") as f:
             json.dump(report, f, indent=1)
         _publish(tmp, output)
@@ -373,6 +514,12 @@ def write_outputs(data: GramData, report: dict, output, *, inputs=(), force: boo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+def _import_plots() -> None:
+    from extramerge import plots
+
+    plots.warm_up()
 
 
 def analyze(
@@ -399,8 +546,9 @@ def analyze(
     inputs = ckpts
     if output is not None:
         _check_output_dir(Path(output), inputs, force)  # fail before the long pass, not after
-    try:
-        data = gram_pass(ckpts, reference=reference, progress=progress)
+    try:  # the figures' matplotlib import (~0.4 s) overlaps the pass where workers are processes
+        background = _import_plots if output is not None else None
+        data = gram_pass(ckpts, reference=reference, progress=progress, background=background)
     finally:
         if not opened:
             for c in ckpts:
