@@ -434,3 +434,78 @@ def test_written_folder_has_normal_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~mask
+
+
+# ------------------------------------------------------------------------------ dtypes, numpy, direct I/O
+
+
+def test_tensor_info_holds_safetensors_codes_and_converts_lazily():
+    import numpy as np
+
+    for dtype in ("BF16", "bfloat16", torch.bfloat16, np.dtype("float32"), "F32"):
+        info = TensorInfo("x", (2, 3), dtype)
+        assert info.dtype_str in ("BF16", "F32") and info.itemsize == (2 if "16" in info.dtype_str else 4)
+    info = TensorInfo("x", (2, 3), torch.bfloat16)
+    assert info == TensorInfo("x", (2, 3), "BF16") and info.dtype == torch.bfloat16
+    assert info.dtype_name == "bfloat16" and info.np_dtype.name == "bfloat16" and info.nbytes == 12
+    assert TensorInfo("f8", (4,), torch.float8_e4m3fn).np_dtype.name == "float8_e4m3fn"
+    assert not TensorInfo("i", (1,), "I64").is_float and TensorInfo("h", (1,), "F16").is_float
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        TensorInfo("x", (1,), "not-a-dtype")
+
+
+def test_numpy_reads_match_torch_reads_bit_for_bit(tmp_path):
+    import numpy as np
+
+    from extramerge.checkpoints import to_numpy, to_torch
+
+    state = _mixed_state()
+    save_file(state, str(tmp_path / "m.safetensors"))
+    ck = open_checkpoint(tmp_path / "m.safetensors")
+    for name, t in state.items():
+        arr = ck.read(name, numpy=True)
+        assert isinstance(arr, np.ndarray) and arr.shape == tuple(t.shape)
+        assert arr.dtype == ck.infos[name].np_dtype
+        assert torch.equal(to_torch(arr), t) and torch.equal(ck.read(name), t)
+        assert np.array_equal(to_numpy(t).reshape(-1).view(np.uint8), arr.reshape(-1).view(np.uint8))
+        if t.numel() > 2:
+            view = ck.view_range(name, 1, 3, numpy=True)
+            assert np.array_equal(view.view(np.uint8), arr.reshape(-1)[1:3].view(np.uint8))
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_direct_and_buffered_writes_are_byte_identical_to_save_file(tmp_path, direct_io):
+    g = torch.Generator().manual_seed(5)
+    state = {**_mixed_state(), "big": torch.randn(3 * 2**20 + 7, generator=g)}  # 12 MB: > one 8 MiB block
+    save_file(state, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    infos = safetensors_order(_infos(state))
+    out = tmp_path / "out.safetensors"
+    write_checkpoint(
+        out, ((k, state[k]) for k in infos), infos=infos, metadata={"format": "pt"}, direct_io=direct_io
+    )
+    assert out.read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_direct_io_refused_by_the_filesystem_falls_back_to_buffered(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from extramerge import checkpoints as C
+
+    real = os.pwrite
+    refused = []
+
+    def pwrite(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(C.os, "pwrite", pwrite)
+    state = {"w": torch.arange(3 * 2**20, dtype=torch.float32), **_mixed_state()}
+    save_file(state, str(tmp_path / "ref.safetensors"))
+    infos = safetensors_order(_infos(state))
+    items = ((k, state[k]) for k in infos)
+    write_checkpoint(tmp_path / "out.safetensors", items, infos=infos, direct_io=True)
+    assert refused == [0]  # the first direct write was refused, everything after went through the cache
+    assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()

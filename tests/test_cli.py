@@ -272,3 +272,38 @@ def test_console_entry_point_in_a_subprocess(run6, tmp_path):
     assert p.returncode == 2 and p.stdout == ""
     expected = "method 'extra' with window K=5 and offset d=5 needs K + d = 10 checkpoints, got 6"
     assert p.stderr.strip() == f"extramerge: error: {expected}"
+
+
+def test_safetensors_commands_never_import_torch(tmp_path):
+    """inspect, analyze and merge (safetensors files and HF folders, bfloat16 through ml_dtypes, every
+    output dtype, sharded output, a reused gram.npz) run in a fresh interpreter without importing torch."""
+    from _ckpt_factory import make_hf_run
+
+    make_safetensors_files(tmp_path / "bf16", n=4, dtype=torch.bfloat16)
+    hf = make_hf_run(tmp_path / "hf", "llama", n=3)
+    out = tmp_path / "out"
+    code = f"""
+import sys
+from extramerge.cli import main
+bf16, hf, out = {str(tmp_path / "bf16")!r}, {[str(p) for p in hf]!r}, {str(out)!r}
+runs = [
+    ["inspect", bf16],
+    ["inspect", *hf, "--json"],
+    ["analyze", bf16, "-o", out + "/a", "--quiet"],
+    ["merge", bf16, "--method", "sma", "--dtype", "float32", "-o", out + "/m1.safetensors", "--quiet"],
+    ["merge", bf16, "--method", "pc1", "--gram", out + "/a/gram.npz", "-o", out + "/m2", "--quiet"],
+    ["merge", *hf, "--method", "ema", "--dtype", "bfloat16", "--shard-size", "20KB", "-o", out + "/m3",
+     "--quiet"],
+    ["analyze", *hf, "--quiet"],
+]
+for argv in runs:
+    assert main(argv) == 0, argv
+print("TORCH:", sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+"""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "TORCH: []" in p.stdout
+    assert (out / "m3" / "model.safetensors.index.json").is_file()
+    got = load_state(out / "m1.safetensors")
+    assert got["transformer.wte.weight"].dtype == torch.float32

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -340,6 +342,102 @@ def test_interrupted_merge_leaves_no_output_and_no_temp(tmp_path):
         merge_weights(cks, [0.2, 0.3, 0.5], tmp_path / "out", progress=False, workers=2)
     assert calls["n"] >= 40
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("dtype, torch_dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
+def test_half_precision_output_rounds_like_torch_bit_for_bit(tmp_path, dtype, torch_dtype):
+    """The float32 accumulator is cast with ml_dtypes (bfloat16) / numpy (float16): round to nearest even,
+    exactly as torch's .to(). Inputs: arbitrary float32 bit patterns, exact ties with even and odd
+    mantissas, their neighbours, subnormals, overflow, ±0, ±inf, NaN; weight 1 keeps them exact."""
+    g = torch.Generator().manual_seed(0)
+    anything = torch.randint(-(2**31), 2**31, (60_000,), generator=g, dtype=torch.int64).to(torch.int32)
+    ties = (torch.randint(0, 2**16, (4096,), generator=g, dtype=torch.int32) << 16) | 0x8000  # bf16 ties
+    ties16 = (torch.randint(0, 2**19, (4096,), generator=g, dtype=torch.int32) << 13) | 0x1000  # fp16 ties
+    bits = torch.cat([anything, ties, ties + 1, ties - 1, ties16, ties16 + 1, ties16 - 1])
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 3.4028235e38, -65520.0,
+                            65519.0, 1e-45, -1e-40, 6e-8, 1.0 + 2**-8, 1.0 + 3 * 2**-8])  # fmt: skip
+    values = torch.cat([bits.view(torch.float32), special])
+    save_file({"w": values}, str(tmp_path / "step_1.safetensors"))
+    out = tmp_path / "out.safetensors"
+    _merge([tmp_path / "step_1.safetensors"], [1.0], out, dtype=dtype, allow_nonfinite=True)
+    got, want = load_state(out)["w"], values.to(torch_dtype)
+    assert got.dtype == torch_dtype
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)  # NaN stays NaN (torch canonicalises its payload)
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+def _big_run(folder: Path, n: int = 3, numel: int = 4 * 2**20, nan_in: int | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        w = torch.full((numel,), float(k + 1))
+        if k == nan_in:
+            w[numel - 10] = float("nan")
+        save_file({"a": torch.ones(1000) * k, "w": w}, str(folder / f"step_{k + 1}.safetensors"))
+    return folder
+
+
+def test_overlapped_writer_is_atomic_when_a_worker_fails_mid_stream(tmp_path, monkeypatch):
+    """16 MB per input in 256 KiB units: the writer has already written direct-I/O blocks while workers
+    compute later units, when a NaN near the end of one input stops the merge. Nothing is published, the
+    temporary folder is gone and the worker threads are stopped."""
+    from extramerge import checkpoints as C
+
+    blocks = []
+    real = C._FileWriter._write_block
+    monkeypatch.setattr(C._FileWriter, "_write_block", lambda self, n: (blocks.append(n), real(self, n))[1])
+    cks = load_checkpoints([_big_run(tmp_path / "run", nan_in=1)])
+    threads = threading.active_count()
+    with pytest.raises(CheckpointError, match="'w' in step_2.safetensors contains NaN"):
+        merge_weights(cks, [0.2, 0.3, 0.5], tmp_path / "out", fmt="hf-safetensors", chunk_bytes=2**18,
+                      workers=2, direct_io=True, progress=False)  # fmt: skip
+    assert sum(blocks) >= 8 * 2**20  # at least one full block was on disk when the failure came
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert threading.active_count() == threads
+
+
+def test_overlapped_writer_is_atomic_when_the_disk_fails_mid_stream(tmp_path, monkeypatch):
+    """The writer side fails (disk full on the second block) while workers are computing: the error
+    surfaces, the workers are stopped and nothing is left behind."""
+    from extramerge import checkpoints as C
+
+    real = C._FileWriter._write_block
+    calls = []
+
+    def full_disk(self, n):
+        calls.append(n)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, n)
+
+    monkeypatch.setattr(C._FileWriter, "_write_block", full_disk)
+    cks = load_checkpoints([_big_run(tmp_path / "run")])
+    threads = threading.active_count()
+    with pytest.raises(OSError, match="No space left"):
+        merge_weights(cks, [0.2, 0.3, 0.5], tmp_path / "out.safetensors", chunk_bytes=2**18, workers=2,
+                      direct_io=True, progress=False)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert threading.active_count() == threads
+
+
+def test_merge_bytes_do_not_depend_on_workers_chunking_or_io_mode(tmp_path):
+    run = _big_run(tmp_path / "run", numel=3 * 2**20 + 5)
+    cks = load_checkpoints([run])
+    outs = []
+    for k, kw in enumerate(
+        [
+            {"workers": 0, "direct_io": False},
+            {"workers": 1, "direct_io": True, "chunk_bytes": 2**16},
+            {"workers": 2, "direct_io": True},
+            {"workers": 3, "fsync": False, "chunk_bytes": 1000, "zero_copy": False},
+        ]
+    ):
+        out = tmp_path / f"out{k}.safetensors"
+        merge_weights(cks, [0.25, 0.25, 0.5], out, progress=False, **kw)
+        outs.append(out.read_bytes())
+    assert all(o == outs[0] for o in outs[1:])
+    got = load_state(tmp_path / "out0.safetensors")
+    assert torch.equal(got["w"], torch.full((3 * 2**20 + 5,), 2.25))
 
 
 # --------------------------------------------------------------------------------------- dry run, summary

@@ -165,3 +165,47 @@ def test_alpha_loss_optimal_and_select_by_eval():
     assert res.best_alpha == 0.5 and len(res.table) == 4
     with pytest.raises(ValueError, match="finite"):
         S.select_alpha_by_eval([1.0], lambda a: float("inf"))
+
+
+def test_gram_pass_agrees_on_processes_threads_and_inline(tmp_path, monkeypatch):
+    """Forked worker processes, worker threads and the inline pass give the same Gram matrices (up to
+    float64 summation order), equal to an explicit float64 computation; bfloat16 inputs go through
+    ml_dtypes. Small units make each worker handle several."""
+    from _ckpt_factory import load_state, make_safetensors_files
+
+    from extramerge import engine
+    from extramerge.checkpoints import load_checkpoints
+
+    paths = make_safetensors_files(tmp_path, n=5, dtype=torch.bfloat16, noise=0.3)
+    ckpts = load_checkpoints(paths)
+    monkeypatch.setattr(T, "_UNIT_BYTES", 64)
+    monkeypatch.setattr(engine, "can_fork", lambda: True)
+    forked = T.gram_pass(ckpts, progress=False, workers=2)
+    monkeypatch.setattr(engine, "can_fork", lambda: False)
+    threads = T.gram_pass(ckpts, progress=False, workers=2)
+    inline = T.gram_pass(ckpts, progress=False, workers=0)
+    states = [load_state(p) for p in paths]
+    X = np.stack([np.concatenate([s[k].double().reshape(-1).numpy() for k in forked.names]) for s in states])
+    for g in (forked, threads, inline):
+        np.testing.assert_allclose(g.gram, A.gram(X - X[-1]), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(g.per_tensor, forked.per_tensor, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(g.ref_norm2, forked.ref_norm2, rtol=1e-12)
+    assert forked.names == threads.names == inline.names
+
+
+def test_forked_gram_pass_reports_a_worker_error(tmp_path, monkeypatch):
+    from _ckpt_factory import load_state, make_safetensors_files
+    from safetensors.torch import save_file
+
+    from extramerge import engine
+    from extramerge.checkpoints import CheckpointError, load_checkpoints
+
+    paths = make_safetensors_files(tmp_path, n=3)
+    state = load_state(paths[1])
+    state["transformer.h.0.mlp.c_fc.weight"][2, 3] = float("inf")
+    save_file(state, str(paths[1]))
+    monkeypatch.setattr(T, "_UNIT_BYTES", 64)
+    monkeypatch.setattr(engine, "can_fork", lambda: True)
+    msg = "'transformer.h.0.mlp.c_fc.weight' in step_000200.* NaN or Inf"
+    with pytest.raises(CheckpointError, match=msg):
+        T.gram_pass(load_checkpoints(paths), progress=False, workers=2)
