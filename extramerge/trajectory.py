@@ -483,11 +483,13 @@ def _render(jobs: list) -> None:
 def write_outputs(data: GramData, report: dict, output, *, inputs=(), force: bool = False) -> dict:
     """Write analysis.json, gram.npz and the PNG figures into ``output`` (temp folder, then rename)."""
     from extramerge import plots
+    from extramerge.checkpoints import _umask
 
     output = Path(output)
     _check_output_dir(output, list(inputs), force)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the published folder gets the usual mode
     try:
         files = {
             "analysis": "analysis.json",
