@@ -19,6 +19,7 @@ estimates) is computed from these matrices; ``GramData.save`` keeps them (``gram
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -251,44 +252,99 @@ def gram_pass(
 
 
 def _gram_forked(run, units, workers, n_names, n, total, progress, background):
-    """The pass on ``workers`` forked processes, unit k on worker k mod workers; per-worker sums come back
-    through shared memory and are added in worker order."""
+    """The pass on ``workers`` forked processes. Workers claim units from a pipe of unit numbers (so a
+    worker slowed down by other work takes fewer) and store each segment's Gram block in shared memory;
+    the blocks are then added in unit order, exactly as the inline pass adds them: the result is
+    bit-for-bit the same whoever computed what."""
     import mmap
 
     from extramerge.engine import run_forked
 
-    per = n_names * (n - 1) * n + n_names + 1  # grams, norms, bytes done
-    slots = np.frombuffer(mmap.mmap(-1, 8 * per * workers), dtype=np.float64).reshape(workers, per)
+    first = np.cumsum([0] + [len(u) for u in units])  # index of each unit's first segment
+    width = (n - 1) * n + 2  # Gram block, ‖θ_ref‖², tensor index
+    shm = np.frombuffer(mmap.mmap(-1, 8 * (int(first[-1]) * width + workers)), dtype=np.float64)
+    blocks = shm[: int(first[-1]) * width].reshape(-1, width)
+    done = shm[int(first[-1]) * width :]  # bytes read per worker (progress)
+    feed = _UnitFeed(len(units))
 
     def job(k: int) -> None:
-        grams = slots[k, : -n_names - 1].reshape(n_names, n - 1, n)
-        norms = slots[k, -n_names - 1 : -1]
-        for unit in units[k::workers]:
-            parts, nbytes = run(unit)
-            for t, G, r2 in parts:
-                grams[t] += G
-                norms[t] += r2
-            slots[k, -1] += nbytes
+        for u in feed.claim():
+            parts, nbytes = run(units[u])
+            for i, (t, G, r2) in enumerate(parts):
+                row = blocks[first[u] + i]
+                row[:-2] = G.reshape(-1)
+                row[-2], row[-1] = r2, t
+            done[k] += nbytes
 
-    bar = _progress(total, progress)
-    shown = [0.0]
+    bar, shown = None, [0.0]
 
     def poll() -> None:
-        done = float(slots[:, -1].sum())
-        bar.update(done - shown[0])
-        shown[0] = done
+        nonlocal bar
+        feed.top_up()
+        if progress:
+            bar = bar or _progress(total, True)  # made after the fork: tqdm may start a thread
+            now = float(done.sum())
+            bar.update(now - shown[0])
+            shown[0] = now
 
     try:
-        run_forked([lambda k=k: job(k) for k in range(workers)], poll=poll if progress else None,
-                   idle=background)  # fmt: skip
+        run_forked([lambda k=k: job(k) for k in range(workers)], poll=poll, idle=background, before=feed.fork)
     finally:
-        bar.close()
-    grams = slots[0, : -n_names - 1].reshape(n_names, n - 1, n).copy()
-    norms = slots[0, -n_names - 1 : -1].copy()
-    for k in range(1, workers):
-        grams += slots[k, : -n_names - 1].reshape(n_names, n - 1, n)
-        norms += slots[k, -n_names - 1 : -1]
+        feed.close()
+        if bar is not None:
+            bar.close()
+    grams = np.zeros((n_names, n - 1, n))
+    norms = np.zeros(n_names)
+    for row in blocks:  # unit order, segment order: the inline pass's order of additions
+        t = int(row[-1])
+        grams[t] += row[:-2].reshape(n - 1, n)
+        norms[t] += row[-2]
     return grams, norms
+
+
+class _UnitFeed:
+    """Unit numbers 0..n-1 in a pipe: each forked worker reads 4 bytes at a time (atomic for a pipe) until
+    the pipe is empty and closed. The parent writes what fits before forking and tops up while waiting."""
+
+    def __init__(self, n: int):
+        import fcntl
+
+        self.r, self.w = os.pipe()
+        with contextlib.suppress(OSError, AttributeError):  # Linux: room for up to 256K units at once
+            fcntl.fcntl(self.w, fcntl.F_SETPIPE_SZ, min(2**20, max(2**16, 4 * n)))
+        os.set_blocking(self.w, False)
+        self.pending = memoryview(b"".join(u.to_bytes(4, "little") for u in range(n)))
+        self.top_up()
+
+    def top_up(self) -> None:
+        while self.w >= 0 and len(self.pending):
+            try:
+                wrote = os.write(self.w, self.pending[: 4 * 4096])
+            except BlockingIOError:
+                return
+            self.pending = self.pending[wrote:]
+        if self.w >= 0 and not len(self.pending):
+            os.close(self.w)  # workers see the end once the pipe is drained
+            self.w = -1
+
+    def fork(self) -> None:
+        """In a child: keep only the read end."""
+        if self.w >= 0:
+            os.close(self.w)
+            self.w = -1
+
+    def claim(self):
+        while True:
+            got = os.read(self.r, 4)
+            if not got:
+                return
+            yield int.from_bytes(got, "little")
+
+    def close(self) -> None:
+        for fd in (self.r, self.w):
+            if fd >= 0:
+                os.close(fd)
+        self.r = self.w = -1
 
 
 def _gram_data(ckpts, infos, names, skipped, grams, norms, ref) -> GramData:
