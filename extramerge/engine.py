@@ -156,22 +156,28 @@ def run_forked(
     between threads every few tens of microseconds costs as much as the calls (measured: 2 threads 1.3x,
     2 processes 1.9x one). Children share the parent's memory copy-on-write; jobs report through shared
     memory the caller maps before forking (``mmap.mmap(-1, n)``). ``before`` runs first in each child,
-    ``poll`` in the parent every 20 ms (progress), ``idle`` once right after forking (work the parent
-    can overlap). A child's exception
-    is re-raised in the parent (CheckpointError, ValueError and OSError keep their type and message); the
-    other children are killed. Children die with the parent (PR_SET_PDEATHSIG).
+    ``idle`` once in the parent right after forking (work it can overlap), ``poll`` in the parent every
+    20 ms while it waits (progress). A child's exception is re-raised in the parent (CheckpointError,
+    ValueError and OSError keep their type and message) as soon as that child ends; the other children
+    are killed. Children die with the parent (PR_SET_PDEATHSIG).
     """
+    import select
+
     errors = mmap.mmap(-1, _ERR_BYTES * len(jobs))
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
     pids: list[int] = []
+    ends: dict[int, int] = {}  # read end of a pipe whose write end only child pid holds: EOF = it ended
     try:
         for k, job in enumerate(jobs):
+            r, w = os.pipe()
             pid = os.fork()
             if pid == 0:  # child: never returns
                 code = 1
                 try:
+                    for fd in (r, *ends):
+                        os.close(fd)
                     with contextlib.suppress(Exception):
                         ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
                     _blas_single_thread()
@@ -184,25 +190,26 @@ def run_forked(
                     errors[k * _ERR_BYTES : k * _ERR_BYTES + len(msg)] = msg
                 finally:
                     os._exit(code)
+            os.close(w)
+            ends[r] = pid
             pids.append(pid)
         if idle is not None:
             idle()
-        alive = dict.fromkeys(pids)
         failed = None
-        while alive and failed is None:
-            for pid in list(alive):
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    del alive[pid]
-                    if os.waitstatus_to_exitcode(status) != 0:
-                        failed = pids.index(pid)
+        while ends and failed is None:
+            ready, _, _ = select.select(list(ends), [], [], 0.02 if poll is not None else None)
+            for r in ready:
+                pid = ends.pop(r)
+                os.close(r)
+                if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0 and failed is None:
+                    failed = pids.index(pid)
             if poll is not None:
                 poll()
-            if alive and failed is None:
-                time.sleep(0.02)
         if failed is not None:
             raise _child_error(errors[failed * _ERR_BYTES : (failed + 1) * _ERR_BYTES])
     finally:
+        for r in ends:
+            os.close(r)
         for pid in pids:  # on failure or interrupt: stop the others, and reap every child
             with contextlib.suppress(OSError):
                 if os.waitpid(pid, os.WNOHANG) == (0, 0):

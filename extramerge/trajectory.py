@@ -288,7 +288,9 @@ def _gram_forked(run, units, workers, n_names, n, total, progress, background):
             shown[0] = now
 
     try:
-        run_forked([lambda k=k: job(k) for k in range(workers)], poll=poll, idle=background, before=feed.fork)
+        jobs = [lambda k=k: job(k) for k in range(workers)]
+        poll_if = poll if progress or feed.w >= 0 else None  # else nothing to do but wait
+        run_forked(jobs, poll=poll_if, idle=background, before=feed.fork)
     finally:
         feed.close()
         if bar is not None:
@@ -556,6 +558,8 @@ def write_outputs(data: GramData, report: dict, output, *, inputs=(), force: boo
         }
         report = dict(report, files={k: str(output / v) for k, v in files.items()})
         data.save(tmp / files["gram"])
+        with open(tmp / files["analysis"], "w") as f:
+            json.dump(report, f, indent=1)
         _render(
             [
                 lambda: plots.per_layer(report, tmp / files["per_layer"]),
@@ -565,8 +569,6 @@ def write_outputs(data: GramData, report: dict, output, *, inputs=(), force: boo
                 ),
             ]
         )
-        with open(tmp / files["analysis"], "w") as f:
-            json.dump(report, f, indent=1)
         _publish(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
