@@ -92,7 +92,7 @@ def load_gram(path) -> GramData:
         )
 
 
-_BLOCK = 64 * 2**10  # elements per checkpoint converted to float64 at a time (N x 512 KiB)
+_BLOCK_BYTES = 4 * 2**20  # float64 work block of all N checkpoints (8 x 64K elements for N = 8)
 _GEMM_COLS = 8192  # columns per small Gram product: N x 64 KiB of float64 operands stay in L2
 _UNIT_BYTES = 4 * 2**20  # per checkpoint and work unit (one worker maps N of these at a time)
 
@@ -111,7 +111,7 @@ def _segment_gram(xs: list, ref: int, scratch) -> tuple[np.ndarray, float]:
     n, m = len(xs), xs[0].size
     others = [j for j in range(n) if j != ref]
     bg = min(_GEMM_COLS, max(64, 1 << max(m - 1, 0).bit_length()))
-    s_max = max(1, _BLOCK // bg)
+    s_max = max(1, _BLOCK_BYTES // (8 * n * bg))
     F3 = scratch.get("gram_F", (s_max * n * bg,), np.float64)
     R3 = scratch.get("gram_R", (s_max * bg,), np.float64)
     Gs = scratch.get("gram_G", (s_max * (n - 1) * n,), np.float64)
