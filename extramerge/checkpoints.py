@@ -27,6 +27,7 @@ fsynced and renamed into place: an interrupted merge leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -1161,10 +1162,11 @@ class _FileWriter:
     """Appends bytes to a new file, either through the page cache (starting writeback every
     _WRITEBACK_EVERY bytes, so the final fsync is short) or with direct I/O.
 
-    Direct I/O (O_DIRECT) gathers the bytes into a page-aligned block and writes whole blocks straight to
-    the device: no page-cache copy to make and later flush, and no fresh page-cache memory to allocate,
-    which on a VM whose free memory was handed back to the host costs more than the disk write itself.
-    Where the filesystem refuses O_DIRECT (tmpfs, some network filesystems) it falls back to buffered."""
+    Direct I/O (O_DIRECT) gathers the bytes into page-aligned blocks and writes whole blocks straight to
+    the device from a background thread, while the next block fills: no page-cache copy to make and
+    later flush, and no fresh page-cache memory to allocate, which on a VM whose free memory was handed
+    back to the host costs more than the disk write itself. Where the filesystem refuses O_DIRECT
+    (tmpfs, some network filesystems) the file continues through the page cache."""
 
     def __init__(self, path: Path, *, direct: bool, writeback: bool):
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
@@ -1178,21 +1180,26 @@ class _FileWriter:
         if self.fd < 0:
             self.fd = os.open(path, flags, 0o666)
         self.writeback = writeback
-        self.pos = 0  # bytes handed to the OS so far
+        self.pos = 0  # file offset of the next byte
         self.synced = 0
-        self.fill = 0  # bytes gathered in the direct-I/O block
-        self._block = self._arr = None
+        self.fill = 0  # bytes gathered in the current direct-I/O block
+        self._blocks: list = []
+        self._io = None  # the direct writes' thread and the write in flight
+        self._inflight = None
         if self.direct:
-            self._block = mmap.mmap(-1, _DIRECT_BLOCK)  # anonymous maps are page-aligned
-            self._arr = np.frombuffer(self._block, dtype=np.uint8)
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._blocks = [mmap.mmap(-1, _DIRECT_BLOCK) for _ in range(2)]  # anonymous maps: page-aligned
+            self._arr = np.frombuffer(self._blocks[0], dtype=np.uint8)
+            self._io = ThreadPoolExecutor(1, thread_name_prefix="extramerge-write")
 
     def write(self, data: memoryview) -> None:
-        src = np.frombuffer(data, dtype=np.uint8) if self.direct and len(data) else None
+        if not self.direct:
+            self._write_buffered(data)
+            return
+        src = np.frombuffer(data, dtype=np.uint8) if len(data) else None
         done = 0
         while done < len(data):
-            if not self.direct:  # never chosen, or given up on in _write_block
-                self._write_buffered(data[done:])
-                return
             n = min(len(data) - done, _DIRECT_BLOCK - self.fill)
             np.copyto(self._arr[self.fill : self.fill + n], src[done : done + n])  # releases the GIL
             self.fill += n
@@ -1210,35 +1217,33 @@ class _FileWriter:
             self.synced = self.pos
 
     def _write_block(self, length: int) -> None:
-        """Write the gathered block (``length`` is a multiple of _DIRECT_ALIGN, the tail padded)."""
-        view = memoryview(self._block)[:length]
-        try:
-            done = os.pwrite(self.fd, view, self.pos)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            done = 0  # the filesystem accepted O_DIRECT at open but not for writes
-        if done != length:  # refused or short: finish this file through the page cache
-            import fcntl
-
-            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-            self.direct = False
-            self.pos += done
-            self._write_buffered(view[done : self.fill])
-        else:
-            self.pos += min(self.fill, length)
+        """Hand the gathered block (``length``: a multiple of _DIRECT_ALIGN, the tail padded) to the I/O
+        thread and switch to the other block once its previous write is done."""
+        block = self._blocks[0]
+        fut = self._io.submit(_pwrite_direct, self.fd, memoryview(block)[:length], self.pos, self.fill)
+        self.pos += self.fill
         self.fill = 0
+        self._wait()  # the other block's write: it must be done before that block is refilled
+        self._inflight = fut
+        self._blocks.reverse()
+        self._arr = np.frombuffer(self._blocks[0], dtype=np.uint8)
+
+    def _wait(self) -> None:
+        fut, self._inflight = self._inflight, None
+        if fut is not None:
+            fut.result()  # re-raises the I/O thread's error here
 
     def close(self, fsync: bool) -> float:
         """Write what is left, fsync (if asked) and close; returns the seconds spent in fsync."""
         try:
-            if self.direct and self.fill:
+            if self.direct:
                 size = self.pos + self.fill
-                padded = -(-self.fill // _DIRECT_ALIGN) * _DIRECT_ALIGN
-                self._arr[self.fill : padded] = 0
-                self._write_block(padded)
+                if self.fill:
+                    padded = -(-self.fill // _DIRECT_ALIGN) * _DIRECT_ALIGN
+                    self._arr[self.fill : padded] = 0
+                    self._write_block(padded)
+                self._wait()
                 os.ftruncate(self.fd, size)  # drop the padding of the last block
-                self.pos = size
             t_sync = 0.0
             if fsync:
                 t0 = time.perf_counter()
@@ -1249,13 +1254,34 @@ class _FileWriter:
             self.abort()
 
     def abort(self) -> None:
+        """Stop: let a write in flight finish (it uses the descriptor), then close everything."""
+        if self._io is not None:
+            with contextlib.suppress(BaseException):
+                self._wait()
+            self._io.shutdown(wait=True)
+            self._io = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
         self._arr = None
-        if self._block is not None:
-            self._block.close()
-            self._block = None
+        self._blocks = []  # unmapped once unreferenced (a failed write's traceback may still hold one)
+
+
+def _pwrite_direct(fd: int, view: memoryview, pos: int, size: int) -> None:
+    """Write a direct-I/O block at ``pos`` (``size`` bytes of it are data, the rest padding). A filesystem
+    that refuses it (EINVAL) or writes short gets the file switched to the page cache for good."""
+    try:
+        done = os.pwrite(fd, view, pos)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        done = 0  # the filesystem accepted O_DIRECT at open but not for writes
+    if done < min(size, len(view)):
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        while done < size:
+            done += os.pwrite(fd, view[done:size], pos + done)
 
 
 def _write_safetensors_shards(

@@ -994,10 +994,11 @@ def merge_weights(
         **(record or {}),
     }
     meta = {"extramerge.weights": ",".join(repr(float(x)) for x in w), **(metadata or {})}
+    stream = produce()
     try:
         result = write_checkpoint(
             out_path,
-            produce(),
+            stream,
             infos=out_infos,
             template=template,
             fmt=fmt,
@@ -1010,6 +1011,7 @@ def merge_weights(
             direct_io=direct_io,
         )
     finally:
+        stream.close()  # stops the workers now, not when the traceback lets go of the generator
         bar.close()
     rss.append(_rss_now())
     seconds = time.perf_counter() - t0

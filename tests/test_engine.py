@@ -396,26 +396,40 @@ def test_overlapped_writer_is_atomic_when_a_worker_fails_mid_stream(tmp_path, mo
     assert threading.active_count() == threads
 
 
-def test_overlapped_writer_is_atomic_when_the_disk_fails_mid_stream(tmp_path, monkeypatch):
-    """The writer side fails (disk full on the second block) while workers are computing: the error
-    surfaces, the workers are stopped and nothing is left behind."""
+@pytest.mark.parametrize("where", ["writer", "io-thread"])
+def test_overlapped_writer_is_atomic_when_the_disk_fails_mid_stream(tmp_path, monkeypatch, where):
+    """The writer side fails (disk full on the second block, seen by the writer or by its direct-I/O
+    thread) while workers are computing: the error surfaces, the workers and the I/O thread are stopped
+    and nothing is left behind."""
     from extramerge import checkpoints as C
 
-    real = C._FileWriter._write_block
     calls = []
+    if where == "writer":
+        real = C._FileWriter._write_block
 
-    def full_disk(self, n):
-        calls.append(n)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, n)
+        def full_disk(self, n):
+            calls.append(n)
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(self, n)
 
-    monkeypatch.setattr(C._FileWriter, "_write_block", full_disk)
+        monkeypatch.setattr(C._FileWriter, "_write_block", full_disk)
+    else:
+        real_pwrite = C.os.pwrite
+
+        def pwrite(fd, data, offset):
+            calls.append(offset)
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_pwrite(fd, data, offset)
+
+        monkeypatch.setattr(C.os, "pwrite", pwrite)
     cks = load_checkpoints([_big_run(tmp_path / "run")])
     threads = threading.active_count()
     with pytest.raises(OSError, match="No space left"):
         merge_weights(cks, [0.2, 0.3, 0.5], tmp_path / "out.safetensors", chunk_bytes=2**18, workers=2,
                       direct_io=True, progress=False)  # fmt: skip
+    assert len(calls) >= 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert threading.active_count() == threads
 
