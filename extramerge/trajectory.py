@@ -376,26 +376,15 @@ def _progress(total: int, progress: bool):
 # --------------------------------------------------------------------------------------------- geometry
 
 
-def _oriented_pcs(G: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k eigenpairs (U [N, k], λ [k]) of the centred Gram, PC1 oriented so its scores grow in time."""
-    vals, vecs = np.linalg.eigh(_analysis.centered_gram(G))
-    vals, vecs = np.clip(vals[::-1], 0.0, None), vecs[:, ::-1]
-    k = min(k, vals.size)
-    U, lam = vecs[:, :k].copy(), vals[:k]
-    t = np.arange(U.shape[0]) - (U.shape[0] - 1) / 2
-    if U.shape[1] and t @ U[:, 0] < 0:
-        U[:, 0] *= -1
-    return U, lam
-
-
 def project_scores(G, W, k: int = 2) -> np.ndarray:
     """Coordinates on the first k PCs of the trajectory with Gram G of affine combinations W [R, N].
 
     PC k is e_k = Xᵀ H u_k / √λ_k, so the centred point (w − 1/N)ᵀX has score (w − 1/N)ᵀ H G H u_k / √λ_k
-    = wᵀ u_k √λ_k (u_k ⟂ 1). Rows of the identity give the checkpoints' own scores.
+    = wᵀ u_k √λ_k (u_k ⟂ 1): W times the checkpoints' own scores (rivervalley.analysis.pc_scores, PC1
+    oriented along the direction of travel). Rows of the identity give the checkpoints' own scores.
     """
-    U, lam = _oriented_pcs(np.asarray(G, dtype=np.float64), k)
-    return np.atleast_2d(np.asarray(W, dtype=float)) @ U * np.sqrt(lam)
+    scores, _ = _analysis.pc_scores(np.asarray(G, dtype=np.float64), k)
+    return np.atleast_2d(np.asarray(W, dtype=float)) @ scores
 
 
 def _line_fit(y: np.ndarray) -> tuple[float, float]:

@@ -80,12 +80,18 @@ def fve1(G) -> np.ndarray:
 def pc_scores(G, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Coordinates of each checkpoint on the first k principal components, and those PCs' variances.
 
-    From the centred Gram C = U Λ Uᵀ the scores are U √Λ (up to the sign of each component).
+    From the centred Gram C = U Λ Uᵀ the scores are U √Λ. PC1 is oriented so that its scores grow with the
+    checkpoint index (the direction of travel); the other components keep eigh's sign.
     Returns (scores [..., N, k], variances [..., k]).
     """
     vals, vecs = _eigh_desc(centered_gram(G))
     k = min(k, vals.shape[-1])
-    return vecs[..., :k] * np.sqrt(vals[..., None, :k]), vals[..., :k]
+    U = vecs[..., :k].copy()
+    n = U.shape[-2]
+    if k:
+        t = np.arange(n) - (n - 1) / 2
+        U[..., :, 0] *= np.where(t @ U[..., :, 0] < 0, -1.0, 1.0)[..., None]
+    return U * np.sqrt(vals[..., None, :k]), vals[..., :k]
 
 
 def displacement_cosines(G) -> np.ndarray:

@@ -90,3 +90,10 @@ def test_pc1_trend_removes_lag_but_keeps_merge_noise_off_the_river():
     w = A.pc1_trend_weights(A.gram(X), window=4)
     river = (w @ X)[0]
     assert abs(river - 5.0 * (n - 1)) < 0.5  # SMA would sit 1.5 checkpoints (7.5) behind
+
+
+def test_pc1_scores_point_along_the_direction_of_travel():
+    rng = np.random.default_rng(5)
+    X = np.arange(8)[:, None] * -rng.normal(size=(1, 6)) + rng.normal(size=(8, 6)) * 0.01
+    scores, _ = A.pc_scores(A.gram(np.stack([X, X[::-1]])), k=2)
+    assert np.all(np.diff(scores[..., 0], axis=-1) > 0)
