@@ -90,7 +90,7 @@ def pc_scores(G, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
     n = U.shape[-2]
     if k:
         t = np.arange(n) - (n - 1) / 2
-        U[..., :, 0] *= np.where(t @ U[..., :, 0] < 0, -1.0, 1.0)[..., None]
+        U[..., :, 0] *= np.where(U[..., :, 0] @ t < 0, -1.0, 1.0)[..., None]
     return U * np.sqrt(vals[..., None, :k]), vals[..., :k]
 
 
