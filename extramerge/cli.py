@@ -3,6 +3,7 @@
     extramerge inspect CKPT... [--json]
     extramerge analyze CKPT... [--windows 1,2,4,8] -o DIR
     extramerge merge CKPT... --method {sma,ema,wma,extra,trend,pc1,custom} [knobs] -o OUT [--dry-run]
+    extramerge eval MODEL... --data FILE [--cloze N|FILE.jsonl] [--json OUT.json] [--lm-eval]
 
 CKPT is a checkpoint file (.safetensors, .bin, .pt), a Hugging Face model folder, or a folder of
 step_XXXX/ checkpoints (expanded and sorted by step). Checkpoints are ordered oldest first as given.
@@ -15,8 +16,10 @@ import argparse
 import json
 import os
 import sys
+import time
 import warnings
 from collections import Counter
+from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
@@ -205,12 +208,165 @@ def _merge(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------- eval
+
+
+def _cloze_source(text: str) -> int | str:
+    try:
+        n = int(text)
+    except ValueError:
+        return text
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of items >= 0 or a .jsonl file, got {text!r}")
+    return n
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def _model_folders(paths: list[str]) -> list[tuple[str, object, int | None]]:
+    """(display name, folder, step) per model: a model folder as given, a run folder expanded to its step
+    folders (oldest first, as `load_checkpoints` orders them). Every folder is checked before any work."""
+    from pathlib import Path
+
+    from .checkpoints import load_checkpoints, parse_step
+    from .evaluate import check_model_folder
+
+    out = []
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise ValueError(f"{p}: no such file or folder")
+        if path.is_dir() and not (path / "config.json").is_file():
+            ckpts = load_checkpoints([path])
+            for c in ckpts:
+                c.close()
+            out.extend((f"{path.name}/{c.path.name}", c.path, c.step) for c in ckpts)
+        else:
+            out.append((str(p), path, parse_step(path.name)))
+    for _, folder, _ in out:
+        check_model_folder(folder)
+    return out
+
+
+def _eval(args) -> int:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from . import evaluate as E
+
+    hf_logging.set_verbosity_error()
+    if args.json and os.path.isdir(args.json):
+        raise ValueError(f"{args.json}: is a folder (--json wants a file name)")
+    models = _model_folders(args.models)
+    texts = E.load_texts(args.data)
+    items = None
+    if isinstance(args.cloze, str):
+        items = E.load_cloze(args.cloze)
+    elif args.cloze > 0:
+        items = E.build_cloze(texts, n_items=args.cloze, n_candidates=args.candidates, seed=args.seed)
+    if items is not None and args.save_cloze:
+        E.save_cloze(items, args.save_cloze)
+    task_dir = None
+    if args.lm_eval:
+        import tempfile
+
+        from . import lmeval
+
+        lmeval.require_lm_eval()
+        task_dir = tempfile.mkdtemp(prefix="extramerge-lmeval-")
+        lmeval.write_task(texts, task_dir)
+        if items is not None:
+            lmeval.write_task(items, task_dir)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    width = max(24, *(len(name) for name, _, _ in models))
+    head = f"{len(texts)} documents from {args.data}"
+    if items:
+        head += f"; {len(items)} cloze items, chance {1 / len(items[0].candidates):.3f}"
+    print(head)
+    print(f"{'model':<{width}} {'loss':>7} {'bits/byte':>9} {'cloze acc ± se':>16} {'tokens/s':>9}")
+    cache: dict = {}
+    rows = []
+    try:
+        for name, folder, step in models:
+            t0 = time.perf_counter()
+            model, tok = E.load_model(folder, device=device)
+            load_s = time.perf_counter() - t0
+            seq_len = args.seq_len or E.max_positions(model)
+            if seq_len is None:
+                raise ValueError(f"{folder}: the model config states no maximum length: pass --seq-len")
+            key = (E.tokenizer_fingerprint(folder), seq_len)
+            if key not in cache or key[0] is None:
+                cache[key] = E.token_blocks(texts, tok, seq_len)
+            row = E.evaluate_model(
+                model,
+                texts,
+                tokenizer=tok,
+                blocks=cache[key],
+                cloze_items=items,
+                batch_size=args.batch_size,
+                cloze_batch_size=args.cloze_batch_size,
+                device=device,
+            )
+            row.update(name=name, path=str(folder), step=step, load_seconds=load_s)
+            c = row["cloze"]
+            acc = "-" if c is None else f"{c['accuracy']:.3f} ± {c['stderr']:.3f}"
+            print(
+                f"{name:<{width}} {row['loss']:>7.4f} {row['bits_per_byte']:>9.4f} {acc:>16} "
+                f"{row['tokens_per_s']:>9.0f}",
+                flush=True,
+            )
+            del model
+            if task_dir is not None:
+                from .lmeval import run_lm_eval
+
+                lm = run_lm_eval(folder, task_dir, device=device, batch_size=args.batch_size)
+                row["lm_eval"] = lm
+                res = lm["results"]
+                parts = [f"{t}: " + ", ".join(f"{k}={v:.4g}" for k, v in r.items() if isinstance(v, float))
+                         for t, r in res.items()]  # fmt: skip
+                print(f"{'':<{width}} lm-eval {'; '.join(parts)}", flush=True)
+            rows.append(row)
+    finally:
+        if task_dir is not None:
+            import shutil
+
+            shutil.rmtree(task_dir, ignore_errors=True)
+    if args.json:
+        record = {
+            "data": str(args.data),
+            "documents": len(texts),
+            "device": device,
+            "seq_len": args.seq_len,
+            "batch_size": args.batch_size,
+            "cloze": None
+            if items is None
+            else {
+                "source": args.cloze if isinstance(args.cloze, str) else "built",
+                "items": len(items),
+                "candidates": len(items[0].candidates),
+                "seed": args.seed,
+            },
+            "models": rows,
+        }
+        E._atomic_write(Path(args.json), json.dumps(record, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True, metavar="{inspect,analyze,merge}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{inspect,analyze,merge,eval}")
     ck = "checkpoint files or folders, oldest first (a folder of step_XXXX/ checkpoints is expanded)"
 
     q = sub.add_parser("inspect", help="formats, tensors, dtypes, parameter counts and consistency")
@@ -311,6 +467,38 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", required=True, metavar="OUT", help="output folder (or .safetensors file)"
     )
     m.set_defaults(func=_merge)
+
+    e = sub.add_parser("eval", help="held-out loss, bits/byte and cloze accuracy of causal LM folders")
+    e.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        help="Hugging Face model folders, or run folders of step_XXXX/ model folders (each is evaluated)",
+    )
+    e.add_argument(
+        "--data", required=True, metavar="FILE", help="held-out text: .jsonl ({'text': ...} per line), .txt"
+    )
+    e.add_argument(
+        "--cloze",
+        type=_cloze_source,
+        default=200,
+        metavar="N|FILE.jsonl",
+        help="cloze items: build N from --data (default 200; 0 = no cloze) or load a saved item set",
+    )
+    e.add_argument("--candidates", type=_positive, default=8, help="candidates per built item (default 8)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the built cloze items (default 0)")
+    e.add_argument("--save-cloze", metavar="FILE.jsonl", help="save the cloze items used, to reuse later")
+    e.add_argument("--seq-len", type=_positive, help="tokens per evaluation block (default: model maximum)")
+    e.add_argument("--batch-size", type=_positive, default=16, help="blocks per forward pass (default 16)")
+    e.add_argument("--cloze-batch-size", type=_positive, default=32, help="cloze sequences per pass (32)")
+    e.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    e.add_argument("--json", metavar="OUT.json", help="also write all results here (atomically)")
+    e.add_argument(
+        "--lm-eval",
+        action="store_true",
+        help="also run lm-evaluation-harness on the same items and documents (pip install 'lm-eval[hf]')",
+    )
+    e.set_defaults(func=_eval)
     return p
 
 

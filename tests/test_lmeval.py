@@ -1,0 +1,113 @@
+"""extramerge.lmeval: local lm-eval tasks from our held-out split, and lm-eval agreeing with our scoring."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+from experiments.lm.tokenizer import EOS_ID, build_tokenizer  # noqa: E402
+from extramerge import evaluate as E  # noqa: E402
+from extramerge import lmeval as L  # noqa: E402
+
+WORDS = "black crown dream fight gloss happy jewel vapor".split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _docs(n_docs, n_words=60):
+    return [" ".join(WORDS[(k + i) % len(WORDS)] for i in range(n_words)) + "." for k in range(n_docs)]
+
+
+def test_write_task_files(tmp_path):
+    items = [
+        E.ClozeItem("the river keeps the ", "valley", ("river", "valley", "stream")),
+        E.ClozeItem("two spaces  ", "gamma", ("gamma", "delta")),
+    ]
+    assert L.write_task(items, tmp_path) == "extramerge_cloze"
+    assert L.write_task(["doc one", "doc two"], tmp_path, name="held_ppl") == "held_ppl"
+    rows = [json.loads(x) for x in (tmp_path / "extramerge_cloze.jsonl").read_text().splitlines()]
+    assert rows[0] == {
+        "query": "the river keeps the",
+        "choices": [" river", " valley", " stream"],
+        "label": 1,
+    }
+    assert rows[1]["query"] == "two spaces" and rows[1]["choices"] == ["  gamma", "  delta"]
+    yaml = (tmp_path / "extramerge_cloze.yaml").read_text()
+    for line in ("task: extramerge_cloze", "dataset_path: json", "output_type: multiple_choice",
+                 "doc_to_choice: choices", 'target_delimiter: ""', "  - metric: acc"):  # fmt: skip
+        assert line in yaml.splitlines(), line
+    assert str((tmp_path / "extramerge_cloze.jsonl").resolve()) in yaml
+    ppl = (tmp_path / "held_ppl.yaml").read_text()
+    assert "output_type: loglikelihood_rolling" in ppl and "doc_to_target: text" in ppl
+    assert L._tasks_in(tmp_path) == ["extramerge_cloze", "held_ppl"]
+    with pytest.raises(ValueError, match="ClozeItem"):
+        L.write_task([items[0], "text"], tmp_path)
+    with pytest.raises(ValueError, match="nothing"):
+        L.write_task([], tmp_path)
+
+
+def test_missing_lm_eval_is_one_line_with_the_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
+    with pytest.raises(ValueError, match=r"pip install 'lm-eval\[hf\]'") as e:
+        L.require_lm_eval()
+    assert "\n" not in str(e.value)
+
+
+def test_run_lm_eval_agrees_with_cloze_accuracy(tmp_path):
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
+    tok = build_tokenizer()
+    docs = _docs(10)
+    train, held = docs[:6], docs[6:]
+    # a model trained a little on the cycle text, so that the accuracy is neither 0 nor 1 by construction
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=257, n_positions=128,
+                     bos_token_id=EOS_ID, eos_token_id=EOS_ID)  # fmt: skip
+    model = GPT2LMHeadModel(cfg)
+    stream = E.token_blocks(train, tok, 1 << 16).ids[0]
+    stream = stream[stream != E.PAD]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        starts = torch.randint(0, len(stream) - 64, (16,), generator=g)
+        x = torch.stack([stream[s : s + 64] for s in starts])
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+    items = E.build_cloze(held, n_items=12, n_candidates=4, context_bytes=40, seed=0)
+    ours = E.cloze_accuracy(model, tok, items)
+    assert 0 < ours.accuracy < 1
+    tasks = tmp_path / "tasks"
+    L.write_task(items, tasks)
+    L.write_task(held, tasks)
+    res = L.run_lm_eval(folder, tasks, batch_size=8, log_samples=True)
+    acc = res["results"]["extramerge_cloze"]["acc"]
+    assert acc == pytest.approx(ours.accuracy, abs=1e-12) and res["n_samples"]["extramerge_cloze"] == len(
+        items
+    )
+    # per-candidate log-likelihoods agree too (same context/continuation split, same truncation)
+    samples = sorted(res["samples"]["extramerge_cloze"], key=lambda s: s["doc_id"])
+    for s, scores in zip(samples, ours.scores, strict=True):
+        theirs = [r[0][0] for r in s["resps"]]
+        assert theirs == pytest.approx(scores, abs=1e-3)
+    # rolling perplexity: per document, no EOS predicted, so close to ours but not identical
+    bpb = res["results"]["extramerge_ppl"]["bits_per_byte"]
+    mine = E.evaluate_loss(model, tok, held).bits_per_byte
+    assert math.isfinite(bpb) and bpb == pytest.approx(mine, rel=0.1)
