@@ -263,6 +263,8 @@ def _eval(args) -> int:
     from . import evaluate as E
 
     hf_logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.json and os.path.isdir(args.json):
         raise ValueError(f"{args.json}: is a folder (--json wants a file name)")
     models = _model_folders(args.models)
@@ -492,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive, default=16, help="blocks per forward pass (default 16)")
     e.add_argument("--cloze-batch-size", type=_positive, default=32, help="cloze sequences per pass (32)")
     e.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    e.add_argument(
+        "--threads", type=_positive, help="torch CPU threads (default torch's; 1 is best on a busy machine)"
+    )
     e.add_argument("--json", metavar="OUT.json", help="also write all results here (atomically)")
     e.add_argument(
         "--lm-eval",

@@ -670,8 +670,12 @@ def cloze_accuracy(
             for i, row in enumerate(pairs):
                 ctx = row[0][0]
                 fits = len(ctx) + max(len(cont) for _, cont in row) <= max_length + 1
+                shared = None
                 if share_context and fits and len(ctx) > 0:
-                    scores[i] = _score_shared(model, ctx, [cont for _, cont in row], device)
+                    shared = _score_shared(model, ctx, [cont for _, cont in row], device)
+                    share_context = shared is not None  # a model without a repeatable KV cache: batch all
+                if shared is not None:
+                    scores[i] = shared
                 else:
                     batched.extend((i, j) for j in range(len(row)))
             seqs = []
@@ -723,14 +727,18 @@ def _score_batched(model, seqs: list[tuple[list[int], int]], batch_size: int, de
     return out.tolist()
 
 
-def _score_shared(model, ctx: list[int], conts: list[list[int]], device) -> list[float]:
-    """Summed log-prob of each continuation after one shared context pass (KV cache repeated per row)."""
+def _score_shared(model, ctx: list[int], conts: list[list[int]], device) -> list[float] | None:
+    """Summed log-prob of each continuation after one shared context pass (KV cache repeated per row);
+    None when the model returns no cache that can be repeated along the batch."""
     import torch
 
     out = model(input_ids=torch.tensor([ctx], device=device), use_cache=True)
+    cache = getattr(out, "past_key_values", None)
+    width = max(len(c) for c in conts)
+    if width > 1 and not hasattr(cache, "batch_repeat_interleave"):
+        return None
     first = out.logits[0, -1].float().log_softmax(-1)  # predicts every continuation's first token
     scores = first[torch.tensor([c[0] for c in conts], device=device)].double()
-    width = max(len(c) for c in conts)
     if width > 1:
         k = len(conts)
         toks = torch.zeros(k, width, dtype=torch.long)
@@ -739,7 +747,6 @@ def _score_shared(model, ctx: list[int], conts: list[list[int]], device) -> list
             toks[r, : len(c)] = torch.tensor(c, dtype=torch.long)
             mask[r, : len(c) - 1] = True
         toks, mask = toks.to(device), mask.to(device)
-        cache = out.past_key_values
         cache.batch_repeat_interleave(k)
         logits = model(input_ids=toks[:, :-1], past_key_values=cache, use_cache=True).logits
         lp = logits[mask].float().log_softmax(-1).gather(1, toks[:, 1:][mask][:, None])[:, 0]

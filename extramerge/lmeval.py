@@ -23,6 +23,7 @@ previous one, so its bits/byte differs slightly.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -159,6 +160,7 @@ def run_lm_eval(
     dtype: str = "float32",
     log_samples: bool = False,
     bootstrap_iters: int = 0,
+    quiet: bool = True,
 ) -> dict:
     """Run lm-eval's ``hf`` model on a local model folder over the tasks in ``task_dir`` (all of them by
     default), offline (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE, TRANSFORMERS_OFFLINE set for the call).
@@ -167,6 +169,7 @@ def run_lm_eval(
     ``"samples"`` (lm-eval's per-document records) when ``log_samples``. Metric names lose lm-eval's
     ",none" filter suffix (``acc``, ``bits_per_byte``, ...). Standard errors: ``bootstrap_iters`` = 0 (the
     default) skips them all; > 0 gives ``acc_stderr`` in closed form and bootstraps the perplexities.
+    ``quiet`` silences lm-eval's log below ERROR for the call (it warns once per truncated request).
     Needs ``pip install 'lm-eval[hf]'``.
     """
     from .evaluate import check_model_folder
@@ -182,6 +185,10 @@ def run_lm_eval(
     keys = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
     saved = {k: os.environ.get(k) for k in keys}
     os.environ.update({k: "1" for k in keys})
+    log = logging.getLogger("lm_eval")
+    level = log.level
+    if quiet:
+        log.setLevel(logging.ERROR)
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -207,6 +214,7 @@ def run_lm_eval(
         )
         seconds = time.perf_counter() - t0
     finally:
+        log.setLevel(level)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

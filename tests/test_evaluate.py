@@ -4,6 +4,7 @@ import json
 import math
 import random
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -271,6 +272,38 @@ def test_cloze_accuracy_matches_hand_computed_ranking(tok):
     for share in (True, False):  # shared-context KV cache and fully batched rows: the same numbers
         again = E.cloze_accuracy(model, tok, items, batch_size=7, share_context=share)
         assert sum(again.scores, []) == pytest.approx(sum(res.scores, []), abs=1e-4)
+
+
+class _NoCache(torch.nn.Module):
+    """A causal LM that returns logits only (no KV cache): the shared-context path must fall back."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, input_ids, **kwargs):
+        return SimpleNamespace(logits=self.model(input_ids=input_ids, use_cache=False).logits)
+
+
+def test_cloze_paths_agree_for_llama_and_cacheless_models(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                      bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID)  # fmt: skip
+    llama = LlamaForCausalLM(cfg).eval()
+    items = E.build_cloze(_prose(), n_items=4, n_candidates=4, context_bytes=100, seed=4)
+    ref = E.cloze_accuracy(llama, tok, items, share_context=False)
+    for model in (llama, _NoCache(llama)):
+        got = E.cloze_accuracy(model, tok, items, share_context=True)
+        assert sum(got.scores, []) == pytest.approx(sum(ref.scores, []), abs=1e-4)
+    # loss on LLaMA (max_position_embeddings) against one whole-sequence forward
+    stream = _stream(TEXTS[:2])
+    assert len(stream) <= 512  # one block
+    with torch.no_grad():
+        want = F.cross_entropy(llama(stream[None, :-1]).logits[0], stream[1:]).item()
+    assert E.evaluate_loss(llama, tok, TEXTS[:2]).loss == pytest.approx(want, rel=1e-5)
 
 
 def test_cloze_left_truncation_like_lm_eval(tok):
