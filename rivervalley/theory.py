@@ -376,8 +376,12 @@ def _weights_setup(slope, lr, interval, curvatures, noise):
     slope = _scalar("slope", _real("slope", slope))
     lr = _scalar("lr", _positive("lr", lr))
     interval = _scalar("interval", _integer("interval", interval, 1))
-    noise = _scalar("noise", _nonnegative("noise", noise))
     curvatures = _curvatures(curvatures)
+    noise = _nonnegative("noise", noise)  # one σ for all directions, or one per curvature
+    if noise.ndim > 1 or (noise.ndim == 1 and noise.shape != curvatures.shape):
+        raise ValueError(
+            f"noise must be a scalar or one value per curvature ({curvatures.size}), got shape {noise.shape}"
+        )
     _step_product("lr*curvatures", lr * curvatures, allow_zero=True)
     rho = (1.0 - lr * curvatures) ** interval
     omega = lr * noise**2 / (2.0 * (2.0 - lr * curvatures))
@@ -407,7 +411,8 @@ def weights_delta_loss(weights, *, slope, lr, interval, curvatures, noise=1.0):
 
     ΔL(w) = c²ηs · lag(w) − Σ_i ω_i (1 − wᵀΓ_i w),  lag(w) = N − tᵀw,  t = (1..N),  Γ_i[j,l] = ρ_i^{|j−l|}.
     ``weights`` is a vector over checkpoints 1..N (last entry = newest) or a batch of shape (..., N); each
-    must sum to 1. ``slope``, ``lr``, ``interval`` and ``noise`` are scalars here.
+    must sum to 1. ``slope``, ``lr`` and ``interval`` are scalars here; ``noise`` is a scalar or one σ_i per
+    curvature (a valley whose directions see different gradient noise).
     """
     w = _real("weights", weights)
     if w.ndim == 0 or w.shape[-1] == 0:

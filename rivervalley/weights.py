@@ -132,7 +132,7 @@ def trend(n: int, window: int, ahead: float = 0.0, steps: Sequence[float] | None
     return w
 
 
-def optimal(n: int, *, slope: float, lr: float, interval: int, curvatures, noise: float = 1.0) -> np.ndarray:
+def optimal(n: int, *, slope: float, lr: float, interval: int, curvatures, noise=1.0) -> np.ndarray:
     """Theory-optimal affine merge for the linear river (THEORY.md §d'): argmin ΔL(w) s.t. 1ᵀw = 1."""
     from rivervalley.theory import optimal_weights
 
