@@ -504,3 +504,19 @@ BAD_INPUT = [
 def test_bad_input_raises_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_weights_delta_loss_per_curvature_noise_is_a_superposition():
+    """noise may give one σ_i per curvature: ΔL is the sum of one-direction ΔLs (river counted once)."""
+    from rivervalley import weights
+
+    w = weights.extra(10, 4, 3, 0.7)
+    kw = dict(lr=0.5, interval=2)
+    both = theory.weights_delta_loss(w, slope=0.2, curvatures=[1.0, 0.1], noise=[0.3, 1.5], **kw)
+    one = theory.weights_delta_loss(w, slope=0.2, curvatures=[1.0], noise=0.3, **kw)
+    two = theory.weights_delta_loss(w, slope=0.0, curvatures=[0.1], noise=1.5, **kw)
+    assert both == pytest.approx(one + two, rel=1e-12)
+    w_opt = theory.optimal_weights(n=10, slope=0.2, curvatures=[1.0, 0.1], noise=[0.3, 1.5], **kw)
+    assert theory.weights_delta_loss(w_opt, slope=0.2, curvatures=[1.0, 0.1], noise=[0.3, 1.5], **kw) <= both
+    with pytest.raises(ValueError, match="noise"):
+        theory.weights_delta_loss(w, slope=0.2, curvatures=[1.0, 0.1], noise=[0.3, 1.5, 2], **kw)
