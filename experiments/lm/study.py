@@ -55,6 +55,7 @@ class StudyConfig:
     split: str = "test"  # where the merges are measured (calibration always uses 'val')
     batch_size: int = 16
     device: str = "cpu"
+    threads: int | None = None  # CPU threads for torch (None: torch's default)
     seed: int = 0
     force: bool = False
     progress: bool = True
@@ -144,10 +145,8 @@ class _Evaluator:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
-        if not str(cfg.device).startswith("cuda"):
-            from rivervalley._compute import flush_denormals
-
-            flush_denormals()  # merged weights can hold denormals: CPU matmuls slow down 5-10x on them
+        if cfg.threads and not str(cfg.device).startswith("cuda"):
+            torch.set_num_threads(cfg.threads)  # small models: more threads only contend
         last = Path(ckpts[-1].path)
         self.tokenizer = AutoTokenizer.from_pretrained(last, local_files_only=True)
         self.model = AutoModelForCausalLM.from_pretrained(last, local_files_only=True, dtype=torch.float32)
@@ -289,7 +288,11 @@ def run_study(cfg: StudyConfig) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        report = _study(cfg, run, meta, ckpts, data_dir, tmp, analyze, load_gram, select)
+        from rivervalley._compute import flush_denormals
+
+        # merged weights can hold denormals, on which CPU matmuls slow down several-fold
+        with flush_denormals():
+            report = _study(cfg, run, meta, ckpts, data_dir, tmp, analyze, load_gram, select)
         report["seconds"] = time.perf_counter() - t0
         (tmp / "study.json").write_text(json.dumps(report, indent=1, default=_json_default))
         (tmp / "study.md").write_text(markdown(report))
@@ -701,6 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["val", "test"], help="where merges are measured")
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cloze item selection")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-engine-check", action="store_true", help="skip the streaming-engine re-evaluation")
@@ -736,6 +740,7 @@ def main(argv=None) -> int:
             split=args.split,
             batch_size=args.batch_size,
             device=args.device,
+            threads=args.threads,
             seed=args.seed,
             force=args.force,
             progress=not args.quiet,

@@ -1,0 +1,173 @@
+"""experiments.lm.study end to end on a tiny run: report contents, files, the engine check, and bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from experiments.lm import study
+from experiments.lm.train import TrainConfig, train
+from rivervalley import weights
+
+# 2 layers x 32 wide, context 32: trains 80 steps in a few seconds; 9 checkpoints from step 40.
+TINY = dict(size="tiny", n_layer=2, d_model=32, n_head=2, seq_len=32, batch_size=8, threads=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lmstudy") / "run"
+    train(
+        TrainConfig(out=str(out), steps=80, ckpt_every=5, ckpt_from=40, schedule="constant", lr=3e-3, **TINY)
+    )
+    return out
+
+
+def _cfg(run, out, **kw):
+    base = dict(
+        run=run, out=out, cloze_items=20, candidates=4, progress=False, alphas=(0.0, 0.5, 1.0), threads=1
+    )
+    return study.StudyConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def report(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lmstudy_out") / "study"
+    return study.run_study(_cfg(run, out)), out
+
+
+def test_report_has_every_part(report):
+    rep, out = report
+    for f in ("study.json", "study.md", "analysis/analysis.json", "analysis/gram.npz"):
+        assert (out / f).is_file(), f
+    for fig in ("alpha.png", "fve1.png", "trajectory.png", "loss_curve.png"):
+        assert (out / "figures" / fig).stat().st_size > 1000, fig
+    on_disk = json.loads((out / "study.json").read_text())
+    assert on_disk["checkpoints"]["n"] == 9 and on_disk["checkpoints"]["steps"][0] == 40
+    groups = {r["group"].split(" ")[0] for r in on_disk["methods"]}
+    assert {"last", "sma", "ema", "wma", "extra", "trend", "pc1"} <= groups
+    # rank-1: merged FVE1 reported for each window, and between 0 and 1
+    assert 0 < rep["rank1"]["raw_fve1"] <= 1
+    assert set(rep["rank1"]["merged_fve1"]) >= {"2", "4", "8"}
+    # predicted next to measured for every method, α* per offset for both fits
+    for r in rep["methods"]:
+        assert np.isfinite(r["loss"]) and 0 <= r["cloze"] <= 1
+        assert set(r["predicted"]) == {"losses", "geometry"}
+    assert rep["methods"][0]["name"] == "last" and rep["methods"][0]["delta_measured"] == 0.0
+    for e in rep["extra"]["by_offset"].values():
+        assert e["measured_best_alpha"] in (0.0, 0.5, 1.0)
+        assert "alpha_star" in e["losses"] and "alpha_star" in e["geometry"]
+    md = (out / "study.md").read_text()
+    assert "Predicted vs measured" in md and "FVE₁" in md
+
+
+def test_measured_losses_are_the_merges(report, run):
+    """The study's loss of SMA K=4 equals evaluating the merged weights directly (no stale model state)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from extramerge import evaluate
+    from extramerge.checkpoints import load_checkpoints
+
+    rep, _ = report
+    row = next(r for r in rep["methods"] if r["name"] == "SMA K=4")
+    ckpts = load_checkpoints([str(run)])
+    w = weights.sma(len(ckpts), 4)
+    model = AutoModelForCausalLM.from_pretrained(ckpts[-1].path, local_files_only=True)
+    state = {
+        n: sum(float(wj) * c.read(n).double() for wj, c in zip(w, ckpts, strict=True)).float()
+        for n in model.state_dict()
+        if n in ckpts[-1].infos
+    }
+    model.load_state_dict(state, strict=False)
+    tok = AutoTokenizer.from_pretrained(ckpts[-1].path)
+    texts = evaluate.load_texts(run / "data" / "test.jsonl")
+    with torch.no_grad():
+        got = evaluate.evaluate_loss(model, tok, texts, batch_size=16).loss
+    assert got == pytest.approx(row["loss"], abs=1e-5)
+
+
+def test_engine_writes_the_same_merge(report):
+    eng = report[0]["engine_check"]
+    assert eng["abs_diff"] < 1e-5
+
+
+def test_predictions_use_the_fit(report):
+    """Predicted ΔL comes from estimate.predict_delta with the reported fit (recomputed here)."""
+    from experiments.lm import estimate
+
+    rep, _ = report
+    f = rep["fits"]["losses"]
+    fit = estimate.RiverFit(
+        f["F0"],
+        f["F1"],
+        f["F2"],
+        f["omega_fast"],
+        f["omega_slow"],
+        f["rho"],
+        f["rho_source"],
+        f["rmse"],
+        f["n"],
+        f["n_calibration"],
+        tuple(tuple(r) for r in f["cov"]),
+    )
+    for r in rep["methods"]:
+        assert r["predicted"]["losses"]["delta"] == pytest.approx(estimate.predict_delta(r["weights"], fit))
+
+
+def test_output_exists_refused_then_forced(run, report, tmp_path):
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(study.StudyError, match="exists"):
+        study.run_study(_cfg(run, out))
+    assert (out / "keep.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--alphas", ""], "--alphas"),
+        (["--alphas", "a,b"], "--alphas"),
+        (["--offsets", "50"], "--offsets"),
+    ],
+)
+def test_cli_bad_flags(run, tmp_path, capsys, argv, match):
+    rc = study.main(["--run", str(run), "-o", str(tmp_path / "o"), "--quiet", "--threads", "1", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and match in err[0]
+    assert not (tmp_path / "o").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.tmp")]
+
+
+def test_cli_run_without_checkpoints(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    rc = study.main(["--run", str(tmp_path / "empty"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "no step_XXXXXX checkpoints" in err and str(tmp_path / "empty") in err
+    rc = study.main(["--run", str(tmp_path / "missing"), "--quiet"])
+    assert rc == 2 and "no such run folder" in capsys.readouterr().err
+
+
+def test_cli_mixed_architectures(run, tmp_path, capsys):
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for p in sorted(run.glob("step_*"))[:4]:
+        shutil.copytree(p, mixed / p.name)
+    other = tmp_path / "other"
+    train(TrainConfig(out=str(other), steps=10, ckpt_every=10, ckpt_from=10, **{**TINY, "d_model": 48}))
+    shutil.copytree(other / "step_000010", mixed / "step_000100")
+    shutil.copytree(run / "data", mixed / "data")
+    rc = study.main(["--run", str(mixed), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "different architectures" in err[0]
+    assert not (mixed / "study").exists()
+
+
+def test_too_few_checkpoints(run, tmp_path, capsys):
+    few = tmp_path / "few"
+    few.mkdir()
+    for p in sorted(run.glob("step_*"))[:3]:
+        shutil.copytree(p, few / p.name)
+    rc = study.main(["--run", str(few), "--quiet"])
+    assert rc == 2 and "at least 4 checkpoints" in capsys.readouterr().err
