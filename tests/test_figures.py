@@ -67,5 +67,9 @@ def test_demo_fast_runs_every_stage(tmp_path, capsys):
     assert all(abs(m["z"]) < 4.5 for m in merges["methods"])
     assert json.loads((toy / "validate" / "validation_fast.json").read_text())["passed"]
     assert {p.stem for p in (toy / "figures").glob("*.png")} == set(FIGURES)
+    lm = tmp_path / "lm"
+    assert len(list((lm / "run").glob("step_*"))) == 9
+    rep = json.loads((lm / "study" / "study.json").read_text())
+    assert rep["engine_check"]["abs_diff"] < 1e-4 and len(rep["methods"]) > 20
     out = capsys.readouterr().out
-    assert "Results in" in out and "demo done" in out
+    assert "Results in" in out and "demo done" in out and "LM study of" in out

@@ -38,7 +38,7 @@ from rivervalley import analysis as A
 from rivervalley import theory
 from rivervalley import weights as W
 
-DEFAULT_ALPHAS = (-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+DEFAULT_ALPHAS = (-0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
 @dataclass
