@@ -17,10 +17,12 @@ Run folder (``-o RUN``)::
 
 Conventions: ``--steps`` counts optimizer updates; ``step_000700`` holds the weights after 700 updates, and
 its recorded ``lr`` is the one that update used (``schedule(699)``: schedules are 0-based). Checkpoints are
-written at ``ckpt_from, ckpt_from + ckpt_every, ...`` and at the final step; by default ``ckpt_from`` is the
-last multiple of ``ckpt_every`` at or before 70% of training, so the grid covers the last 30% and ends on the
-final step. Every param group's lr is ``base_lr · schedule(step) / peak``, so the Muon matrices (``--lr``) and
-the AdamW rest (``--adam-lr``) follow the same shape. Batches are random windows of ``seq_len + 1`` tokens of
+written at ``ckpt_from, ckpt_from + ckpt_every, ...`` and at the final step; by default
+``ckpt_from = steps - ckpt_every · floor(0.3 · steps / ckpt_every)``: a grid that ends on the final step and
+reaches back over the last 30% of training (1000 steps, every 100: 700, 800, 900, 1000). ``--stop-at N``
+pauses after step N (resume state saved); ``--resume`` continues it. Every param group's lr is
+``base_lr · schedule(step) / peak``, so the Muon matrices (``--lr``) and the AdamW rest (``--adam-lr``) follow
+the same shape. Batches are random windows of ``seq_len + 1`` tokens of
 train.npy drawn by a numpy Generator seeded from ``--seed`` (model init uses ``torch.manual_seed(seed)``), so
 the same seed gives the same losses, and ``--resume`` reproduces an uninterrupted run exactly.
 """
@@ -222,7 +224,9 @@ def param_groups(model: torch.nn.Module, optimizer: str = "muon") -> dict[str, l
 
 def build_optimizers(model: torch.nn.Module, r: dict) -> list[torch.optim.Optimizer]:
     """AdamW (decay on >= 2-D weights only), or Muon on the hidden matrices + AdamW on the rest. Every
-    group remembers its ``base_lr``, which the schedule scales each step."""
+    group remembers its ``base_lr``, which the schedule scales each step. Note: torch.optim.Muon runs its
+    Newton-Schulz iteration in bfloat16, which is slow on CPUs without native bf16 support (the tiny preset's
+    Muon step took ~0.1 s on one core of the dev machine, about as long as its forward + backward)."""
     params = dict(model.named_parameters())
     groups = param_groups(model, r["optimizer"])
     fused = {"fused": True} if r["device"].startswith("cuda") else {}
@@ -509,7 +513,7 @@ class _Run:
         self.timings["resume_s"] += time.perf_counter() - t
 
     def _load_resume(self) -> None:
-        state = torch.load(self.dir / "resume" / RESUME_FILE, map_location=self.device, weights_only=False)
+        state = torch.load(self.dir / "resume" / RESUME_FILE, map_location="cpu", weights_only=False)
         saved = state["config"]
         for k, v in asdict(self.config).items():
             if k not in _RESUME_FREE and saved.get(k) != v:
@@ -548,7 +552,7 @@ class _Run:
         record = {
             "status": status,
             "config": asdict(self.config),
-            "resolved": {k: v for k, v in r.items() if v != given.get(k, not v)},
+            "resolved": {k: v for k, v in r.items() if k not in given or given[k] != v},
             "model": {
                 "arch": r["arch"],
                 "size": r["size"],
