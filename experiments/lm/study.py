@@ -654,8 +654,9 @@ def markdown(report: dict) -> str:
     return "\n".join(L) + "\n"
 
 
-def print_table(report: dict, file=sys.stdout) -> None:
+def print_table(report: dict, file=None) -> None:
     """One screen: each group's best, predicted next to measured, and α*."""
+    file = file or sys.stdout  # looked up at call time (a default bound at import would miss redirections)
     print(
         f"\nLM study of {report['run']} ({report['checkpoints']['n']} checkpoints, "
         f"{report['split']} split) -> {report.get('out', '')}",
