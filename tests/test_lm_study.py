@@ -171,3 +171,12 @@ def test_too_few_checkpoints(run, tmp_path, capsys):
         shutil.copytree(p, few / p.name)
     rc = study.main(["--run", str(few), "--quiet"])
     assert rc == 2 and "at least 4 checkpoints" in capsys.readouterr().err
+
+
+def test_summarize_table(report, capsys):
+    from experiments.lm import summarize
+
+    _, out = report
+    assert summarize.main([str(out / "study.json")]) == 0
+    text = capsys.readouterr().out
+    assert f"| {out.name} |" in text and "measured ΔL / predicted ΔL" in text
