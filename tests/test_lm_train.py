@@ -301,3 +301,12 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys):
     assert main(["-o", str(tmp_path / "b"), "--size", "huge"]) == 2
     assert "unknown model size" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_bad_corpus_leaves_no_run_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for corpus in (str(tmp_path / "missing"), str(tmp_path / "empty")):
+        rc = main(["-o", str(tmp_path / "new" / "run"), "--corpus", corpus, "--steps", "5", "--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and corpus in err[0]
+        assert not (tmp_path / "new").exists()

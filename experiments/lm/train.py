@@ -325,8 +325,18 @@ class _Run:
 
     # --------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        r = self.r
+        # the highest folder this call creates: a bad corpus or flag must not leave empty folders behind
+        created = next((p for p in reversed([self.dir, *self.dir.parents]) if not p.exists()), None)
         self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._setup()
+        except BaseException:
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            raise
+
+    def _setup(self) -> None:
+        r = self.r
         data_dir = lmdata.prepare(r["corpus"], self.dir / "data", min_tokens=r["seq_len"] + 1)
         self.meta = lmdata.load_meta(data_dir)
         self.train_tokens = lmdata.load_split(data_dir, "train")
