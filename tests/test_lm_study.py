@@ -130,6 +130,8 @@ def test_output_exists_refused_then_forced(run, report, tmp_path):
         (["--alphas", ""], "--alphas"),
         (["--alphas", "a,b"], "--alphas"),
         (["--offsets", "50"], "--offsets"),
+        (["--threads", "0"], "--threads"),
+        (["--device", "foo"], "--device"),
     ],
 )
 def test_cli_bad_flags(run, tmp_path, capsys, argv, match):
@@ -180,3 +182,35 @@ def test_summarize_table(report, capsys):
     assert summarize.main([str(out / "study.json")]) == 0
     text = capsys.readouterr().out
     assert f"| {out.name} |" in text and "measured ΔL / predicted ΔL" in text
+
+
+def test_output_never_replaces_the_run(run, tmp_path, capsys):
+    for out in (run, run.parent):
+        rc = study.main(["--run", str(run), "-o", str(out), "--force", "--quiet", "--threads", "1"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "replace the run" in err[0]
+    assert len(list(run.glob("step_*"))) == 9 and (run / "log.jsonl").is_file()
+    other = tmp_path / "not_a_study"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    rc = study.main(["--run", str(run), "-o", str(other), "--force", "--quiet", "--threads", "1"])
+    assert rc == 2 and "not an earlier study" in capsys.readouterr().err
+    assert (other / "keep.txt").read_text() == "x"
+
+
+def test_force_replaces_an_earlier_study(run, report, tmp_path):
+    _, first = report
+    out = tmp_path / "copy"
+    shutil.copytree(first, out)
+    rep = study.run_study(_cfg(run, out, force=True, cloze_items=0, engine_check=False, alphas=(0.0,)))
+    assert json.loads((out / "study.json").read_text())["extra"]["alphas"] == [0.0]
+    assert rep["out"] == str(out) and not list(tmp_path.glob(".copy.*"))
+
+
+def test_data_dir_is_relative_to_the_run(run, tmp_path, monkeypatch):
+    """A relative data_dir in run.json must not pick up ./data of the current directory."""
+    decoy = tmp_path / "data"
+    decoy.mkdir()
+    (decoy / "val.jsonl").write_text('{"text": "decoy"}\n')
+    monkeypatch.chdir(tmp_path)
+    assert study._data_dir(run, {"data_dir": "data"}) == run / "data"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -76,7 +77,12 @@ def _read_run(run: Path) -> tuple[dict, list]:
     if not run.is_dir():
         raise StudyError(f"{run}: no such run folder")
     meta_path = run / "run.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise StudyError(f"{meta_path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(meta, dict):
+        meta = {}
     steps = sorted(p for p in run.iterdir() if p.is_dir() and p.name.startswith("step_"))
     if not steps:
         raise StudyError(
@@ -93,11 +99,12 @@ def _read_run(run: Path) -> tuple[dict, list]:
 
 
 def _data_dir(run: Path, meta: dict) -> Path:
-    for cand in (meta.get("data_dir"), run / "data"):
-        if cand is None:
+    """The run's held-out data: run.json's data_dir (a relative one is relative to the run), else RUN/data."""
+    for cand in (meta.get("data_dir"), "data"):
+        if not isinstance(cand, str | Path):
             continue
         p = Path(cand)
-        p = p if p.is_absolute() or p.exists() else run / p
+        p = p if p.is_absolute() else run / p
         if (p / "val.jsonl").is_file():
             return p
     raise StudyError(f"{run}: no held-out data (expected {run / 'data'}/val.jsonl and test.jsonl)")
@@ -154,6 +161,12 @@ class _Evaluator:
         self.device = cfg.device
         self.cfg = cfg
         self.stacks: dict = {}
+        # tensors that share storage with a loaded one (GPT-2's lm_head = wte) are absent from checkpoints
+        self._shares: dict[str, set] = {}  # name -> every name on the same storage
+        by_ptr: dict[int, set] = {}
+        for k, v in self.model.named_parameters(remove_duplicate=False):
+            self._shares[k] = by_ptr.setdefault(v.data_ptr(), set())
+            self._shares[k].add(k)
         self.fixed: dict = {}
         names = list(_tensor_names(ckpts))
         for name in names:
@@ -180,6 +193,9 @@ class _Evaluator:
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if unexpected:
             raise StudyError(f"checkpoint tensors the model does not have: {unexpected[:3]}")
+        untied = [k for k in missing if not (self._shares.get(k, {k}) - {k}) & state.keys()]
+        if untied:  # they would keep the newest checkpoint's values in every merge
+            raise StudyError(f"model tensors missing from the checkpoints: {untied[:3]}")
 
     def add_split(self, split: str, data_dir: Path, cloze: bool) -> None:
         from extramerge import evaluate as ev
@@ -281,12 +297,15 @@ def run_study(cfg: StudyConfig) -> dict:
     t0 = time.perf_counter()
     run = Path(cfg.run)
     meta, ckpts = _read_run(run)
-    out = Path(cfg.out) if cfg.out is not None else run / "study"
-    if out.exists() and not cfg.force:
-        raise StudyError(f"{out}: output exists (pass --force to replace it)")
-    data_dir = _data_dir(run, meta)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out = _check_output(Path(cfg.out) if cfg.out is not None else run / "study", run, cfg.force)
+        data_dir = _data_dir(run, meta)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except BaseException:
+        for c in ckpts:
+            c.close()
+        raise
     try:
         from rivervalley._compute import flush_denormals
 
@@ -296,9 +315,18 @@ def run_study(cfg: StudyConfig) -> dict:
         report["seconds"] = time.perf_counter() - t0
         (tmp / "study.json").write_text(json.dumps(report, indent=1, default=_json_default))
         (tmp / "study.md").write_text(markdown(report))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        old = None
+        if out.exists():  # an earlier study (checked above): move it aside, delete it only once replaced
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            if old is not None:
+                old.rename(out)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -307,6 +335,19 @@ def run_study(cfg: StudyConfig) -> dict:
             c.close()
     report["out"] = str(out)
     return report
+
+
+def _check_output(out: Path, run: Path, force: bool) -> Path:
+    """Refuse an output that is the run or holds it, and replace only an earlier study (with --force)."""
+    o, r = out.resolve(), run.resolve()
+    if o == r or o in r.parents:
+        raise StudyError(f"{out}: the output folder would replace the run {run} itself (pick another -o)")
+    if out.exists():
+        if not force:
+            raise StudyError(f"{out}: output exists (pass --force to replace it)")
+        if not (out.is_dir() and (out / "study.json").is_file()):
+            raise StudyError(f"{out}: exists and is not an earlier study (no study.json); not replacing it")
+    return out
 
 
 def _json_default(o):
@@ -438,7 +479,7 @@ def _fit_notes(fits, river) -> list[str]:
             "ρ fitted from the calibration losses sits at its grid's upper edge (0.99): the slow valley "
             "group barely decorrelates within the window, so it acts almost as a constant no merge removes."
         )
-    if abs(river["rho"]) >= 0.989:
+    if river["rho"] >= 0.989:
         notes.append(
             "the geometric ρ (residuals about the least-squares line) sits at its grid's edge (0.99): the "
             "trajectory bends over the window, so slow drift, not valley noise, dominates the residuals."
@@ -451,7 +492,7 @@ def _fit_notes(fits, river) -> list[str]:
 def _row(group, name, w, m, fits) -> dict:
     row = {"group": group, "name": name, "weights": [float(x) for x in w], "lag": W.lag(w), **m}
     if group.startswith("extra d="):
-        row["alpha"] = float(name.rsplit("α=", 1)[1])
+        row["alpha"] = float(name.rsplit("α=", 1)[1])  # names carry α with %g: exact for the grid values
     row["predicted"] = {
         k: {"delta": E.predict_delta(w, f), "stderr": E.predict_stderr(w, f)} for k, f in fits.items()
     }
@@ -533,6 +574,14 @@ def _summary(rows, fits) -> dict:
                 "delta": r["delta_measured"],
                 "cloze": r.get("cloze"),
             }
+    # each distinct weight vector once (SMA K = Extra α = 0; both fits' α* may coincide)
+    seen, uniq = set(), []
+    for r in rows[1:]:
+        key = tuple(np.round(r["weights"], 12))
+        if key not in seen:
+            seen.add(key)
+            uniq.append(r)
+    rows = [rows[0], *uniq]
     err = {}
     for k in fits:
         e = np.array([r["predicted"][k]["delta"] - r["delta_measured"] for r in rows[1:]])
@@ -543,6 +592,7 @@ def _summary(rows, fits) -> dict:
             "max_abs": float(np.max(np.abs(e))),
             "spearman": _spearman(pred, meas),
             "sign_agreement": float(np.mean(np.sign(pred) == np.sign(meas))),
+            "n_distinct_merges": len(rows) - 1,
         }
     return {"best": best, "prediction_error": err}
 
@@ -743,9 +793,25 @@ def _numbers(text: str | None, kind, flag: str):
     return vals
 
 
+def _check_device(device: str, threads: int | None) -> None:
+    import torch
+
+    if threads is not None and threads < 1:
+        raise StudyError(f"--threads must be >= 1, got {threads}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise StudyError(f"--device: unknown device {device!r} (cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise StudyError("--device cuda: no CUDA device is available here")
+    if dev.type not in ("cpu", "cuda"):
+        raise StudyError(f"--device: {device!r} is not supported (cpu or cuda)")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_device(args.device, args.threads)
         cfg = StudyConfig(
             run=args.run,
             out=args.out,

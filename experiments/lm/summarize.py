@@ -28,20 +28,21 @@ def _cell(r: dict | None) -> str:
 def table(paths) -> str:
     head = (
         "| run | last loss | FVE₁ raw → K=8 | best SMA | best EMA | best Extra (α grid) | trend | pc1 "
-        "| α* d=K: grid / parabola / predicted | MAE of ΔL |"
+        "| α* (d): grid / parabola / predicted | MAE of ΔL |"
     )
     lines = [head, "|" + "---|" * 10]
     for p in paths:
         r = json.loads(Path(p).read_text())
         name = Path(p).parent.name
         K = r["extra"]["window"]
-        e = r["extra"]["by_offset"].get(str(K)) or next(iter(r["extra"]["by_offset"].values()))
+        d = str(K) if str(K) in r["extra"]["by_offset"] else next(iter(r["extra"]["by_offset"]))
+        e = r["extra"]["by_offset"][d]
         par = e["measured_alpha_parabola"]
         fve = f"{r['rank1']['raw_fve1']:.2f} → {r['rank1']['merged_fve1'].get('8', float('nan')):.2f}"
         lines.append(
             f"| {name} | {r['methods'][0]['loss']:.3f} | {fve} | {_cell(_best(r, 'sma'))} | "
             f"{_cell(_best(r, 'ema'))} | {_cell(_best(r, 'extra d='))} | {_cell(_best(r, 'trend'))} | "
-            f"{_cell(_best(r, 'pc1'))} | {e['measured_best_alpha']:g} / "
+            f"{_cell(_best(r, 'pc1'))} | ({d}) {e['measured_best_alpha']:g} / "
             f"{'—' if par is None else format(par, '.2f')} / {e['losses']['alpha_star']:.2f} | "
             f"{r['summary']['prediction_error']['losses']['mae']:.4f} |"
         )
@@ -53,8 +54,13 @@ def main(argv=None) -> int:
     if not paths:
         print("usage: python -m experiments.lm.summarize STUDY.json...", file=sys.stderr)
         return 2
-    print(table(paths))
-    print("\nCells: measured ΔL / predicted ΔL (nats per byte, relative to the last checkpoint; test split).")
+    try:
+        print(table(paths))
+    except (OSError, ValueError, KeyError) as e:
+        print(f"experiments.lm.summarize: error: {e}", file=sys.stderr)
+        return 2
+    print("\nCells: measured ΔL / predicted ΔL (nats per byte, relative to the last checkpoint, on each")
+    print("study's measurement split; the fit uses only calibration losses on the validation split).")
     return 0
 
 
