@@ -89,6 +89,11 @@ def main(argv=None) -> int:
     p.add_argument("--fast", action="store_true", help="fast validation grid and quick figures")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        print(
+            f"experiments.demo: error: {out}: exists and is not a folder (-o takes a folder)", file=sys.stderr
+        )
+        return 2
     t0 = time.perf_counter()
     results = []
     for i, stage in enumerate(STAGES, 1):
@@ -98,7 +103,14 @@ def main(argv=None) -> int:
             flush=True,
         )
         t = time.perf_counter()
-        passed = stage.run(out / stage.folder, args.fast)
+        try:
+            passed = stage.run(out / stage.folder, args.fast)
+        except (ValueError, OSError) as e:  # one line per failed stage; the other stages still run
+            print(
+                f"[demo] stage {stage.name} failed: {str(e).splitlines()[0] if str(e) else e!r}",
+                file=sys.stderr,
+            )
+            passed = False
         results.append((stage, passed, time.perf_counter() - t))
     print(f"\n== demo done in {time.perf_counter() - t0:.1f} s; results in {out}/ ==")
     for stage, passed, dt in results:
