@@ -254,35 +254,32 @@ def split_pieces(text: str, *, target: int = PIECE_TARGET, max_bytes: int = PIEC
         p = p.strip("\n").rstrip()
         if p.strip():
             paras.extend(_cut_long(p, max_bytes))
-    pieces, cur, size = [], [], 0
-    for p in paras:
-        n = len(p.encode("utf-8"))
-        if cur and (size >= target or size + 2 + n > max_bytes):
-            pieces.append("\n\n".join(cur))
+    return _pack(paras, "\n\n", max_bytes, target)
+
+
+def _pack(parts: list[str], sep: str, max_bytes: int, target: float = float("inf")) -> list[str]:
+    """Greedy packing: join consecutive parts with ``sep`` until the joined text reaches ``target`` bytes or
+    the next part would push it past ``max_bytes`` (a single oversized part stays on its own)."""
+    out, cur, size = [], [], 0
+    gap = len(sep.encode("utf-8"))
+    for part in parts:
+        n = len(part.encode("utf-8"))
+        if cur and (size >= target or size + gap + n > max_bytes):
+            out.append(sep.join(cur))
             cur, size = [], 0
-        size += n + (2 if cur else 0)
-        cur.append(p)
+        size += n + (gap if cur else 0)
+        cur.append(part)
     if cur:
-        pieces.append("\n\n".join(cur))
-    return pieces
+        out.append(sep.join(cur))
+    return out
 
 
 def _cut_long(para: str, max_bytes: int) -> list[str]:
     """A paragraph longer than ``max_bytes``: cut at line breaks, then at spaces, then anywhere."""
     if len(para.encode("utf-8")) <= max_bytes:
         return [para]
-    out, cur, size = [], [], 0
-    for line in para.split("\n"):
-        for chunk in _cut_line(line, max_bytes):
-            n = len(chunk.encode("utf-8"))
-            if cur and size + 1 + n > max_bytes:
-                out.append("\n".join(cur))
-                cur, size = [], 0
-            size += n + (1 if cur else 0)
-            cur.append(chunk)
-    if cur:
-        out.append("\n".join(cur))
-    return [c for c in out if c.strip()]
+    chunks = [chunk for line in para.split("\n") for chunk in _cut_line(line, max_bytes)]
+    return [c for c in _pack(chunks, "\n", max_bytes) if c.strip()]
 
 
 def _cut_line(line: str, max_bytes: int) -> list[str]:
