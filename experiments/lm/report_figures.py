@@ -84,7 +84,7 @@ def _trajectory(report: dict, G: np.ndarray, path: Path):
     fig, ax = _figure(5.8, 4.6, left=0.13, bottom=0.12)
     raw = project_scores(G, np.eye(n), k=2)
     ax.plot(raw[:, 0], raw[:, 1], "o-", color="0.6", ms=3, lw=0.8, label="raw checkpoints")
-    K = max([k for k in (2, 4, 8) if k < n] or [1])
+    K = max([int(k) for k in report["rank1"]["merged_fve1"] if 1 < int(k) < n] or [1])  # the widest window
     merged = project_scores(G, W.merge_matrix(n, K), k=2)
     ax.plot(merged[:, 0], merged[:, 1], "o-", color="C0", ms=3, label=f"SMA K={K}")
     marks = {}

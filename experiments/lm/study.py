@@ -71,7 +71,8 @@ class StudyError(ValueError):
 # ----------------------------------------------------------------------------------------------- inputs
 
 
-def _read_run(run: Path) -> tuple[dict, list]:
+def _read_run(run: Path) -> tuple[dict, list, dict]:
+    """run.json (or {}), the step_XXXXXX checkpoints oldest first, and their common tensor infos."""
     from extramerge.checkpoints import check_compatible, load_checkpoints
 
     if not run.is_dir():
@@ -92,10 +93,10 @@ def _read_run(run: Path) -> tuple[dict, list]:
     if len(ckpts) < 4:
         raise StudyError(f"{run}: the study needs at least 4 checkpoints, found {len(ckpts)}")
     try:
-        check_compatible(ckpts)
+        infos = check_compatible(ckpts)
     except ValueError as e:
         raise StudyError(f"{run}: checkpoints of different architectures: {e}") from None
-    return meta, ckpts
+    return meta, ckpts, infos
 
 
 def _data_dir(run: Path, meta: dict) -> Path:
@@ -147,7 +148,7 @@ def _methods(n: int, cfg: StudyConfig, G: np.ndarray) -> tuple[list[tuple[str, s
 class _Evaluator:
     """Holds every checkpoint's float tensors stacked [N, ...] and one model; evaluates any weight vector."""
 
-    def __init__(self, ckpts, cfg: StudyConfig):
+    def __init__(self, ckpts, names, cfg: StudyConfig):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -168,15 +169,12 @@ class _Evaluator:
             self._shares[k] = by_ptr.setdefault(v.data_ptr(), set())
             self._shares[k].add(k)
         self.fixed: dict = {}
-        names = list(_tensor_names(ckpts))
-        for name in names:
-            first = ckpts[-1].read(name)
-            if first.is_floating_point():
-                self.stacks[name] = torch.stack([c.read(name).to(torch.float32) for c in ckpts]).to(
-                    cfg.device
-                )
-            else:
-                self.fixed[name] = first.clone().to(cfg.device)
+        for name in names:  # each checkpoint's tensor read once
+            tensors = [c.read(name) for c in ckpts]
+            if tensors[-1].is_floating_point():
+                self.stacks[name] = torch.stack([t.to(torch.float32) for t in tensors]).to(cfg.device)
+            else:  # integer/bool buffers: the newest checkpoint's, as the merge engine does
+                self.fixed[name] = tensors[-1].clone().to(cfg.device)
         self.texts: dict = {}
         self.blocks: dict = {}
         self.cloze: dict = {}
@@ -205,15 +203,11 @@ class _Evaluator:
             raise StudyError(f"{path}: missing held-out split")
         texts = ev.load_texts(path)
         self.texts[split] = texts
-        self.blocks[split] = ev.token_blocks(texts, self.tokenizer, self._seq_len())
+        self.blocks[split] = ev.token_blocks(texts, self.tokenizer, ev.max_positions(self.model))
         if cloze:
             self.cloze[split] = ev.build_cloze(
                 texts, n_items=self.cfg.cloze_items, n_candidates=self.cfg.candidates, seed=self.cfg.seed
             )
-
-    def _seq_len(self) -> int:
-        c = self.model.config
-        return int(getattr(c, "n_positions", None) or c.max_position_embeddings)
 
     def measure(self, w: np.ndarray, split: str, cloze: bool = False) -> dict:
         from extramerge import evaluate as ev
@@ -239,12 +233,6 @@ class _Evaluator:
             out["cloze"] = c.accuracy
             out["cloze_stderr"] = c.stderr
         return out
-
-
-def _tensor_names(ckpts) -> list[str]:
-    from extramerge.checkpoints import check_compatible
-
-    return list(check_compatible(ckpts).keys())
 
 
 # ----------------------------------------------------------------------------------------------- theory
@@ -291,12 +279,9 @@ def _progress(cfg, total, desc):
 
 def run_study(cfg: StudyConfig) -> dict:
     """Run the whole study; returns the report dict (also written to the output folder)."""
-    from extramerge import select
-    from extramerge.trajectory import analyze, load_gram
-
     t0 = time.perf_counter()
     run = Path(cfg.run)
-    meta, ckpts = _read_run(run)
+    meta, ckpts, infos = _read_run(run)
     try:
         out = _check_output(Path(cfg.out) if cfg.out is not None else run / "study", run, cfg.force)
         data_dir = _data_dir(run, meta)
@@ -311,7 +296,7 @@ def run_study(cfg: StudyConfig) -> dict:
 
         # merged weights can hold denormals, on which CPU matmuls slow down several-fold
         with flush_denormals():
-            report = _study(cfg, run, meta, ckpts, data_dir, tmp, analyze, load_gram, select)
+            report = _study(cfg, run, meta, ckpts, list(infos), data_dir, tmp)
         report["seconds"] = time.perf_counter() - t0
         (tmp / "study.json").write_text(json.dumps(report, indent=1, default=_json_default))
         (tmp / "study.md").write_text(markdown(report))
@@ -358,17 +343,19 @@ def _json_default(o):
     raise TypeError(type(o))
 
 
-def _study(cfg, run, meta, ckpts, data_dir, tmp, analyze, load_gram, select) -> dict:
+def _study(cfg, run, meta, ckpts, names, data_dir, tmp) -> dict:
+    from extramerge.trajectory import analyze, load_gram
+
     n = len(ckpts)
     steps = [c.step for c in ckpts]
     # 1. rank-1 analysis (one streaming Gram pass; writes analysis/ with its own figures)
     windows = sorted({K for K in (1, *cfg.windows) if K < n})
     rank1 = analyze(ckpts, windows=windows, output=tmp / "analysis", progress=False)
     G = load_gram(tmp / "analysis" / "gram.npz").gram
-    river = select.estimate_river(G).to_dict()
+    river = rank1["river"]  # extramerge.select.estimate_river(G), computed by analyze
     methods, K, offsets = _methods(n, cfg, G)
 
-    ev = _Evaluator(ckpts, cfg)
+    ev = _Evaluator(ckpts, names, cfg)
     ev.add_split("val", data_dir, cloze=False)
     ev.add_split(cfg.split, data_dir, cloze=cfg.cloze_items > 0)
 
