@@ -26,13 +26,7 @@ TEXTS = [
 WORDS = "black crown dream fight gloss happy jewel vapor".split()  # distinct first and last letters
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one thread is fastest, and immune to a busy shared machine (OpenMP waits otherwise).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

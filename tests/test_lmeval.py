@@ -17,12 +17,7 @@ from extramerge import lmeval as L  # noqa: E402
 WORDS = "black crown dream fight gloss happy jewel vapor".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _docs(n_docs, n_words=60):
