@@ -313,9 +313,13 @@ def sma_response(window, omega):
 
 
 def ema_response(decay, omega):
-    """|H_EMA(ω)| = (1−β) / √(1 − 2β cos ω + β²)  (THEORY.md §b)."""
+    """|H_EMA(ω)| = (1−β) / √(1 − 2β cos ω + β²)  (THEORY.md §b).
+
+    The denominator is evaluated as (1−β)² + 4β sin²(ω/2), the same quantity without the cancellation of
+    1 − 2β cos ω + β² at β → 1, ω → 0 (which let |H| exceed 1 by ~1e-11).
+    """
     beta, omega = _decay(decay), _real("omega", omega)
-    return _out((1 - beta) / np.sqrt(1 - 2 * beta * np.cos(omega) + beta**2))
+    return _out((1 - beta) / np.sqrt((1 - beta) ** 2 + 4 * beta * np.sin(omega / 2.0) ** 2))
 
 
 # ---------------------------------------------------------------------------------------------------------
