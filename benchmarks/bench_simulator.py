@@ -8,20 +8,24 @@
 
 Measures, for plain SGD on the quadratic river valley in its eigenbasis (additive noise σ = 1):
 
-1. the step path: seed·step·coordinate updates per second;
+1. the step path (default noise backend: the compiled Philox kernel, draw fused with the update, when it
+   builds): seed·step·coordinate updates per second, as a user calls it (fresh output);
 2. a naive baseline that loops over seeds in Python (one [p] vector per seed, the same math), timed on a
    few seeds × fewer steps and extrapolated linearly to S × T;
 3. a memory-bandwidth bound: copy bandwidth (bytes read + written per second of a torch copy, both of a
    512 MiB buffer = DRAM and of one [S, p] buffer = the working set, which may sit in cache) divided by
-   the bytes a step must move per seed·coordinate — read θ (8 B), write θ (8 B), write and read one
-   float32 Gaussian (4 + 4 B): 24 B. Our kernels actually move 56 B (θ ← θ⊙(1 − ηh): 16 B; randn: 4 B;
-   float32 -> float64: 12 B; θ += a·ξ: 24 B), reported too. Also the bound set by the Gaussian sampler alone;
+   the bytes a step must move per seed·coordinate: read θ and write θ, 16 B (the fused kernel draws each
+   Gaussian in registers, so no noise tensor is written or read). Also the rates of the Gaussian samplers
+   alone (native and torch's);
 4. the exact fast path (closed-form AR(1) jumps between checkpoints) against stepping, same checkpoints:
-   end to end, and its jump loop alone with the output memory touched beforehand (storing N checkpoints
-   of [S, p] costs about as much as N steps, so end to end the exact path cannot reach a speedup of s);
-5. the noise-free step path (no sampler; bound: read + write θ, 16 B), showing the update kernels
+   both end to end with fresh output, and both writing into one reused ``out`` buffer. Fresh output must
+   first be mapped by the kernel (page faults), a cost the output's size sets for either path: it is
+   larger than the 100 jumps themselves, so the end-to-end ratio stays well below s;
+5. the step path with torch's sampler (``noise_backend='torch'``: draw float32, convert, two update
+   passes, 56 B per update), fewer steps;
+6. the noise-free step path (no sampler; bound: read + write θ, 16 B), showing the update kernels
    themselves against the bandwidth bound;
-6. optionally the rotated quadratic (dense Hessian: one [S, p] × [p, p] matmul per step), fewer steps.
+7. optionally the rotated quadratic (dense Hessian: one [S, p] × [p, p] matmul per step), fewer steps.
 """
 
 from __future__ import annotations
@@ -35,12 +39,13 @@ import time
 
 import torch
 
+from rivervalley import _native
 from rivervalley._compute import flush_denormals
 from rivervalley.landscapes import QuadraticRiverValley
-from rivervalley.simulate import _NoiseSource, _run_exact, checkpoint_steps, simulate
+from rivervalley.simulate import _NoiseSource, simulate
 
-BYTES_MIN = 24  # read θ 8 + write θ 8 + write ξ 4 + read ξ 4 (float64 θ, float32 noise)
-BYTES_KERNELS = 56  # mul_ 16 + randn 4 + float32->float64 12 + add_(ξ) 24
+BYTES_STEP = 16  # read θ 8 + write θ 8 (float64 θ; the fused kernel's noise stays in registers)
+BYTES_TORCH = 56  # torch sampler path: mul_ 16 + randn 4 + float32->float64 12 + add_(ξ) 24
 
 
 def _landscape(p: int, rotate: bool = False) -> QuadraticRiverValley:
@@ -74,9 +79,10 @@ def copy_bandwidth(n_bytes: int, repeats: int = 5) -> float:
     return 2 * src.numel() * 8 / best
 
 
-def sampler_rate(s: int, p: int, repeats: int = 20) -> float:
-    """Gaussians per second of the simulator's noise source for [S, p]: float32 draws converted to float64."""
-    src = _NoiseSource((s, p), 0, torch.float32, DEVICE, out_dtype=torch.float64)
+def sampler_rate(s: int, p: int, backend: str, repeats: int = 20) -> float:
+    """Gaussians per second of the simulator's noise source for [S, p] into float64 (torch: float32 draws
+    converted; native: float32 Box-Muller widened as stored)."""
+    src = _NoiseSource((s, p), 0, torch.float32, DEVICE, out_dtype=torch.float64, backend=backend)
     try:
         src.draw()
         _sync()
@@ -85,26 +91,6 @@ def sampler_rate(s: int, p: int, repeats: int = 20) -> float:
             src.draw()
         _sync()
         return s * p * repeats / (time.perf_counter() - t0)
-    finally:
-        src.close()
-
-
-def exact_dynamics_seconds(q, lr: float, sigma: float, s: int, steps: int, every: int) -> float:
-    """Time of the exact path's jumps alone: the simulator's own jump loop (``_run_exact``) writing into a
-    checkpoint tensor whose pages were touched beforehand, so that first-touch page faults of the output
-    (paid equally by both paths, and dominating the exact path's end-to-end time) are left out."""
-    _, ckpts = checkpoint_steps(steps, ckpt_every=every)
-    out = torch.zeros(s, len(ckpts), q.dim, dtype=torch.float64, device=DEVICE)
-    theta = torch.zeros(s, q.dim, dtype=torch.float64, device=DEVICE)
-    src = _NoiseSource((s, q.dim), 0, torch.float32, DEVICE, out_dtype=torch.float64)
-    src.draw()
-    try:
-        with flush_denormals(), torch.no_grad():
-            _sync()
-            t0 = time.perf_counter()
-            _run_exact(q, theta, lr, steps, ckpts, out, q.noise_std(sigma), src)
-            _sync()
-            return time.perf_counter() - t0
     finally:
         src.close()
 
@@ -155,7 +141,6 @@ def run(args) -> dict:
         "machine": {
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
-            "sampler_threads": min(4, os.cpu_count() or 1),
             "torch": torch.__version__,
             "python": platform.python_version(),
             "processor": platform.processor() or platform.machine(),
@@ -165,27 +150,62 @@ def run(args) -> dict:
     }
     bw_dram = copy_bandwidth(512 * 2**20)
     bw_ws = copy_bandwidth(s * p * 8)
-    rng = sampler_rate(s, p)
+    native = DEVICE == "cpu" and _native.load() is not None
+    res["native_kernel"] = _native.status()["detail"] if DEVICE == "cpu" else "not used on " + DEVICE
     res["copy_bandwidth_GBps"] = {"dram_512MiB": bw_dram / 1e9, "working_set": bw_ws / 1e9}
-    res["sampler_Gaussians_per_s"] = rng
+    res["sampler_Gaussians_per_s"] = {"torch": sampler_rate(s, p, "torch")}
+    if native:
+        res["sampler_Gaussians_per_s"]["native"] = sampler_rate(s, p, "native")
 
-    # 1. the step path (noise), with the checkpoints of the exact-path comparison
+    # 1. the step path, end to end (fresh output), default noise backend
     kw = dict(steps=steps, lr=lr, seeds=s, noise=sigma, ckpt_every=every, device=DEVICE)
     stepped, t_step = _timed(lambda: simulate(q, **kw))
-    n_ckpts = int(stepped.n_ckpts)
+    n_ckpts, backend = int(stepped.n_ckpts), stepped.config["noise_backend"]
     del stepped
     rate = s * steps * p / t_step
     res["step_path"] = {
+        "noise_backend": backend,
         "seconds": t_step,
         "updates_per_s": rate,
         "n_ckpts": n_ckpts,
-        "fraction_of_dram_bound": rate * BYTES_MIN / bw_dram,
-        "fraction_of_working_set_bound": rate * BYTES_MIN / bw_ws,
-        "fraction_of_dram_bound_kernel_bytes": rate * BYTES_KERNELS / bw_dram,
-        "fraction_of_sampler_bound": rate / rng,
+        "bytes_per_update": BYTES_STEP if backend == "native" else BYTES_TORCH,
+        "fraction_of_dram_bound": rate * BYTES_STEP / bw_dram,
+        "fraction_of_working_set_bound": rate * BYTES_STEP / bw_ws,
     }
 
-    # 2. noise-free: the update kernels alone (16 B per update: read θ, write θ)
+    # 2. exact fast path, same checkpoints: end to end, then both paths into one reused output buffer
+    _, t_exact = _timed(lambda: simulate(q, exact=True, **kw))
+    reuse = {"out": torch.zeros(s, n_ckpts, p, dtype=torch.float64, device=DEVICE)}  # mapped once
+    _, t_step_out = _timed(lambda: simulate(q, **reuse, **kw))
+    t_exact_out = min(_timed(lambda: simulate(q, exact=True, **reuse, **kw))[1] for _ in range(args.repeats))
+    reuse.clear()
+    res["exact_path"] = {
+        "n_ckpts": n_ckpts,
+        "ckpt_every": every,
+        "target_speedup": every,
+        "fresh_output": {"exact_seconds": t_exact, "step_seconds": t_step, "speedup": t_step / t_exact},
+        "reused_output": {
+            "exact_seconds": t_exact_out,
+            "exact_repeats": args.repeats,
+            "step_seconds": t_step_out,
+            "speedup": t_step_out / t_exact_out,
+        },
+    }
+
+    # 3. the step path with torch's sampler, fewer steps
+    if args.torch_steps and backend == "native":
+        ts = min(steps, args.torch_steps)
+        _, t_torch = _timed(lambda: simulate(q, **{**kw, "steps": ts, "noise_backend": "torch"}))
+        trate = s * ts * p / t_torch
+        res["torch_sampler_step_path"] = {
+            "steps": ts,
+            "seconds": t_torch,
+            "updates_per_s": trate,
+            "fraction_of_dram_bound": trate * BYTES_STEP / bw_dram,
+            "native_speedup": rate / trate,
+        }
+
+    # 4. noise-free: the update kernels alone (16 B per update: read θ, write θ)
     quiet = min(steps, args.noise_free_steps)
     _, t_quiet = _timed(lambda: simulate(q, steps=quiet, lr=lr, seeds=s, device=DEVICE))
     qrate = s * quiet * p / t_quiet
@@ -197,7 +217,7 @@ def run(args) -> dict:
         "fraction_of_working_set_bound": qrate * 16 / bw_ws,
     }
 
-    # 3. naive per-seed loop, extrapolated
+    # 5. naive per-seed loop, extrapolated
     nrate = naive_rate(p, args.naive_seeds, args.naive_steps, lr, sigma)
     res["naive_loop"] = {
         "seeds_timed": args.naive_seeds,
@@ -207,20 +227,7 @@ def run(args) -> dict:
         "speedup_of_step_path": rate / nrate,
     }
 
-    # 4. exact fast path, same checkpoints: end to end, and its jumps alone (output memory pre-touched)
-    _, t_exact = _timed(lambda: simulate(q, exact=True, **kw))
-    t_jumps = exact_dynamics_seconds(q, lr, sigma, s, steps, every)
-    res["exact_path"] = {
-        "seconds": t_exact,
-        "n_ckpts": n_ckpts,
-        "ckpt_every": every,
-        "speedup_end_to_end": t_step / t_exact,
-        "jumps_seconds": t_jumps,
-        "speedup_jumps_only": t_step / t_jumps,
-        "target_speedup": every,
-    }
-
-    # 5. rotated quadratic: dense [p, p] Hessian matmul per step
+    # 6. rotated quadratic: dense [p, p] Hessian matmul per step
     if args.rotated_steps:
         qr = _landscape(p, rotate=True).to(DEVICE, torch.float64)
         rs = args.rotated_steps
@@ -241,26 +248,44 @@ def _pct(x: float) -> str:
 def _table(res: dict) -> str:
     c, bw = res["config"], res["copy_bandwidth_GBps"]
     sp, nf, nv, ex = res["step_path"], res["noise_free_step_path"], res["naive_loop"], res["exact_path"]
+    smp = res["sampler_Gaussians_per_s"]
+    fresh, reused = ex["fresh_output"], ex["reused_output"]
     rows = [
         (
             "config",
             f"S={c['seeds']} p={c['dim']} T={c['steps']} ckpt_every={c['ckpt_every']}, "
-            f"device {c.get('device', 'cpu')}, {res['machine']['torch_threads']} torch thread(s), "
-            f"{res['machine']['sampler_threads']} sampler threads",
+            f"device {c.get('device', 'cpu')}, {res['machine']['torch_threads']} torch thread(s)",
         ),
+        ("native kernel", res["native_kernel"]),
         (
             "copy bandwidth, read+write",
             f"DRAM {bw['dram_512MiB']:.1f} GB/s; [S,p] working set {bw['working_set']:.1f} GB/s",
         ),
-        ("Gaussian sampler alone", f"{res['sampler_Gaussians_per_s'] / 1e6:.0f} M/s"),
-        ("step path", f"{sp['updates_per_s'] / 1e6:.0f} M seed*step*coord/s ({sp['seconds']:.1f} s)"),
         (
-            "  vs bound at 24 B/update",
-            f"DRAM {_pct(sp['fraction_of_dram_bound'])}, working set "
-            f"{_pct(sp['fraction_of_working_set_bound'])} "
-            f"(DRAM at our 56 B: {_pct(sp['fraction_of_dram_bound_kernel_bytes'])})",
+            "Gaussian samplers alone",
+            ", ".join(f"{k} {v / 1e6:.0f} M/s" for k, v in smp.items()),
         ),
-        ("  vs sampler bound", _pct(sp["fraction_of_sampler_bound"])),
+        (
+            "step path",
+            f"{sp['updates_per_s'] / 1e6:.0f} M seed*step*coord/s ({sp['seconds']:.1f} s; "
+            f"noise backend {sp['noise_backend']})",
+        ),
+        (
+            f"  vs bound at {BYTES_STEP} B/update",
+            f"DRAM {_pct(sp['fraction_of_dram_bound'])} (target >= 30%), working set "
+            f"{_pct(sp['fraction_of_working_set_bound'])}",
+        ),
+    ]
+    if "torch_sampler_step_path" in res:
+        t = res["torch_sampler_step_path"]
+        rows.append(
+            (
+                "  with torch's sampler",
+                f"{t['updates_per_s'] / 1e6:.0f} M/s ({t['steps']} steps; DRAM "
+                f"{_pct(t['fraction_of_dram_bound'])}); native kernel {t['native_speedup']:.1f}x faster",
+            )
+        )
+    rows += [
         (
             "noise-free step path",
             f"{nf['updates_per_s'] / 1e6:.0f} M/s ({nf['steps']} steps); at 16 B/update: "
@@ -274,10 +299,16 @@ def _table(res: dict) -> str:
         ),
         ("  step path / naive", f"{nv['speedup_of_step_path']:.1f}x"),
         (
-            "exact fast path",
-            f"{ex['seconds']:.2f} s end to end: {ex['speedup_end_to_end']:.0f}x; jumps alone "
-            f"{ex['jumps_seconds']:.2f} s: {ex['speedup_jumps_only']:.0f}x "
-            f"(target >= s = {ex['ckpt_every']}; {ex['n_ckpts']} checkpoints stored)",
+            "exact fast path, reused out",
+            f"{reused['exact_seconds']:.3f} s (best of {reused['exact_repeats']}) vs stepping "
+            f"{reused['step_seconds']:.1f} s: {reused['speedup']:.0f}x (target >= s = {ex['ckpt_every']}; "
+            f"{ex['n_ckpts']} checkpoints)",
+        ),
+        (
+            "exact fast path, fresh output",
+            f"{fresh['exact_seconds']:.3f} s vs stepping {fresh['step_seconds']:.1f} s: "
+            f"{fresh['speedup']:.0f}x (mapping {c['seeds'] * ex['n_ckpts'] * c['dim'] * 8 / 2**20:.0f} MiB "
+            f"of new output: {fresh['exact_seconds'] - reused['exact_seconds']:.2f} s)",
         ),
     ]
     if "rotated_step_path" in res:
@@ -305,6 +336,15 @@ def main(argv=None) -> dict:
         "--naive-steps", type=int, default=500, help="steps timed for the naive loop (default 500)"
     )
     ap.add_argument(
+        "--torch-steps",
+        type=int,
+        default=2000,
+        help="steps for the step path with torch's sampler, for comparison; 0 skips it (default 2000)",
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=5, help="timed runs of the exact path, best taken (default 5)"
+    )
+    ap.add_argument(
         "--noise-free-steps",
         type=int,
         default=2000,
@@ -320,8 +360,8 @@ def main(argv=None) -> dict:
         "--threads",
         type=int,
         default=None,
-        help="torch intra-op threads (default: torch's choice); 1 is faster on a busy shared machine. The "
-        "Gaussian sampler fills its 4 streams from its own threads, one per core",
+        help="torch intra-op threads (default: torch's choice), also the native kernel's threads; 1 is "
+        "faster on a busy shared machine",
     )
     ap.add_argument("--device", default="cpu", help="torch device to simulate on (default cpu; e.g. cuda)")
     ap.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON ('-' for stdout)")

@@ -1,6 +1,7 @@
 """``rivervalley``: validate the theory against simulation, run the simulator, draw the figures, run the demo.
 
     rivervalley validate [--fast] [--json PATH] [--seeds N] [--seed S] [--only STUDY ...] [-o DIR]
+                         [--noise-backend {torch,native}]
     rivervalley simulate [--curvatures 1,0.1 | --power-law 1,1 --m 20] [--optimizer sgd] [--lr 0.1] ... -o DIR
     rivervalley figures -o DIR [--only NAME ...] [--quick]
     rivervalley demo [-o OUT]
@@ -69,6 +70,7 @@ def _cmd_validate(args) -> int:
         seed=args.seed,
         only=args.only,
         progress=None if args.quiet else lambda s: print(s, file=sys.stderr, flush=True),
+        noise_backend=args.noise_backend,
     )
     table = validate.format_table(report)
     print(table)
@@ -248,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seeds", type=int, help="independent seeds per study (default: per-study choice)")
     v.add_argument("--seed", type=int, default=0, help="base random seed (default 0)")
     v.add_argument("--only", nargs="+", metavar="STUDY", help="run only these studies (by name)")
+    v.add_argument(
+        "--noise-backend",
+        choices=["torch", "native"],
+        default="torch",
+        help="Gaussian draws: torch float64 (default, the reference) or the simulator's compiled Philox "
+        "kernel (float32 draws, its default when available)",
+    )
     v.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     v.set_defaults(func=_cmd_validate)
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import _native
 from ._compute import flush_denormals
 from .landscapes import Landscape, QuadraticRiverValley, _EigenQuadratic
 from .optimizers import SGD
@@ -38,6 +39,7 @@ from .schedules import Schedule, as_schedule
 __all__ = ["SimResult", "simulate", "checkpoint_steps", "exact_transition"]
 
 INITS = ("zero", "stationary")
+NOISE_BACKENDS = ("auto", "native", "torch")
 
 
 @dataclass
@@ -247,9 +249,35 @@ def _initial_theta(
 # Gaussian draws
 
 
+def _resolve_backend(backend: str, device: torch.device, dtype, noise_dtype) -> str:
+    """'native' or 'torch' for ``noise_backend`` (see :func:`simulate`)."""
+    if backend not in NOISE_BACKENDS:
+        raise ValueError(f"noise_backend must be one of {NOISE_BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    if device.type != "cpu":
+        why = f"it runs on CPU only (device {device})"
+    elif dtype not in _native.PhiloxNormals.DTYPES:
+        why = f"it updates float32/float64 parameters only (dtype {dtype})"
+    elif noise_dtype != torch.float32:
+        why = f"it draws float32 normals (noise_dtype {noise_dtype} needs noise_backend='torch')"
+    elif _native.load() is None:
+        why = _native.status()["detail"]
+    else:
+        return "native"
+    if backend == "native":
+        raise ValueError(f"noise_backend='native' is unavailable: {why}")
+    return "torch"
+
+
 class _NoiseSource:
-    """Standard normals for a [S, p] batch, drawn in ``dtype`` by ``streams`` independent generators on
-    contiguous row blocks (seeds derived from ``seed``) and delivered in ``out_dtype``.
+    """Standard normals for a [S, p] batch.
+
+    ``backend='native'``: the compiled Philox4x32-10 + Box-Muller kernel (:mod:`rivervalley._native`),
+    whose :meth:`affine` fuses the draw with the update so that the normals never touch memory.
+
+    ``backend='torch'``: drawn in ``dtype`` by ``streams`` independent torch generators on contiguous row
+    blocks (seeds derived from ``seed``) and delivered in ``out_dtype``.
 
     Drawing float32 and converting (a vectorised copy) is several times faster than torch's float64
     sampler and keeps every later update same-dtype (mixed-dtype CPU kernels are slow). For large batches
@@ -259,11 +287,20 @@ class _NoiseSource:
     until the next call.
     """
 
-    def __init__(self, shape, seed: int, dtype, device, out_dtype=None, streams: int = 4, threads=None):
+    def __init__(
+        self, shape, seed: int, dtype, device, out_dtype=None, streams: int = 4, threads=None, backend="torch"
+    ):
         base = torch.Generator().manual_seed(int(seed))
         init_seed = int(torch.randint(0, 2**62, (1,), generator=base))
         self.init_gen = torch.Generator(device=device).manual_seed(init_seed)
         out_dtype = dtype if out_dtype is None else out_dtype
+        self.backend = backend
+        self.pool = self.native = None
+        if backend == "native":
+            key = int(torch.randint(0, 2**62, (1,), generator=base))
+            self.native = _native.PhiloxNormals(key, threads)
+            self.shape, self.out_dtype, self.device, self.buf = shape, out_dtype, device, None
+            return
         numel = math.prod(shape)
         big = numel >= 1 << 17 and torch.device(device).type == "cpu"
         workers = min(streams, os.cpu_count() or 1) if threads is None else int(threads)
@@ -294,6 +331,10 @@ class _NoiseSource:
 
     def draw(self) -> torch.Tensor:
         """Fresh standard normals, [S, p] in ``out_dtype``."""
+        if self.native is not None:
+            if self.buf is None:
+                self.buf = torch.empty(self.shape, dtype=self.out_dtype, device=self.device)
+            return self.native.fill(self.buf)
         if self.pool is None:
             out, blocks = self.sets[0]
             for block, gen in zip(blocks, self.gens, strict=True):
@@ -307,7 +348,17 @@ class _NoiseSource:
         self._pending = self._submit(self._next)  # prefetch the next draw while the caller computes
         return self.sets[ready][0]
 
+    def affine(self, x: torch.Tensor, a, b, c, copy=None) -> torch.Tensor:
+        """``x ← a ⊙ x + b + c ⊙ ξ`` in place with fresh normals ξ (``a, b, c``: [p] vectors); the result is
+        also written to ``copy`` when given."""
+        if self.native is not None:
+            return self.native.affine(x, a, b, c, copy)
+        torch.addcmul(b, x, a, out=x).addcmul_(self.draw(), c)
+        return x if copy is None else copy.copy_(x)
+
     def close(self) -> None:
+        if self.native is not None:
+            self.native.close()
         if self.pool is not None:
             self.pool.shutdown(wait=True)
             self.pool = None
@@ -339,7 +390,9 @@ def simulate(
     dtype: torch.dtype = torch.float64,
     noise_dtype: torch.dtype = torch.float32,
     noise_threads: int | None = None,
+    noise_backend: str = "auto",
     record_loss_every: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> SimResult:
     """Run ``optimizer`` (default plain :class:`~rivervalley.optimizers.SGD`) on ``landscape`` for ``seeds``
     independent runs at once and return a :class:`SimResult`.
@@ -351,12 +404,25 @@ def simulate(
     N(0, V_u) when curved), or a tensor [p] or [S, p]. ``exact=True`` uses the closed-form AR(1) jumps
     (quadratic landscape, plain SGD, constant lr; otherwise ValueError).
 
-    Randomness: one seed ``seed`` fixes everything, for a given S and p (not per seed). Gaussians are drawn
-    in ``noise_dtype`` (default float32: torch's vectorised CPU sampler, several times faster than its
-    float64 one; draws have 24-bit resolution and tails beyond ~5.7σ are cut, probability < 1e-8), then
-    converted to ``dtype`` for the update; pass ``noise_dtype=torch.float64`` for full-precision draws.
-    Large batches (S·p ≥ 2^17) are drawn as 4 independent row-block streams filled by ``noise_threads``
-    Python threads (default: one per CPU core, up to 4; the numbers do not depend on the thread count).
+    Randomness: one seed ``seed`` fixes everything, for a given S, p and noise backend (not per seed).
+    ``noise_backend``:
+
+    - ``'native'`` (CPU, float32/float64 parameters, ``noise_dtype`` float32): the compiled kernel of
+      :mod:`rivervalley._native`, Philox4x32-10 counter-based uniforms and a float32 Box-Muller transform,
+      fused with the update so that no noise tensor is written (plain SGD on an unrotated quadratic, and
+      every exact-path jump); other optimizers get its normals as a tensor. Split over ``noise_threads``
+      threads (default ``torch.get_num_threads()``); normal (i, j) of each draw depends on (seed, i, j) only;
+    - ``'torch'``: ``torch.randn`` in ``noise_dtype`` (float32 by default: several times faster than its
+      float64 sampler on CPU), converted to ``dtype``; batches with S·p ≥ 2^17 are drawn as 4 independent
+      row-block streams by ``noise_threads`` Python threads (default one per core, up to 4) while the
+      previous step computes. ``noise_dtype=torch.float64`` gives full-precision draws;
+    - ``'auto'`` (default): ``'native'`` when it applies and the kernel compiled, else ``'torch'``.
+
+    Float32 draws have 24-bit resolution, so tails beyond ~5.8σ are cut (probability < 1e-8).
+    ``config['noise_backend']`` of the result records the backend used.
+
+    ``out``: an optional [S, N, p] tensor (``dtype``, ``device``) to receive the checkpoints, for example
+    reused across repeated simulations so that fresh memory need not be mapped each time.
     """
     if not isinstance(landscape, Landscape):
         raise ValueError(f"landscape must be a rivervalley Landscape, got {type(landscape).__name__}")
@@ -388,8 +454,22 @@ def simulate(
 
     if noise_threads is not None:
         noise_threads = _int_at_least("noise_threads", noise_threads, 1)
+    backend = _resolve_backend(noise_backend, device, dtype, noise_dtype)
+    config["noise_backend"] = backend
+    ckpt_shape = (s_count, len(ckpts), landscape.dim)
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != ckpt_shape:
+            raise ValueError(f"out must be a tensor of shape {list(ckpt_shape)} (seeds, checkpoints, dim)")
+        if out.dtype != dtype or out.device != device or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {dtype} tensor on {device}")
     source = _NoiseSource(
-        (s_count, landscape.dim), seed, noise_dtype, device, out_dtype=dtype, threads=noise_threads
+        (s_count, landscape.dim),
+        seed,
+        noise_dtype,
+        device,
+        out_dtype=dtype,
+        threads=noise_threads,
+        backend=backend,
     )
     try:
         theta = _initial_theta(
@@ -405,7 +485,7 @@ def simulate(
             device,
             dtype,
         )
-        ckpt_tensor = torch.empty(s_count, len(ckpts), landscape.dim, dtype=dtype, device=device)
+        ckpt_tensor = torch.empty(ckpt_shape, dtype=dtype, device=device) if out is None else out
         with flush_denormals(), torch.no_grad():
             if exact:
                 theta = _run_exact(
@@ -462,7 +542,9 @@ def _check_exact(landscape, optimizer, sched, record_loss_every) -> None:
 
 def _run_exact(landscape, theta, lr, steps, ckpts, ckpt_tensor, sigma, source):
     """Jump θ_0 → θ_{ckpt_0} → ... → θ_steps by :func:`exact_transition` in eigen-coordinates. In the
-    eigenbasis (unrotated quadratic) each jump writes straight into its checkpoint slot: no extra copy."""
+    eigenbasis (unrotated quadratic) each jump's result goes straight to its checkpoint slot: with the
+    native kernel it updates θ's buffer in place and streams the values to the slot in the same pass; with
+    torch it writes into the slot and continues from there."""
     dtype, device = theta.dtype, theta.device
     noisy = bool(np.any(sigma))
     identity = isinstance(landscape, QuadraticRiverValley) and not landscape.rotate
@@ -480,6 +562,11 @@ def _run_exact(landscape, theta, lr, steps, ckpts, ckpt_tensor, sigma, source):
                     for x in exact_transition(landscape, lr, s, sigma)
                 )
             rho, drift, innov = cache[s]
+            if identity and noisy and source.native is not None:
+                # in place in theta's cache-resident buffer, streamed on to the checkpoint slot
+                source.affine(z, rho, drift, innov, copy=ckpt_tensor[:, k] if k is not None else None)
+                t = target
+                continue
             # into the checkpoint slot, else back into theta's buffer (z may be a stored slot by now)
             dst = (ckpt_tensor[:, k] if k is not None else theta) if identity else z
             torch.addcmul(drift, z, rho, out=dst)
@@ -490,9 +577,9 @@ def _run_exact(landscape, theta, lr, steps, ckpts, ckpt_tensor, sigma, source):
                 continue  # already stored
         if k is not None:
             ckpt_tensor[:, k].copy_(z if identity else landscape.from_eigen(z))
-    return (
-        z.clone(memory_format=torch.contiguous_format) if identity else landscape.from_eigen(z).contiguous()
-    )
+    if not identity:
+        return landscape.from_eigen(z).contiguous()
+    return z if z is theta else z.clone(memory_format=torch.contiguous_format)  # never a view of a slot
 
 
 def _run_steps(
@@ -515,6 +602,9 @@ def _run_steps(
         iso = bool(np.all(sigma == sigma[0]))
         slope = landscape.slope
         cur_lr = None
+        # the native kernel takes θ ← a ⊙ θ + b + c ⊙ ξ in one pass, with b = ηc·e_0
+        one_pass = noise_fn is not None and source.native is not None
+        shift = torch.zeros_like(std)
     loss_steps, loss_vals = [], []
     k = 0
     for t in range(steps + 1):
@@ -530,6 +620,12 @@ def _run_steps(
         if fused:
             if lr != cur_lr:
                 cur_lr, decay, coef = lr, 1.0 - lr * h, -lr * std
+                shift[0] = lr * slope
+            if one_pass:  # a step that lands on a checkpoint also writes it
+                land = k < len(ckpts) and ckpts[k] == t + 1
+                source.affine(theta, decay, shift, coef, copy=ckpt_tensor[:, k] if land else None)
+                k += land
+                continue
             theta.mul_(decay)
             if noise_fn is not None:
                 if iso:

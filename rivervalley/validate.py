@@ -22,6 +22,7 @@ for the burn-in to stationarity only. Gaussian draws are float64 throughout.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -43,9 +44,14 @@ __all__ = ["Z_MAX", "Row", "Study", "Report", "plan", "run", "format_table"]
 Z_MAX = 4.0
 _CHUNK_ELEMENTS = 4_000_000  # float64 entries of one simulate() call's checkpoint tensor (32 MB)
 _CHUNK_SEEDS = 512  # seeds per simulate() call: larger batches cost more per element on CPU
-# Full-precision Gaussian draws: the simulator's float32 default is faster, but a validation should not
-# have to argue that 24-bit draws are exact enough at the 1e-4 level its standard errors reach.
-_NOISE_DTYPE = torch.float64
+# How the simulations draw their Gaussians. Default 'torch': full-precision float64 draws, so that the
+# validation need not argue that 24-bit draws are exact enough at the 1e-4 level its standard errors
+# reach. 'native': the simulator's own default, the compiled Philox kernel with float32 Box-Muller draws.
+NOISE_BACKENDS = {
+    "torch": {"noise_dtype": torch.float64, "noise_backend": "torch"},
+    "native": {"noise_dtype": torch.float32, "noise_backend": "native"},
+}
+_NOISE = contextvars.ContextVar("rivervalley_validate_noise", default=NOISE_BACKENDS["torch"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -115,6 +121,7 @@ class Report:
     seed: int
     wall_s: float
     timings: dict = field(default_factory=dict)
+    noise_backend: str = "torch"
 
     @property
     def failures(self) -> list[Row]:
@@ -134,6 +141,7 @@ class Report:
             "passed": self.passed,
             "fast": self.fast,
             "seed": self.seed,
+            "noise_backend": self.noise_backend,
             "z_max": Z_MAX,
             "n_rows": len(self.rows),
             "n_gated": sum(r.gated for r in self.rows),
@@ -194,7 +202,7 @@ def _per_seed(stats: Callable, seeds: int, seed: int, per_seed_elements: int, la
     """Simulate in memory-bounded chunks of seeds and stack ``stats(result)`` ([chunk, R]) over chunks."""
     out = []
     for i, c in enumerate(_chunks(seeds, per_seed_elements)):
-        res = simulate(landscape, seeds=c, seed=seed * 1009 + i, noise_dtype=_NOISE_DTYPE, **sim)
+        res = simulate(landscape, seeds=c, seed=seed * 1009 + i, **_NOISE.get(), **sim)
         out.append(np.asarray(stats(res), dtype=np.float64).reshape(c, -1))
     return np.concatenate(out, axis=0)
 
@@ -630,7 +638,7 @@ def decay_average_samples(
     steps, burn, sched = _decay_plan(x, lr, curvature)
     V = float(theory.stationary_variance(lr, curvature))
     land = QuadraticRiverValley(slope=slope, curvatures=[curvature] * m)
-    noise = dict(noise=1.0, river_noise=river_noise, noise_dtype=_NOISE_DTYPE)
+    noise = dict(noise=1.0, river_noise=river_noise, **_NOISE.get())
     out = []
     for j, c in enumerate(_chunks(seeds, land.dim)):
         base = (seed * 1009 + j) * 7919
@@ -832,12 +840,25 @@ def run(
     only=None,
     overrides: Mapping[str, Callable] | None = None,
     progress: Callable[[str], None] | None = None,
+    noise_backend: str = "torch",
 ) -> Report:
     """Simulate every study of :func:`plan` and fill in mean, standard error and z of every row.
 
     ``seeds`` overrides every study's number of independent seeds (≥ 2, the standard error needs two);
     ``only`` restricts the run to studies by name; ``overrides`` replaces theory functions by name.
+    ``noise_backend``: ``'torch'`` (float64 draws, the reference) or ``'native'`` (the simulator's default
+    compiled kernel, float32 draws; ValueError where it is unavailable).
     """
+    if noise_backend not in NOISE_BACKENDS:
+        raise ValueError(f"noise_backend must be one of {sorted(NOISE_BACKENDS)}, got {noise_backend!r}")
+    token = _NOISE.set(NOISE_BACKENDS[noise_backend])
+    try:
+        return _run(fast, seeds, seed, only, overrides, progress, noise_backend)
+    finally:
+        _NOISE.reset(token)
+
+
+def _run(fast, seeds, seed, only, overrides, progress, noise_backend) -> Report:
     if seeds is not None and (isinstance(seeds, bool) or int(seeds) != seeds or seeds < 2):
         raise ValueError(f"seeds must be an integer >= 2 (a standard error needs two), got {seeds!r}")
     if isinstance(seed, bool) or int(seed) != seed or seed < 0:
@@ -867,7 +888,7 @@ def run(
                 f"[{i + 1}/{len(studies)}] {st.name}: {len(st.rows)} rows, {n} seeds, "
                 f"{timings[st.name]:.1f} s"
             )
-    return Report(rows, fast, seed, round(time.perf_counter() - t0, 3), timings)
+    return Report(rows, fast, seed, round(time.perf_counter() - t0, 3), timings, noise_backend)
 
 
 def format_table(report: Report) -> str:
@@ -899,6 +920,7 @@ def format_table(report: Report) -> str:
         f"{len(report.rows)} rows ({len(gated)} gated), {len(report.failures)} failed |z| > {Z_MAX:g}; "
         f"max |z| (exact rows) {report.max_abs_z:.2f}; {report.wall_s:.1f} s"
         + (" (fast)" if report.fast else "")
+        + f"; noise backend {report.noise_backend}"
     )
     notes = [r for r in report.rows if r.note and r.check != "≈"]
     for r in notes:

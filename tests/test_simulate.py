@@ -197,8 +197,14 @@ def _compare_distributions(a: torch.Tensor, b: torch.Tensor, max_lag: int = 1):
             "noise_kind": "additive",
             "init": "zero",
         },
+        {
+            "landscape": QuadraticRiverValley(slope=1.0, curvatures=[0.4, 1.5, 6.0]),
+            "noise_kind": "minibatch",
+            "init": "stationary",
+            "noise_backend": "torch",
+        },
     ],
-    ids=["linear-river", "curved-rotated-minibatch", "matrix-from-zero"],
+    ids=["linear-river", "curved-rotated-minibatch", "matrix-from-zero", "linear-river-torch-sampler"],
 )
 def test_exact_path_matches_step_path_in_distribution(kw):
     kw = dict(kw)
@@ -213,6 +219,18 @@ def test_exact_path_matches_step_path_in_distribution(kw):
     louder = simulate(landscape, seed=3, exact=True, **{**common, "noise": 1.1})
     zc = landscape.to_eigen(louder.checkpoints.reshape(-1, landscape.dim)).reshape(4000, -1, landscape.dim)
     assert _compare_distributions(za, zc) > Z_MAX
+
+
+def test_native_and_torch_noise_backends_agree_in_distribution():
+    """The compiled Philox kernel (fused update) and torch's sampler (separate draw) give the same law."""
+    q = QuadraticRiverValley(slope=1.0, curvatures=[0.3, 1.0, 4.0], rotate=False)
+    common = dict(steps=40, lr=0.3, seeds=4000, noise=1.0, river_noise=0.7, ckpt_every=10, init="stationary")
+    a = simulate(q, seed=1, noise_backend="native", **common)
+    b = simulate(q, seed=1, noise_backend="torch", **common)
+    assert (a.config["noise_backend"], b.config["noise_backend"]) == ("native", "torch")
+    assert _compare_distributions(a.checkpoints, b.checkpoints) < Z_MAX
+    louder = simulate(q, seed=2, noise_backend="torch", **{**common, "noise": 1.1})
+    assert _compare_distributions(a.checkpoints, louder.checkpoints) > Z_MAX
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,11 +11,15 @@ import pytest
 from rivervalley import cli, theory, validate
 
 
-def test_fast_grid_passes_and_writes_json(tmp_path, capsys):
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_fast_grid_passes_and_writes_json(tmp_path, capsys, backend):
+    """Both noise backends: torch's float64 draws (the reference) and the compiled Philox kernel that the
+    simulator uses by default."""
     path = tmp_path / "v.json"
-    assert cli.main(["validate", "--fast", "--json", str(path), "-q"]) == 0
+    assert cli.main(["validate", "--fast", "--json", str(path), "-q", "--noise-backend", backend]) == 0
     report = json.loads(path.read_text())
     assert report["passed"] and report["n_failed"] == 0 and report["fast"]
+    assert report["noise_backend"] == backend
     rows = report["rows"]
     assert len(rows) >= 20
     for r in rows:
@@ -76,6 +80,8 @@ def test_bad_arguments_raise():
         validate.plan(overrides={"no_such_formula": lambda: 0})
     with pytest.raises(ValueError, match="unknown study"):
         validate.run(fast=True, only=["nope"])
+    with pytest.raises(ValueError, match="noise_backend"):
+        validate.run(fast=True, noise_backend="float16")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,170 @@
+/* Fused Gaussian-noise kernels for the rivervalley simulator (CPU).
+ *
+ * Normals come from a counter-based generator: Philox4x32-10 (Salmon et al., SC'11; the generator behind
+ * cuRAND's and torch's CUDA randn) followed by the Box-Muller transform in float32. Each normal is a pure
+ * function of (key, draw, row, column), so results never depend on how rows are split across threads.
+ *
+ * Column layout: columns are taken in tiles of 64. In tile T, column j = T*64 + 16*k + l (l < 16, k < 4)
+ * is word k of Philox block (T*16 + l); the counter of block (b, row, draw) is {b, row, draw_lo, draw_hi}
+ * and the key {key_lo, key_hi}. Words (0, 1) give the normals k = 0, 1 (r cos θ, r sin θ) and words (2, 3)
+ * give k = 2, 3, with u1 = ((w0 >> 8) + 1) 2^-24 in (0, 1], r = sqrt(-2 ln u1), θ = 2π (w1 >> 8) 2^-24.
+ * The 24-bit uniforms bound |z| by sqrt(2 ln 2^24) = 5.77 (as torch's float32 randn).
+ *
+ * Compile with -ffast-math (so that logf/sinf/cosf vectorise through glibc's libmvec) but link without
+ * it: linking with -ffast-math would add crtfastmath.o, which flushes denormals for the whole process.
+ * rivervalley/_native/__init__.py does both.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#define LANES 16
+#define TILE (4 * LANES)
+#define PHILOX_M0 0xD2511F53u
+#define PHILOX_M1 0xCD9E8D57u
+#define PHILOX_W0 0x9E3779B9u
+#define PHILOX_W1 0xBB67AE85u
+
+/* One Philox4x32-10 block: ctr[4], key[2] -> out[4]. Exported for the known-answer test. */
+void rv_philox4x32_10(const uint32_t *ctr, const uint32_t *key, uint32_t *out) {
+    uint32_t c0 = ctr[0], c1 = ctr[1], c2 = ctr[2], c3 = ctr[3], k0 = key[0], k1 = key[1];
+    for (int r = 0; r < 10; r++) {
+        uint64_t p0 = (uint64_t)PHILOX_M0 * c0, p1 = (uint64_t)PHILOX_M1 * c2;
+        uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ k0, n2 = (uint32_t)(p0 >> 32) ^ c3 ^ k1;
+        c0 = n0;
+        c1 = (uint32_t)p1;
+        c2 = n2;
+        c3 = (uint32_t)p0;
+        k0 += PHILOX_W0;
+        k1 += PHILOX_W1;
+    }
+    out[0] = c0;
+    out[1] = c1;
+    out[2] = c2;
+    out[3] = c3;
+}
+
+/* cos and sin of the angle 2π m / 2^24 for a 24-bit integer m. The quadrant comes exactly from the top
+ * bits of m, leaving x in [-π/4, π/4) for Cephes' single-precision minimax polynomials (sinf.c, cosf.c;
+ * error about 1 ulp). Measured 1.6x faster here than libmvec's vector sinf + cosf, which compute their
+ * own range reduction. */
+static inline void cos_sin_turn(uint32_t m, float *c, float *s) {
+    uint32_t q = (m + (1u << 21)) >> 22;                /* nearest quarter turn, 0..4 */
+    int32_t r = (int32_t)m - (int32_t)(q << 22);         /* in [-2^21, 2^21) */
+    float x = (float)r * (6.283185307179586f * 0x1p-24f), x2 = x * x;
+    float sn = x + x * x2 * (-1.6666654611e-1f + x2 * (8.3321608736e-3f + x2 * -1.9515295891e-4f));
+    float cs = 1.0f - 0.5f * x2 +
+               x2 * x2 * (4.166664568298827e-2f + x2 * (-1.388731625493765e-3f + x2 * 2.443315711809948e-5f));
+    q &= 3u;
+    float cq = (q & 1u) ? sn : cs, sq = (q & 1u) ? cs : sn;   /* rotate by q quarter turns */
+    *c = (q == 1u || q == 2u) ? -cq : cq;
+    *s = (q >= 2u) ? -sq : sq;
+}
+
+/* The 64 normals of tile `tile` of row `row`, in column order, into z[64]. */
+static inline void tile_normals(float *restrict z, uint32_t tile, uint32_t row, uint32_t d_lo, uint32_t d_hi,
+                                uint32_t key_lo, uint32_t key_hi) {
+    uint32_t c0[LANES], c1[LANES], c2[LANES], c3[LANES];
+#pragma omp simd
+    for (int l = 0; l < LANES; l++) {
+        c0[l] = tile * LANES + (uint32_t)l;
+        c1[l] = row;
+        c2[l] = d_lo;
+        c3[l] = d_hi;
+    }
+    uint32_t k0 = key_lo, k1 = key_hi;
+    for (int r = 0; r < 10; r++) {
+#pragma omp simd
+        for (int l = 0; l < LANES; l++) {
+            uint64_t p0 = (uint64_t)PHILOX_M0 * c0[l], p1 = (uint64_t)PHILOX_M1 * c2[l];
+            uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1[l] ^ k0, n2 = (uint32_t)(p0 >> 32) ^ c3[l] ^ k1;
+            c0[l] = n0;
+            c1[l] = (uint32_t)p1;
+            c2[l] = n2;
+            c3[l] = (uint32_t)p0;
+        }
+        k0 += PHILOX_W0;
+        k1 += PHILOX_W1;
+    }
+    const float scale = 0x1p-24f;
+#pragma omp simd
+    for (int l = 0; l < LANES; l++) {
+        float ra = sqrtf(-2.0f * logf((float)((c0[l] >> 8) + 1u) * scale));
+        float rb = sqrtf(-2.0f * logf((float)((c2[l] >> 8) + 1u) * scale));
+        float ca, sa, cb, sb;
+        cos_sin_turn(c1[l] >> 8, &ca, &sa);
+        cos_sin_turn(c3[l] >> 8, &cb, &sb);
+        z[l] = ra * ca;
+        z[LANES + l] = ra * sa;
+        z[2 * LANES + l] = rb * cb;
+        z[3 * LANES + l] = rb * sb;
+    }
+}
+
+/* Out-of-place results (checkpoint slots, written once and not read back soon) are stored with
+ * non-temporal stores where the CPU has them, so that writing a slot does not first read it into cache. */
+#if defined(__AVX__)
+#include <immintrin.h>
+#define STREAMABLE(p) (((uintptr_t)(p) & 31u) == 0)
+#define STREAM_FENCE() _mm_sfence()
+static inline void stream_tile_f64(double *o, const double *w) {
+    for (int t = 0; t < TILE; t += 4) _mm256_stream_pd(o + t, _mm256_loadu_pd(w + t));
+}
+static inline void stream_tile_f32(float *o, const float *w) {
+    for (int t = 0; t < TILE; t += 8) _mm256_stream_ps(o + t, _mm256_loadu_ps(w + t));
+}
+#else
+#define STREAMABLE(p) 0
+#define STREAM_FENCE() ((void)0)
+static inline void stream_tile_f64(double *o, const double *w) {
+    for (int t = 0; t < TILE; t++) o[t] = w[t];
+}
+static inline void stream_tile_f32(float *o, const float *w) {
+    for (int t = 0; t < TILE; t++) o[t] = w[t];
+}
+#endif
+
+#define ROW_LOOP(...)                                                                                        \
+    uint32_t d_lo = (uint32_t)draw, d_hi = (uint32_t)(draw >> 32);                                           \
+    uint32_t key_lo = (uint32_t)key, key_hi = (uint32_t)(key >> 32);                                         \
+    float z[TILE];                                                                                           \
+    for (int64_t i = row0; i < row1; i++) {                                                                  \
+        for (int64_t j0 = 0; j0 < cols; j0 += TILE) {                                                        \
+            tile_normals(z, (uint32_t)(j0 / TILE), (uint32_t)i, d_lo, d_hi, key_lo, key_hi);                 \
+            int64_t n = cols - j0 < TILE ? cols - j0 : TILE;                                                 \
+            __VA_ARGS__                                                                                          \
+        }                                                                                                    \
+    }
+
+/* out[i, j] = normal(key, draw, i, j) for rows row0..row1-1 (row stride ld). */
+void rv_normal_f32(float *out, int64_t ld, int64_t row0, int64_t row1, int64_t cols, uint64_t key,
+                   uint64_t draw) {
+    ROW_LOOP(float *o = out + i * ld + j0; for (int64_t t = 0; t < n; t++) o[t] = z[t];)
+}
+
+void rv_normal_f64(double *out, int64_t ld, int64_t row0, int64_t row1, int64_t cols, uint64_t key,
+                   uint64_t draw) {
+    ROW_LOOP(double *o = out + i * ld + j0; for (int64_t t = 0; t < n; t++) o[t] = (double)z[t];)
+}
+
+/* x[i, j] <- a[j] x[i, j] + b[j] + c[j] normal(key, draw, i, j), in place; when copy is not NULL the new
+ * values are also written to copy[i, j] (row stride ld_copy), with non-temporal stores where possible. */
+#define AFFINE_KERNEL(NAME, T, STREAM)                                                                       \
+    void NAME(T *x, int64_t ld_x, T *copy, int64_t ld_copy, const T *a, const T *b, const T *c, int64_t row0, \
+              int64_t row1, int64_t cols, uint64_t key, uint64_t draw) {                                     \
+        ROW_LOOP(T *xi = x + i * ld_x + j0; const T *aj = a + j0, *bj = b + j0, *cj = c + j0;                \
+                 if (copy == 0) {                                                                            \
+                     for (int64_t t = 0; t < n; t++) xi[t] = aj[t] * xi[t] + bj[t] + cj[t] * (T)z[t];        \
+                 } else {                                                                                    \
+                     T *o = copy + i * ld_copy + j0;                                                         \
+                     for (int64_t t = 0; t < n; t++) xi[t] = aj[t] * xi[t] + bj[t] + cj[t] * (T)z[t];        \
+                     if (n == TILE && STREAMABLE(o)) {                                                       \
+                         STREAM(o, xi);                                                                      \
+                     } else {                                                                                \
+                         for (int64_t t = 0; t < n; t++) o[t] = xi[t];                                       \
+                     }                                                                                       \
+                 })                                                                                          \
+        STREAM_FENCE();                                                                                      \
+    }
+
+AFFINE_KERNEL(rv_affine_noise_f64, double, stream_tile_f64)
+AFFINE_KERNEL(rv_affine_noise_f32, float, stream_tile_f32)

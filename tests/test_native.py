@@ -1,0 +1,267 @@
+"""The compiled noise kernel (rivervalley._native): Philox4x32-10 known answers, an independent numpy
+reference of the whole generator (counter layout, Box-Muller), thread independence, the fused update, the
+distribution, the build and its fallback, and the simulator's use of it."""
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from rivervalley import _native
+from rivervalley.landscapes import QuadraticRiverValley
+from rivervalley.simulate import simulate
+
+F64 = torch.float64
+
+if shutil.which(os.environ.get("CC") or "cc") is None or os.environ.get("RIVERVALLEY_NATIVE") == "0":
+    pytest.skip("no C compiler, or RIVERVALLEY_NATIVE=0: no native kernel", allow_module_level=True)
+
+
+def test_kernel_builds_and_loads():
+    st = _native.status()
+    assert st["available"], st["detail"]
+
+
+# --------------------------------------------------------------------------------------------------
+# the generator, bit for bit and against an independent reference
+
+# Random123 tests/kat_vectors, the three "philox4x32 10" lines: counter[4], key[2] -> result[4]
+KAT = [
+    ([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+    ([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+    (
+        [0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344],
+        [0xA4093822, 0x299F31D0],
+        [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1],
+    ),
+]
+
+
+@pytest.mark.parametrize("ctr,key,expected", KAT)
+def test_philox_known_answers(ctr, key, expected):
+    assert _native.philox4x32_10(ctr, key) == expected
+
+
+_U32 = np.uint64(0xFFFFFFFF)
+
+
+def _philox_np(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on numpy uint64 arrays holding 32-bit words (Salmon et al. 2011)."""
+    c = [np.asarray(x, dtype=np.uint64) for x in (c0, c1, c2, c3)]
+    k0, k1 = np.uint64(k0), np.uint64(k1)
+    for _ in range(10):
+        p0 = np.uint64(0xD2511F53) * c[0]
+        p1 = np.uint64(0xCD9E8D57) * c[2]
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & _U32, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & _U32]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & _U32, (k1 + np.uint64(0xBB67AE85)) & _U32
+    return c
+
+
+def _reference_normals(key: int, draw: int, rows: int, cols: int, row0: int = 0) -> np.ndarray:
+    """The layout of noise.c in float64: column j of tile j // 64 is word (j % 64) // 16 of Philox block
+    (j // 64)·16 + j % 16 with counter {block, row, draw_lo, draw_hi}; words (0, 1) and (2, 3) are
+    Box-Muller pairs giving (r cos θ, r sin θ)."""
+    j = np.arange(cols)
+    word, lane = (j % 64) // 16, j % 16
+    block = (j // 64) * 16 + lane
+    rows_ = np.arange(row0, row0 + rows)[:, None]
+    shape = (rows, cols)
+    w = _philox_np(
+        np.broadcast_to(block, shape),
+        np.broadcast_to(rows_, shape),
+        draw & 0xFFFFFFFF,
+        draw >> 32,
+        key & 0xFFFFFFFF,
+        key >> 32,
+    )
+    w = [x.astype(np.float64) for x in w]
+    first = word < 2
+    u1 = (np.floor(np.where(first, w[0], w[2]) / 256) + 1) * 2.0**-24
+    theta = 2 * np.pi * np.floor(np.where(first, w[1], w[3]) / 256) * 2.0**-24
+    r = np.sqrt(-2 * np.log(u1))
+    return np.where(word % 2 == 0, r * np.cos(theta), r * np.sin(theta))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cols", [1, 63, 64, 200])
+def test_normals_match_an_independent_reference(dtype, cols):
+    """Every draw equals the float64 reference to float32 accuracy: the counter layout (tiles, lanes,
+    words, rows, 64-bit draw counter, 64-bit key) and the transform are what noise.c documents."""
+    key = (0xBEEF << 40) + 12345
+    src = _native.PhiloxNormals(key, threads=2)
+    src.draws = (1 << 33) + 5  # the high word of the draw counter is used
+    out = torch.empty(37, cols, dtype=dtype)
+    src.fill(out)
+    ref = _reference_normals(key, (1 << 33) + 5, 37, cols)
+    err = np.abs(out.double().numpy() - ref) / (1 + np.abs(ref))
+    assert err.max() < 1e-6
+    # the next call uses the next draw counter
+    src.fill(out)
+    assert np.abs(out.double().numpy() - _reference_normals(key, (1 << 33) + 6, 37, cols)).max() < 1e-5
+
+
+def test_numbers_do_not_depend_on_threads_or_on_which_rows_a_call_covers():
+    a = torch.empty(300, 130, dtype=F64)
+    outs = []
+    for threads in (1, 2, 3, 7):
+        _native.PhiloxNormals(99, threads=threads).fill(a)
+        outs.append(a.clone())
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
+    # rows 100..199 of a [300, p] draw equal the reference rows 100..199
+    ref = _reference_normals(99, 0, 100, 130, row0=100)
+    assert np.abs(outs[0][100:200].numpy() - ref).max() < 1e-5
+
+
+def test_fused_update_equals_separate_draw_and_update():
+    """x ← a ⊙ x + b + c ⊙ ξ uses the normals that fill() gives for the same draw; copy gets the result."""
+    gen = torch.Generator().manual_seed(0)
+    s, p = 50, 150
+    x = torch.randn(s, p, generator=gen, dtype=F64)
+    a, b, c = (torch.randn(p, generator=gen, dtype=F64) for _ in range(3))
+    xi = _native.PhiloxNormals(5).fill(torch.empty(s, p, dtype=F64))
+    expected = a * x + b + c * xi
+    slots = torch.zeros(s, 3, p, dtype=F64)  # a strided destination, like a checkpoint slot
+    src = _native.PhiloxNormals(5)
+    out = src.affine(x, a, b, c, copy=slots[:, 1])
+    assert out is x
+    torch.testing.assert_close(x, expected, rtol=1e-14, atol=1e-14)
+    assert torch.equal(slots[:, 1], x)
+    assert not slots[:, 0].any() and not slots[:, 2].any()
+    # float32, on a later draw
+    x32, a32, b32, c32 = x.float(), a.float(), b.float(), c.float()
+    draw, fused = _native.PhiloxNormals(5), _native.PhiloxNormals(5)
+    draw.draws = fused.draws = 3
+    xi32 = draw.fill(torch.empty(s, p))
+    torch.testing.assert_close(fused.affine(x32.clone(), a32, b32, c32), a32 * x32 + b32 + c32 * xi32)
+
+
+def test_bad_arguments_name_the_tensor():
+    src = _native.PhiloxNormals(1)
+    x = torch.zeros(4, 8, dtype=F64)
+    v = torch.zeros(8, dtype=F64)
+    with pytest.raises(ValueError, match="^a:"):
+        src.affine(x, torch.zeros(7, dtype=F64), v, v)
+    with pytest.raises(ValueError, match="^c:"):
+        src.affine(x, v, v, v.float())
+    with pytest.raises(ValueError, match="^x:"):
+        src.affine(x.t(), v, v, v)
+    with pytest.raises(ValueError, match="^copy:"):
+        src.affine(x, v, v, v, copy=torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="^out:"):
+        src.fill(torch.zeros(4, 8, dtype=torch.int64))
+
+
+def test_distribution_is_standard_normal():
+    """2^21 draws: mean, variance, skewness, excess kurtosis and the tail masses beyond 2σ, 3σ and 4σ
+    against N(0, 1) (z-scores); adjacent columns, tiles and rows uncorrelated; and the Box-Muller pairs
+    have a uniform angle."""
+    from scipy import stats
+
+    x = _native.PhiloxNormals(2024).fill(torch.empty(1024, 2048, dtype=F64))
+    v = x.flatten().numpy()
+    n = v.size
+    z = [
+        v.mean() * math.sqrt(n),
+        (v.var() - 1) / math.sqrt(2 / n),
+        stats.skew(v) / math.sqrt(6 / n),
+        stats.kurtosis(v) / math.sqrt(24 / n),
+    ]
+    for t in (2.0, 3.0, 4.0):
+        pr = 2 * stats.norm.sf(t)
+        z.append(((np.abs(v) > t).sum() - pr * n) / math.sqrt(pr * (1 - pr) * n))
+    for da, db in [(x[:, :-1], x[:, 1:]), (x[:, :-16], x[:, 16:]), (x[:, :-64], x[:, 64:]), (x[:-1], x[1:])]:
+        z.append(float((da * db).mean()) * math.sqrt(da.numel()))
+    assert np.abs(z).max() < 5, z
+    assert np.abs(v).max() < math.sqrt(2 * 24 * math.log(2)) + 1e-6  # the 24-bit uniforms' bound
+    angle = np.arctan2(x[:, 16::64].flatten().numpy(), x[:, 0::64].flatten().numpy())
+    assert stats.kstest((angle + np.pi) / (2 * np.pi), "uniform").pvalue > 1e-4
+
+
+# --------------------------------------------------------------------------------------------------
+# building, and falling back to torch
+
+
+def test_build_into_a_fresh_cache_and_report_failures(tmp_path, monkeypatch):
+    monkeypatch.setenv("RIVERVALLEY_CACHE", str(tmp_path / "cache"))
+    lib, detail = _native._load()
+    assert lib is not None, detail
+    assert str(tmp_path / "cache") in detail
+    built = list((tmp_path / "cache").glob("noise-*.so"))
+    assert len(built) == 1
+    assert not [p for p in (tmp_path / "cache").iterdir() if p not in built]  # no half-written leftovers
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    lib, detail = _native._load()
+    assert lib is None and "no C compiler" in detail
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("RIVERVALLEY_NATIVE", "0")
+    lib, detail = _native._load()
+    assert lib is None and "RIVERVALLEY_NATIVE=0" in detail
+
+
+def test_simulator_falls_back_to_torch_without_the_kernel():
+    code = (
+        "import torch\n"
+        "from rivervalley.landscapes import QuadraticRiverValley\n"
+        "from rivervalley.simulate import simulate\n"
+        "q = QuadraticRiverValley(slope=1.0, curvatures=[1.0, 2.0])\n"
+        "r = simulate(q, steps=5, lr=0.1, noise=1.0, seeds=3)\n"
+        "print(r.config['noise_backend'])\n"
+        "try:\n"
+        "    simulate(q, steps=5, lr=0.1, noise=1.0, noise_backend='native')\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    env = {**os.environ, "RIVERVALLEY_NATIVE": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    lines = out.stdout.splitlines()
+    assert lines[0] == "torch"
+    assert lines[1].startswith("noise_backend='native' is unavailable") and "RIVERVALLEY_NATIVE=0" in lines[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# the simulator on the native backend
+
+
+def test_backend_choice_is_recorded_and_validated():
+    q = QuadraticRiverValley(slope=1.0, curvatures=[1.0, 2.0])
+    kw = dict(steps=5, lr=0.1, noise=1.0, seeds=3)
+    assert simulate(q, **kw).config["noise_backend"] == "native"
+    assert simulate(q, noise_backend="torch", **kw).config["noise_backend"] == "torch"
+    assert simulate(q, noise_dtype=F64, **kw).config["noise_backend"] == "torch"  # auto: full precision
+    assert simulate(q, dtype=torch.float32, **kw).config["noise_backend"] == "native"
+    with pytest.raises(ValueError, match="noise_backend must be one of"):
+        simulate(q, noise_backend="gpu", **kw)
+    with pytest.raises(ValueError, match="noise_dtype"):
+        simulate(q, noise_backend="native", noise_dtype=F64, **kw)
+    with pytest.raises(ValueError, match="float32/float64"):
+        simulate(q, noise_backend="native", dtype=torch.bfloat16, **kw)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_checkpoints_do_not_change_the_trajectory(exact):
+    """Counter-based draws: one draw per step (per jump), so checkpointing every step or every other step
+    gives the same θ at the common steps, bit for bit; writing into a reused ``out`` changes nothing."""
+    q = QuadraticRiverValley(slope=1.0, curvatures=[0.5, 1.0, 3.0])
+    kw = dict(steps=12, lr=0.2, noise=1.0, seeds=5, seed=4)
+    if exact:  # jumps go checkpoint to checkpoint, so only the output buffer can vary
+        a = simulate(q, exact=True, ckpt_every=2, **kw)
+        assert torch.equal(a.final, a.checkpoints[:, -1])
+        out = torch.full_like(a.checkpoints, math.nan)
+        c = simulate(q, exact=True, ckpt_every=2, out=out, **kw)
+        assert c.checkpoints is out and torch.equal(out, a.checkpoints)
+        return
+    a = simulate(q, ckpt_every=1, **kw)
+    b = simulate(q, ckpt_every=2, **kw)
+    assert torch.equal(a.checkpoints[:, ::2], b.checkpoints)
+    assert torch.equal(a.final, a.checkpoints[:, -1]) and torch.equal(b.final, b.checkpoints[:, -1])
+    out = torch.full_like(b.checkpoints, math.nan)
+    c = simulate(q, ckpt_every=2, out=out, **kw)
+    assert c.checkpoints is out and torch.equal(out, b.checkpoints)
+    with pytest.raises(ValueError, match="^out must"):
+        simulate(q, ckpt_every=2, out=out[:, 1:], **kw)
