@@ -273,8 +273,9 @@ def _resolve_backend(backend: str, device: torch.device, dtype, noise_dtype) -> 
 class _NoiseSource:
     """Standard normals for a [S, p] batch.
 
-    ``backend='native'``: the compiled Philox4x32-10 + Box-Muller kernel (:mod:`rivervalley._native`),
-    whose :meth:`affine` fuses the draw with the update so that the normals never touch memory.
+    ``backend='native'``: the compiled Philox4x32-10 + Box-Muller kernel (:mod:`rivervalley._native`);
+    its fused updates (``self.native``: SGD steps, AR(1) jumps) draw the normals in registers, so they
+    never touch memory, and :meth:`draw` gives them as a tensor for everything else.
 
     ``backend='torch'``: drawn in ``dtype`` by ``streams`` independent torch generators on contiguous row
     blocks (seeds derived from ``seed``) and delivered in ``out_dtype``.
@@ -347,14 +348,6 @@ class _NoiseSource:
         self._next = 1 - ready
         self._pending = self._submit(self._next)  # prefetch the next draw while the caller computes
         return self.sets[ready][0]
-
-    def affine(self, x: torch.Tensor, a, b, c, copy=None) -> torch.Tensor:
-        """``x ← a ⊙ x + b + c ⊙ ξ`` in place with fresh normals ξ (``a, b, c``: [p] vectors); the result is
-        also written to ``copy`` when given."""
-        if self.native is not None:
-            return self.native.affine(x, a, b, c, copy)
-        torch.addcmul(b, x, a, out=x).addcmul_(self.draw(), c)
-        return x if copy is None else copy.copy_(x)
 
     def close(self) -> None:
         if self.native is not None:
@@ -543,30 +536,32 @@ def _check_exact(landscape, optimizer, sched, record_loss_every) -> None:
 def _run_exact(landscape, theta, lr, steps, ckpts, ckpt_tensor, sigma, source):
     """Jump θ_0 → θ_{ckpt_0} → ... → θ_steps by :func:`exact_transition` in eigen-coordinates. In the
     eigenbasis (unrotated quadratic) each jump's result goes straight to its checkpoint slot: with the
-    native kernel it updates θ's buffer in place and streams the values to the slot in the same pass; with
-    torch it writes into the slot and continues from there."""
+    native kernel it updates θ's buffer in place and streams the values to the slot in the same pass
+    (:func:`_run_exact_native`); with torch it writes into the slot and continues from there."""
     dtype, device = theta.dtype, theta.device
     noisy = bool(np.any(sigma))
     identity = isinstance(landscape, QuadraticRiverValley) and not landscape.rotate
-    z = theta if identity else landscape.to_eigen(theta)  # theta is our own copy: update it in place
     slot = {int(c): k for k, c in enumerate(ckpts)}
     cache: dict[int, tuple] = {}
+
+    def transition(s: int) -> tuple:
+        if s not in cache:
+            cache[s] = tuple(
+                torch.as_tensor(x, dtype=dtype, device=device)
+                for x in exact_transition(landscape, lr, s, sigma)
+            )
+        return cache[s]
+
+    targets = list(dict.fromkeys([int(c) for c in ckpts] + [steps]))
+    if identity and noisy and source.native is not None:
+        return _run_exact_native(theta, targets, slot, ckpt_tensor, transition, source.native)
+    z = theta if identity else landscape.to_eigen(theta)  # theta is our own copy: update it in place
     t = 0
-    for target in dict.fromkeys([int(c) for c in ckpts] + [steps]):
+    for target in targets:
         s = target - t
         k = slot.get(target)
         if s > 0:
-            if s not in cache:
-                cache[s] = tuple(
-                    torch.as_tensor(x, dtype=dtype, device=device)
-                    for x in exact_transition(landscape, lr, s, sigma)
-                )
-            rho, drift, innov = cache[s]
-            if identity and noisy and source.native is not None:
-                # in place in theta's cache-resident buffer, streamed on to the checkpoint slot
-                source.affine(z, rho, drift, innov, copy=ckpt_tensor[:, k] if k is not None else None)
-                t = target
-                continue
+            rho, drift, innov = transition(s)
             # into the checkpoint slot, else back into theta's buffer (z may be a stored slot by now)
             dst = (ckpt_tensor[:, k] if k is not None else theta) if identity else z
             torch.addcmul(drift, z, rho, out=dst)
@@ -582,29 +577,58 @@ def _run_exact(landscape, theta, lr, steps, ckpts, ckpt_tensor, sigma, source):
     return z if z is theta else z.clone(memory_format=torch.contiguous_format)  # never a view of a slot
 
 
+def _run_exact_native(theta, targets, slot, ckpt_tensor, transition, native):
+    """The exact path on the native kernel, in θ's own buffer: each run of equal jumps that land on
+    consecutive checkpoint slots is one kernel call (every thread takes its rows through all of them and
+    streams each result into its slot); a jump past the last checkpoint updates θ alone."""
+    t = i = 0
+    while i < len(targets):
+        target, k = targets[i], slot.get(targets[i])
+        s = target - t
+        if s == 0:  # a checkpoint at step 0
+            ckpt_tensor[:, k].copy_(theta)
+            i += 1
+            continue
+        if k is None:
+            native.affine(theta, *transition(s))
+            t, i = target, i + 1
+            continue
+        n = 1
+        while (
+            i + n < len(targets)
+            and targets[i + n] - targets[i + n - 1] == s
+            and slot.get(targets[i + n]) == k + n
+        ):
+            n += 1
+        native.jumps(theta, *transition(s), ckpt_tensor[:, k : k + n])
+        t, i = targets[i + n - 1], i + n
+    return theta
+
+
 def _run_steps(
     landscape, optimizer, theta, lrs, steps, ckpts, ckpt_tensor, noise_fn, sigma, source, record_loss_every
 ):
     """One batched optimizer step per iteration. Plain SGD on an unrotated quadratic takes a fused update
     θ ← θ ⊙ (1 − ηh) + ηc·e_0 − η σ ⊙ ξ (two passes over θ, no gradient buffer); everything else computes
     g = ∇L(θ) + noise into a reused buffer and calls ``optimizer.step``."""
-    state = optimizer.init(theta)
-    gbuf = torch.empty_like(theta)
     fused = (
         isinstance(landscape, QuadraticRiverValley)
         and not landscape.rotate
         and isinstance(optimizer, SGD)
         and optimizer.is_plain
     )
+    if fused and noise_fn is not None and source.native is not None:
+        return _run_native_sgd(
+            landscape, theta, lrs, steps, ckpts, ckpt_tensor, sigma, source, record_loss_every
+        )
+    state = optimizer.init(theta)
+    gbuf = torch.empty_like(theta)
     if fused:
         h = landscape._h
         std = torch.as_tensor(sigma, dtype=theta.dtype, device=theta.device)
         iso = bool(np.all(sigma == sigma[0]))
         slope = landscape.slope
         cur_lr = None
-        # the native kernel takes θ ← a ⊙ θ + b + c ⊙ ξ in one pass, with b = ηc·e_0
-        one_pass = noise_fn is not None and source.native is not None
-        shift = torch.zeros_like(std)
     loss_steps, loss_vals = [], []
     k = 0
     for t in range(steps + 1):
@@ -620,12 +644,6 @@ def _run_steps(
         if fused:
             if lr != cur_lr:
                 cur_lr, decay, coef = lr, 1.0 - lr * h, -lr * std
-                shift[0] = lr * slope
-            if one_pass:  # a step that lands on a checkpoint also writes it
-                land = k < len(ckpts) and ckpts[k] == t + 1
-                source.affine(theta, decay, shift, coef, copy=ckpt_tensor[:, k] if land else None)
-                k += land
-                continue
             theta.mul_(decay)
             if noise_fn is not None:
                 if iso:
@@ -639,6 +657,36 @@ def _run_steps(
             if noise_fn is not None:
                 noise_fn(g, source.draw(), theta)
             theta = optimizer.step(theta, g, lr, state)
+    if record_loss_every is None:
+        return theta, None, None
+    return theta, np.asarray(loss_steps, dtype=np.int64), np.asarray(loss_vals, dtype=np.float64)
+
+
+def _run_native_sgd(landscape, theta, lrs, steps, ckpts, ckpt_tensor, sigma, source, record_loss_every):
+    """Plain SGD with noise on an unrotated quadratic, by the native kernel: the steps between two events
+    (a checkpoint, a loss record, the end) are one kernel call, in which every thread takes its rows
+    through all those steps; the call that ends on a checkpoint streams the result into its slot."""
+    h = landscape._h
+    g = torch.zeros_like(h)
+    g[0] = landscape.slope
+    sd = torch.as_tensor(sigma, dtype=theta.dtype, device=theta.device)
+    lr_all = torch.from_numpy(np.ascontiguousarray(lrs[:steps], dtype=np.float64))
+    marks = set(int(c) for c in ckpts) | {steps}
+    if record_loss_every is not None:
+        marks |= set(range(0, steps + 1, record_loss_every))
+    loss_steps, loss_vals = [], []
+    k = t = 0
+    for m in sorted(marks):
+        if m > t:
+            land = k < len(ckpts) and ckpts[k] == m
+            source.native.sgd_steps(theta, h, g, sd, lr_all[t:m], copy=ckpt_tensor[:, k] if land else None)
+            k, t = k + land, m
+        while k < len(ckpts) and ckpts[k] == t:  # only step 0, which no call has landed on
+            ckpt_tensor[:, k].copy_(theta)
+            k += 1
+        if record_loss_every is not None and t % record_loss_every == 0:
+            loss_steps.append(t)
+            loss_vals.append(float(landscape.loss(theta).mean()))
     if record_loss_every is None:
         return theta, None, None
     return theta, np.asarray(loss_steps, dtype=np.int64), np.asarray(loss_vals, dtype=np.float64)

@@ -141,6 +141,53 @@ def test_fused_update_equals_separate_draw_and_update():
     torch.testing.assert_close(fused.affine(x32.clone(), a32, b32, c32), a32 * x32 + b32 + c32 * xi32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_multi_step_kernel_equals_one_step_at_a_time(dtype):
+    """sgd_steps over n steps (draws d .. d+n−1, one call, rows in parallel) equals n single-step affine
+    updates with a = 1 − η_t h, b = η_t g, c = −η_t sd on the same draws, and streams its result to copy."""
+    gen = torch.Generator().manual_seed(1)
+    s, p, n = 40, 100, 7
+    x0 = torch.randn(s, p, generator=gen, dtype=F64).to(dtype)
+    h = torch.rand(p, generator=gen, dtype=F64).to(dtype)
+    g = torch.zeros(p, dtype=dtype)
+    g[0] = 0.7
+    sd = torch.rand(p, generator=gen, dtype=F64).to(dtype)
+    lrs = torch.linspace(0.3, 0.1, n, dtype=F64)
+    fused, stepwise = _native.PhiloxNormals(3, threads=2), _native.PhiloxNormals(3, threads=1)
+    fused.draws = stepwise.draws = 11
+    slots = torch.zeros(s, 2, p, dtype=dtype)
+    x = fused.sgd_steps(x0.clone(), h, g, sd, lrs, copy=slots[:, 1])
+    y = x0.clone()
+    for lr in lrs.tolist():
+        stepwise.affine(
+            y, (1 - lr * h.double()).to(dtype), (lr * g.double()).to(dtype), (-lr * sd.double()).to(dtype)
+        )
+    assert fused.draws == stepwise.draws == 11 + n
+    tol = 1e-12 if dtype == F64 else 1e-5
+    torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+    assert torch.equal(slots[:, 1], x) and not slots[:, 0].any()
+    with pytest.raises(ValueError, match="^lrs:"):
+        fused.sgd_steps(x, h, g, sd, lrs.float())
+
+
+def test_loss_curve_and_checkpoints_on_the_native_path():
+    """Loss records and checkpoints cut the native multi-step calls into segments: a record at a checkpoint
+    step is that checkpoint's mean loss exactly, the records land on the same steps as on the torch path,
+    and the checkpoint losses agree with the torch path in distribution."""
+    q = QuadraticRiverValley(slope=0.5, curvatures=[0.5, 2.0])
+    kw = dict(steps=30, lr=0.2, noise=1.0, seeds=4000, ckpt_every=7, record_loss_every=7)
+    a = simulate(q, noise_backend="native", seed=1, **kw)
+    b = simulate(q, noise_backend="torch", seed=1, **kw)
+    assert a.loss_steps.tolist() == b.loss_steps.tolist() == a.ckpt_steps.tolist() == [0, 7, 14, 21, 28]
+    np.testing.assert_allclose(a.loss_curve, a.ckpt_loss.mean(0).numpy(), rtol=1e-12, atol=1e-12)
+    la, lb = a.ckpt_loss[:, 1:], b.ckpt_loss[:, 1:]
+    se = torch.sqrt(la.var(0) / la.shape[0] + lb.var(0) / lb.shape[0])
+    assert ((la.mean(0) - lb.mean(0)).abs() / se).max() < 5
+    off = simulate(q, noise_backend="native", seed=1, **{**kw, "ckpt_from": 3})  # records between checkpoints
+    assert off.loss_steps.tolist() == list(range(0, 31, 7)) and off.ckpt_steps.tolist() == [3, 10, 17, 24]
+    assert torch.equal(off.final, a.final)  # the same 30 draws, however the calls are cut
+
+
 def test_bad_arguments_name_the_tensor():
     src = _native.PhiloxNormals(1)
     x = torch.zeros(4, 8, dtype=F64)
@@ -259,6 +306,9 @@ def test_checkpoints_do_not_change_the_trajectory(exact):
     a = simulate(q, ckpt_every=1, **kw)
     b = simulate(q, ckpt_every=2, **kw)
     assert torch.equal(a.checkpoints[:, ::2], b.checkpoints)
+    odd = simulate(q, ckpt_every=3, ckpt_from=1, **kw)  # steps 1, 4, 7, 10
+    assert odd.ckpt_steps.tolist() == [1, 4, 7, 10]
+    assert torch.equal(a.checkpoints[:, 1::3], odd.checkpoints)
     assert torch.equal(a.final, a.checkpoints[:, -1]) and torch.equal(b.final, b.checkpoints[:, -1])
     out = torch.full_like(b.checkpoints, math.nan)
     c = simulate(q, ckpt_every=2, out=out, **kw)

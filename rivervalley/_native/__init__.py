@@ -30,12 +30,13 @@ import torch
 __all__ = ["load", "status", "PhiloxNormals"]
 
 SOURCE = Path(__file__).with_name("noise.c")
-# -ffast-math lets gcc vectorise logf/sinf/cosf through glibc's libmvec. 256-bit vectors: libmvec's
-# 512-bit variants measured 6x slower on this AMD EPYC. sincos fusion is disabled because libmvec's
-# vector sincosf takes pointer arguments that gcc 12 does not vectorise.
+# -ffast-math lets gcc vectorise logf through glibc's libmvec (noise.c computes sin and cos itself). The
+# -fno-builtin flags keep gcc from fusing sin and cos into a sincosf call, which it cannot vectorise.
+# The vector width is left to gcc's tuning for the CPU (-march=native: 512 bits on this AMD EPYC, 8%
+# faster than 256 here).
 _FAST = ["-O3", "-ffast-math", "-fopenmp-simd", "-fno-builtin-sinf", "-fno-builtin-cosf"]
 _FAST += ["-fno-builtin-sincosf", "-fPIC"]
-FLAG_SETS = (["-march=native", "-mprefer-vector-width=256", *_FAST], _FAST, ["-O2", "-fPIC"])
+FLAG_SETS = (["-march=native", *_FAST], _FAST, ["-O2", "-fPIC"])
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -93,6 +94,12 @@ def _declare(lib) -> None:
         getattr(lib, name).restype = None
     for name in ("rv_affine_noise_f32", "rv_affine_noise_f64"):
         getattr(lib, name).argtypes = [vp, i64, vp, i64, vp, vp, vp, i64, i64, i64, u64, u64]
+        getattr(lib, name).restype = None
+    for name in ("rv_ar1_jumps_f32", "rv_ar1_jumps_f64"):
+        getattr(lib, name).argtypes = [vp, i64, vp, i64, i64, vp, vp, vp, i64, i64, i64, i64, u64, u64]
+        getattr(lib, name).restype = None
+    for name in ("rv_sgd_steps_f32", "rv_sgd_steps_f64"):
+        getattr(lib, name).argtypes = [vp, i64, vp, i64, vp, vp, vp, vp, i64, i64, i64, i64, u64, u64]
         getattr(lib, name).restype = None
 
 
@@ -173,10 +180,10 @@ class PhiloxNormals:
             self.pool.shutdown(wait=True)
             self.pool = None
 
-    def _run(self, fn, rows: int, cols: int, *args) -> None:
+    def _run(self, fn, rows: int, cols: int, *args, draws: int = 1) -> None:
         draw = self.draws
-        self.draws += 1
-        parts = min(self.threads, rows) if rows * cols >= 1 << 15 else 1
+        self.draws += draws
+        parts = min(self.threads, rows) if rows * cols * draws >= 1 << 15 else 1
         bounds = [rows * k // parts for k in range(parts + 1)]
         futures = [
             self.pool.submit(fn, *args, bounds[k], bounds[k + 1], cols, self.key, draw)
@@ -198,24 +205,70 @@ class PhiloxNormals:
         self._run(fn, out.shape[0], out.shape[1], out.data_ptr(), out.stride(0))
         return out
 
+    def _vectors(self, x: torch.Tensor, named) -> list[int]:
+        p = x.shape[1]
+        for v, name in named:
+            if v.dtype != x.dtype or v.shape != (p,) or not v.is_contiguous() or v.device.type != "cpu":
+                raise ValueError(f"{name}: need a contiguous CPU [{p}] vector of dtype {x.dtype}")
+        return [v.data_ptr() for v, _ in named]
+
+    def _copy(self, x: torch.Tensor, copy) -> tuple:
+        if copy is None:
+            return (None, 0)
+        self._check(copy, "copy")
+        if copy.dtype != x.dtype or copy.shape != x.shape:
+            raise ValueError("copy: need the shape and dtype of x")
+        return (copy.data_ptr(), copy.stride(0))
+
     def affine(self, x, a, b, c, copy=None) -> torch.Tensor:
         """``x ← a ⊙ x + b + c ⊙ ξ`` in place with fresh normals ξ, rows of [S, p]; ``a, b, c`` are [p]
         vectors of x's dtype. ``copy`` (optional, [S, p] of the same dtype, for example a checkpoint slot):
         also receives the new values, by non-temporal stores where the CPU has them."""
         self._check(x, "x")
-        s, p = x.shape
-        vecs = []
-        for v, name in ((a, "a"), (b, "b"), (c, "c")):
-            if v.dtype != x.dtype or v.shape != (p,) or not v.is_contiguous() or v.device.type != "cpu":
-                raise ValueError(f"{name}: need a contiguous CPU [{p}] vector of dtype {x.dtype}")
-            vecs.append(v.data_ptr())
-        if copy is None:
-            dst = (None, 0)
-        else:
-            self._check(copy, "copy")
-            if copy.dtype != x.dtype or copy.shape != x.shape:
-                raise ValueError("copy: need the shape and dtype of x")
-            dst = (copy.data_ptr(), copy.stride(0))
+        vecs = self._vectors(x, ((a, "a"), (b, "b"), (c, "c")))
+        dst = self._copy(x, copy)
         fn = self.lib.rv_affine_noise_f64 if x.dtype == torch.float64 else self.lib.rv_affine_noise_f32
-        self._run(fn, s, p, x.data_ptr(), x.stride(0), *dst, *vecs)
+        self._run(fn, x.shape[0], x.shape[1], x.data_ptr(), x.stride(0), *dst, *vecs)
+        return x
+
+    def sgd_steps(self, x, h, g, sd, lrs, copy=None) -> torch.Tensor:
+        """``len(lrs)`` SGD steps in place on the unrotated quadratic, step t consuming one draw:
+        ``x ← x − lr_t (h ⊙ x − g + sd ⊙ ξ_t)`` (``h, g, sd``: [p] vectors of x's dtype; ``lrs``: a contiguous
+        float64 CPU tensor). Each thread takes its rows through all the steps with no synchronisation in
+        between. ``copy``: as in :meth:`affine`, receives the final values."""
+        self._check(x, "x")
+        vecs = self._vectors(x, ((h, "h"), (g, "g"), (sd, "sd")))
+        if lrs.dtype != torch.float64 or lrs.ndim != 1 or not lrs.is_contiguous() or lrs.device.type != "cpu":
+            raise ValueError("lrs: need a contiguous CPU float64 vector")
+        n = lrs.numel()
+        if n == 0:
+            return x if copy is None else copy.copy_(x)
+        dst = self._copy(x, copy)
+        fn = self.lib.rv_sgd_steps_f64 if x.dtype == torch.float64 else self.lib.rv_sgd_steps_f32
+        args = (x.data_ptr(), x.stride(0), *dst, *vecs, lrs.data_ptr(), n)
+        self._run(fn, x.shape[0], x.shape[1], *args, draws=n)
+        return x
+
+    def jumps(self, x, a, b, c, out) -> torch.Tensor:
+        """``n = out.shape[1]`` updates ``x ← a ⊙ x + b + c ⊙ ξ_k`` in place (one draw each), the k-th result
+        also written to ``out[:, k]`` ([S, n, p], unit column stride; for example consecutive checkpoint
+        slots), by non-temporal stores where possible. Each thread takes its rows through all n updates
+        with no synchronisation in between."""
+        self._check(x, "x")
+        vecs = self._vectors(x, ((a, "a"), (b, "b"), (c, "c")))
+        s, p = x.shape
+        if (
+            out.ndim != 3
+            or out.dtype != x.dtype
+            or out.shape[0] != s
+            or out.shape[2] != p
+            or out.stride(2) != 1
+        ):
+            raise ValueError(f"out: need a [{s}, n, {p}] tensor of dtype {x.dtype} with unit column stride")
+        n = out.shape[1]
+        if n == 0:
+            return x
+        fn = self.lib.rv_ar1_jumps_f64 if x.dtype == torch.float64 else self.lib.rv_ar1_jumps_f32
+        args = (x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), out.stride(1), *vecs, n)
+        self._run(fn, s, p, *args, draws=n)
         return x

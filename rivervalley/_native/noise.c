@@ -168,3 +168,79 @@ void rv_normal_f64(double *out, int64_t ld, int64_t row0, int64_t row1, int64_t 
 
 AFFINE_KERNEL(rv_affine_noise_f64, double, stream_tile_f64)
 AFFINE_KERNEL(rv_affine_noise_f32, float, stream_tile_f32)
+
+/* n SGD steps in place on rows row0..row1 of x, step t with learning rate lrs[t] and draw draw0 + t:
+ *   x <- (1 - lr h) x + lr g - lr sd normal(key, draw0 + t, i, j),
+ * i.e. x - lr (h x - g + sd xi) for the gradient h x - g of the unrotated quadratic with noise std sd.
+ * Each row runs all n steps while it sits in L1, and the rows are independent, so threads need no
+ * synchronisation between steps. When copy is not NULL the final rows are also streamed to copy. */
+#define SGD_KERNEL(NAME, T, STREAM)                                                                          \
+    void NAME(T *x, int64_t ld_x, T *copy, int64_t ld_copy, const T *h, const T *g, const T *sd,              \
+              const double *lrs, int64_t n, int64_t row0, int64_t row1, int64_t cols, uint64_t key,           \
+              uint64_t draw0) {                                                                              \
+        uint32_t key_lo = (uint32_t)key, key_hi = (uint32_t)(key >> 32);                                     \
+        float z[TILE];                                                                                       \
+        for (int64_t i = row0; i < row1; i++) {                                                              \
+            T *xr = x + i * ld_x;                                                                            \
+            for (int64_t t = 0; t < n; t++) {                                                                \
+                uint64_t draw = draw0 + (uint64_t)t;                                                         \
+                const T lr = (T)lrs[t];                                                                      \
+                for (int64_t j0 = 0; j0 < cols; j0 += TILE) {                                                \
+                    tile_normals(z, (uint32_t)(j0 / TILE), (uint32_t)i, (uint32_t)draw, (uint32_t)(draw >> 32),\
+                                 key_lo, key_hi);                                                            \
+                    int64_t m = cols - j0 < TILE ? cols - j0 : TILE;                                         \
+                    T *xi = xr + j0;                                                                         \
+                    const T *hj = h + j0, *gj = g + j0, *sj = sd + j0;                                       \
+                    for (int64_t u = 0; u < m; u++)                                                          \
+                        xi[u] = (1 - lr * hj[u]) * xi[u] + lr * gj[u] - lr * sj[u] * (T)z[u];              \
+                }                                                                                            \
+            }                                                                                                \
+            if (copy != 0) {                                                                                 \
+                T *o = copy + i * ld_copy;                                                                   \
+                int64_t j0 = 0;                                                                              \
+                if (STREAMABLE(o))                                                                           \
+                    for (; j0 + TILE <= cols; j0 += TILE) STREAM(o + j0, xr + j0);                           \
+                for (; j0 < cols; j0++) o[j0] = xr[j0];                                                      \
+            }                                                                                                \
+        }                                                                                                    \
+        STREAM_FENCE();                                                                                      \
+    }
+
+SGD_KERNEL(rv_sgd_steps_f64, double, stream_tile_f64)
+SGD_KERNEL(rv_sgd_steps_f32, float, stream_tile_f32)
+
+/* n equal exact AR(1) jumps in place on rows row0..row1 of x, jump k with draw draw0 + k:
+ *   x <- a x + b + c normal(key, draw0 + k, i, j),
+ * the result of jump k streamed to out + i ld_out + k ld_slot (checkpoint slot k). As in the SGD kernel,
+ * each row goes through all n jumps while it sits in L1, with no synchronisation between jumps. */
+#define JUMPS_KERNEL(NAME, T, STREAM)                                                                        \
+    void NAME(T *x, int64_t ld_x, T *out, int64_t ld_out, int64_t ld_slot, const T *a, const T *b, const T *c, \
+              int64_t n, int64_t row0, int64_t row1, int64_t cols, uint64_t key, uint64_t draw0) {             \
+        uint32_t key_lo = (uint32_t)key, key_hi = (uint32_t)(key >> 32);                                     \
+        float z[TILE];                                                                                       \
+        for (int64_t i = row0; i < row1; i++) {                                                              \
+            T *xr = x + i * ld_x;                                                                            \
+            for (int64_t k = 0; k < n; k++) {                                                                \
+                uint64_t draw = draw0 + (uint64_t)k;                                                         \
+                T *o = out + i * ld_out + k * ld_slot;                                                       \
+                int stream = STREAMABLE(o);                                                                  \
+                for (int64_t j0 = 0; j0 < cols; j0 += TILE) {                                                \
+                    tile_normals(z, (uint32_t)(j0 / TILE), (uint32_t)i, (uint32_t)draw, (uint32_t)(draw >> 32),\
+                                 key_lo, key_hi);                                                            \
+                    int64_t m = cols - j0 < TILE ? cols - j0 : TILE;                                         \
+                    T *xi = xr + j0;                                                                         \
+                    const T *aj = a + j0, *bj = b + j0, *cj = c + j0;                                        \
+                    for (int64_t u = 0; u < m; u++) xi[u] = aj[u] * xi[u] + bj[u] + cj[u] * (T)z[u];         \
+                    if (stream && m == TILE) {                                                               \
+                        STREAM(o + j0, xi);                                                                  \
+                    } else {                                                                                 \
+                        for (int64_t u = 0; u < m; u++) o[j0 + u] = xi[u];                                   \
+                    }                                                                                        \
+                }                                                                                            \
+            }                                                                                                \
+        }                                                                                                    \
+        STREAM_FENCE();                                                                                      \
+    }
+
+JUMPS_KERNEL(rv_ar1_jumps_f64, double, stream_tile_f64)
+JUMPS_KERNEL(rv_ar1_jumps_f32, float, stream_tile_f32)
