@@ -188,6 +188,19 @@ def test_loss_curve_and_checkpoints_on_the_native_path():
     assert torch.equal(off.final, a.final)  # the same 30 draws, however the calls are cut
 
 
+def test_denormals_are_flushed_in_every_thread_and_the_caller_setting_restored():
+    """A row gives the same numbers on any thread: the kernels flush denormals themselves (the simulator
+    flushes them only in its own thread), then restore the caller's floating-point mode."""
+    x0 = torch.full((64, 1024), 1e-300, dtype=F64)
+    a = torch.full((1024,), 1e-10, dtype=F64)  # a·x = 1e-310: a denormal
+    zero = torch.zeros(1024, dtype=F64)
+    for threads in (1, 2):
+        x = _native.PhiloxNormals(0, threads=threads).affine(x0.clone(), a, zero, zero)
+        assert not x.any()
+    tiny = torch.tensor([1e-310], dtype=F64)
+    assert float(tiny * 1.0) != 0.0  # this thread is back to IEEE behaviour
+
+
 def test_bad_arguments_name_the_tensor():
     src = _native.PhiloxNormals(1)
     x = torch.zeros(4, 8, dtype=F64)

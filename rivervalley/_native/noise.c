@@ -123,7 +123,19 @@ static inline void stream_tile_f32(float *o, const float *w) {
 }
 #endif
 
+/* Denormals are flushed inside every kernel (and the caller's setting restored), so that a row gives the
+ * same numbers on whichever thread runs it: the simulator flushes them in its own thread only. */
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#define FTZ_BEGIN() unsigned int rv_csr = _mm_getcsr(); _mm_setcsr(rv_csr | 0x8040u);
+#define FTZ_END() _mm_setcsr(rv_csr)
+#else
+#define FTZ_BEGIN()
+#define FTZ_END() ((void)0)
+#endif
+
 #define ROW_LOOP(...)                                                                                        \
+    FTZ_BEGIN()                                                                                              \
     uint32_t d_lo = (uint32_t)draw, d_hi = (uint32_t)(draw >> 32);                                           \
     uint32_t key_lo = (uint32_t)key, key_hi = (uint32_t)(key >> 32);                                         \
     float z[TILE];                                                                                           \
@@ -131,9 +143,10 @@ static inline void stream_tile_f32(float *o, const float *w) {
         for (int64_t j0 = 0; j0 < cols; j0 += TILE) {                                                        \
             tile_normals(z, (uint32_t)(j0 / TILE), (uint32_t)i, d_lo, d_hi, key_lo, key_hi);                 \
             int64_t n = cols - j0 < TILE ? cols - j0 : TILE;                                                 \
-            __VA_ARGS__                                                                                          \
+            __VA_ARGS__                                                                                      \
         }                                                                                                    \
-    }
+    }                                                                                                        \
+    FTZ_END();
 
 /* out[i, j] = normal(key, draw, i, j) for rows row0..row1-1 (row stride ld). */
 void rv_normal_f32(float *out, int64_t ld, int64_t row0, int64_t row1, int64_t cols, uint64_t key,
@@ -178,6 +191,7 @@ AFFINE_KERNEL(rv_affine_noise_f32, float, stream_tile_f32)
     void NAME(T *x, int64_t ld_x, T *copy, int64_t ld_copy, const T *h, const T *g, const T *sd,              \
               const double *lrs, int64_t n, int64_t row0, int64_t row1, int64_t cols, uint64_t key,           \
               uint64_t draw0) {                                                                              \
+        FTZ_BEGIN()                                                                                          \
         uint32_t key_lo = (uint32_t)key, key_hi = (uint32_t)(key >> 32);                                     \
         float z[TILE];                                                                                       \
         for (int64_t i = row0; i < row1; i++) {                                                              \
@@ -204,6 +218,7 @@ AFFINE_KERNEL(rv_affine_noise_f32, float, stream_tile_f32)
             }                                                                                                \
         }                                                                                                    \
         STREAM_FENCE();                                                                                      \
+        FTZ_END();                                                                                           \
     }
 
 SGD_KERNEL(rv_sgd_steps_f64, double, stream_tile_f64)
@@ -216,6 +231,7 @@ SGD_KERNEL(rv_sgd_steps_f32, float, stream_tile_f32)
 #define JUMPS_KERNEL(NAME, T, STREAM)                                                                        \
     void NAME(T *x, int64_t ld_x, T *out, int64_t ld_out, int64_t ld_slot, const T *a, const T *b, const T *c, \
               int64_t n, int64_t row0, int64_t row1, int64_t cols, uint64_t key, uint64_t draw0) {             \
+        FTZ_BEGIN()                                                                                          \
         uint32_t key_lo = (uint32_t)key, key_hi = (uint32_t)(key >> 32);                                     \
         float z[TILE];                                                                                       \
         for (int64_t i = row0; i < row1; i++) {                                                              \
@@ -240,6 +256,7 @@ SGD_KERNEL(rv_sgd_steps_f32, float, stream_tile_f32)
             }                                                                                                \
         }                                                                                                    \
         STREAM_FENCE();                                                                                      \
+        FTZ_END();                                                                                           \
     }
 
 JUMPS_KERNEL(rv_ar1_jumps_f64, double, stream_tile_f64)
