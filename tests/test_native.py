@@ -258,6 +258,17 @@ def test_build_into_a_fresh_cache_and_report_failures(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     lib, detail = _native._load()
     assert lib is None and "no C compiler" in detail
+    # a compiler that runs but fails: every flag set is tried, the reason quotes it, nothing is left behind
+    bad = tmp_path / "badcc"
+    bad.write_text(
+        '#!/bin/sh\n[ "$1" = --version ] && { echo fakecc 1.0; exit 0; }\necho "fatal: no way" >&2\nexit 1\n'
+    )
+    bad.chmod(0o755)
+    monkeypatch.setenv("CC", str(bad))
+    monkeypatch.setenv("RIVERVALLEY_CACHE", str(tmp_path / "cache2"))
+    lib, detail = _native._load()
+    assert lib is None and detail.count("fatal: no way") == len(_native.FLAG_SETS)
+    assert not any((tmp_path / "cache2").iterdir())
     monkeypatch.delenv("CC")
     monkeypatch.setenv("RIVERVALLEY_NATIVE", "0")
     lib, detail = _native._load()

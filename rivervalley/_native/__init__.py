@@ -80,7 +80,8 @@ def _compile(cc: str, flags: list[str], dest: Path) -> str | None:
             except (OSError, subprocess.SubprocessError) as e:
                 return f"{' '.join(cmd)}: {e}"
             if out.returncode != 0:
-                return f"{' '.join(cmd)}: {(out.stderr or out.stdout).strip().splitlines()[-1:]}"
+                last = (out.stderr or out.stdout or "").strip().splitlines() or [f"exit {out.returncode}"]
+                return f"{' '.join(cmd)}: {last[-1]}"
         os.replace(so, dest)
     return None
 
