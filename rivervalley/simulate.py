@@ -397,7 +397,9 @@ def simulate(
     N(0, V_u) when curved), or a tensor [p] or [S, p]. ``exact=True`` uses the closed-form AR(1) jumps
     (quadratic landscape, plain SGD, constant lr; otherwise ValueError).
 
-    Randomness: one seed ``seed`` fixes everything, for a given S, p and noise backend (not per seed).
+    Randomness: one seed ``seed`` fixes everything, for a given S, p and noise backend (not per seed), on
+    a given build: the native kernel's float32 transform may round differently (by ~1e-7) when compiled
+    for another CPU or with the fallback flags.
     ``noise_backend``:
 
     - ``'native'`` (CPU, float32/float64 parameters, ``noise_dtype`` float32): the compiled kernel of
@@ -453,7 +455,10 @@ def simulate(
     if out is not None:
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != ckpt_shape:
             raise ValueError(f"out must be a tensor of shape {list(ckpt_shape)} (seeds, checkpoints, dim)")
-        if out.dtype != dtype or out.device != device or not out.is_contiguous():
+        same_device = out.device.type == device.type and (
+            device.index is None or out.device.index == device.index
+        )
+        if out.dtype != dtype or not same_device or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous {dtype} tensor on {device}")
     source = _NoiseSource(
         (s_count, landscape.dim),
@@ -585,8 +590,9 @@ def _run_exact_native(theta, targets, slot, ckpt_tensor, transition, native):
     while i < len(targets):
         target, k = targets[i], slot.get(targets[i])
         s = target - t
-        if s == 0:  # a checkpoint at step 0
-            ckpt_tensor[:, k].copy_(theta)
+        if s == 0:  # step 0: a checkpoint there, or steps=0
+            if k is not None:
+                ckpt_tensor[:, k].copy_(theta)
             i += 1
             continue
         if k is None:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -146,7 +147,7 @@ def test_multi_step_kernel_equals_one_step_at_a_time(dtype):
     """sgd_steps over n steps (draws d .. d+n−1, one call, rows in parallel) equals n single-step affine
     updates with a = 1 − η_t h, b = η_t g, c = −η_t sd on the same draws, and streams its result to copy."""
     gen = torch.Generator().manual_seed(1)
-    s, p, n = 40, 100, 7
+    s, p, n = 257, 200, 7  # s·p·n > 2^15: the rows are split across threads
     x0 = torch.randn(s, p, generator=gen, dtype=F64).to(dtype)
     h = torch.rand(p, generator=gen, dtype=F64).to(dtype)
     g = torch.zeros(p, dtype=dtype)
@@ -166,8 +167,29 @@ def test_multi_step_kernel_equals_one_step_at_a_time(dtype):
     tol = 1e-12 if dtype == F64 else 1e-5
     torch.testing.assert_close(x, y, rtol=tol, atol=tol)
     assert torch.equal(slots[:, 1], x) and not slots[:, 0].any()
+    three = _native.PhiloxNormals(3, threads=3)
+    three.draws = 11
+    assert torch.equal(three.sgd_steps(x0.clone(), h, g, sd, lrs), x)  # any thread split, same bits
     with pytest.raises(ValueError, match="^lrs:"):
         fused.sgd_steps(x, h, g, sd, lrs.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("p", [128, 130])
+def test_jumps_kernel_streams_each_result_to_its_slot(dtype, p):
+    """n jumps in one call equal n single affine updates, and slot k holds the k-th result; p = 128 takes
+    the aligned non-temporal stores for both dtypes, p = 130 the unaligned rows and the column tail."""
+    gen = torch.Generator().manual_seed(2)
+    s, n = 300, 5
+    x0 = torch.randn(s, p, generator=gen, dtype=F64).to(dtype)
+    a, b, c = (torch.randn(p, generator=gen, dtype=F64).to(dtype) for _ in range(3))
+    out = torch.full((s, n + 1, p), math.nan, dtype=dtype)
+    x = _native.PhiloxNormals(8, threads=2).jumps(x0.clone(), a, b, c, out[:, 1:])
+    ref, y = _native.PhiloxNormals(8, threads=1), x0.clone()
+    for k in range(n):
+        ref.affine(y, a, b, c)
+        assert torch.equal(out[:, k + 1], y)
+    assert torch.equal(x, y) and out[:, 0].isnan().all()
 
 
 def test_loss_curve_and_checkpoints_on_the_native_path():
@@ -215,6 +237,15 @@ def test_bad_arguments_name_the_tensor():
         src.affine(x, v, v, v, copy=torch.zeros(4, 8))
     with pytest.raises(ValueError, match="^out:"):
         src.fill(torch.zeros(4, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="^x: rows overlap"):
+        src.affine(torch.zeros(8, dtype=F64).expand(4, 8), v, v, v)
+    with pytest.raises(ValueError, match="^copy: must not overlap x"):
+        src.affine(x, v, v, v, copy=x)
+    with pytest.raises(ValueError, match="^out: must not overlap x"):
+        big = torch.zeros(4, 3, 8, dtype=F64)
+        src.jumps(big[:, 0], v, v, v, big[:, 1:])  # slot 0 is x itself: rows of x interleave with out
+    with pytest.raises(ValueError, match="^out:"):
+        src.jumps(x, v, v, v, torch.zeros(4, 2, 8, dtype=torch.float32))
 
 
 def test_distribution_is_standard_normal():
@@ -255,6 +286,31 @@ def test_build_into_a_fresh_cache_and_report_failures(tmp_path, monkeypatch):
     built = list((tmp_path / "cache").glob("noise-*.so"))
     assert len(built) == 1
     assert not [p for p in (tmp_path / "cache").iterdir() if p not in built]  # no half-written leftovers
+    # a file in the cache that does not load is rebuilt (atomically: a new file replaces it). A fresh
+    # folder, since this process has the first file loaded and must not see it change under it.
+    stale = tmp_path / "stale" / built[0].name
+    stale.parent.mkdir(mode=0o700)
+    stale.write_bytes(b"not a shared library")
+    monkeypatch.setenv("RIVERVALLEY_CACHE", str(stale.parent))
+    lib, detail = _native._load()
+    assert lib is not None and str(stale) in detail and stale.stat().st_size > 1000
+    # CC may carry arguments
+    monkeypatch.setenv("CC", "cc -g0")
+    lib, detail = _native._load()
+    assert lib is not None and "compiled with cc -g0" in detail
+    monkeypatch.delenv("CC")
+    # a cache folder others can write to is refused (the library would run in this process)
+    shared = tmp_path / "shared"
+    (shared / "tmp" / f"rivervalley-{os.getuid()}").mkdir(parents=True)
+    for d in (shared, shared / "tmp" / f"rivervalley-{os.getuid()}"):
+        d.chmod(0o777)
+    monkeypatch.setenv("RIVERVALLEY_CACHE", str(shared))
+    monkeypatch.setattr(tempfile, "tempdir", str(shared / "tmp"))  # the fallback folder is shared too
+    lib, detail = _native._load()
+    assert lib is None and detail.count("not private to this user") == 2 * len(_native.FLAG_SETS)
+    assert not list(shared.glob("*.so")) and not list(shared.glob("tmp/*/*"))
+    monkeypatch.undo()
+    monkeypatch.setenv("RIVERVALLEY_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     lib, detail = _native._load()
     assert lib is None and "no C compiler" in detail
@@ -312,6 +368,18 @@ def test_backend_choice_is_recorded_and_validated():
         simulate(q, noise_backend="native", noise_dtype=F64, **kw)
     with pytest.raises(ValueError, match="float32/float64"):
         simulate(q, noise_backend="native", dtype=torch.bfloat16, **kw)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_zero_steps(exact):
+    q = QuadraticRiverValley(slope=1.0, curvatures=[1.0, 2.0])
+    init = torch.arange(9, dtype=F64).reshape(3, 3)
+    for kw in ({}, {"ckpt_every": 1}):
+        r = simulate(q, steps=0, lr=0.1, noise=1.0, seeds=3, exact=exact, init=init, **kw)
+        assert r.config["noise_backend"] == "native" and torch.equal(r.final, init)
+        assert r.checkpoints.shape == (3, len(kw), 3)
+        if kw:
+            assert torch.equal(r.checkpoints[:, 0], init)
 
 
 @pytest.mark.parametrize("exact", [False, True])

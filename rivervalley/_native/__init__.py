@@ -18,7 +18,9 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -60,21 +62,20 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _compiler_id(cc: str) -> str | None:
+def _compiler_id(cc: list[str]) -> str | None:
     try:
-        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.splitlines()[0] if out.returncode == 0 and out.stdout else None
 
 
-def _compile(cc: str, flags: list[str], dest: Path) -> str | None:
+def _compile(cc: list[str], flags: list[str], dest: Path) -> str | None:
     """Compile ``noise.c`` to ``dest`` (atomically: build in a temporary folder, then rename). Returns an
     error message, or None on success. The link step omits -ffast-math on purpose (see noise.c)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         obj, so = os.path.join(tmp, "noise.o"), os.path.join(tmp, "noise.so")
-        for cmd in ([cc, *flags, "-c", str(SOURCE), "-o", obj], [cc, "-shared", obj, "-o", so, "-lm"]):
+        for cmd in ([*cc, *flags, "-c", str(SOURCE), "-o", obj], [*cc, "-shared", obj, "-o", so, "-lm"]):
             try:
                 out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             except (OSError, subprocess.SubprocessError) as e:
@@ -104,32 +105,65 @@ def _declare(lib) -> None:
         getattr(lib, name).restype = None
 
 
+def _private_folder(folder: Path) -> None:
+    """Create ``folder`` (mode 0o700) if needed; refuse one that another user owns or others can write to,
+    since a library loaded from it runs in this process."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = folder.stat()
+    if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise OSError(f"{folder} is not private to this user (owner, or group/world write permission)")
+
+
+def _load_or_build(cc: list[str], flags: list[str], path: Path):
+    """Load the library at ``path``, building it first if it is missing; a file that does not load is
+    rebuilt once. Returns (lib, None), or (None, error) when the compiler fails."""
+    _private_folder(path.parent)
+    for attempt in range(2):
+        if attempt or not path.exists():
+            err = _compile(cc, flags, path)
+            if err:
+                return None, err
+        if path.stat().st_uid != os.getuid():
+            raise OSError(f"{path} is owned by another user")
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:
+            if attempt:
+                raise
+            continue  # a stale or broken file: rebuild it once
+        _declare(lib)
+        return lib, None
+    raise OSError(f"{path} does not load")  # pragma: no cover - the loop returns or raises first
+
+
 def _load():
     if os.environ.get("RIVERVALLEY_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None, "disabled by RIVERVALLEY_NATIVE=0"
-    cc = os.environ.get("CC") or "cc"
-    if shutil.which(cc) is None:
-        return None, f"no C compiler ({cc!r} not found; set CC)"
+    cc = shlex.split(os.environ.get("CC") or "cc")
+    if not cc or shutil.which(cc[0]) is None:
+        return None, f"no C compiler ({' '.join(cc)!r} not found; set CC)"
     cid = _compiler_id(cc)
     if cid is None:
-        return None, f"C compiler {cc!r} does not run"
+        return None, f"C compiler {' '.join(cc)!r} does not run"
+    try:
+        source = SOURCE.read_text()
+    except OSError as e:
+        return None, f"cannot read the kernel source: {e}"
     errors = []
     for flags in FLAG_SETS:
-        key = "\n".join([SOURCE.read_text(), " ".join(flags), cid, platform.machine(), _cpu_flags()])
+        key = "\n".join([source, " ".join(cc), " ".join(flags), cid, platform.machine(), _cpu_flags()])
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"rivervalley-{os.getuid()}"):
             path = folder / f"noise-{digest}.so"
             try:
-                if not path.exists():
-                    err = _compile(cc, flags, path)
-                    if err:
-                        errors.append(err)
-                        break  # these flags fail to compile: the next folder will not help
-                lib = ctypes.CDLL(str(path))
-                _declare(lib)
-                return lib, f"compiled with {cc} {' '.join(flags)}: {path}"
-            except OSError as e:  # unwritable cache folder, or a library that does not load
+                lib, err = _load_or_build(cc, flags, path)
+            except OSError as e:  # an unwritable or shared cache folder, or a library that does not load
                 errors.append(f"{path}: {e}")
+                continue
+            if err:
+                errors.append(err)
+                break  # these flags fail to compile: another folder will not help
+            return lib, f"compiled with {' '.join(cc)} {' '.join(flags)}: {path}"
     return None, "could not build the native kernel: " + "; ".join(errors)
 
 
@@ -198,6 +232,18 @@ class PhiloxNormals:
     def _check(t: torch.Tensor, name: str) -> None:
         if t.device.type != "cpu" or t.dtype not in PhiloxNormals.DTYPES or t.ndim != 2 or t.stride(1) != 1:
             raise ValueError(f"{name}: need a CPU float32/float64 [S, p] tensor with unit column stride")
+        if t.shape[0] > 1 and t.stride(0) < t.shape[1]:
+            raise ValueError(f"{name}: rows overlap (row stride {t.stride(0)} < {t.shape[1]} columns)")
+
+    @staticmethod
+    def _disjoint(x: torch.Tensor, other: torch.Tensor, name: str) -> None:
+        def span(t):
+            last = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+            return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+        (a0, a1), (b0, b1) = span(x), span(other)
+        if x.numel() and other.numel() and a0 < b1 and b0 < a1:
+            raise ValueError(f"{name}: must not overlap x")
 
     def fill(self, out: torch.Tensor) -> torch.Tensor:
         """Write fresh normals into ``out`` [S, p] and return it."""
@@ -219,6 +265,7 @@ class PhiloxNormals:
         self._check(copy, "copy")
         if copy.dtype != x.dtype or copy.shape != x.shape:
             raise ValueError("copy: need the shape and dtype of x")
+        self._disjoint(x, copy, "copy")
         return (copy.data_ptr(), copy.stride(0))
 
     def affine(self, x, a, b, c, copy=None) -> torch.Tensor:
@@ -260,12 +307,20 @@ class PhiloxNormals:
         s, p = x.shape
         if (
             out.ndim != 3
+            or out.device.type != "cpu"
             or out.dtype != x.dtype
             or out.shape[0] != s
             or out.shape[2] != p
             or out.stride(2) != 1
         ):
-            raise ValueError(f"out: need a [{s}, n, {p}] tensor of dtype {x.dtype} with unit column stride")
+            raise ValueError(
+                f"out: need a CPU [{s}, n, {p}] tensor of dtype {x.dtype} with unit column stride"
+            )
+        if s > 1 and out.stride(0) < out.shape[1] * p and out.shape[1] > 0:
+            raise ValueError(
+                f"out: need each row's {out.shape[1]} slots after one another (row stride >= n·p)"
+            )
+        self._disjoint(x, out, "out")
         n = out.shape[1]
         if n == 0:
             return x
