@@ -44,9 +44,7 @@ def make(out, *, quick: bool = False, seed: int = 0):
     G_merged = analysis.merged_gram(G, W.merge_matrix(n_raw, WINDOW))
     ev_raw, ev_merged = analysis.explained_variance(G_raw), analysis.explained_variance(G_merged)
     (s_raw, _), (s_merged, _) = analysis.pc_scores(G_raw[0]), analysis.pc_scores(G_merged[0])
-    # orient PC1 along the direction of travel so both panels read left to right
-    for s in (s_raw, s_merged):
-        s[:, 0] *= np.sign(s[-1, 0] - s[0, 0]) or 1.0
+    # pc_scores orients PC1 along the direction of travel, so both panels read left to right
 
     fig, axes = plots.figure(3, width=3.6, height=3.3)
     for ax, s, ev, title, color in (

@@ -10,7 +10,7 @@
  * give k = 2, 3, with u1 = ((w0 >> 8) + 1) 2^-24 in (0, 1], r = sqrt(-2 ln u1), θ = 2π (w1 >> 8) 2^-24.
  * The 24-bit uniforms bound |z| by sqrt(2 ln 2^24) = 5.77 (as torch's float32 randn).
  *
- * Compile with -ffast-math (so that logf/sinf/cosf vectorise through glibc's libmvec) but link without
+ * Compile with -ffast-math (so that logf vectorises through glibc's libmvec) but link without
  * it: linking with -ffast-math would add crtfastmath.o, which flushes denormals for the whole process.
  * rivervalley/_native/__init__.py does both.
  */
@@ -159,28 +159,6 @@ void rv_normal_f64(double *out, int64_t ld, int64_t row0, int64_t row1, int64_t 
     ROW_LOOP(double *o = out + i * ld + j0; for (int64_t t = 0; t < n; t++) o[t] = (double)z[t];)
 }
 
-/* x[i, j] <- a[j] x[i, j] + b[j] + c[j] normal(key, draw, i, j), in place; when copy is not NULL the new
- * values are also written to copy[i, j] (row stride ld_copy), with non-temporal stores where possible. */
-#define AFFINE_KERNEL(NAME, T, STREAM)                                                                       \
-    void NAME(T *x, int64_t ld_x, T *copy, int64_t ld_copy, const T *a, const T *b, const T *c, int64_t row0, \
-              int64_t row1, int64_t cols, uint64_t key, uint64_t draw) {                                     \
-        ROW_LOOP(T *xi = x + i * ld_x + j0; const T *aj = a + j0, *bj = b + j0, *cj = c + j0;                \
-                 if (copy == 0) {                                                                            \
-                     for (int64_t t = 0; t < n; t++) xi[t] = aj[t] * xi[t] + bj[t] + cj[t] * (T)z[t];        \
-                 } else {                                                                                    \
-                     T *o = copy + i * ld_copy + j0;                                                         \
-                     for (int64_t t = 0; t < n; t++) xi[t] = aj[t] * xi[t] + bj[t] + cj[t] * (T)z[t];        \
-                     if (n == TILE && STREAMABLE(o)) {                                                       \
-                         STREAM(o, xi);                                                                      \
-                     } else {                                                                                \
-                         for (int64_t t = 0; t < n; t++) o[t] = xi[t];                                       \
-                     }                                                                                       \
-                 })                                                                                          \
-        STREAM_FENCE();                                                                                      \
-    }
-
-AFFINE_KERNEL(rv_affine_noise_f64, double, stream_tile_f64)
-AFFINE_KERNEL(rv_affine_noise_f32, float, stream_tile_f32)
 
 /* n SGD steps in place on rows row0..row1 of x, step t with learning rate lrs[t] and draw draw0 + t:
  *   x <- (1 - lr h) x + lr g - lr sd normal(key, draw0 + t, i, j),
@@ -226,8 +204,9 @@ SGD_KERNEL(rv_sgd_steps_f32, float, stream_tile_f32)
 
 /* n equal exact AR(1) jumps in place on rows row0..row1 of x, jump k with draw draw0 + k:
  *   x <- a x + b + c normal(key, draw0 + k, i, j),
- * the result of jump k streamed to out + i ld_out + k ld_slot (checkpoint slot k). As in the SGD kernel,
- * each row goes through all n jumps while it sits in L1, with no synchronisation between jumps. */
+ * the result of jump k streamed to out + i ld_out + k ld_slot (checkpoint slot k) unless out is NULL. As
+ * in the SGD kernel, each row goes through all n jumps while it sits in L1, with no synchronisation between
+ * jumps. With n = 1 this is also the single fused update x <- a x + b + c xi. */
 #define JUMPS_KERNEL(NAME, T, STREAM)                                                                        \
     void NAME(T *x, int64_t ld_x, T *out, int64_t ld_out, int64_t ld_slot, const T *a, const T *b, const T *c, \
               int64_t n, int64_t row0, int64_t row1, int64_t cols, uint64_t key, uint64_t draw0) {             \
@@ -238,8 +217,8 @@ SGD_KERNEL(rv_sgd_steps_f32, float, stream_tile_f32)
             T *xr = x + i * ld_x;                                                                            \
             for (int64_t k = 0; k < n; k++) {                                                                \
                 uint64_t draw = draw0 + (uint64_t)k;                                                         \
-                T *o = out + i * ld_out + k * ld_slot;                                                       \
-                int stream = STREAMABLE(o);                                                                  \
+                T *o = out != 0 ? out + i * ld_out + k * ld_slot : 0;                                        \
+                int stream = o != 0 && STREAMABLE(o);                                                        \
                 for (int64_t j0 = 0; j0 < cols; j0 += TILE) {                                                \
                     tile_normals(z, (uint32_t)(j0 / TILE), (uint32_t)i, (uint32_t)draw, (uint32_t)(draw >> 32),\
                                  key_lo, key_hi);                                                            \
@@ -249,7 +228,7 @@ SGD_KERNEL(rv_sgd_steps_f32, float, stream_tile_f32)
                     for (int64_t u = 0; u < m; u++) xi[u] = aj[u] * xi[u] + bj[u] + cj[u] * (T)z[u];         \
                     if (stream && m == TILE) {                                                               \
                         STREAM(o + j0, xi);                                                                  \
-                    } else {                                                                                 \
+                    } else if (o != 0) {                                                                     \
                         for (int64_t u = 0; u < m; u++) o[j0 + u] = xi[u];                                   \
                     }                                                                                        \
                 }                                                                                            \
