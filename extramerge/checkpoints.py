@@ -59,6 +59,8 @@ __all__ = [
     "load_checkpoints",
     "check_compatible",
     "check_output",
+    "publish",
+    "staging_dir",
     "output_layout",
     "default_format",
     "safetensors_order",
@@ -1441,9 +1443,7 @@ def write_checkpoint(
     out, fname = output_layout(out, fmt, template)
     infos = dict(infos)
     aliases = {a: c for a, c in (template.aliases if template is not None else {}).items() if c in infos}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the published folder gets the usual mode
+    tmp = staging_dir(out)
     stream = _PieceStream(tensors, infos)
     files: list[str] = []
     try:
@@ -1497,12 +1497,12 @@ def write_checkpoint(
             t_sync += time.perf_counter() - t0
         t_publish = time.perf_counter()
         if folder_out:
-            _publish(tmp, out, force)
+            publish(tmp, out, force)
             published = [out / f for f in files]
         else:
             if record is not None:
                 os.replace(tmp / rec_name, _record_path(out))
-            _publish(tmp / fname, out, force)
+            publish(tmp / fname, out, force)
             tmp.rmdir()
             published = [out] + ([_record_path(out)] if record is not None else [])
         if fsync:
@@ -1519,6 +1519,16 @@ def _jsonable(o):
     if hasattr(o, "tolist"):
         return o.tolist()
     return str(o)
+
+
+def staging_dir(out: Path) -> Path:
+    """A fresh temporary folder next to ``out`` (parents created) in which to build an output before
+    renaming it into place. mkdtemp makes it 0700; it gets the usual mode (0777 & ~umask), as the
+    published folder should."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
 
 
 def _umask() -> int:
@@ -1546,7 +1556,7 @@ def _write_index(folder, index_name, infos, shards, files, extra_meta) -> str:
     return index_name
 
 
-def _publish(src: Path, dst: Path, force: bool) -> None:
+def publish(src: Path, dst: Path, force: bool) -> None:
     """Rename ``src`` to ``dst``; an existing ``dst`` (allowed by check_output) is renamed aside first and
     deleted only after the new one is in place."""
     aside = None

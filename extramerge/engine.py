@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoints import (
+    _DIRECT_BLOCK,
     Checkpoint,
     CheckpointError,
     TensorInfo,
@@ -858,7 +859,7 @@ def merge_weights(
         * in_itemsize
         + (max(prefetch, n_workers) + 1) * unit_bytes
         + n_workers * 2 * _BLOCK * acc.itemsize
-        + (2 * 8 * 2**20 if not collects else 0)  # the direct-I/O blocks
+        + (2 * _DIRECT_BLOCK if not collects else 0)  # the direct-I/O blocks
         + (bytes_written if collects else 0)
         + (bytes_read if n_torch else 0)  # torch-file inputs are memory-mapped: touched pages count as RSS
     )

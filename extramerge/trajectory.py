@@ -24,7 +24,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -503,18 +502,6 @@ def _check_output_dir(output: Path, inputs: Sequence, force: bool) -> None:
             raise CheckpointError(f"output {output} exists and is not empty (use --force to replace it)")
 
 
-def _publish(tmp: Path, output: Path) -> None:
-    """Atomically replace ``output`` with the finished folder ``tmp`` (same filesystem)."""
-    old = None
-    if output.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-        os.rmdir(old)
-        os.rename(output, old)
-    os.rename(tmp, output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _render(jobs: list) -> None:
     """Draw figures in parallel forked processes where that is safe (glyph rendering is most of their
     cost and holds the GIL), else one after another."""
@@ -530,13 +517,11 @@ def _render(jobs: list) -> None:
 def write_outputs(data: GramData, report: dict, output, *, inputs=(), force: bool = False) -> dict:
     """Write analysis.json, gram.npz and the PNG figures into ``output`` (temp folder, then rename)."""
     from extramerge import plots
-    from extramerge.checkpoints import _umask
+    from extramerge.checkpoints import publish, staging_dir
 
     output = Path(output)
     _check_output_dir(output, list(inputs), force)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the published folder gets the usual mode
+    tmp = staging_dir(output)
     try:
         files = {
             "analysis": "analysis.json",
@@ -558,7 +543,7 @@ def write_outputs(data: GramData, report: dict, output, *, inputs=(), force: boo
                 ),
             ]
         )
-        _publish(tmp, output)
+        publish(tmp, output, force=True)  # _check_output_dir has vetted an existing output
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from extramerge.checkpoints import publish
+
 from .tokenizer import EOS_ID, encode
 
 __all__ = [
@@ -404,13 +406,7 @@ def _write_atomic(out_dir: Path, arrays: dict, by_split: dict, meta: dict) -> No
                 for p in by_split[s]:
                     f.write(json.dumps({"text": p}, ensure_ascii=False) + "\n")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        publish(tmp, out_dir, force=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.lm import estimate as E
+from extramerge.checkpoints import publish
 from rivervalley import analysis as A
 from rivervalley import theory
 from rivervalley import weights as W
@@ -300,18 +300,7 @@ def run_study(cfg: StudyConfig) -> dict:
         report["seconds"] = time.perf_counter() - t0
         (tmp / "study.json").write_text(json.dumps(report, indent=1, default=_json_default))
         (tmp / "study.md").write_text(markdown(report))
-        old = None
-        if out.exists():  # an earlier study (checked above): move it aside, delete it only once replaced
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-        try:
-            tmp.rename(out)
-        except BaseException:
-            if old is not None:
-                old.rename(out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, out, force=True)  # an earlier study, checked above, is replaced only once this is in
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from extramerge.checkpoints import publish
 from rivervalley.schedules import Schedule, get_schedule, wsd
 
 from . import data as lmdata
@@ -481,9 +482,7 @@ class _Run:
         with _quiet_transformers():
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        publish(tmp, final, force=True)
         self.checkpoints = [c for c in self.checkpoints if c["step"] != self.step]
         self.checkpoints.append(
             {
