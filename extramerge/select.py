@@ -81,11 +81,6 @@ def _line_projector(n: int) -> np.ndarray:
     return A @ np.linalg.pinv(A)
 
 
-def _ar1(n: int, rho: float) -> np.ndarray:
-    idx = np.arange(n)
-    return rho ** np.abs(idx[:, None] - idx[None, :]).astype(float)
-
-
 def _lag1_ratio(R: np.ndarray) -> float:
     tr = np.trace(R)
     return float(np.trace(R, offset=1) / tr) if tr > 0 else 0.0
@@ -116,9 +111,9 @@ def estimate_river(G, *, rho_grid: int = 397) -> RiverEstimate:
     if n > 3 and np.trace(R) > 0:
         observed = _lag1_ratio(R)
         grid = np.linspace(-0.99, 0.99, rho_grid)
-        predicted = np.array([_lag1_ratio(Q @ _ar1(n, r) @ Q) for r in grid])
+        predicted = np.array([_lag1_ratio(Q @ _weights.correlation_matrix(r, n) @ Q) for r in grid])
         rho = float(grid[np.argmin(np.abs(predicted - observed))])
-    V = max(float(np.trace(R)), 0.0) / float(np.trace(Q @ _ar1(n, rho)))
+    V = max(float(np.trace(R)), 0.0) / float(np.trace(Q @ _weights.correlation_matrix(rho, n)))
     return RiverEstimate(drift, drift_pc1, V, math.sqrt(V), rho, n)
 
 
@@ -133,7 +128,8 @@ def expected_sq_error(w, estimate: RiverEstimate) -> float:
     """E‖wᵀθ − T‖² = ‖b‖² lag(w)² + V wᵀΓ(ρ)w, T the river-line point at the newest checkpoint."""
     w = np.asarray(w, dtype=float)
     lag = _weights.lag(w)
-    return float(estimate.drift**2 * lag**2 + estimate.noise_var * w @ _ar1(w.size, estimate.rho) @ w)
+    gamma = _weights.correlation_matrix(estimate.rho, w.size)
+    return float(estimate.drift**2 * lag**2 + estimate.noise_var * w @ gamma @ w)
 
 
 def alpha_geometric(estimate: RiverEstimate, window: int, offset: int) -> float:
@@ -145,7 +141,7 @@ def alpha_geometric(estimate: RiverEstimate, window: int, offset: int) -> float:
     n = window + offset
     m = _weights.extra(n, window, offset, 0.0)
     delta = _weights.extra(n, window, offset, 1.0) - m
-    Gam = _ar1(n, estimate.rho)
+    Gam = _weights.correlation_matrix(estimate.rho, n)
     D2, V = estimate.drift**2, estimate.noise_var
     # lag(w) = N − tᵀw is affine: lag(m + αδ) = lag(m) − α·tᵀδ (and tᵀδ = d).
     lag_m, dlag = _weights.lag(m), float(np.arange(1, n + 1) @ delta)

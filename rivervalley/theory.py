@@ -18,6 +18,8 @@ import warnings
 import numpy as np
 from scipy import linalg, special
 
+from rivervalley import weights as _weights
+
 __all__ = [
     "stationary_variance",
     "sma_gain",
@@ -396,11 +398,6 @@ def _lags(n: int) -> np.ndarray:
     return np.abs(np.subtract.outer(np.arange(n), np.arange(n))).astype(float)
 
 
-def _correlation_matrices(rho, n: int) -> np.ndarray:
-    """Γ_i[j, l] = ρ_i^{|j−l|}, shape (len(rho), n, n)."""
-    return rho[:, None, None] ** _lags(n)
-
-
 def _decorrelation_matrices(rho, n: int) -> np.ndarray:
     """11ᵀ − Γ_i, i.e. 1 − ρ_i^{|j−l|}, computed with expm1 so that it stays accurate as ρ_i → 1."""
     rho, lags = rho[:, None, None], _lags(n)[None]
@@ -443,7 +440,7 @@ def optimal_weights(*, n, slope, lr, interval, curvatures, noise=1.0):
     """
     n = int(_scalar("n", _integer("n", n, 1)))
     push, rho, omega = _weights_setup(slope, lr, interval, curvatures, noise)
-    Q = np.einsum("i,ijl->jl", omega, _correlation_matrices(rho, n))
+    Q = np.einsum("i,ijl->jl", omega, _weights.correlation_matrix(rho, n))
     rhs = np.stack([np.arange(1, n + 1, dtype=float), np.ones(n)], axis=1)
     try:
         with warnings.catch_warnings():

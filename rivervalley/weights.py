@@ -25,6 +25,7 @@ __all__ = [
     "custom",
     "apply",
     "lag",
+    "correlation_matrix",
     "merge_matrix",
     "required_checkpoints",
 ]
@@ -160,6 +161,15 @@ def lag(weights) -> float:
     w = np.asarray(weights, dtype=float)
     t = np.arange(1, w.shape[-1] + 1)
     return w.shape[-1] - w @ t
+
+
+def correlation_matrix(rho, n: int) -> np.ndarray:
+    """Γ(ρ)[j, l] = ρ^{|j−l|}: the correlation of n consecutive checkpoints of an AR(1) valley coordinate
+    (THEORY.md §b), so that wᵀΓw is the share of one checkpoint's valley variance a merge w keeps.
+    ``rho``: a scalar ([n, n] result) or an array of them (result [..., n, n])."""
+    idx = np.arange(int(n))
+    lags = np.abs(np.subtract.outer(idx, idx)).astype(float)
+    return np.asarray(rho, dtype=float)[..., None, None] ** lags
 
 
 def merge_matrix(n: int, window: int) -> np.ndarray:

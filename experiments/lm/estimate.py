@@ -54,9 +54,7 @@ __all__ = [
 def retention(w, rho: float) -> float:
     """wᵀΓ(ρ)w: the share of one checkpoint's valley variance an affine merge keeps (G_K for an SMA)."""
     w = np.asarray(w, dtype=float)
-    idx = np.arange(w.size)
-    gamma = float(rho) ** np.abs(idx[:, None] - idx[None, :]).astype(float)
-    return float(w @ gamma @ w)
+    return float(w @ _weights.correlation_matrix(rho, w.size) @ w)
 
 
 def _features(w, rho: float) -> np.ndarray:
