@@ -28,7 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +61,6 @@ class StudyConfig:
     force: bool = False
     progress: bool = True
     engine_check: bool = True
-    notes: list[str] = field(default_factory=list)
 
 
 class StudyError(ValueError):
@@ -111,18 +110,19 @@ def _data_dir(run: Path, meta: dict) -> Path:
     raise StudyError(f"{run}: no held-out data (expected {run / 'data'}/val.jsonl and test.jsonl)")
 
 
-def _methods(n: int, cfg: StudyConfig, G: np.ndarray) -> tuple[list[tuple[str, str, np.ndarray]], int, list]:
-    """(group, name, weights) of every merge the study measures, plus K and the d grid of Extra-Merge."""
+def _methods(n: int, cfg: StudyConfig, G: np.ndarray) -> tuple[list[tuple], int, list]:
+    """(group, name, weights, α or None) of every merge the study measures, plus K and the d grid of
+    Extra-Merge."""
     last = np.eye(n)[-1]
-    out = [("last", "last", last)]
+    out = [("last", "last", last, None)]
     for K in cfg.windows:
         if 2 <= K <= n:
-            out.append(("sma", f"SMA K={K}", W.sma(n, K)))
+            out.append(("sma", f"SMA K={K}", W.sma(n, K), None))
     for b in cfg.ema_decays:
-        out.append(("ema", f"EMA β={b:g}", W.ema(n, b)))
+        out.append(("ema", f"EMA β={b:g}", W.ema(n, b), None))
     for K in cfg.windows:
         if 2 <= K <= n:
-            out.append(("wma", f"WMA K={K}", W.wma(n, K)))
+            out.append(("wma", f"WMA K={K}", W.wma(n, K), None))
     K = cfg.extra_window or max(2, min(4, n // 2))
     if K + 1 > n:
         raise StudyError(f"--extra-window {K} needs at least {K + 1} checkpoints, the run has {n}")
@@ -134,11 +134,11 @@ def _methods(n: int, cfg: StudyConfig, G: np.ndarray) -> tuple[list[tuple[str, s
         raise StudyError("--alphas: the α grid is empty")
     for d in offsets:
         for a in cfg.alphas:
-            out.append((f"extra d={d}", f"Extra K={K} d={d} α={a:g}", W.extra(n, K, d, a)))
-    out.append(("trend", f"trend K={n}", W.trend(n, n)))
-    out.append(("trend", f"trend K={n} ahead=1", W.trend(n, n, ahead=1.0)))
-    out.append(("pc1", f"pc1 K={K}", A.pc1_trend_weights(G, K)))
-    out.append(("pc1", f"pc1 K={K} ahead=1", A.pc1_trend_weights(G, K, ahead=1.0)))
+            out.append((f"extra d={d}", f"Extra K={K} d={d} α={a:g}", W.extra(n, K, d, a), float(a)))
+    out.append(("trend", f"trend K={n}", W.trend(n, n), None))
+    out.append(("trend", f"trend K={n} ahead=1", W.trend(n, n, ahead=1.0), None))
+    out.append(("pc1", f"pc1 K={K}", A.pc1_trend_weights(G, K), None))
+    out.append(("pc1", f"pc1 K={K} ahead=1", A.pc1_trend_weights(G, K, ahead=1.0), None))
     return out, K, offsets
 
 
@@ -360,15 +360,13 @@ def _study(cfg, run, meta, ckpts, names, data_dir, tmp) -> dict:
 
     # 3. measurement (test split) of every method, with both predictions
     rows = []
-    for group, name, w in methods:
+    for group, name, w, a in methods:
         m = ev.measure(w, cfg.split, cloze=True)
         bar.update()
-        rows.append(_row(group, name, w, m, fits))
+        rows.append(_row(group, name, w, m, fits, alpha=a))
     base = rows[0]
     for r in rows:
-        r["delta_measured"] = r["loss"] - base["loss"]
-        if "cloze" in r:
-            r["cloze_delta"] = r["cloze"] - base["cloze"]
+        _with_delta(r, base)
     # Extra-Merge at the predicted α*, and the theory-optimal weight vector, for each fit
     alpha = {}
     for d in offsets:
@@ -388,10 +386,7 @@ def _study(cfg, run, meta, ckpts, names, data_dir, tmp) -> dict:
                 w = W.extra(n, K, d, a)
                 m = ev.measure(w, cfg.split, cloze=True)
                 row = _row(f"extra α* ({key})", f"Extra K={K} d={d} α*={a:.3g} (ρ from {key})", w, m, fits)
-                row["delta_measured"] = row["loss"] - base["loss"]
-                if "cloze" in row:
-                    row["cloze_delta"] = row["cloze"] - base["cloze"]
-                rows.append(row)
+                rows.append(_with_delta(row, base))
                 entry[key]["measured_delta_at_alpha_star"] = row["delta_measured"]
                 entry[key]["predicted_delta_at_alpha_star"] = row["predicted"][key]["delta"]
             bar.update()
@@ -401,10 +396,7 @@ def _study(cfg, run, meta, ckpts, names, data_dir, tmp) -> dict:
         if w_opt is not None:
             m = ev.measure(w_opt, cfg.split, cloze=True)
             row = _row("theory-optimal", f"theory-optimal w (ρ from {key})", w_opt, m, fits)
-            row["delta_measured"] = row["loss"] - base["loss"]
-            if "cloze" in row:
-                row["cloze_delta"] = row["cloze"] - base["cloze"]
-            rows.append(row)
+            rows.append(_with_delta(row, base))
     bar.close()
 
     # the streaming engine writes one merge to disk; its loss must equal the in-memory merge's
@@ -439,7 +431,7 @@ def _study(cfg, run, meta, ckpts, names, data_dir, tmp) -> dict:
         "engine_check": engine,
         "cloze": {"items": len(ev.cloze.get(cfg.split, [])), "candidates": cfg.candidates},
         "summary": _summary(rows, fits),
-        "notes": list(cfg.notes) + _fit_notes(fits, river),
+        "notes": _fit_notes(fits, river),
     }
     from experiments.lm import report_figures
 
@@ -465,13 +457,21 @@ def _fit_notes(fits, river) -> list[str]:
     return notes
 
 
-def _row(group, name, w, m, fits) -> dict:
+def _row(group, name, w, m, fits, alpha: float | None = None) -> dict:
     row = {"group": group, "name": name, "weights": [float(x) for x in w], "lag": W.lag(w), **m}
-    if group.startswith("extra d="):
-        row["alpha"] = float(name.rsplit("α=", 1)[1])  # names carry α with %g: exact for the grid values
+    if alpha is not None:
+        row["alpha"] = alpha
     row["predicted"] = {
         k: {"delta": E.predict_delta(w, f), "stderr": E.predict_stderr(w, f)} for k, f in fits.items()
     }
+    return row
+
+
+def _with_delta(row: dict, base: dict) -> dict:
+    """Measured loss (and cloze accuracy) relative to the last checkpoint's row."""
+    row["delta_measured"] = row["loss"] - base["loss"]
+    if "cloze" in row:
+        row["cloze_delta"] = row["cloze"] - base["cloze"]
     return row
 
 
