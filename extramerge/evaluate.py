@@ -26,6 +26,7 @@ For a byte-level tokenizer (one token per UTF-8 byte) tokens == bytes and bits_p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -63,7 +64,6 @@ __all__ = [
 ]
 
 PAD = -100  # marks padded positions in TokenBlocks.ids (also cross_entropy's ignore_index)
-_TEXT_SUFFIXES = (".txt", ".md", ".text")
 _WEIGHT_NAMES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -262,20 +262,11 @@ def _resolve_device(model, device):
 
 
 def _autocast(device):
-    import contextlib
-
     import torch
 
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def evaluate_loss(
@@ -310,10 +301,10 @@ def evaluate_loss(
         blocks = token_blocks(texts, tokenizer, seq_len)
     else:
         blocks = TokenBlocks(*blocks)
-        if seq_len is not None and seq_len != blocks.ids.shape[1] - 1:
-            raise ValueError(f"seq_len={seq_len} but the given blocks have seq_len {blocks.ids.shape[1] - 1}")
+        if seq_len is not None and seq_len != blocks.seq_len:
+            raise ValueError(f"seq_len={seq_len} but the given blocks have seq_len {blocks.seq_len}")
     ids = blocks.ids
-    L = int(ids.shape[1]) - 1
+    L = blocks.seq_len
     if limit is not None and L > limit:
         raise ValueError(f"seq_len {L} exceeds the model's maximum of {limit} positions")
     if batch_size < 1:
@@ -337,11 +328,10 @@ def evaluate_loss(
                     reduction="sum",
                 )
                 total += nll.to(acc_dtype)
-        nats = float(total.item())
-        _sync(device)
+        nats = float(total.item())  # .item() waits for the device
     finally:
         model.train(was_training)
-    n_tokens = int((ids[:, 1:] != PAD).sum())
+    n_tokens = blocks.n_tokens
     seconds = time.perf_counter() - t0
     return LossResult(
         loss=nats / n_tokens,
@@ -592,26 +582,23 @@ def _atomic_write(path: Path, text: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
 
 
-def _suppress():
-    import contextlib
-
-    return contextlib.suppress(OSError)
-
-
-def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval's rule: trailing whitespace of the context moves to the continuation (so BPE tokenizers
-    see ' word'); the whole string is encoded and split after the context's tokens."""
-    n = len(context) - len(context.rstrip())
-    if n:
-        context, continuation = context[:-n], context[-n:] + continuation
-    whole = tokenizer.encode(context + continuation)
-    ctx = tokenizer.encode(context)
-    return ctx, whole[len(ctx) :]
+def _encode_item(tokenizer, context: str, candidates: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) per candidate, by lm-eval's rule: trailing whitespace of the context
+    moves to the continuation (so BPE tokenizers see ' word'); the whole string (stripped context +
+    trailing whitespace + candidate) is encoded and split after the stripped context's tokens. The stripped
+    context is encoded once per item; its ids are shared by the pairs."""
+    stripped = context.rstrip()
+    ctx = tokenizer.encode(stripped)
+    pairs = []
+    for c in candidates:
+        whole = tokenizer.encode(stripped + context[len(stripped) :] + c)
+        pairs.append((ctx, whole[len(ctx) :]))
+    return pairs
 
 
 def cloze_accuracy(
@@ -656,7 +643,7 @@ def cloze_accuracy(
         share_context = device.type == "cpu"
 
     # (context ids, continuation ids) per candidate, items in order
-    pairs = [[_encode_pair(tokenizer, it.context, c) for c in it.candidates] for it in items]
+    pairs = [_encode_item(tokenizer, it.context, it.candidates) for it in items]
     for it, row in zip(items, pairs, strict=True):
         for c, (_, cont) in zip(it.candidates, row, strict=True):
             if not cont:
@@ -882,7 +869,7 @@ def evaluate_model(
         "perplexity": loss.perplexity,
         "tokens": loss.tokens,
         "bytes": loss.bytes,
-        "seq_len": seq_len or (blocks.ids.shape[1] - 1 if blocks is not None else max_positions(model)),
+        "seq_len": seq_len or (TokenBlocks(*blocks).seq_len if blocks is not None else max_positions(model)),
         "loss_seconds": loss.seconds,
         "tokens_per_s": loss.tokens_per_s,
         "load_seconds": load_s,

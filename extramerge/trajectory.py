@@ -184,9 +184,11 @@ def gram_pass(
     buffers are listed in ``skipped``. The tensors are cut into units of a few MiB per checkpoint, which
     each worker maps in, reduces to small Gram blocks and unmaps again, so memory does not grow with the
     model or the tensor size. ``workers`` ≥ 2 run as forked processes where that is safe (Linux, no other
-    thread; see engine.run_forked), else as threads; 0 runs inline. Each worker sums its units in a fixed
-    order, so the result does not depend on timing. ``background`` (a callable) runs in this process while
-    worker processes do the pass. Raises CheckpointError for NaN/Inf naming the tensor and file.
+    thread; see engine.run_forked), else as threads; 0 runs inline. Workers only compute each segment's Gram
+    block; this process adds the blocks up in unit order (segment order within a unit) on every path, so the
+    result is bit-for-bit the same whatever the timing or which worker computed what. ``background`` (a
+    callable) runs in this process while worker processes do the pass. Raises CheckpointError for NaN/Inf
+    naming the tensor and file.
     """
     from extramerge.checkpoints import check_compatible
     from extramerge.engine import _advise_spans, _ordered_map, _Scratch, _unit_arrays, _unit_bytes, plan_units
