@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments.lm import data as lmdata
-from experiments.lm.models import build_model, count_params, resolve_size
+from experiments.lm.models import build_model, preset_param_count, resolve_size
 from experiments.lm.train import TrainConfig, _available_cores, train
 from rivervalley._compute import flush_denormals
 
@@ -136,7 +136,7 @@ def bench(presets, steps_arg, repeats: int, batch: int, threads_list) -> dict:
             results[f"{size}/threads={threads}"] = {
                 "preset": size,
                 "threads": threads,
-                "params": count_params(build_model("gpt2", size)),
+                "params": preset_param_count("gpt2", size),
                 "batch": batch,
                 "seq_len": seq,
                 "tokens_per_step": batch * seq,

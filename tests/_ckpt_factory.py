@@ -14,6 +14,10 @@ Public, stable helpers:
     load_state(path) -> dict[str, Tensor]       (independent reader: safetensors.torch / torch.load only)
     reference_merge(paths, weights) -> dict     (Σ w_j θ_j in float64, integer tensors from the newest)
     tiny_config(arch) / tiny_model(arch, seed)  (transformers GPT2 / Llama with 2 layers, width 32)
+    byte_gpt2(seed=0, n_positions=64, n_embd=32)  (2-layer GPT-2, byte vocabulary of 257, eval mode)
+    cycle_docs(n_docs, n_words=60)              (documents cycling through CYCLE_WORDS, a shift per document)
+    train_briefly(model, tok, texts, steps, seed=0) -> model   (a short AdamW loop, returned in eval mode)
+    save_model(model, tok, folder) -> folder    (save_pretrained of the model and the tokenizer)
 """
 
 from __future__ import annotations
@@ -186,6 +190,60 @@ def tiny_model(arch: str = "gpt2", seed: int = 0):
 
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+
+
+# ---------------------------------------------------------------------------- tiny byte-level language models
+
+CYCLE_WORDS = "black crown dream fight gloss happy jewel vapor".split()  # distinct first and last letters
+
+
+def byte_gpt2(seed: int = 0, n_positions: int = 64, n_embd: int = 32):
+    """A freshly initialised 2-layer GPT-2 over the byte vocabulary (257 tokens, bos = eos = EOS_ID), seeded,
+    in eval mode. transformers' default dropout stays on (unlike experiments.lm.models.build_config)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from experiments.lm.tokenizer import EOS_ID
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=2, n_embd=n_embd, n_head=2, vocab_size=257, n_positions=n_positions,
+                     bos_token_id=EOS_ID, eos_token_id=EOS_ID)  # fmt: skip
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def cycle_docs(n_docs: int, n_words: int = 60) -> list[str]:
+    """``n_docs`` documents of ``n_words`` CYCLE_WORDS in cyclic order, document k starting at word k."""
+    w = CYCLE_WORDS
+    return [" ".join(w[(k + i) % len(w)] for i in range(n_words)) + "." for k in range(n_docs)]
+
+
+def train_briefly(
+    model, tok, texts, steps: int, seed: int = 0, lr: float = 3e-3, batch: int = 16, block: int = 64
+):
+    """Train ``model`` in place for ``steps`` AdamW steps on random ``block``-token windows (drawn with a
+    generator seeded by ``seed``) of the texts' token stream; returns the model in eval mode. Dropout draws
+    from torch's global generator, so the result also depends on its state on entry."""
+    from extramerge import evaluate as E
+
+    stream = E.token_blocks(texts, tok, 1 << 16).ids[0]
+    stream = stream[stream != E.PAD]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(stream) - block, (batch,), generator=g)
+        x = torch.stack([stream[s : s + block] for s in starts])
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def save_model(model, tok, folder) -> Path:
+    """``model`` and ``tok`` saved with save_pretrained into ``folder`` (returned)."""
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return Path(folder)
 
 
 def _save_bin_shards(sd: dict, folder: Path, parts: int) -> None:

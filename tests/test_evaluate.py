@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("transformers")
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+from _ckpt_factory import byte_gpt2, cycle_docs, save_model, train_briefly  # noqa: E402
 
 from experiments.lm.tokenizer import EOS_ID, build_tokenizer  # noqa: E402
 from extramerge import evaluate as E  # noqa: E402
@@ -23,7 +24,6 @@ TEXTS = [
     "short",
     "<|endoftext|> is only text here, not a separator.",
 ]
-WORDS = "black crown dream fight gloss happy jewel vapor".split()  # distinct first and last letters
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -34,22 +34,9 @@ def tok():
     return build_tokenizer()
 
 
-def _tiny(seed=0, n_positions=64, n_embd=32):
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=2, n_embd=n_embd, n_head=2, vocab_size=257, n_positions=n_positions,
-                     bos_token_id=EOS_ID, eos_token_id=EOS_ID)  # fmt: skip
-    return GPT2LMHeadModel(cfg).eval()
-
-
 @pytest.fixture(scope="module")
 def model():
-    return _tiny()
-
-
-def _save(model, tok, folder):
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return byte_gpt2()
 
 
 def _stream(texts):
@@ -57,10 +44,6 @@ def _stream(texts):
     for t in texts:
         ids += list(t.encode("utf-8")) + [EOS_ID]
     return torch.tensor(ids)
-
-
-def _cycle_docs(n_docs, n_words=60):
-    return [" ".join(WORDS[(k + i) % len(WORDS)] for i in range(n_words)) + "." for k in range(n_docs)]
 
 
 # ------------------------------------------------------------------------------------------------ texts
@@ -119,7 +102,7 @@ def test_token_blocks_predict_every_token_once(tok):
 def test_loss_matches_manual_reference(model, tok):
     stream = _stream(TEXTS[:3])
     assert len(stream) <= 512
-    big = _tiny(n_positions=512)
+    big = byte_gpt2(n_positions=512)
     with torch.no_grad():  # one forward over the whole sequence
         ref = F.cross_entropy(big(stream[None, :-1]).logits[0], stream[1:], reduction="sum").item()
     r = E.evaluate_loss(big, tok, TEXTS[:3], batch_size=4)  # seq_len = n_positions: one block
@@ -158,8 +141,8 @@ def test_loss_deterministic_blocks_reuse_and_mode_restored(model, tok):
         a.loss, rel=1e-6
     )
     # another weight set in the SAME model object, same blocks: what a study does
-    other = _tiny(seed=5)
-    model2 = _tiny()
+    other = byte_gpt2(seed=5)
+    model2 = byte_gpt2()
     model2.load_state_dict(other.state_dict())
     assert E.evaluate_loss(model2, tok, None, blocks=blocks).nats == pytest.approx(
         E.evaluate_loss(other, tok, TEXTS, seq_len=24).nats, rel=1e-9
@@ -247,7 +230,7 @@ def _manual_scores(model, item):
 
 
 def test_cloze_accuracy_matches_hand_computed_ranking(tok):
-    model = _tiny(seed=1, n_positions=256)
+    model = byte_gpt2(seed=1, n_positions=256)
     items = E.build_cloze(_prose(), n_items=6, n_candidates=5, context_bytes=100, seed=1)
     res = E.cloze_accuracy(model, tok, items, batch_size=4)
     assert res.n == 6 and res.chance == pytest.approx(0.2)
@@ -301,7 +284,7 @@ def test_cloze_paths_agree_for_llama_and_cacheless_models(tok):
 
 
 def test_cloze_left_truncation_like_lm_eval(tok):
-    model = _tiny(seed=2, n_positions=256)
+    model = byte_gpt2(seed=2, n_positions=256)
     items = E.build_cloze(_prose(), n_items=3, n_candidates=4, context_bytes=100, seed=2)
     res = E.cloze_accuracy(model, tok, items, max_length=40)  # every sequence is cut on the left
     for it, scores in zip(items, res.scores, strict=True):
@@ -315,7 +298,7 @@ def test_cloze_left_truncation_like_lm_eval(tok):
 
 
 def test_cloze_ties_go_to_the_first_candidate(tok):
-    model = _tiny()
+    model = byte_gpt2()
     torch.nn.init.zeros_(model.lm_head.weight)  # tied to wte: every token equally likely
     item = E.ClozeItem("the same context ", "gamma", ("alpha", "gamma", "delta"))
     res = E.cloze_accuracy(model, tok, [item])
@@ -323,23 +306,12 @@ def test_cloze_ties_go_to_the_first_candidate(tok):
 
 
 def test_training_lowers_loss_and_beats_chance(tok):
-    docs = _cycle_docs(10)
+    docs = cycle_docs(10)
     train, held = docs[:6], docs[6:]
     items = E.build_cloze(held, n_items=12, n_candidates=4, context_bytes=40, seed=0)
-    model = _tiny()
+    model = byte_gpt2()
     before = E.evaluate_loss(model, tok, held)
-    stream = E.token_blocks(train, tok, 1 << 16).ids[0]
-    stream = stream[stream != E.PAD]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(80):
-        starts = torch.randint(0, len(stream) - 64, (16,), generator=g)
-        x = torch.stack([stream[s : s + 64] for s in starts])
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_briefly(model, tok, train, steps=80)
     after = E.evaluate_loss(model, tok, held)
     cloze = E.cloze_accuracy(model, tok, items)
     assert after.loss < 0.5 * before.loss
@@ -350,7 +322,7 @@ def test_training_lowers_loss_and_beats_chance(tok):
 
 
 def test_evaluate_model_from_folder_and_bad_folders(tmp_path, tok):
-    folder = _save(_tiny(), tok, tmp_path / "m")
+    folder = save_model(byte_gpt2(), tok, tmp_path / "m")
     data = tmp_path / "val.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in _prose(n_docs=3, n_words=300)))
     r = E.evaluate_model(folder, data, cloze_items=10, seq_len=32)
@@ -366,7 +338,7 @@ def test_evaluate_model_from_folder_and_bad_folders(tmp_path, tok):
     noweights = tmp_path / "noweights"
     noweights.mkdir()
     (noweights / "config.json").write_text("{}")
-    notok = _save(_tiny(), tok, tmp_path / "notok")
+    notok = save_model(byte_gpt2(), tok, tmp_path / "notok")
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (notok / f).unlink()
     for path, pattern in [
@@ -388,7 +360,7 @@ def test_evaluate_model_from_folder_and_bad_folders(tmp_path, tok):
 def run_folder(tmp_path_factory, tok):
     root = tmp_path_factory.mktemp("evalrun")
     for k, step in enumerate((100, 200)):
-        _save(_tiny(seed=k), tok, root / "run" / f"step_{step:06d}")
+        save_model(byte_gpt2(seed=k), tok, root / "run" / f"step_{step:06d}")
     data = root / "val.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in _prose(n_docs=4, n_words=300)))
     return root

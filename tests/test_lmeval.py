@@ -5,23 +5,16 @@ import math
 import sys
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-from experiments.lm.tokenizer import EOS_ID, build_tokenizer  # noqa: E402
+from _ckpt_factory import byte_gpt2, cycle_docs, save_model, train_briefly  # noqa: E402
+
+from experiments.lm.tokenizer import build_tokenizer  # noqa: E402
 from extramerge import evaluate as E  # noqa: E402
 from extramerge import lmeval as L  # noqa: E402
 
-WORDS = "black crown dream fight gloss happy jewel vapor".split()
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _docs(n_docs, n_words=60):
-    return [" ".join(WORDS[(k + i) % len(WORDS)] for i in range(n_words)) + "." for k in range(n_docs)]
 
 
 def test_write_task_files(tmp_path):
@@ -63,28 +56,11 @@ def test_run_lm_eval_agrees_with_cloze_accuracy(tmp_path):
     pytest.importorskip("lm_eval")
     pytest.importorskip("accelerate")
     tok = build_tokenizer()
-    docs = _docs(10)
+    docs = cycle_docs(10)
     train, held = docs[:6], docs[6:]
     # a model trained a little on the cycle text, so that the accuracy is neither 0 nor 1 by construction
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=257, n_positions=128,
-                     bos_token_id=EOS_ID, eos_token_id=EOS_ID)  # fmt: skip
-    model = GPT2LMHeadModel(cfg)
-    stream = E.token_blocks(train, tok, 1 << 16).ids[0]
-    stream = stream[stream != E.PAD]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(50):
-        starts = torch.randint(0, len(stream) - 64, (16,), generator=g)
-        x = torch.stack([stream[s : s + 64] for s in starts])
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    folder = tmp_path / "model"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    model = train_briefly(byte_gpt2(seed=0, n_positions=128), tok, train, steps=50)
+    folder = save_model(model, tok, tmp_path / "model")
 
     items = E.build_cloze(held, n_items=12, n_candidates=4, context_bytes=40, seed=0)
     ours = E.cloze_accuracy(model, tok, items)
