@@ -825,11 +825,7 @@ def _is_merge_output(p: Path) -> bool:
     return _record_path(p).is_file()
 
 
-def _checkpoint_children(folder: Path) -> list[tuple[Path, int | None]]:
-    """The checkpoints inside ``folder`` as ``(path, step)``, oldest first by the step in their names,
-    without opening them (hidden entries and our own merge outputs are skipped). Raises CheckpointError
-    when the folder holds none, or several that cannot be ordered (a name without a step, a repeated step).
-    """
+def _expand_folder(folder: Path) -> list[Checkpoint]:
     children = [
         c
         for c in sorted(folder.iterdir())
@@ -854,11 +850,7 @@ def _checkpoint_children(folder: Path) -> list[tuple[Path, int | None]]:
                 f"{folder}: '{children[i].name}' and '{children[j].name}' both carry step {steps[i]}; "
                 "list the checkpoints explicitly, oldest first"
             )
-    return [(children[i], steps[i]) for i in order]
-
-
-def _expand_folder(folder: Path) -> list[Checkpoint]:
-    return [open_checkpoint(child, step=step) for child, step in _checkpoint_children(folder)]
+    return [open_checkpoint(children[i], step=steps[i]) for i in order]
 
 
 _HUB_REF = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")

@@ -233,9 +233,10 @@ def _positive(text: str) -> int:
 
 def _model_folders(paths: list[str]) -> list[tuple[str, object, int | None]]:
     """(display name, folder, step) per model: a model folder as given, a run folder expanded to its step
-    folders (oldest first, as `load_checkpoints` orders them, but listed by name without opening any).
-    Every folder is checked before any work."""
-    from .checkpoints import _checkpoint_children, _is_checkpoint, parse_step
+    folders (oldest first, as `load_checkpoints` orders them). Every folder is checked before any work."""
+    from pathlib import Path
+
+    from .checkpoints import load_checkpoints, parse_step
     from .evaluate import check_model_folder
 
     out = []
@@ -243,8 +244,11 @@ def _model_folders(paths: list[str]) -> list[tuple[str, object, int | None]]:
         path = Path(p)
         if not path.exists():
             raise ValueError(f"{p}: no such file or folder")
-        if path.is_dir() and not (path / "config.json").is_file() and not _is_checkpoint(path):
-            out.extend((f"{path.name}/{c.name}", c, step) for c, step in _checkpoint_children(path))
+        if path.is_dir() and not (path / "config.json").is_file():
+            ckpts = load_checkpoints([path])
+            for c in ckpts:
+                c.close()
+            out.extend((f"{path.name}/{c.path.name}", c.path, c.step) for c in ckpts)
         else:
             out.append((str(p), path, parse_step(path.name)))
     for _, folder, _ in out:
