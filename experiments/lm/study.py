@@ -150,15 +150,13 @@ class _Evaluator:
 
     def __init__(self, ckpts, names, cfg: StudyConfig):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from extramerge.evaluate import load_model
 
         self.torch = torch
         if cfg.threads and not str(cfg.device).startswith("cuda"):
             torch.set_num_threads(cfg.threads)  # small models: more threads only contend
-        last = Path(ckpts[-1].path)
-        self.tokenizer = AutoTokenizer.from_pretrained(last, local_files_only=True)
-        self.model = AutoModelForCausalLM.from_pretrained(last, local_files_only=True, dtype=torch.float32)
-        self.model.to(cfg.device).eval()
+        self.model, self.tokenizer = load_model(ckpts[-1].path, device=cfg.device, dtype=torch.float32)
         self.device = cfg.device
         self.cfg = cfg
         self.stacks: dict = {}
@@ -498,7 +496,6 @@ def _engine_check(ckpts, rows, ev, cfg, tmp) -> dict:
     """Write the best measured Extra-Merge with extramerge's streaming engine (``extramerge.merge``, method
     custom) and re-evaluate it from disk: the in-memory merges of the study are the engine's merges."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from extramerge import evaluate as evm
     from extramerge.api import merge
@@ -507,8 +504,7 @@ def _engine_check(ckpts, rows, ev, cfg, tmp) -> dict:
     best = min(extra, key=lambda r: r["loss"])
     folder = tmp / "engine_merge"
     merge(ckpts, method="custom", weights=best["weights"], output=folder, progress=False)
-    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
-    model.to(cfg.device).eval()
+    model, _ = evm.load_model(folder, device=cfg.device, dtype=torch.float32)
     r = evm.evaluate_loss(
         model,
         ev.tokenizer,
