@@ -37,9 +37,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "benchmarks"
 
-MODELS = {  # name: (n_layer, n_embd, n_head, seq_len, loss tokens, cloze items)
-    "tiny": (4, 128, 4, 128, 1 << 17, 64),
-    "small": (6, 384, 6, 256, 1 << 16, 32),
+MODELS = {  # preset of experiments.lm.models (the shapes): (loss tokens, cloze items)
+    "tiny": (1 << 17, 64),
+    "small": (1 << 16, 32),
 }
 
 
@@ -91,6 +91,7 @@ def run(args) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
+    from experiments.lm.models import resolve_size
     from experiments.lm.tokenizer import EOS_ID, build_tokenizer
     from extramerge import evaluate as E
 
@@ -115,10 +116,13 @@ def run(args) -> dict:
         "models": {},
     }
     for name in args.models:
-        n_layer, n_embd, n_head, seq_len, n_tokens, n_items = MODELS[name]
+        n_tokens, n_items = MODELS[name]
         if args.quick:
             n_tokens, n_items = n_tokens // 8, max(8, n_items // 4)
+        shape = resolve_size(name)  # the trainer's preset shapes
+        n_layer, n_embd, n_head, seq_len = shape.n_layer, shape.d_model, shape.n_head, shape.seq_len
         torch.manual_seed(0)
+        # GPT2Config built here (transformers' defaults, as in the measurements so far), not build_config
         cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=seq_len, vocab_size=257,
                          bos_token_id=EOS_ID, eos_token_id=EOS_ID)  # fmt: skip
         model = GPT2LMHeadModel(cfg).to(device).eval()
