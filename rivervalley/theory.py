@@ -37,6 +37,7 @@ __all__ = [
     "rank1_fraction",
     "curved_expected_loss",
     "curved_optimal_alpha",
+    "curved_weights_delta_loss",
     "decay_gain",
     "average_gain",
     "decay_average_advance",
@@ -407,6 +408,18 @@ def _decorrelation_matrices(rho, n: int) -> np.ndarray:
     return np.where(near_one, stable, 1.0 - rho**lags)
 
 
+def _affine_weights(weights) -> np.ndarray:
+    """Weight vectors [..., N] (N >= 1), each summing to 1 (an affine merge), as a float array."""
+    w = _real("weights", weights)
+    if w.ndim == 0 or w.shape[-1] == 0:
+        raise ValueError(f"weights must have shape (..., N) with N >= 1, got shape {w.shape}")
+    total = w.sum(axis=-1)
+    bad = np.abs(total - 1.0) > 1e-8 * np.maximum(1.0, np.abs(w).sum(axis=-1))
+    if bad.any():
+        raise ValueError(f"weights must sum to 1 (an affine merge), got sum {_fmt(total[bad].flat[0])}")
+    return w
+
+
 def weights_delta_loss(weights, *, slope, lr, interval, curvatures, noise=1.0):
     """Linear-river loss of any affine merge Σ_j w_j θ^(j), relative to the newest checkpoint (§d').
 
@@ -415,13 +428,7 @@ def weights_delta_loss(weights, *, slope, lr, interval, curvatures, noise=1.0):
     must sum to 1. ``slope``, ``lr`` and ``interval`` are scalars here; ``noise`` is a scalar or one σ_i per
     curvature (a valley whose directions see different gradient noise).
     """
-    w = _real("weights", weights)
-    if w.ndim == 0 or w.shape[-1] == 0:
-        raise ValueError(f"weights must have shape (..., N) with N >= 1, got shape {w.shape}")
-    total = w.sum(axis=-1)
-    bad = np.abs(total - 1.0) > 1e-8 * np.maximum(1.0, np.abs(w).sum(axis=-1))
-    if bad.any():
-        raise ValueError(f"weights must sum to 1 (an affine merge), got sum {_fmt(total[bad].flat[0])}")
+    w = _affine_weights(weights)
     push, rho, omega = _weights_setup(slope, lr, interval, curvatures, noise)
     n = w.shape[-1]
     lag = n - w @ np.arange(1, n + 1, dtype=float)
@@ -575,6 +582,39 @@ def curved_optimal_alpha(
     with np.errstate(divide="ignore", invalid="ignore"):
         alpha = (mu * m_now * dm - 2 * w_hat) / denominator
     return _out(np.where(denominator > 0, alpha, np.nan))
+
+
+def curved_weights_delta_loss(
+    weights, *, river_curvature, lr, interval, curvatures, e0, start=0, noise=1.0, river_noise=0.0
+):
+    """Curved river: E L(Σ_j w_j θ^(j)) − E L(θ^(N)) for any affine w over checkpoints j = 1..N (§d, §d').
+
+    Checkpoint j is θ at step (start + j − 1)·s, from u_0 = u* + e0 plus stationary river noise, with
+    stationary valleys. E[u^(j)] − u* = e0 r^{start+j−1} (r = (1−ημ)^s), Cov = V_u Γ(r), valley Cov_i =
+    V_i Γ(ρ_i), so with m(w) = e0 Σ_j w_j r^{start+j−1}:
+
+        ΔL(w) = (μ/2)(m(w)² − m(e_N)²) − (μ/2) V_u (1 − wᵀΓ(r)w) − Σ_i ω_i (1 − wᵀΓ_i w)
+
+    For Extra-Merge weights this equals :func:`curved_expected_loss` minus the newest checkpoint's loss.
+    The river slope only fixes u* and does not enter. ``weights``: [N] or a batch [..., N], each summing to 1.
+    """
+    w = _affine_weights(weights)
+    mu = _scalar("river_curvature", _positive("river_curvature", river_curvature))
+    e0 = _scalar("e0", _real("e0", e0))
+    start = int(_scalar("start", _integer("start", start, 0)))
+    river_noise = _scalar("river_noise", _nonnegative("river_noise", river_noise))
+    _, rho, omega = _weights_setup(0.0, lr, interval, curvatures, noise)
+    lr, interval = float(lr), int(interval)
+    _step_product("lr*river_curvature", np.asarray(lr * mu), allow_zero=False)
+    n = w.shape[-1]
+    r = (1.0 - lr * mu) ** interval
+    path = e0 * r ** np.arange(start, start + n, dtype=float)  # E[u^(j)] − u*
+    river_var = lr * river_noise**2 / (mu * (2.0 - lr * mu))
+    gammas = _decorrelation_matrices(np.append(rho, r), n)  # 11ᵀ − Γ, accurate as ρ → 1
+    deficit = np.einsum("...j,ijl,...l->...i", w, gammas, w)
+    scale = np.append(omega, mu / 2 * river_var)
+    mean_term = mu / 2 * ((w @ path) ** 2 - path[-1] ** 2)
+    return _out(mean_term - np.sum(scale * deficit, axis=-1))
 
 
 # ---------------------------------------------------------------------------------------------------------
