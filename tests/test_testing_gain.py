@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from rivervalley import theory
 from rivervalley import weights as W
-from rivervalley.testing import RiverValley, check_expected_gain, check_extrapolation_limits
+from rivervalley.testing import BendingRiver, RiverValley, check_expected_gain, check_extrapolation_limits
 from rivervalley.testing.strategies import merges, river_valleys
 
 SIM = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -128,3 +128,51 @@ def test_limits_fail_when_theory_is_misstated():
 def test_family_must_be_affine_in_alpha():
     with pytest.raises(ValueError, match="affine in α"):
         check_extrapolation_limits(lambda a: W.extra(8, 2, 2, a * a), CURVED)
+
+
+# ----------------------------------------------------------------------------------- bending rivers
+
+
+@pytest.mark.parametrize(
+    "river",
+    [
+        BendingRiver(),
+        BendingRiver(amplitude=2.0, length=1.0, start=1.0, lr=0.005),
+        BendingRiver(shape="hyperbola", valley_curvature=2.0, lr=0.02, interval=5, start=-2.0),
+    ],
+    ids=["sine", "tight-sine", "hyperbola"],
+)
+def test_limits_on_bending_rivers_match_the_estimate(river):
+    result = check_extrapolation_limits(lambda a: W.extra(12, 4, 4, a), river, seeds=2000)
+    assert result.best_alpha == pytest.approx(result.best_alpha_predicted, rel=0.02)
+    assert result.break_even_alpha == pytest.approx(result.break_even_alpha_predicted, rel=0.02)
+    assert result.break_even_alpha > result.best_alpha > 0
+    assert "estimate (noise-free path" in result.theory
+
+
+def test_straight_floor_has_no_bending_limit_but_noise():
+    """amplitude 0: a straight floor, so only the valley noise (the §d' quadratic) limits extrapolation."""
+    flat = BendingRiver(amplitude=0.0, noise=2.0, lr=0.05, interval=2)
+    result = check_extrapolation_limits(lambda a: W.extra(10, 3, 3, a), flat, seeds=2000)
+    exact = RiverValley(slope=1.0, lr=0.05, interval=2, curvatures=(10.0,), noise=2.0)
+    closed = check_extrapolation_limits(lambda a: W.extra(10, 3, 3, a), exact, seeds=2000)
+    assert result.best_alpha_predicted == pytest.approx(closed.best_alpha_predicted, rel=0.02)
+
+
+def test_chosen_alpha_must_still_gain():
+    family = lambda a: W.extra(12, 4, 4, a)  # noqa: E731
+    check_extrapolation_limits(family, CURVED, alpha=2.0)
+    with pytest.raises(AssertionError, match=r"extrapolating by α = 7 .* does not gain"):
+        check_extrapolation_limits(family, CURVED, alpha=7.0)
+    with pytest.raises(AssertionError, match=r"extrapolating by α = 3 .* does not gain"):
+        check_extrapolation_limits(family, BendingRiver(), alpha=3.0, seeds=1000)
+    check_extrapolation_limits(family, BendingRiver(), alpha=1.5, seeds=1000)
+
+
+def test_unstable_bending_river_is_a_clear_error():
+    with pytest.raises(ValueError, match="unstable by checkpoint 12"):
+        check_extrapolation_limits(
+            lambda a: W.extra(12, 4, 4, a), BendingRiver(shape="hyperbola", valley_curvature=5.0), seeds=100
+        )
+    with pytest.raises(ValueError, match="shape must be one of"):
+        BendingRiver(shape="spiral")

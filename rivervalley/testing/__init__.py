@@ -13,7 +13,9 @@ input, by how much):
 - :func:`check_extrapolation_limits` ``(family, params) -> LimitCheck``: how far past the newest
   checkpoint an extrapolating family w(α) keeps gaining, measured next to theory.
 
-:class:`RiverValley` holds the parameters a check simulates. Hypothesis strategies live in
+:class:`RiverValley` (linear or curved river, closed forms) and :class:`BendingRiver` (a floor that
+bends, SineRiver or HyperbolaRiver, with an estimate) hold the parameters a check simulates. Hypothesis
+strategies live in
 :mod:`rivervalley.testing.strategies` (needs ``hypothesis``, the ``testing`` extra); the pytest plugin
 :mod:`rivervalley.testing.plugin` (registered through the ``pytest11`` entry point) gives a ``rivervalley``
 fixture with seeded checks.
@@ -22,7 +24,9 @@ fixture with seeded checks.
 from __future__ import annotations
 
 from .affine import check_affine_merge, check_exact_on_lines, default_rtol
-from .gain import GainCheck, LimitCheck, check_expected_gain, check_extrapolation_limits
+from .bending import BendingRiver
+from .gain import GainCheck, check_expected_gain
+from .limits import LimitCheck, check_extrapolation_limits
 from .params import RiverValley
 
 __all__ = [
@@ -34,4 +38,5 @@ __all__ = [
     "GainCheck",
     "LimitCheck",
     "RiverValley",
+    "BendingRiver",
 ]

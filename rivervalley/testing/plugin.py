@@ -48,7 +48,7 @@ class Kit:
 
         if name in self._CHECKS:
             return functools.partial(getattr(testing, name), seed=self.seed)
-        if name in ("RiverValley", "GainCheck", "LimitCheck", "default_rtol"):
+        if name in ("RiverValley", "BendingRiver", "GainCheck", "LimitCheck", "default_rtol"):
             return getattr(testing, name)
         if name == "weights":
             return weights
