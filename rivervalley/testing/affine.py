@@ -142,7 +142,7 @@ def _mismatch_hints(w: np.ndarray, expected: np.ndarray, tol: float) -> list[str
             hints.append(
                 f"its weights are the expected ones moved one checkpoint {where}: an off-by-one window?"
             )
-    lag_w, lag_e = float(n - w @ np.arange(1, n + 1)), float(n - expected @ np.arange(1, n + 1))
+    lag_w, lag_e = (round(float(n - v @ np.arange(1, n + 1)), 9) + 0.0 for v in (w, expected))
     if abs(lag_w - lag_e) > tol:
         hints.append(f"it trails the newest checkpoint by {lag_w:.4g} checkpoints, expected {lag_e:.4g}")
     return hints
