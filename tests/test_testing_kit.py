@@ -4,6 +4,8 @@ fixture registered through the pytest11 entry point)."""
 from __future__ import annotations
 
 import importlib.metadata
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -141,3 +143,23 @@ def test_fixture_in_a_user_test_suite(pytester):
     result.stdout.fnmatch_lines(["*off-by-one window?*"])
     seeded = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q", "--rivervalley-seed", "5")
     seeded.assert_outcomes(failed=2)  # a different base seed: test_seeded_and_checks sees its new seed
+
+
+def test_kit_needs_no_hypothesis_and_its_plugin_no_torch():
+    """hypothesis stays an optional extra, and pytest's start-up import of the plugin stays cheap."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["hypothesis"] = None  # as if it were not installed
+        import rivervalley.testing.plugin
+        assert "torch" not in sys.modules, "the plugin imported torch"
+        from rivervalley.testing import check_affine_merge
+        check_affine_merge(lambda x: x[-2:].mean(0), 4, expected=[0, 0, 0.5, 0.5])
+        try:
+            import rivervalley.testing.strategies
+        except ImportError as exc:
+            print(exc)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "rivervalley.testing.strategies needs hypothesis: pip install" in out

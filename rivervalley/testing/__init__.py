@@ -23,20 +23,31 @@ fixture with seeded checks.
 
 from __future__ import annotations
 
-from .affine import check_affine_merge, check_exact_on_lines, default_rtol
-from .bending import BendingRiver
-from .gain import GainCheck, check_expected_gain
-from .limits import LimitCheck, check_extrapolation_limits
-from .params import RiverValley
+import importlib
 
-__all__ = [
-    "check_affine_merge",
-    "check_exact_on_lines",
-    "check_expected_gain",
-    "check_extrapolation_limits",
-    "default_rtol",
-    "GainCheck",
-    "LimitCheck",
-    "RiverValley",
-    "BendingRiver",
-]
+# Names load on first use (PEP 562), so that importing the pytest plugin, which pytest does at every start
+# once the package is installed, costs no torch import.
+_WHERE = {
+    "check_affine_merge": "affine",
+    "check_exact_on_lines": "affine",
+    "default_rtol": "affine",
+    "check_expected_gain": "gain",
+    "GainCheck": "gain",
+    "check_extrapolation_limits": "limits",
+    "LimitCheck": "limits",
+    "RiverValley": "params",
+    "BendingRiver": "bending",
+}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -59,13 +59,19 @@ def river_valleys(
     negative_rho: bool = True,
     noise: bool = True,
 ):
-    """A stable :class:`RiverValley`: η ∈ [0.05, 1], 1–``max_directions`` valley curvatures with ηλ ∈
-    [0.02, 1.95] (ηλ > 1 with an odd interval s gives ρ < 0; ``negative_rho=False`` keeps ηλ ≤ 0.98),
+    """A stable :class:`RiverValley`: η ∈ [0.05, 1], 1–``max_directions`` valley curvatures, any or a power
+    law λ_1·i^(−a), with ηλ ∈ [0.02, 1.95] (ηλ > 1 with an odd interval s gives ρ < 0;
+    ``negative_rho=False`` keeps ηλ ≤ 0.98),
     s ∈ 1..8, slope c ∈ [0, 2], σ ∈ [0.1, 2] (0 with ``noise=False``). ``curved``: True for a curved river
     (ημ ∈ [0.002, 0.3], start e0 ∈ [−20, −0.5] behind the optimum, σ_u ∈ [0, 1]), None for either."""
     lr = draw(_floats(0.05, 1.0))
     top = 1.95 if negative_rho else 0.98
-    products = draw(st.lists(_floats(0.02, top), min_size=1, max_size=max_directions))
+    if draw(st.booleans()):  # any spectrum
+        products = draw(st.lists(_floats(0.02, top), min_size=1, max_size=max_directions))
+    else:  # a power law λ_i = λ_1 i^(−a), the shape of real Hessian spectra
+        count, exponent = draw(st.integers(1, max_directions)), draw(_floats(0.0, 2.0))
+        first = draw(_floats(0.02, top))
+        products = [max(first * i**-exponent, 0.02) for i in range(1, count + 1)]
     kw = dict(
         slope=draw(_floats(0.0, 2.0)),
         lr=lr,
