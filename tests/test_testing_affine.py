@@ -155,3 +155,15 @@ def test_lines_catch_a_lagging_merge_and_one_that_leaves_the_line():
         check_exact_on_lines(applies(W.sma(8, 4)), 8, at=8)
     with pytest.raises(AssertionError, match="leaves the line"):
         check_exact_on_lines(lambda x: x[-1] * np.abs(x[-1]).mean() / np.abs(x[-2]).mean(), 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_low_precision_merges_pass_yet_a_wrong_alpha_is_still_caught(dtype):
+    w = W.extra(8, 4, 2, 0.5)
+    for seed in range(5):
+        check_affine_merge(applies(w), 8, expected=w, backend="torch", dtype=dtype, seed=seed)
+        check_exact_on_lines(applies(w), 8, at=7.5, backend="torch", dtype=dtype, seed=seed)
+    with pytest.raises(AssertionError, match="differ from the expected"):
+        check_affine_merge(applies(W.extra(8, 4, 2, 0.6)), 8, expected=w, backend="torch", dtype=dtype)
+    with pytest.raises(ValueError, match="numpy dtype"):
+        check_affine_merge(applies(w), 8, dtype="bfloat16")
