@@ -115,17 +115,18 @@ class BendingRiver:
     def estimate(self, ws: np.ndarray) -> tuple[np.ndarray, float]:
         """ΔL_est for each weight vector of ``ws`` [G, n] (module docstring); also the newest checkpoint's
         river coordinate on the noise-free path."""
+        from rivervalley import theory
         from rivervalley import weights as W
 
         land, ck = self.landscape(), self._noise_free(ws.shape[1])
         merged = W.apply(ws, ck)
         river = (land.loss(merged) - land.loss(ck[-1][None])).double().numpy()
         lam = self.local_curvature(ck[-1])
-        rho = (1.0 - self.lr * lam) ** self.interval
-        omega = self.lr * self.noise**2 / (2.0 * (2.0 - self.lr * lam))
-        gamma = W.correlation_matrix(rho, ws.shape[1])
-        kept = np.einsum("gj,jl,gl->g", ws, gamma, ws)
-        return river - omega * (1.0 - kept), float(land.river_coordinate(ck[-1]))
+        # the §d' valley term −ω(1 − wᵀΓ(ρ)w): the closed form with no river slope
+        noise = theory.weights_delta_loss(
+            ws, slope=0.0, lr=self.lr, interval=self.interval, curvatures=[lam], noise=self.noise
+        )
+        return river + noise, float(land.river_coordinate(ck[-1]))
 
     def measure(self, ws: np.ndarray, *, seeds: int, seed: int) -> np.ndarray:
         """Per-seed ΔL of each weight vector of ``ws`` [G, n]: [seeds, G]."""
