@@ -115,8 +115,9 @@ def _delta_se(coef: np.ndarray, cov: np.ndarray, pick: Callable[[np.ndarray], fl
     return float(math.sqrt(max(grad @ cov @ grad, 0.0)))
 
 
-def _closed_form(ws, params, seeds, seed, start):
-    """Measured and predicted places, each (best, low, even) with s.e. (best, low, even)."""
+def _closed_form(ws, params, seeds, seed, start, alpha):
+    """Measured and predicted places, each (best, low, even), the s.e. of the measured ones, and the
+    per-seed ΔL of w(alpha) (None without alpha)."""
     sim = params.simulate(ws.shape[1], seeds=seeds, seed=seed, start=start)
     per_seed = _quadratic(np.stack([merged_losses(w, sim, "numpy") for w in ws], axis=1))  # [S, 3]
     coef, cov = per_seed.mean(0), np.cov(per_seed, rowvar=False) / per_seed.shape[0]
@@ -127,7 +128,8 @@ def _closed_form(ws, params, seeds, seed, start):
         None if measured[2] is None else _delta_se(coef, cov, lambda c: _places(c)[2] or math.nan),
     )
     theory = _places(_quadratic(np.array([float(params.delta_loss(w, start=start)) for w in ws])))
-    return measured, se, theory
+    at = None if alpha is None else merged_losses(ws[0] + alpha * (ws[1] - ws[0]), sim, "numpy")
+    return measured, se, theory, at
 
 
 # ------------------------------------------------------------------------------------------ grid (bending)
@@ -186,12 +188,6 @@ def _bending(ws, params: BendingRiver, seeds, seed, alpha):
     return measured, se, theory, label, at
 
 
-def _gain_at(ws, params, alpha, seeds, seed, start):
-    """Per-seed ΔL of w(alpha) on the river valley (the same simulation as the limits)."""
-    sim = params.simulate(ws.shape[1], seeds=seeds, seed=seed, start=start)
-    return merged_losses(ws[0] + alpha * (ws[1] - ws[0]), sim, "numpy")
-
-
 def check_extrapolation_limits(
     family: Callable[[float], np.ndarray],
     params,
@@ -209,7 +205,7 @@ def check_extrapolation_limits(
     ``family(α)``: the weight vector extrapolated by α, affine in α and summing to 1, e.g.
     ``lambda a: rivervalley.weights.extra(12, window=4, offset=4, alpha=a)``. ``params``: a
     :class:`RiverValley` (closed form; on a curved river with ``e0 < 0`` extrapolation overshoots the
-    optimum) or a :class:`BendingRiver` (estimate; ``seeds`` defaults lower there: a step-path simulation).
+    optimum) or a :class:`BendingRiver` (estimate; measured on a grid of 41 α with ``seeds`` runs each).
     ``alpha``: the α you intend to use; the check then also asserts that it still gains (measured ΔL(α)
     below 0 by more than ``z`` standard errors). ``start``: RiverValley only (checkpoint 1 at step start·s).
     Raises ``AssertionError`` when measurement and theory disagree, or when ``alpha`` does not gain.
@@ -229,8 +225,7 @@ def check_extrapolation_limits(
     else:
         params = as_river_valley(params)
         with single_thread():
-            measured, se, theory = _closed_form(ws, params, seeds, seed, start)
-            at = None if alpha is None else _gain_at(ws, params, alpha, seeds, seed, start)
+            measured, se, theory, at = _closed_form(ws, params, seeds, seed, start, alpha)
         label = "closed form (THEORY.md §d')"
         tolerance = lambda x, s: z * s if s > 0 else 1e-9 * max(1.0, abs(x))  # noqa: E731
 
