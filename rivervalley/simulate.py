@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import _native
-from ._compute import flush_denormals
+from ._compute import flush_denormals, require_memory
 from .landscapes import Landscape, QuadraticRiverValley, _EigenQuadratic
 from .optimizers import SGD
 from .schedules import Schedule, as_schedule
@@ -483,6 +483,8 @@ def simulate(
             device,
             dtype,
         )
+        if out is None and device.type == "cpu":
+            _check_memory(ckpt_shape, dtype)
         ckpt_tensor = torch.empty(ckpt_shape, dtype=dtype, device=device) if out is None else out
         with flush_denormals(), torch.no_grad():
             if exact:
@@ -524,6 +526,18 @@ def simulate(
         loss_curve=loss_curve,
         loss_steps=loss_steps,
         config=config,
+    )
+
+
+def _check_memory(ckpt_shape: tuple[int, int, int], dtype: torch.dtype) -> None:
+    """Refuse a run whose checkpoints (plus a few [S, p] working buffers) do not fit in available memory."""
+    s, n, p = ckpt_shape
+    item = torch.empty((), dtype=dtype).element_size()
+    need = item * s * p * (n + 8)  # checkpoints, θ, gradient, optimizer state, noise draws
+    require_memory(
+        need,
+        f"simulate with {s} seeds x {n} checkpoints x {p} parameters ({dtype}, checkpoints "
+        f"{item * s * n * p / 1e9:.3g} GB; fewer seeds or checkpoints need less)",
     )
 
 

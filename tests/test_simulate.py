@@ -367,3 +367,25 @@ def test_noise_source_is_independent_of_threads_and_prefetch():
     finally:
         for src in sources:
             src.close()
+
+
+def test_simulate_refuses_an_allocation_larger_than_available_memory(monkeypatch, capsys):
+    """The checkpoint buffer is estimated first: a run that cannot fit is refused with the number it needs,
+    before anything is allocated (here the memory available is pretended to be 1 MB)."""
+    from rivervalley import _compute, cli
+
+    monkeypatch.setattr(_compute, "available_memory", lambda: 10**6)
+    land = QuadraticRiverValley(slope=1.0, m=9)
+    with pytest.raises(ValueError, match=r"1000 seeds x 101 checkpoints x 10 parameters .* about 0\.00872 GB"):
+        simulate(land, lr=0.1, steps=100, seeds=1000, ckpt_every=1)
+    simulate(land, lr=0.1, steps=100, seeds=10, ckpt_every=10)  # 10 x 11 x 10 doubles fit
+    assert cli.main(["simulate", "--m", "9", "--seeds", "1000", "--steps", "100", "--ckpt-every", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rivervalley: error: simulate with 1000 seeds")
+
+
+def test_available_memory_reads_the_machine():
+    from rivervalley._compute import available_memory
+
+    have = available_memory()
+    assert have is None or have > 0
