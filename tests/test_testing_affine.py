@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rivervalley import weights as W
-from rivervalley.testing import check_affine_merge, check_exact_on_lines
-from rivervalley.testing.strategies import merges
+from rivervalley.testing import check_affine_merge, check_exact_on_lines, state_dict_merge
+from rivervalley.testing.strategies import checkpoint_sets, merges
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -167,3 +167,42 @@ def test_low_precision_merges_pass_yet_a_wrong_alpha_is_still_caught(dtype):
         check_affine_merge(applies(W.extra(8, 4, 2, 0.6)), 8, expected=w, backend="torch", dtype=dtype)
     with pytest.raises(ValueError, match="numpy dtype"):
         check_affine_merge(applies(w), 8, dtype="bfloat16")
+
+
+# ------------------------------------------------------------------------------------ state dicts
+
+
+def ema_state_dicts(states, beta=0.8):
+    """User-style merge code: a list of state dicts (oldest first) in, one state dict out; buffers from
+    the newest checkpoint."""
+    out = {k: v.clone() for k, v in states[0].items()}
+    for sd in states[1:]:
+        for k, v in sd.items():
+            out[k] = beta * out[k] + (1 - beta) * v if v.is_floating_point() else v
+    return out
+
+
+@settings(max_examples=15, deadline=None)
+@given(states=checkpoint_sets(dtypes=("float32", "float64")))
+def test_state_dict_merges_are_checked_through_the_adapter(states):
+    fn = state_dict_merge(ema_state_dicts, states[0])
+    n = len(states)
+    check_affine_merge(fn, n, p=fn.p, expected=W.ema(n, 0.8), backend="torch")
+
+
+def test_state_dict_adapter_catches_in_place_updates_and_missing_tensors():
+    template = {"w": torch.zeros(3, 2), "b": torch.zeros(2), "step": torch.tensor(7)}
+
+    def in_place(states):
+        out = states[-1]
+        for sd in states[:-1]:
+            for k in ("w", "b"):
+                out[k].add_(sd[k])  # accumulates into the newest checkpoint's own tensors
+        return out
+
+    with pytest.raises(AssertionError, match="modified its input in place"):
+        check_affine_merge(state_dict_merge(in_place, template), 4, p=8, backend="torch")
+    with pytest.raises(AssertionError, match="lacks"):
+        check_affine_merge(state_dict_merge(lambda s: {"w": s[-1]["w"]}, template), 4, p=8, backend="torch")
+    with pytest.raises(ValueError, match="no floating tensors"):
+        state_dict_merge(in_place, {"step": torch.tensor(1)})

@@ -13,6 +13,8 @@ input, by how much):
 - :func:`check_extrapolation_limits` ``(family, params) -> LimitCheck``: how far past the newest
   checkpoint an extrapolating family w(α) keeps gaining, measured next to theory.
 
+:func:`state_dict_merge` adapts merge code that works on lists of state dicts to these checks.
+
 :class:`RiverValley` (linear or curved river, closed forms) and :class:`BendingRiver` (a floor that
 bends, SineRiver or HyperbolaRiver, with an estimate) hold the parameters a check simulates. Hypothesis
 strategies live in
@@ -37,6 +39,7 @@ _WHERE = {
     "LimitCheck": "limits",
     "RiverValley": "params",
     "BendingRiver": "bending",
+    "state_dict_merge": "adapters",
 }
 __all__ = list(_WHERE)
 
