@@ -166,7 +166,9 @@ def test_low_precision_merges_pass_yet_a_wrong_alpha_is_still_caught(dtype):
     with pytest.raises(AssertionError, match="differ from the expected"):
         check_affine_merge(applies(W.extra(8, 4, 2, 0.6)), 8, expected=w, backend="torch", dtype=dtype)
     with pytest.raises(ValueError, match="numpy dtype"):
-        check_affine_merge(applies(w), 8, dtype="bfloat16")
+        check_affine_merge(applies(w), 8, dtype="float17")
+    with pytest.raises(ValueError, match="torch dtype"):
+        check_affine_merge(applies(w), 8, dtype="float17", backend="torch")
 
 
 # ------------------------------------------------------------------------------------ state dicts
