@@ -48,6 +48,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import safety
+from .st_header import parse_header
+
 __all__ = [
     "CheckpointError",
     "TensorInfo",
@@ -81,6 +84,7 @@ _DROP_KEYS = ("optimizer", "optimizers", "optimizer_states", "optim", "lr_schedu
               "scheduler", "scaler", "grad_scaler", "rng_state", "rng_states")  # fmt: skip
 _KEEP_TENSOR_BYTES = 2**20  # extras holding more tensor bytes than this are dropped too
 _PREFIXES = ("_orig_mod.", "module.")
+_INDEXES = {"hf-safetensors": "model.safetensors.index.json", "hf-bin": "pytorch_model.bin.index.json"}
 _ST_HEADER_LIMIT = 100 * 2**20  # the safetensors library refuses larger headers too
 
 # Safetensors dtype codes -> (torch/numpy name, bytes per element). Insertion order is the safetensors
@@ -92,6 +96,7 @@ _ST_DTYPES = {
     "C64": ("complex64", 8), "F64": ("float64", 8), "I64": ("int64", 8), "U64": ("uint64", 8),
 }  # fmt: skip
 _ST_RANK = {code: i for i, code in enumerate(_ST_DTYPES)}
+_ST_ITEMSIZE = {code: nbytes for code, (_, nbytes) in _ST_DTYPES.items()}
 _CODE_OF = {name: code for code, (name, _) in _ST_DTYPES.items()}
 _FLOAT_CODES = frozenset({"F8_E5M2", "F8_E4M3", "F16", "BF16", "F32", "F64"})
 _ML_DTYPES = ("bfloat16", "float8_e5m2", "float8_e4m3fn")  # numpy has no such dtypes: ml_dtypes does
@@ -251,11 +256,12 @@ class _SafetensorsFile:
     """One .safetensors file: header parsed and validated up front, tensor bytes read with pread or
     through a shared read-only memory map."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, root: Path | None = None):
         self.path = path
+        fd = safety.open_regular(path, root=root)  # refuses a FIFO/device before reading a byte
         try:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
+            with os.fdopen(fd, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
                 head = f.read(8)
                 if len(head) < 8:
                     raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header)")
@@ -268,39 +274,12 @@ class _SafetensorsFile:
                 raw = f.read(n)
         except OSError as e:
             raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
-        try:
-            header = json.loads(raw)
-            if not isinstance(header, dict):
-                raise ValueError("header is not a JSON object")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
         self.data_start = 8 + n
-        self.metadata = header.pop("__metadata__", None) or {}
-        avail = size - self.data_start
-        entries = []
-        for name, meta in header.items():
-            try:
-                code = meta["dtype"]
-                if code not in _ST_DTYPES:
-                    raise ValueError(code)
-                shape = tuple(int(s) for s in meta["shape"])
-                begin, end = (int(o) for o in meta["data_offsets"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise CheckpointError(
-                    f"{path}: corrupt or unsupported header entry for tensor '{name}'"
-                ) from e
-            info = TensorInfo(name, shape, code)
-            if min(shape, default=0) < 0 or end - begin != info.nbytes or begin < 0:
-                raise CheckpointError(f"{path}: tensor '{name}' has data offsets inconsistent with its shape")
-            if end > avail:
-                raise CheckpointError(
-                    f"{path}: truncated file: tensor '{name}' ends at byte {self.data_start + end} but the "
-                    f"file has {size} bytes"
-                )
-            entries.append((begin, name, info))
-        entries.sort(key=lambda e: e[0])  # stored order = data order, the order to read sequentially
-        self.infos = {name: info for _, name, info in entries}
-        self.offsets = {name: self.data_start + begin for begin, name, _ in entries}
+        header = parse_header(path, raw, self.data_start, size, _ST_ITEMSIZE)
+        self.metadata = header.metadata
+        # stored order = data order, the order to read sequentially
+        self.infos = {e.name: TensorInfo(e.name, e.shape, e.dtype) for e in header.entries}
+        self.offsets = {e.name: self.data_start + e.begin for e in header.entries}
         self._mm = None
         self._base = 0
         self._lock = threading.Lock()
@@ -449,10 +428,11 @@ def _madvise(addr: int, length: int, advice: str) -> None:
 class _TorchFile:
     """A PyTorch pickle/zip file memory-mapped with torch.load(weights_only=True, mmap=True)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, root: Path | None = None):
         import torch
 
         self.path = path
+        safety.regular(path, root=root)  # a FIFO/device would block torch.load
         obj = _torch_load(path)
         if not isinstance(obj, Mapping):
             raise CheckpointError(
@@ -587,8 +567,9 @@ class Checkpoint:
     (the weight files), ``config`` (config.json of an HF folder, else None).
     """
 
-    def __init__(self, path: Path, fmt: str, sources: list, *, name: str | None = None, step=None):
+    def __init__(self, path: Path, fmt: str, sources: list, *, name: str | None = None, step=None, root=None):
         self.path = Path(path)
+        self.root = Path(root) if root is not None else self.path  # every file read lies inside it
         self.format = fmt
         self.name = name or (self.path.name + ("/" if self.path.is_dir() else ""))
         self.step = parse_step(self.path.name) if step is None else step
@@ -608,18 +589,18 @@ class Checkpoint:
             self.aliases.update(getattr(src, "aliases", {}))
             self.metadata.update(src.metadata)
         if "extramerge.aliases" in self.metadata:  # written by our safetensors writer for untied aliases
-            try:
-                self.aliases.update(json.loads(self.metadata["extramerge.aliases"]))
-            except ValueError:
-                pass
+            with contextlib.suppress(CheckpointError):
+                found = safety.parse_json(self.metadata["extramerge.aliases"], f"{self.path}: aliases")
+                if isinstance(found, dict):
+                    self.aliases.update({a: c for a, c in found.items() if isinstance(c, str)})
         self.aliases = {a: c for a, c in self.aliases.items() if c in self.infos and a not in self.infos}
         first = sources[0] if sources else None
         self.extras: dict = dict(getattr(first, "extras", {})) if isinstance(first, _TorchFile) else {}
         self.config = None
         if self.path.is_dir() and (self.path / "config.json").is_file():
             try:
-                self.config = json.loads((self.path / "config.json").read_text())
-            except ValueError:
+                self.config = safety.load_json(self.path / "config.json", root=self.root)
+            except CheckpointError:
                 self.config = None
 
     @property
@@ -725,25 +706,41 @@ class Checkpoint:
         )
 
 
-def _hf_weights(folder: Path) -> tuple[str, list[Path]] | None:
-    """(format, weight files) of an HF-style folder, or None."""
+def _hf_weights(folder: Path, root: Path | None = None) -> tuple[str, list[Path], dict | None] | None:
+    """(format, weight files, index weight map or None) of an HF-style folder, or None. Every file named
+    by the index must be a plain name whose real path stays inside ``root`` (default: the folder)."""
+    root = folder if root is None else root
     for fmt, single, index in (
         ("hf-safetensors", "model.safetensors", "model.safetensors.index.json"),
         ("hf-bin", "pytorch_model.bin", "pytorch_model.bin.index.json"),
     ):
-        if (folder / index).is_file():
-            try:
-                weight_map = json.loads((folder / index).read_text())["weight_map"]
-                files = sorted(set(weight_map.values()))
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise CheckpointError(f"{folder / index}: corrupt index file ({e})") from e
-            missing = [f for f in files if not (folder / f).is_file()]
-            if missing:
-                raise CheckpointError(f"{folder}: shard '{missing[0]}' listed in {index} is missing")
-            return fmt, [folder / f for f in files]
+        if (folder / index).is_file() or (folder / index).is_symlink():
+            weight_map = _weight_map(folder / index, root)
+            files = [safety.member(folder, f, index) for f in sorted(set(weight_map.values()))]
+            for f in files:
+                if not f.exists():
+                    raise CheckpointError(
+                        f"{folder}: shard {safety.shown(f.name)} listed in {index} is missing"
+                    )
+                safety.regular(f, root=root)
+            return fmt, files, weight_map
         if (folder / single).is_file():
-            return fmt, [folder / single]
+            return fmt, [folder / single], None
     return None
+
+
+def _weight_map(index: Path, root: Path) -> dict[str, str]:
+    """The ``weight_map`` of an index file: an object of tensor names to shard file names (strings)."""
+    doc = safety.load_json(index, root=root)
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: corrupt index file (no 'weight_map' object)")
+    for tname, fname in weight_map.items():
+        if not isinstance(fname, str):
+            raise CheckpointError(
+                f"{index}: corrupt index file (tensor {safety.shown(tname)} maps to a non-string shard name)"
+            )
+    return weight_map
 
 
 def _is_weight_file(p: Path) -> bool:
@@ -766,24 +763,27 @@ def _is_checkpoint(path: Path) -> bool:
 
 
 def open_checkpoint(
-    path: str | os.PathLike, *, name: str | None = None, step: int | None = None
+    path: str | os.PathLike, *, name: str | None = None, step: int | None = None, root=None
 ) -> Checkpoint:
     """Open one checkpoint: an HF folder, a folder holding exactly one weight file, or a weight file.
 
+    Every file read for a folder checkpoint must resolve inside ``root`` (default: the folder itself).
     Raises CheckpointError for a path that is not a checkpoint or a corrupt/truncated one.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
-        hf = _hf_weights(path)
+        root = path if root is None else Path(root)
+        hf = _hf_weights(path, root)
         if hf is not None:
-            fmt, files = hf
+            fmt, files, weight_map = hf
             opener = _SafetensorsFile if fmt == "hf-safetensors" else _TorchFile
-            sources = [opener(f) for f in files]
-            if fmt == "hf-safetensors" and len(files) > 1:
-                sources = _restrict_to_index(path, sources)
-            return Checkpoint(path, fmt, sources, name=name, step=step)
+            sources = [opener(f, root) for f in files]
+            if fmt == "hf-safetensors" and weight_map is not None:
+                sources = _restrict_to_index(path, sources, weight_map)
+            _check_side_files(path, root)
+            return Checkpoint(path, fmt, sources, name=name, step=step, root=root)
         files = _folder_weight_files(path)
         if len(files) != 1:
             what = "no weight files" if not files else f"{len(files)} weight files"
@@ -791,6 +791,7 @@ def open_checkpoint(
                 f"{path}: not a checkpoint ({what}; expected model.safetensors, pytorch_model.bin, a sharded "
                 "index, or exactly one .safetensors/.pt/.pth/.bin file)"
             )
+        safety.regular(files[0], root=root)
         inner = open_checkpoint(files[0], name=name or f"{path.name}/{files[0].name}", step=step)
         if inner.step is None:
             inner.step = parse_step(path.name)
@@ -804,18 +805,45 @@ def open_checkpoint(
     return Checkpoint(path, "torch", [_TorchFile(path)], name=name, step=step)
 
 
-def _restrict_to_index(folder: Path, sources: list) -> list:
-    """Keep, per shard, the tensors the index assigns to it (and check each listed tensor exists)."""
-    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
-    by_file = {s.path.name: s for s in sources}
+def _restrict_to_index(folder: Path, sources: list, weight_map: Mapping[str, str]) -> list:
+    """Keep, per shard, the tensors the index assigns to it (and check each listed tensor exists);
+    ``sources`` are the shards in the order of their sorted names."""
+    by_file = dict(zip(sorted(set(weight_map.values())), sources, strict=True))
     for tname, fname in weight_map.items():
         if tname not in by_file[fname].infos:
             raise CheckpointError(
-                f"{folder}: tensor '{tname}' is listed in the index but missing from {fname}"
+                f"{folder}: tensor {safety.shown(tname)} is listed in the index but missing from "
+                f"{safety.shown(fname)}"
             )
-    for s in sources:
-        s.infos = {n: i for n, i in s.infos.items() if weight_map.get(n) == s.path.name}
+    for fname, s in by_file.items():
+        s.infos = {n: i for n, i in s.infos.items() if weight_map.get(n) == fname}
     return sources
+
+
+def _side_files(folder: Path) -> list[Path]:
+    """Config, generation config, tokenizer files ... of an HF folder: everything but weights, indexes,
+    records and training state (what a merged HF folder gets a copy of)."""
+    skip = {"trainer_state.json", "merge.json", _INDEXES["hf-safetensors"], _INDEXES["hf-bin"]}
+    out = []
+    for p in sorted(folder.iterdir()):
+        n = p.name
+        if n.startswith(".") or n in skip or n.endswith(WEIGHT_SUFFIXES):
+            continue
+        if not (p.is_file() or p.is_symlink()):
+            continue
+        if n.lower().startswith(_STATE_STEMS) and not n.lower().startswith("meta"):
+            continue  # optimizer/scheduler/rng state: meaningless for a merged model
+        out.append(p)
+    return out
+
+
+def _check_side_files(folder: Path, root: Path) -> None:
+    """Refuse side files that are links leaving ``root`` (they would be copied into the output)."""
+    for p in _side_files(folder):
+        if not safety.inside(p, root):
+            raise CheckpointError(
+                f"{p}: a link that leaves the checkpoint folder {root}; refusing to read or copy it"
+            )
 
 
 def _is_merge_output(p: Path) -> bool:
@@ -873,7 +901,9 @@ def _open_hub(ref: str) -> Checkpoint:
             f"{ref}: no such path, and fetching it from the Hugging Face Hub failed ({type(e).__name__}: "
             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); if offline, download it first"
         ) from e
-    return open_checkpoint(folder, name=ref, step=parse_step(revision) if revision else None)
+    # A hub snapshot's files are links into the repository cache's blobs/: that cache is the root.
+    root = Path(folder).parents[1] if Path(folder).parent.name == "snapshots" else None
+    return open_checkpoint(folder, name=ref, step=parse_step(revision) if revision else None, root=root)
 
 
 def load_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Checkpoint]:
@@ -899,6 +929,12 @@ def load_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Checkpoint]:
             raise CheckpointError(f"{p}: no such file or folder")
     if not out:
         raise CheckpointError("no checkpoints given")
+    try:
+        safety.distinct(c.path for c in out)
+    except CheckpointError:
+        for c in out:
+            c.close()
+        raise
     return out
 
 
@@ -1338,24 +1374,17 @@ def _torch_save(obj, path: Path, fsync: bool) -> float:
 
 
 def _copy_hf_files(template: Checkpoint, folder: Path, infos: Mapping[str, TensorInfo]) -> list[str]:
-    """Copy config, generation config, tokenizer files ... (everything but weights and training state)."""
+    """Copy config, generation config, tokenizer files ... (everything but weights and training state);
+    only regular files inside the template's folder are read."""
     copied = []
     if not template.path.is_dir() or template.format not in ("hf-safetensors", "hf-bin"):
         return copied
-    skip_names = {
-        "trainer_state.json",
-        "merge.json",
-        "model.safetensors.index.json",
-        "pytorch_model.bin.index.json",
-    }
-    for p in sorted(template.path.iterdir()):
-        n = p.name
-        if not p.is_file() or n.startswith(".") or n in skip_names or n.endswith(WEIGHT_SUFFIXES):
-            continue
-        if n.lower().startswith(_STATE_STEMS) and not n.lower().startswith("meta"):
-            continue  # optimizer/scheduler/rng state: meaningless for a merged model
-        shutil.copyfile(p, folder / n)
-        copied.append(n)
+    for p in _side_files(template.path):
+        if not p.is_file():
+            continue  # a dangling link (one leaving the folder was refused when the checkpoint was opened)
+        safety.regular(p, root=template.root)
+        shutil.copyfile(p, folder / p.name)
+        copied.append(p.name)
     if "config.json" in copied:
         _set_config_dtype(folder / "config.json", infos)
     return copied
