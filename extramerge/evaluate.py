@@ -43,6 +43,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import safety
+
 __all__ = [
     "PAD",
     "TokenBlocks",
@@ -104,12 +106,7 @@ def load_texts(path: str | os.PathLike) -> list[str]:
 
 
 def _read(p: Path) -> str:
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{p}: not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise ValueError(f"{p}: cannot read ({e.strerror or type(e).__name__})") from None
+    return safety.read_text(p)
 
 
 def _read_text_file(p: Path) -> list[str]:
@@ -119,13 +116,7 @@ def _read_text_file(p: Path) -> list[str]:
 
 def _read_jsonl(p: Path) -> list[str]:
     texts = []
-    for lineno, line in enumerate(_read(p).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
+    for lineno, obj in safety.jsonl(p):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise ValueError(f'{p}:{lineno}: expected an object with a string "text" field')
         if obj["text"].strip():
@@ -551,14 +542,11 @@ def save_cloze(items: Sequence[ClozeItem], path: str | os.PathLike) -> Path:
 def load_cloze(path: str | os.PathLike) -> list[ClozeItem]:
     """Items written by ``save_cloze``; ValueError naming the file (and line) on a missing/bad file."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ValueError(f"{p}: no such file")
     items = []
-    for lineno, line in enumerate(_read(p).splitlines(), 1):
-        if not line.strip():
-            continue
+    for lineno, obj in safety.jsonl(p):
         try:
-            obj = json.loads(line)
             item = ClozeItem(obj["context"], obj["target"], tuple(obj["candidates"]))
             if not all(isinstance(x, str) for x in (item.context, item.target, *item.candidates)):
                 raise TypeError("not strings")

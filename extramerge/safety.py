@@ -22,9 +22,21 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["shown", "member", "inside", "regular", "open_regular", "parse_json", "load_json", "distinct"]
+__all__ = [
+    "shown",
+    "member",
+    "inside",
+    "regular",
+    "open_regular",
+    "read_text",
+    "parse_json",
+    "load_json",
+    "jsonl",
+    "distinct",
+]
 
 JSON_LIMIT = 100 * 2**20  # bytes of an index/config JSON file read at most
+LINE_LIMIT = 16 * 2**20  # bytes of one JSONL line (a data document or a cloze item) read at most
 _KINDS = {
     stat.S_IFIFO: "a FIFO",
     stat.S_IFCHR: "a character device",
@@ -151,6 +163,30 @@ def load_json(path: Path, *, root: Path | None = None, limit: int = JSON_LIMIT):
     if len(raw) > limit:
         raise _error(f"{path}: larger than {limit} bytes; refusing to parse it")
     return parse_json(raw, str(path))
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of a regular file (a FIFO or /dev/zero is refused, not read forever)."""
+    with os.fdopen(open_regular(path), "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _error(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+def jsonl(path: Path, *, limit: int | None = None):
+    """Yield (line number, JSON value) for each non-blank line of a regular file, one line in memory at a
+    time; a line longer than ``limit`` (default LINE_LIMIT) bytes, or any ``parse_json`` failure, raises
+    naming file:line."""
+    limit = LINE_LIMIT if limit is None else limit
+    with os.fdopen(open_regular(path), "rb") as f:
+        for lineno, line in enumerate(iter(lambda: f.readline(limit + 1), b""), 1):
+            body = line.rstrip(b"\r\n")
+            if len(body) > limit:
+                raise _error(f"{path}:{lineno}: line longer than {limit} bytes; refusing to parse it")
+            if body.strip():
+                yield lineno, parse_json(body, f"{path}:{lineno}")
 
 
 def distinct(paths: Iterable[Path]) -> None:

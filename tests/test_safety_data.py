@@ -1,0 +1,83 @@
+"""Issue 10 (C): data files for `extramerge eval --data` / `--cloze` are read as regular files, one
+bounded line at a time, and any malformed line is one error line naming file:line (exit 2)."""
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from extramerge import evaluate as E
+from extramerge.checkpoints import CheckpointError
+from extramerge.cli import main
+
+
+@pytest.fixture
+def model(tmp_path) -> Path:
+    """Enough of a model folder to pass the up-front folder check (the data fails before loading it)."""
+    m = tmp_path / "model"
+    m.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (m / name).write_text("{}")
+    return m
+
+
+def _eval_error(capsys, model: Path, *args) -> str:
+    capsys.readouterr()
+    rc = main(["eval", str(model), *map(str, args)])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("extramerge: error: "), err
+    return lines[0]
+
+
+def test_dev_zero_and_a_fifo_are_refused(tmp_path, capsys, model):
+    assert "character device" in _eval_error(capsys, model, "--data", "/dev/zero")
+    fifo = tmp_path / "data.jsonl"
+    os.mkfifo(fifo)
+    assert "FIFO" in _eval_error(capsys, model, "--data", fifo)  # would block forever if opened plainly
+    with pytest.raises(ValueError, match="FIFO"):
+        E.load_texts(fifo)
+    with pytest.raises(ValueError, match="FIFO"):
+        E.load_cloze(fifo)
+
+
+def test_deeply_nested_and_bad_lines_name_file_and_line(tmp_path, capsys, model):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "fine"}\n' + "[" * 200_000 + "]" * 200_000 + "\n")
+    line = _eval_error(capsys, model, "--data", data)
+    assert f"{data}:2: invalid JSON (nested too deeply)" in line
+    data.write_text('{"text": "fine"}\n\n{"text": 1e400}\n')
+    assert f"{data}:3: invalid JSON" in _eval_error(capsys, model, "--data", data)
+    data.write_bytes(b'{"text": "\xff\xfe secret"}\n')
+    line = _eval_error(capsys, model, "--data", data)
+    assert f"{data}:1: not UTF-8" in line and "secret" not in line
+
+
+def test_a_huge_line_is_refused_reading_a_bounded_prefix(tmp_path, capsys, model):
+    data = tmp_path / "huge.jsonl"
+    with open(data, "wb") as f:
+        f.truncate(8 * 2**30)  # 8 GiB of zeros, sparse on disk: one line with no end
+    t0 = time.perf_counter()
+    line = _eval_error(capsys, model, "--data", data)
+    assert f"{data}:1: line longer than" in line
+    assert time.perf_counter() - t0 < 60
+
+
+def test_cloze_files_get_the_same_treatment(tmp_path, monkeypatch):
+    from extramerge import safety
+
+    items = tmp_path / "items.jsonl"
+    items.write_text(
+        '{"context": "a", "target": "b", "candidates": ["b", "c"]}\n'
+        + '{"a": ' * 50_000
+        + "1"
+        + "}" * 50_000
+        + "\n"
+    )
+    with pytest.raises(CheckpointError, match=r"items\.jsonl:2: invalid JSON \(nested too deeply\)"):
+        E.load_cloze(items)
+    monkeypatch.setattr(safety, "LINE_LIMIT", 40)
+    items.write_text('{"context": "a", "target": "b", "candidates": ["b", "c"], "pad": "xxxxxxxx"}\n')
+    with pytest.raises(CheckpointError, match=r"items\.jsonl:1: line longer than 40 bytes"):
+        E.load_cloze(items)
