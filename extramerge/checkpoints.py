@@ -37,10 +37,8 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 import threading
 import time
-import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import safety
+from . import outputs, safety
+from .outputs import check_output, publish, staging_dir
 from .st_header import parse_header
 
 __all__ = [
@@ -995,6 +994,20 @@ def _record_path(output: Path) -> Path:
     return output / "merge.json"
 
 
+def _check_record_path(rec: Path) -> None:
+    """X.merge.json beside an output file X.safetensors is replaced only when it is our own record."""
+    outputs.refuse_special(rec)
+    if (rec.exists() or rec.is_symlink()) and (rec.is_symlink() or not _is_record(rec)):
+        raise CheckpointError(
+            f"{rec} exists and is not an extramerge record; refusing to replace it (move it, or choose "
+            "another output)"
+        )
+
+
+def _is_record(path: Path) -> bool:
+    return outputs._own_json(path, "tool", "extramerge")
+
+
 def default_format(output: str | os.PathLike, template: Checkpoint | None) -> str:
     """The output format when none is asked for: a .safetensors file name means one safetensors file,
     .pt/.pth/.bin/.ckpt a PyTorch file; otherwise the template's (newest input's) format family."""
@@ -1028,35 +1041,6 @@ def output_layout(
     name = template.files[0].name if keep else ""
     fname = name if name and parse_step(name) is None else f"model{ext}"
     return output, fname
-
-
-def check_output(
-    output: str | os.PathLike,
-    inputs: Iterable[Checkpoint | str | os.PathLike] = (),
-    *,
-    force: bool = False,
-) -> Path:
-    """Refuse an output that is, contains or lies inside an input, or exists (non-empty) without force."""
-    out = Path(os.path.abspath(output))
-    for ck in inputs:
-        paths = [ck.path, *ck.files] if isinstance(ck, Checkpoint) else [Path(ck)]
-        for p in paths:
-            p = Path(os.path.abspath(p))
-            if out == p or out.is_relative_to(p) or p.is_relative_to(out):
-                rel = "is" if out == p else "lies inside" if out.is_relative_to(p) else "contains"
-                raise CheckpointError(
-                    f"output {output} {rel} the input checkpoint {p}; choose another output"
-                )
-            if out.resolve() == p.resolve() or out.resolve().is_relative_to(p.resolve()):
-                raise CheckpointError(f"output {output} resolves into the input checkpoint {p}")
-    if out.exists() and not force:
-        if out.is_file() or out.is_symlink() or any(out.iterdir()):
-            raise CheckpointError(
-                f"output {output} exists and is not empty; pass force=True (--force) to replace it"
-            )
-    if out.is_file() and out.suffix not in WEIGHT_SUFFIXES:
-        raise CheckpointError(f"output {output} is an existing file, not a checkpoint; choose another output")
-    return out
 
 
 def _byte_view(t) -> memoryview:
@@ -1470,6 +1454,8 @@ def write_checkpoint(
     fmt = fmt or default_format(output, template)
     out = check_output(output, [*([template] if template is not None else []), *inputs], force=force)
     out, fname = output_layout(out, fmt, template)
+    if record is not None and out.suffix in WEIGHT_SUFFIXES:
+        _check_record_path(_record_path(out))
     infos = dict(infos)
     aliases = {a: c for a, c in (template.aliases if template is not None else {}).items() if c in infos}
     tmp = staging_dir(out)
@@ -1530,7 +1516,7 @@ def write_checkpoint(
             published = [out / f for f in files]
         else:
             if record is not None:
-                os.replace(tmp / rec_name, _record_path(out))
+                publish(tmp / rec_name, _record_path(out), force=True)  # vetted by _check_record_path
             publish(tmp / fname, out, force)
             tmp.rmdir()
             published = [out] + ([_record_path(out)] if record is not None else [])
@@ -1550,29 +1536,6 @@ def _jsonable(o):
     return str(o)
 
 
-def staging_dir(out: Path) -> Path:
-    """A fresh temporary folder next to ``out`` (parents created) in which to build an output before
-    renaming it into place. mkdtemp makes it 0700; it gets the usual mode (0777 & ~umask), as the
-    published folder should."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
-    return tmp
-
-
-def _umask() -> int:
-    try:  # read it rather than set it: os.umask is process-wide and racy under threads
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o22)
-    os.umask(mask)
-    return mask
-
-
 def _write_index(folder, index_name, infos, shards, files, extra_meta) -> str:
     weight_map = {n: f for shard, f in zip(shards, files, strict=False) for n in shard}
     total = sum(i.nbytes for i in infos.values())
@@ -1583,28 +1546,3 @@ def _write_index(folder, index_name, infos, shards, files, extra_meta) -> str:
     }
     (folder / index_name).write_text(json.dumps(doc, indent=2) + "\n")
     return index_name
-
-
-def publish(src: Path, dst: Path, force: bool) -> None:
-    """Rename ``src`` to ``dst``; an existing ``dst`` (allowed by check_output) is renamed aside first and
-    deleted only after the new one is in place."""
-    aside = None
-    if dst.exists() or dst.is_symlink():
-        if dst.is_dir() and not dst.is_symlink() and not any(dst.iterdir()):
-            dst.rmdir()
-        elif not force:
-            raise CheckpointError(f"output {dst} appeared while writing; pass force=True to replace it")
-        else:
-            aside = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(dst, aside)
-    try:
-        os.rename(src, dst)
-    except BaseException:
-        if aside is not None:
-            os.rename(aside, dst)
-        raise
-    if aside is not None:
-        if aside.is_dir() and not aside.is_symlink():
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            aside.unlink()

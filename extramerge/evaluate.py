@@ -32,7 +32,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -43,7 +42,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import safety
+from . import outputs, safety
 
 __all__ = [
     "PAD",
@@ -532,11 +531,22 @@ def _context_before(text: str, start: int, context_bytes: int) -> str:
     return ctx.lstrip() if cut else ctx
 
 
-def save_cloze(items: Sequence[ClozeItem], path: str | os.PathLike) -> Path:
-    """Write items as JSONL ({"context", "target", "candidates", "label"} per line), atomically."""
-    path = Path(path)
-    _atomic_write(path, "".join(json.dumps(it.to_dict(), ensure_ascii=False) + "\n" for it in items))
-    return path
+def save_cloze(
+    items: Sequence[ClozeItem], path: str | os.PathLike, *, force: bool = False, inputs=()
+) -> Path:
+    """Write items as JSONL ({"context", "target", "candidates", "label"} per line), atomically. An
+    existing file is replaced only with ``force`` and only if it is a cloze item file; ``inputs`` (data,
+    model folders) are never written onto (see extramerge.outputs.check_file)."""
+    text = "".join(json.dumps(it.to_dict(), ensure_ascii=False) + "\n" for it in items)
+    return outputs.write_file(path, text, force=force, own=is_cloze_file, inputs=inputs)
+
+
+def is_cloze_file(path: Path) -> bool:
+    """Whether ``path`` holds cloze items as ``save_cloze`` writes them (what --force may replace)."""
+    try:
+        return bool(load_cloze(path))
+    except ValueError:
+        return False
 
 
 def load_cloze(path: str | os.PathLike) -> list[ClozeItem]:
@@ -558,21 +568,6 @@ def load_cloze(path: str | os.PathLike) -> list[ClozeItem]:
     if not items:
         raise ValueError(f"{p}: no cloze items (empty file)")
     return items
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _encode_item(tokenizer, context: str, candidates: Sequence[str]) -> list[tuple[list[int], list[int]]]:
@@ -757,16 +752,21 @@ def check_model_folder(path: str | os.PathLike, *, tokenizer: bool = True) -> Pa
     return p
 
 
+def tokenizer_files(path: str | os.PathLike) -> list[Path]:
+    """The tokenizer files a model folder uses (in it, or in its run folder)."""
+    folder = _tokenizer_folder(Path(path))
+    names = (*_TOKENIZER_NAMES, "merges.txt", "special_tokens_map.json", "added_tokens.json")
+    return [] if folder is None else [folder / n for n in names if (folder / n).is_file()]
+
+
 def tokenizer_fingerprint(path: str | os.PathLike) -> str | None:
     """Hash of the tokenizer files of a model folder (equal hashes → identical token blocks)."""
-    folder = _tokenizer_folder(Path(path))
-    if folder is None:
+    files = tokenizer_files(path)
+    if not files:
         return None
     h = hashlib.sha256()
-    for name in (*_TOKENIZER_NAMES, "merges.txt", "special_tokens_map.json", "added_tokens.json"):
-        f = folder / name
-        if f.is_file():
-            h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
 
 

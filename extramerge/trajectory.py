@@ -492,16 +492,21 @@ def _per_tensor(data: GramData, windows: list[int]) -> dict:
 
 
 def _check_output_dir(output: Path, inputs: Sequence, force: bool) -> None:
-    """Refuse an output overlapping an input; replace a non-empty folder only if it holds an earlier
-    analysis (analysis.json) or ``force`` is set."""
+    """Refuse an output overlapping an input (by inode) or that is not a folder; replace a non-empty
+    folder only if an earlier analysis wrote it (its marker file, see extramerge.outputs), with or
+    without ``force``: force never replaces a folder this package did not write."""
     from extramerge.checkpoints import CheckpointError, check_output
+    from extramerge.outputs import MARKER, marked
 
-    check_output(output, inputs, force=True)  # overlap with the inputs, existing non-folder
+    check_output(output, inputs, force=True)  # overlap with the inputs, special files
     if output.exists():
-        if not output.is_dir():
+        if not output.is_dir() or output.is_symlink():
             raise CheckpointError(f"output {output} exists and is not a folder")
-        if any(output.iterdir()) and not (output / "analysis.json").exists() and not force:
-            raise CheckpointError(f"output {output} exists and is not empty (use --force to replace it)")
+        if any(output.iterdir()) and not marked(output, "analysis"):
+            raise CheckpointError(
+                f"output {output} exists, is not empty and was not written by extramerge analyze (no "
+                f"{MARKER}); refusing to replace it, even with --force"
+            )
 
 
 def _render(jobs: list) -> None:
@@ -520,6 +525,7 @@ def write_outputs(data: GramData, report: dict, output, *, inputs=(), force: boo
     """Write analysis.json, gram.npz and the PNG figures into ``output`` (temp folder, then rename)."""
     from extramerge import plots
     from extramerge.checkpoints import publish, staging_dir
+    from extramerge.outputs import mark
 
     output = Path(output)
     _check_output_dir(output, list(inputs), force)
@@ -533,6 +539,7 @@ def write_outputs(data: GramData, report: dict, output, *, inputs=(), force: boo
             "per_layer": "per_layer_fve1.png",
         }
         report = dict(report, files={k: str(output / v) for k, v in files.items()})
+        mark(tmp, "analysis")
         data.save(tmp / files["gram"])
         with open(tmp / files["analysis"], "w") as f:
             json.dump(report, f, indent=1)
@@ -571,7 +578,8 @@ def analyze(
 
     One streaming pass builds the Gram matrices; returns the report dict (see ``summarize``). With
     ``output`` also writes analysis.json, gram.npz and three PNG figures there, atomically. An existing
-    output folder is replaced only if it holds an earlier analysis or ``force`` is set.
+    output folder is replaced only if an earlier analysis wrote it (its marker file); ``force`` is kept for
+    compatibility and never replaces any other non-empty folder.
     """
     from extramerge.checkpoints import Checkpoint, load_checkpoints
 
