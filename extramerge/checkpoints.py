@@ -766,7 +766,8 @@ def open_checkpoint(
 ) -> Checkpoint:
     """Open one checkpoint: an HF folder, a folder holding exactly one weight file, or a weight file.
 
-    Every file read for a folder checkpoint must resolve inside ``root`` (default: the folder itself).
+    Every file read must resolve inside ``root`` (default: a folder checkpoint's own folder; a run folder
+    when expanding one; none for a file named directly).
     Raises CheckpointError for a path that is not a checkpoint or a corrupt/truncated one.
     """
     path = Path(path)
@@ -800,8 +801,8 @@ def open_checkpoint(
             f"{path}: not a checkpoint (expected a .safetensors, .pt, .pth, .bin or .ckpt file, or a folder)"
         )
     if path.name.endswith(".safetensors"):
-        return Checkpoint(path, "safetensors", [_SafetensorsFile(path)], name=name, step=step)
-    return Checkpoint(path, "torch", [_TorchFile(path)], name=name, step=step)
+        return Checkpoint(path, "safetensors", [_SafetensorsFile(path, root)], name=name, step=step)
+    return Checkpoint(path, "torch", [_TorchFile(path, root)], name=name, step=step)
 
 
 def _restrict_to_index(folder: Path, sources: list, weight_map: Mapping[str, str]) -> list:
@@ -877,7 +878,8 @@ def _expand_folder(folder: Path) -> list[Checkpoint]:
                 f"{folder}: '{children[i].name}' and '{children[j].name}' both carry step {steps[i]}; "
                 "list the checkpoints explicitly, oldest first"
             )
-    return [open_checkpoint(children[i], step=steps[i]) for i in order]
+    # root=folder: a step folder or file that is a link leaving the run folder is refused
+    return [open_checkpoint(children[i], step=steps[i], root=folder) for i in order]
 
 
 _HUB_REF = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")

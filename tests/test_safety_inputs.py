@@ -175,3 +175,18 @@ def test_messages_do_not_echo_file_bytes(sharded, capsys):
     rc, err = _cli(capsys, "inspect", sharded)
     _one_line_error(rc, err, "not UTF-8")
     assert "secret" not in err
+
+
+def test_a_run_folder_entry_linking_outside_the_run_is_refused(tmp_path, capsys):
+    run = make_safetensors_files(tmp_path / "run", n=3)
+    elsewhere = make_safetensors_files(tmp_path / "elsewhere", n=1, steps=[400])[0]
+    (tmp_path / "run" / "step_000400.safetensors").symlink_to(elsewhere)
+    _one_line_error(*_cli(capsys, "inspect", tmp_path / "run"), "leaves the checkpoint folder")
+    folder = make_hf_run(tmp_path / "hf", n=1, steps=[500])[0]
+    (tmp_path / "run" / "step_000400.safetensors").unlink()
+    (tmp_path / "run" / "step_000500").symlink_to(folder)
+    _one_line_error(*_cli(capsys, "inspect", tmp_path / "run"), "leaves the checkpoint folder")
+    (tmp_path / "run" / "step_000500").unlink()
+    (tmp_path / "run" / "step_000400.safetensors").symlink_to(run[0].name)  # a link inside the run: fine
+    with pytest.raises(CheckpointError, match="given twice"):
+        load_checkpoints([tmp_path / "run"])
