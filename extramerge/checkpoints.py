@@ -510,13 +510,14 @@ def _torch_load(path: Path):
         m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
         what = (m.group(1) if m else text.strip() or type(e).__name__).strip().splitlines()[0]
         if "Unsupported global" in text:
-            what = re.sub(r" Please use .*", "", what)
+            what = safety.shown(re.sub(r" Please use .*", "", what), 200)[1:-1]  # names from the file
             raise CheckpointError(
                 f"{path}: holds Python objects that torch.load(weights_only=True) refuses to unpickle "
                 f"({what}); re-save the state dict alone"
             ) from e
+        what = safety.shown(what, 200)[1:-1]
         raise CheckpointError(
-            f"{path}: corrupt or not a PyTorch checkpoint ({type(e).__name__}: {what[:200]})"
+            f"{path}: corrupt or not a PyTorch checkpoint ({type(e).__name__}: {what})"
         ) from e
 
 

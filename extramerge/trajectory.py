@@ -76,19 +76,37 @@ class GramData:
 
 
 def load_gram(path) -> GramData:
-    """Read a ``gram.npz`` written by ``GramData.save`` (for example by ``extramerge analyze``)."""
-    with np.load(path, allow_pickle=False) as z:
-        return GramData(
-            gram=z["gram"],
-            names=[str(s) for s in z["names"]],
-            per_tensor=z["per_tensor"],
-            numel=z["numel"],
-            ref_norm2=z["ref_norm2"],
-            reference=int(z["reference"]),
-            paths=[str(s) for s in z["paths"]],
-            steps=[None if s < 0 else int(s) for s in z["steps"]],
-            skipped=[str(s) for s in z["skipped"]],
-        )
+    """Read a ``gram.npz`` written by ``GramData.save`` (for example by ``extramerge analyze``): a regular
+    file, no pickles, every array present with consistent shapes and finite values, else one
+    CheckpointError naming the file."""
+    import zipfile
+
+    from extramerge import safety
+    from extramerge.checkpoints import CheckpointError
+
+    fd = safety.open_regular(Path(path))  # np.load would block on a FIFO
+    try:
+        with os.fdopen(fd, "rb") as f, np.load(f, allow_pickle=False) as z:
+            data = GramData(
+                gram=np.asarray(z["gram"], dtype=np.float64),
+                names=[str(s) for s in z["names"]],
+                per_tensor=np.asarray(z["per_tensor"], dtype=np.float64),
+                numel=z["numel"],
+                ref_norm2=np.asarray(z["ref_norm2"], dtype=np.float64),
+                reference=int(z["reference"]),
+                paths=[str(s) for s in z["paths"]],
+                steps=[None if s < 0 else int(s) for s in z["steps"]],
+                skipped=[str(s) for s in z["skipped"]],
+            )
+    except (KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as e:
+        what = "a required array is missing" if isinstance(e, KeyError) else type(e).__name__
+        raise CheckpointError(f"{path}: not a gram.npz written by extramerge analyze ({what})") from None
+    n, t = data.gram.shape[0] if data.gram.ndim == 2 else -1, len(data.names)
+    ok = data.gram.shape == (n, n) and data.per_tensor.shape == (t, n, n) and len(data.paths) == n
+    ok = ok and len(data.numel) == t and len(data.ref_norm2) == t and 0 <= data.reference < n
+    if not ok or not (np.isfinite(data.gram).all() and np.isfinite(data.per_tensor).all()):
+        raise CheckpointError(f"{path}: corrupt gram.npz (inconsistent shapes or non-finite values)")
+    return data
 
 
 _BLOCK_BYTES = 4 * 2**20  # float64 work block of all N checkpoints (8 x 64K elements for N = 8)

@@ -81,3 +81,36 @@ def test_cloze_files_get_the_same_treatment(tmp_path, monkeypatch):
     items.write_text('{"context": "a", "target": "b", "candidates": ["b", "c"], "pad": "xxxxxxxx"}\n')
     with pytest.raises(CheckpointError, match=r"items\.jsonl:1: line longer than 40 bytes"):
         E.load_cloze(items)
+
+
+def test_merge_gram_files_are_validated(tmp_path, capsys):
+    import numpy as np
+    from _ckpt_factory import make_safetensors_files
+
+    run = make_safetensors_files(tmp_path / "run", n=4)
+    assert main(["analyze", *map(str, run), "-o", str(tmp_path / "rep"), "--quiet"]) == 0
+    good = dict(np.load(tmp_path / "rep" / "gram.npz"))
+    bad = tmp_path / "bad.npz"
+    fifo = tmp_path / "fifo.npz"
+    os.mkfifo(fifo)
+    cases = [
+        (fifo, "FIFO"),
+        ({k: v for k, v in good.items() if k != "per_tensor"}, "array is missing"),
+        ({**good, "gram": good["gram"][:2]}, "inconsistent shapes"),
+        ({**good, "gram": good["gram"] * np.nan}, "non-finite"),
+        ({**good, "names": np.array([{"a": 1}], dtype=object)}, "not a gram.npz"),
+        (b"PK\x03\x04 not a zip", "not a gram.npz"),
+    ]
+    for case, needle in cases:
+        if isinstance(case, dict):
+            np.savez(bad, **case)
+        elif isinstance(case, bytes):
+            bad.write_bytes(case)
+        path = case if isinstance(case, Path) else bad
+        capsys.readouterr()
+        rc = main(
+            ["merge", *map(str, run), "--method", "pc1", "--gram", str(path), "-o", str(tmp_path / "o")]
+        )
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("extramerge: error: "), (needle, err)
+        assert needle in err[0] and str(path) in err[0], (needle, err)

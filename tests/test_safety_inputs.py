@@ -190,3 +190,18 @@ def test_a_run_folder_entry_linking_outside_the_run_is_refused(tmp_path, capsys)
     (tmp_path / "run" / "step_000400.safetensors").symlink_to(run[0].name)  # a link inside the run: fine
     with pytest.raises(CheckpointError, match="given twice"):
         load_checkpoints([tmp_path / "run"])
+
+
+def test_torch_file_messages_do_not_echo_control_bytes(tmp_path, capsys):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("\x1b[2Jgotcha",))
+
+    p = tmp_path / "evil.pt"
+    with open(p, "wb") as f:
+        pickle.dump({"w": Evil()}, f, protocol=2)
+    rc, err = _cli(capsys, "inspect", p)
+    _one_line_error(rc, err, "evil.pt")
+    assert "\x1b" not in err and "gotcha" not in err
