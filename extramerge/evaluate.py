@@ -72,6 +72,7 @@ _WEIGHT_NAMES = (
     "pytorch_model.bin.index.json",
 )
 _TOKENIZER_NAMES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+_TOKENIZER_FILES = (*_TOKENIZER_NAMES, "merges.txt", "special_tokens_map.json", "added_tokens.json")
 
 
 # ---------------------------------------------------------------------------------------------- texts
@@ -91,6 +92,7 @@ def load_texts(path: str | os.PathLike) -> list[str]:
     if not p.exists():
         raise ValueError(f"{p}: no such file or folder")
     if p.is_dir():
+        safety.folder_files(p)  # a .txt link leaving the data folder is refused
         files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix == ".txt")
         if not files:
             raise ValueError(f"{p}: folder holds no .txt files")
@@ -749,14 +751,16 @@ def check_model_folder(path: str | os.PathLike, *, tokenizer: bool = True) -> Pa
         raise ValueError(f"{p}: no model weights (expected model.safetensors or pytorch_model.bin)")
     if tokenizer and _tokenizer_folder(p) is None:
         raise ValueError(f"{p}: no tokenizer (expected tokenizer.json or tokenizer_config.json)")
+    safety.folder_files(p)  # no links leaving the folder, no FIFOs, before transformers opens anything
+    if tokenizer and _tokenizer_folder(p) != p:
+        safety.folder_files(p.parent, _TOKENIZER_FILES)
     return p
 
 
 def tokenizer_files(path: str | os.PathLike) -> list[Path]:
     """The tokenizer files a model folder uses (in it, or in its run folder)."""
     folder = _tokenizer_folder(Path(path))
-    names = (*_TOKENIZER_NAMES, "merges.txt", "special_tokens_map.json", "added_tokens.json")
-    return [] if folder is None else [folder / n for n in names if (folder / n).is_file()]
+    return [] if folder is None else [folder / n for n in _TOKENIZER_FILES if (folder / n).is_file()]
 
 
 def tokenizer_fingerprint(path: str | os.PathLike) -> str | None:

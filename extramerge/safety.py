@@ -32,6 +32,7 @@ __all__ = [
     "parse_json",
     "load_json",
     "jsonl",
+    "folder_files",
     "distinct",
 ]
 
@@ -187,6 +188,19 @@ def jsonl(path: Path, *, limit: int | None = None):
                 raise _error(f"{path}:{lineno}: line longer than {limit} bytes; refusing to parse it")
             if body.strip():
                 yield lineno, parse_json(body, f"{path}:{lineno}")
+
+
+def folder_files(folder: Path, names=None) -> None:
+    """Refuse entries of ``folder`` (all of them, or those ``names`` that exist) that are links leaving it
+    or special files (a FIFO, device or socket), before a library such as transformers opens them."""
+    entries = folder.iterdir() if names is None else (folder / n for n in names)
+    for p in entries:
+        if not (p.exists() or p.is_symlink()) or p.name.startswith("."):
+            continue
+        if not inside(p, folder):
+            raise _error(f"{p}: a link that leaves the folder {folder}; refusing to read it")
+        if p.exists() and not (p.is_file() or p.is_dir()):
+            raise _error(f"{p}: is {kind(os.stat(p).st_mode)}, not a regular file; refusing to read it")
 
 
 def distinct(paths: Iterable[Path]) -> None:

@@ -114,3 +114,33 @@ def test_merge_gram_files_are_validated(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and err[0].startswith("extramerge: error: "), (needle, err)
         assert needle in err[0] and str(path) in err[0], (needle, err)
+
+
+def test_eval_model_folders_and_data_folders_stay_inside(tmp_path, capsys, model):
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"secret": 1}')
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "hello there"}\n')
+    (model / "config.json").unlink()
+    (model / "config.json").symlink_to(secret)
+    assert "leaves the folder" in _eval_error(capsys, model, "--data", data)
+    (model / "config.json").unlink()
+    (model / "config.json").write_text("{}")
+    os.mkfifo(model / "generation_config.json")
+    assert "FIFO" in _eval_error(capsys, model, "--data", data)  # transformers would block opening it
+    (model / "generation_config.json").unlink()
+    # a tokenizer in the run folder (the model's parent) is held to the same rule
+    run = tmp_path / "run"
+    step = run / "step_000100"
+    step.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (step / name).write_text("{}")
+    (run / "tokenizer.json").symlink_to(secret)
+    assert "leaves the folder" in _eval_error(capsys, step, "--data", data)
+    # a data folder's .txt link leaving it
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("fine")
+    (docs / "b.txt").symlink_to(secret)
+    with pytest.raises(ValueError, match="leaves the folder"):
+        E.load_texts(docs)
