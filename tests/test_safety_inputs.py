@@ -205,3 +205,59 @@ def test_torch_file_messages_do_not_echo_control_bytes(tmp_path, capsys):
     rc, err = _cli(capsys, "inspect", p)
     _one_line_error(rc, err, "evil.pt")
     assert "\x1b" not in err and "gotcha" not in err
+
+
+def _hub_layout(tmp_path: Path, src: Path) -> Path:
+    """A huggingface_hub cache entry for src's files: blobs/ plus snapshots/<rev>/ of links into it."""
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snap = repo / "snapshots" / "abc123"
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in src.iterdir():
+        blob = repo / "blobs" / f"blob-{f.name}"
+        shutil.copy(f, blob)
+        (snap / f.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    return snap
+
+
+def test_hub_snapshots_may_link_into_their_cache_but_not_beyond(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    src = make_hf_run(tmp_path / "run", n=1)[0]
+    snap = _hub_layout(tmp_path, src)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(snap))
+    (ck,) = load_checkpoints(["org/tiny"])
+    assert ck.infos and ck.root == snap.parents[1]
+    ck.close()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("x")
+    (snap / "tokenizer.json").symlink_to(secret)
+    with pytest.raises(CheckpointError, match="leaves the checkpoint folder"):
+        load_checkpoints(["org/tiny"])
+
+
+def test_fuzzed_index_weight_maps_open_or_give_a_checkpoint_error(sharded):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    p, doc = _index(sharded)
+    shards = sorted(set(doc["weight_map"].values()))
+    names = st.sampled_from(shards) | st.sampled_from(["..", "/", "", "a/../" + shards[0], "./" + shards[0]])
+    values = names | st.none() | st.integers() | st.lists(st.text(max_size=3), max_size=2)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.dictionaries(st.sampled_from(sorted(doc["weight_map"])), values) | st.lists(st.integers()))
+    def check(weight_map):
+        if isinstance(weight_map, dict):
+            weight_map = {**doc["weight_map"], **weight_map}
+        p.write_text(json.dumps({"weight_map": weight_map}))
+        try:
+            ck = open_checkpoint(sharded)
+        except CheckpointError as e:
+            assert "\n" not in str(e)
+            return
+        with ck:
+            for f in ck.files:
+                assert f.resolve().parent == sharded.resolve()
+
+    check()
