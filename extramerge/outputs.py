@@ -4,31 +4,28 @@ place, and never destroys what it did not write.
 * ``check_output``: an output that is, lies inside or contains an input is refused, compared by device
   and inode (links, bind mounts and '..' spellings cannot hide it) as well as by path;
 * a special file (FIFO, device, socket) at the destination is never replaced, not even with force;
-* ``staging_dir`` / ``publish``: build in ``.NAME.tmp-PID@HOST-*`` beside the output, rename into place
-  (an existing output renamed aside to ``.NAME.old-PID@HOST-*`` first, deleted once the new one is in);
-  leftovers of a killed run on the same output are cleaned by the next one (``clean_stale``);
+* ``staging_dir`` / ``publish`` / ``clean_stale`` (from ``rivervalley._publish``, shared with rivervalley's
+  own outputs): build in ``.NAME.tmp-PID@HOST-*`` beside the output, rename into place (an existing output
+  renamed aside first, deleted once the new one is in); leftovers of a killed run on the same output are
+  cleaned by the next one;
 * ``mark`` / ``marked``: a marker file in every folder this package writes for analyze, so only such a
   folder is ever replaced; ``check_file`` / ``write_file``: a single file (eval's JSON, cloze items)
   replaced only with force and only when ``own`` recognises it as this package's earlier output;
-* ``interruptible``: SIGTERM and SIGHUP raise ``Terminated`` (a KeyboardInterrupt), so they take the
-  same clean-up path as Ctrl-C and leave no staging folder behind.
+* ``interruptible`` (also from ``rivervalley._publish``): SIGTERM and SIGHUP raise ``Terminated`` (a
+  KeyboardInterrupt), so they take the same clean-up path as Ctrl-C and leave no staging folder behind.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
 import shutil
-import signal
-import socket
 import stat
-import tempfile
-import threading
-import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from rivervalley import _publish
+from rivervalley._publish import Terminated, clean_stale, interruptible, staging_dir
 
 from .safety import _error, kind
 
@@ -127,92 +124,15 @@ def check_output(output, inputs: Iterable = (), *, force: bool = False, what: st
 
 # ------------------------------------------------------------------------------------ staging and publishing
 
-_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32]
-
-
-def _tag() -> str:
-    return f"{os.getpid()}@{_HOST}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # another user's process
-    return True
-
-
-def clean_stale(out: Path) -> list[Path]:
-    """Remove what a killed run (kill -9, power loss) left beside ``out``: its staging folders, and a
-    replaced output renamed aside (deleted when a new output is in place, else renamed back). Only
-    leftovers of processes of this host that no longer run are touched; returns what was cleaned."""
-    pat = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)@{re.escape(_HOST)}-")
-    cleaned = []
-    with contextlib.suppress(OSError):
-        for p in out.parent.iterdir():
-            m = pat.match(p.name)
-            if m is None or _alive(int(m.group(2))):
-                continue
-            if m.group(1) == "old" and not (out.exists() or out.is_symlink()):
-                os.rename(p, out)  # killed between the two renames of publish: the old output comes back
-            elif p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-            cleaned.append(p)
-    return cleaned
-
-
-def staging_dir(out: Path) -> Path:
-    """A fresh temporary folder next to ``out`` (parents created) in which to build an output before
-    renaming it into place. mkdtemp makes it 0700; it gets the usual mode (0777 & ~umask), as the
-    published folder should. Leftovers of killed runs on the same output are cleaned first."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_tag()}-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
-    return tmp
-
-
-def _umask() -> int:
-    try:  # read it rather than set it: os.umask is process-wide and racy under threads
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o22)
-    os.umask(mask)
-    return mask
-
 
 def publish(src: Path, dst: Path, force: bool) -> None:
-    """Rename ``src`` to ``dst``; an existing ``dst`` (allowed by check_output) is renamed aside first and
-    deleted only after the new one is in place. A special file at ``dst`` is never replaced."""
-    aside = None
+    """``rivervalley._publish.publish`` (rename into place, an existing ``dst`` renamed aside first and
+    deleted once the new one is in), refusing a special file at ``dst`` even with force."""
     refuse_special(dst)
-    if dst.exists() or dst.is_symlink():
-        if dst.is_dir() and not dst.is_symlink() and not any(dst.iterdir()):
-            dst.rmdir()
-        elif not force:
-            raise _error(f"output {dst} appeared while writing; pass force=True to replace it")
-        else:
-            aside = dst.with_name(f".{dst.name}.old-{_tag()}-{uuid.uuid4().hex[:8]}")
-            os.rename(dst, aside)
     try:
-        os.rename(src, dst)
-    except BaseException:
-        if aside is not None:
-            os.rename(aside, dst)
-        raise
-    if aside is not None:
-        if aside.is_dir() and not aside.is_symlink():
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            aside.unlink()
+        _publish.publish(src, dst, force)
+    except FileExistsError as e:
+        raise _error(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------- ownership
@@ -278,29 +198,3 @@ def write_file(path, text: str, **policy) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ signals
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP arrived: raised where the program is, to unwind through the clean-up code."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _raise(signum, frame):
-    raise Terminated(signum)
-
-
-@contextlib.contextmanager
-def interruptible():
-    """Within this block SIGTERM and SIGHUP raise ``Terminated`` (main thread only; restored after)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {s: signal.signal(s, _raise) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)

@@ -17,6 +17,7 @@ from experiments.lm.tokenizer import build_tokenizer
 from extramerge import outputs
 from extramerge.checkpoints import CheckpointError
 from extramerge.cli import main
+from rivervalley import _publish
 
 
 def _run(capsys, *argv) -> tuple[int, str]:
@@ -226,13 +227,48 @@ def test_leftovers_of_a_killed_run_are_cleaned_by_the_next(tmp_path, capsys):
     assert _run(capsys, "merge", *run, "--method", "sma", "-o", out, "--quiet")[0] == 0
     assert _leftovers(tmp_path) == []
     # killed between publish's two renames: the old output sits aside and comes back
-    tag = f"{_dead_pid()}@{outputs._HOST}"
+    tag = f"{_dead_pid()}@{_publish._HOST}"
     out.rename(tmp_path / f".merged.old-{tag}-0000")
     assert _run(capsys, "merge", *run, "--method", "sma", "-o", out, "--quiet")[0] == 2  # it is back: --force
     assert (out / "merge.json").is_file() and _leftovers(tmp_path) == []
     # an aside copy with a newer output in place is deleted; a live process's staging folder is kept
     (tmp_path / f".merged.old-{tag}-1111").mkdir()
-    live = tmp_path / f".merged.tmp-{os.getpid()}@{outputs._HOST}-2222"
+    live = tmp_path / f".merged.tmp-{os.getpid()}@{_publish._HOST}-2222"
     live.mkdir()
     assert _run(capsys, "merge", *run, "--method", "sma", "-o", out, "--quiet", "--force")[0] == 0
     assert _leftovers(tmp_path) == [live.name]
+
+
+_RV_SIGNAL = """
+import os, signal, sys
+import numpy as np
+from rivervalley.cli import main
+
+real = np.savez_compressed
+def interrupted(*a, **k):
+    real(*a, **k)  # the staging folder now holds a written file
+    os.kill(os.getpid(), signal.SIGTERM)
+np.savez_compressed = interrupted
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_rivervalley_outputs_are_atomic_and_leave_nothing_on_sigterm(tmp_path, capsys):
+    from rivervalley import cli as rcli
+
+    out = tmp_path / "sim"
+    argv = ["simulate", "--steps", "20", "--seeds", "4", "-o", str(out)]
+    assert rcli.main(argv) == 0
+    assert {p.name for p in out.iterdir()} == {"checkpoints.npz", "loss_curve.csv", "config.json"}
+    (out / "config.json").unlink()
+    os.mkfifo(out / "config.json")
+    capsys.readouterr()
+    assert rcli.main(argv) == 2
+    assert "not a regular file" in capsys.readouterr().err
+    (out / "config.json").unlink()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    p = subprocess.run(
+        [sys.executable, "-c", _RV_SIGNAL, *argv], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert p.returncode == 128 + signal.SIGTERM and "rivervalley: terminated (SIGTERM)" in p.stderr
+    assert _leftovers(tmp_path) == [] and not (out / "config.json").exists()
