@@ -997,8 +997,9 @@ def _record_path(output: Path) -> Path:
     return output / "merge.json"
 
 
-def _check_record_path(rec: Path) -> None:
+def check_record_path(output: Path) -> None:
     """X.merge.json beside an output file X.safetensors is replaced only when it is our own record."""
+    rec = _record_path(output)
     outputs.refuse_special(rec)
     if (rec.exists() or rec.is_symlink()) and (rec.is_symlink() or not _is_record(rec)):
         raise CheckpointError(
@@ -1458,7 +1459,7 @@ def write_checkpoint(
     out = check_output(output, [*([template] if template is not None else []), *inputs], force=force)
     out, fname = output_layout(out, fmt, template)
     if record is not None and out.suffix in WEIGHT_SUFFIXES:
-        _check_record_path(_record_path(out))
+        check_record_path(out)
     infos = dict(infos)
     aliases = {a: c for a, c in (template.aliases if template is not None else {}).items() if c in infos}
     tmp = staging_dir(out)
@@ -1519,7 +1520,7 @@ def write_checkpoint(
             published = [out / f for f in files]
         else:
             if record is not None:
-                publish(tmp / rec_name, _record_path(out), force=True)  # vetted by _check_record_path
+                publish(tmp / rec_name, _record_path(out), force=True)  # vetted by check_record_path
             publish(tmp / fname, out, force)
             tmp.rmdir()
             published = [out] + ([_record_path(out)] if record is not None else [])

@@ -102,9 +102,10 @@ def refuse_special(path: Path, output: object = None) -> None:
         raise _error(f"output {output or path} is {kind(mode)}; refusing to replace it, even with --force")
 
 
-def check_output(output, inputs: Iterable = (), *, force: bool = False, what: str = "input checkpoint"):
+def check_output(output, inputs: Iterable = (), *, force=False, what="input checkpoint", clean=True) -> Path:
     """Refuse an output that is, contains or lies inside an input, that is a special file, or that exists
-    (non-empty) without force. Returns the absolute output path."""
+    (non-empty) without force. Returns the absolute output path. ``clean``: first remove (or put back)
+    what a killed run left beside it (off for a dry run, which changes nothing)."""
     from .checkpoints import WEIGHT_SUFFIXES
 
     out = Path(os.path.abspath(output))
@@ -112,7 +113,8 @@ def check_output(output, inputs: Iterable = (), *, force: bool = False, what: st
         rel = overlap(out, p)
         if rel is not None:
             raise _error(f"output {output} {rel} the {what} {p}; choose another output")
-    clean_stale(out)  # a killed run's aside copy may be the output itself: put it back before checking
+    if clean:
+        clean_stale(out)  # a killed run's aside copy may be the output itself: put it back before checking
     refuse_special(out, output)
     if out.exists() and not force:
         if out.is_file() or out.is_symlink() or any(out.iterdir()):

@@ -145,6 +145,9 @@ def test_merge_file_output_keeps_an_unrelated_record_file(tmp_path, capsys):
     mine = tmp_path / "X.merge.json"
     mine.write_text('{"my": "notes"}')
     _refused(capsys, "merge", *run, "--method", "sma", "-o", out, "--force", "--quiet", needle="X.merge.json")
+    _refused(
+        capsys, "merge", *run, "--method", "sma", "-o", out, "--dry-run", needle="X.merge.json"
+    )  # up front
     assert mine.read_text() == '{"my": "notes"}' and not out.exists()
     mine.unlink()
     assert _run(capsys, "merge", *run, "--method", "sma", "-o", out, "--quiet")[0] == 0
@@ -224,6 +227,8 @@ def test_leftovers_of_a_killed_run_are_cleaned_by_the_next(tmp_path, capsys):
     )
     p = subprocess.run([sys.executable, "-c", code, str(out)], env=env, timeout=60)
     assert p.returncode == -9 and len(_leftovers(tmp_path)) == 1  # what kill -9 leaves
+    assert _run(capsys, "merge", *run, "--method", "sma", "-o", out, "--dry-run")[0] == 0
+    assert len(_leftovers(tmp_path)) == 1  # a dry run changes nothing on disk
     assert _run(capsys, "merge", *run, "--method", "sma", "-o", out, "--quiet")[0] == 0
     assert _leftovers(tmp_path) == []
     # killed between publish's two renames: the old output sits aside and comes back
