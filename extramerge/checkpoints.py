@@ -260,7 +260,8 @@ class _SafetensorsFile:
         fd = safety.open_regular(path, root=root)  # refuses a FIFO/device before reading a byte
         try:
             with os.fdopen(fd, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
+                st = os.fstat(f.fileno())
+                size, self._id = st.st_size, (st.st_dev, st.st_ino, st.st_size)
                 head = f.read(8)
                 if len(head) < 8:
                     raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header)")
@@ -285,6 +286,16 @@ class _SafetensorsFile:
         self._drop = (0, 0)  # pending page range to unmap, batched (see advise)
         self.mappable = True
 
+    def _open(self) -> int:
+        """A descriptor of the very file whose header was validated, at the size it had (a file swapped in
+        or truncated since, or a FIFO, is refused rather than read)."""
+        fd = safety.open_regular(self.path)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino, st.st_size) != self._id:
+            os.close(fd)
+            raise CheckpointError(f"{self.path}: replaced or resized while open; run again")
+        return fd
+
     def read_array(self, name: str, start: int, stop: int, out=None) -> np.ndarray:
         """Elements [start, stop) read with pread into ``out`` (any contiguous array or tensor with enough
         bytes, reused by the caller) or a fresh array."""
@@ -297,7 +308,7 @@ class _SafetensorsFile:
             arr = _bytes_of(out)[: count * dt.itemsize].view(dt)
         view = memoryview(arr.view(np.uint8))
         pos, done = self.offsets[name] + start * dt.itemsize, 0
-        fd = os.open(self.path, os.O_RDONLY)
+        fd = self._open()
         try:
             while done < len(view):
                 got = os.preadv(fd, [view[done:]], pos + done)
@@ -333,7 +344,7 @@ class _SafetensorsFile:
             with self._lock:
                 if self._mm is None and self.mappable:
                     try:
-                        with open(self.path, "rb") as f:
+                        with os.fdopen(self._open(), "rb") as f:
                             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                         anchor = np.frombuffer(mm, dtype=np.uint8, count=1)
                         self._base = anchor.__array_interface__["data"][0]

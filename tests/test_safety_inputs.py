@@ -261,3 +261,17 @@ def test_fuzzed_index_weight_maps_open_or_give_a_checkpoint_error(sharded):
                 assert f.resolve().parent == sharded.resolve()
 
     check()
+
+
+def test_a_file_swapped_or_truncated_after_opening_is_not_read(tmp_path):
+    a, b = make_safetensors_files(tmp_path / "run", n=2)
+    with open_checkpoint(a) as ck:
+        name = next(iter(ck.infos))
+        ck.read(name)
+        os.replace(b, a)  # another (valid) file under the same name
+        with pytest.raises(CheckpointError, match="replaced or resized while open"):
+            ck.read(name)
+    with open_checkpoint(a) as ck:
+        os.truncate(a, os.path.getsize(a) - 4)
+        with pytest.raises(CheckpointError, match="replaced or resized while open"):
+            ck.read(name)
