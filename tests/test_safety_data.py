@@ -1,6 +1,7 @@
 """Issue 10 (C): data files for `extramerge eval --data` / `--cloze` are read as regular files, one
 bounded line at a time, and any malformed line is one error line naming file:line (exit 2)."""
 
+import json
 import os
 import time
 from pathlib import Path
@@ -144,3 +145,27 @@ def test_eval_model_folders_and_data_folders_stay_inside(tmp_path, capsys, model
     (docs / "b.txt").symlink_to(secret)
     with pytest.raises(ValueError, match="leaves the folder"):
         E.load_texts(docs)
+
+
+def test_fuzzed_jsonl_lines_load_or_give_one_line_errors(tmp_path):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    leaf = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10)
+    value = st.recursive(
+        leaf, lambda k: st.lists(k, max_size=3) | st.dictionaries(st.text(max_size=5), k, max_size=3)
+    )
+    line = st.builds(lambda v: json.dumps(v).encode(), value) | st.binary(max_size=60)
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(line, max_size=4))
+    def check(lines):
+        data = tmp_path / "fuzz.jsonl"
+        data.write_bytes(b"\n".join(lines) + b"\n")
+        for load in (E.load_texts, E.load_cloze):
+            try:
+                load(data)
+            except ValueError as e:
+                assert "\n" not in str(e) and str(data) in str(e)
+
+    check()
