@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from extramerge.checkpoints import publish
+from extramerge.checkpoints import publish, staging_dir
 
 from .tokenizer import EOS_ID, encode
 
@@ -394,10 +394,7 @@ def _join(pieces: list[str]) -> np.ndarray:
 
 
 def _write_atomic(out_dir: Path, arrays: dict, by_split: dict, meta: dict) -> None:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = staging_dir(out_dir)
     try:
         for s in SPLITS:
             np.save(tmp / f"{s}.npy", arrays[s])

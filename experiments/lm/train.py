@@ -46,7 +46,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from extramerge.checkpoints import publish
+from extramerge.checkpoints import publish, staging_dir
+from rivervalley._publish import write_file
 from rivervalley.schedules import Schedule, get_schedule, wsd
 
 from . import data as lmdata
@@ -490,12 +491,16 @@ class _Run:
     def _save_checkpoint(self, factor: float) -> None:
         t = time.perf_counter()
         name = f"step_{self.step:06d}"
-        final, tmp = self.dir / name, self.dir / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        with _quiet_transformers():
-            self.model.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-        publish(tmp, final, force=True)
+        final = self.dir / name
+        tmp = staging_dir(final)  # a killed run's leftovers beside it are cleaned first
+        try:
+            with _quiet_transformers():
+                self.model.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+            publish(tmp, final, force=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         self.checkpoints = [c for c in self.checkpoints if c["step"] != self.step]
         self.checkpoints.append(
             {
@@ -534,9 +539,7 @@ class _Run:
             "loss_sum": self.loss_sum.detach().cpu(),
             "meta": json.dumps(meta, default=str),
         }
-        tmp = folder / f".{RESUME_FILE}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, folder / RESUME_FILE)
+        write_file(folder / RESUME_FILE, lambda p: torch.save(state, p))
         self.timings["resume_s"] += time.perf_counter() - t
 
     def _load_resume(self) -> None:
@@ -607,9 +610,8 @@ class _Run:
                 "python": platform.python_version(),
             },
         }
-        tmp = self.dir / ".run.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, self.dir / "run.json")
+        text = json.dumps(record, indent=2) + "\n"
+        write_file(self.dir / "run.json", lambda p: p.write_text(text))
 
     def _tokens_per_s(self) -> float:
         return (
