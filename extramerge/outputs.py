@@ -197,6 +197,3 @@ def write_file(path, text: str, **policy) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-# ------------------------------------------------------------------------------------------------ signals

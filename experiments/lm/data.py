@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from extramerge import safety
 from extramerge.checkpoints import publish, staging_dir
 
 from .tokenizer import EOS_ID, encode
@@ -373,8 +374,10 @@ def prepare(
     }
     if (out_dir / "meta.json").is_file():
         old = load_meta(out_dir)
-        if old.get("content_hash") == meta["content_hash"] and all(
-            (out_dir / f"{s}.npy").is_file() for s in SPLITS
+        if (
+            isinstance(old, dict)
+            and old.get("content_hash") == meta["content_hash"]
+            and all((out_dir / f"{s}.npy").is_file() for s in SPLITS)
         ):
             return out_dir
         if not overwrite:
@@ -420,4 +423,4 @@ def load_split(data_dir: str | os.PathLike, split: str = "train") -> np.ndarray:
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict:
-    return json.loads((Path(data_dir) / "meta.json").read_text())
+    return safety.load_json(Path(data_dir) / "meta.json")  # a regular file, bounded, strict JSON
