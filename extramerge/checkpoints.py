@@ -313,7 +313,8 @@ class _SafetensorsFile:
             while done < len(view):
                 got = os.preadv(fd, [view[done:]], pos + done)
                 if got <= 0:
-                    raise CheckpointError(f"{self.path}: unexpected end of file reading tensor '{name}'")
+                    what = safety.shown(name)
+                    raise CheckpointError(f"{self.path}: unexpected end of file reading tensor {what}")
                 done += got
         finally:
             os.close(fd)
@@ -479,7 +480,8 @@ class _TorchFile:
                 continue
             name = _strip_prefixes(str(key), self.prefixes)
             if name in self.tensors or name in self.aliases:
-                raise CheckpointError(f"{path}: tensor '{name}' appears twice once prefixes are stripped")
+                what = safety.shown(name)
+                raise CheckpointError(f"{path}: tensor {what} appears twice once prefixes are stripped")
             ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
             if t.numel() > 0 and ident in seen:
                 self.aliases[name] = seen[ident]  # tied weights, e.g. lm_head.weight = transformer.wte.weight
@@ -594,7 +596,8 @@ class Checkpoint:
         for src in sources:
             for n, info in src.infos.items():
                 if n in self._where:
-                    raise CheckpointError(f"{self.path}: tensor '{n}' is stored twice ({src.path.name})")
+                    what = safety.shown(n)
+                    raise CheckpointError(f"{self.path}: tensor {what} is stored twice ({src.path.name})")
                 self._where[n] = src
                 self.infos[n] = info
             self.aliases.update(getattr(src, "aliases", {}))
@@ -623,7 +626,7 @@ class Checkpoint:
         try:
             return self._where[name], name
         except KeyError:
-            raise CheckpointError(f"{self.name}: no tensor '{name}'") from None
+            raise CheckpointError(f"{self.name}: no tensor {safety.shown(name)}") from None
 
     def _copies(self, name: str) -> bool:
         """Whether ranged reads of ``name`` copy into a caller's buffer (safetensors) or return views."""
@@ -962,21 +965,22 @@ def check_compatible(ckpts: Sequence[Checkpoint]) -> dict[str, TensorInfo]:
     for other in ckpts[1:]:
         a, b = ref.infos, other.infos
         for name, info in a.items():
-            o = b.get(name)
+            o, shown = b.get(name), safety.shown(name)
             if o is None:
-                raise CheckpointError(f"tensor '{name}' is in {ref.name} but missing from {other.name}")
+                raise CheckpointError(f"tensor {shown} is in {ref.name} but missing from {other.name}")
             if o.shape != info.shape:
                 raise CheckpointError(
-                    f"tensor '{name}' has shape {info.shape} in {ref.name} but {o.shape} in {other.name}"
+                    f"tensor {shown} has shape {info.shape} in {ref.name} but {o.shape} in {other.name}"
                 )
             if o.dtype_str != info.dtype_str:
                 raise CheckpointError(
-                    f"tensor '{name}' has dtype {info.dtype_name} in {ref.name} but "
+                    f"tensor {shown} has dtype {info.dtype_name} in {ref.name} but "
                     f"{o.dtype_name} in {other.name}"
                 )
         for name in b:
             if name not in a:
-                raise CheckpointError(f"tensor '{name}' is in {other.name} but missing from {ref.name}")
+                what = safety.shown(name)
+                raise CheckpointError(f"tensor {what} is in {other.name} but missing from {ref.name}")
     return dict(ckpts[-1].infos)
 
 

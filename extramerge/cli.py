@@ -60,6 +60,7 @@ def _count(n: int) -> str:
 
 def _inspect(args) -> int:
     from .checkpoints import check_compatible, load_checkpoints
+    from .safety import shown
 
     ckpts = load_checkpoints(args.checkpoints)
     try:
@@ -98,7 +99,8 @@ def _inspect(args) -> int:
                 f"{_human(r['bytes']):>10}  {dt}  {r['path']}"
             )
             if r["aliases"]:
-                print(f"{'':>4}tied/aliased: " + ", ".join(f"{a} -> {b}" for a, b in r["aliases"].items()))
+                pairs = (f"{shown(a)} -> {shown(b)}" for a, b in r["aliases"].items())  # names from the file
+                print(f"{'':>4}tied/aliased: " + ", ".join(pairs))
         if consistency["consistent"]:
             print(
                 f"consistent: yes ({len(rows)} checkpoints, {consistency['tensors']} tensors with equal "
@@ -548,12 +550,15 @@ class _InputError(ValueError):
     """An input problem already reported in full on stdout; stderr gets its one line."""
 
 
-def _oneline(e: BaseException) -> str:
+def _oneline(e: BaseException, limit: int = 2000) -> str:
+    """The message on one line, control characters escaped (a name read from a file cannot drive the
+    terminal), at most ``limit`` characters."""
     if isinstance(e, OSError) and e.filename and e.strerror:
         msg = f"{e.strerror}: {e.filename}"
     else:
         msg = str(e) or type(e).__name__
-    return " ".join(msg.split())
+    msg = "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(msg.split()))
+    return msg if len(msg) <= limit else msg[:limit] + "..."
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -275,3 +275,19 @@ def test_a_file_swapped_or_truncated_after_opening_is_not_read(tmp_path):
         os.truncate(a, os.path.getsize(a) - 4)
         with pytest.raises(CheckpointError, match="replaced or resized while open"):
             ck.read(name)
+
+
+def test_tensor_names_in_messages_are_escaped_and_shortened(tmp_path, capsys):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    evil = "\x1b]0;pwned\x07\x1b[2J" + "B" * 5000
+    save_file({"w": np.zeros(2, np.float32), evil: np.zeros(1, np.float32)}, str(tmp_path / "a.safetensors"))
+    save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / "b.safetensors"))
+    capsys.readouterr()
+    rc = main(["inspect", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")])
+    out, err = capsys.readouterr()
+    _one_line_error(rc, err, "missing from")
+    for text in (out, err):
+        assert "\x1b" not in text and "\x07" not in text and "B" * 200 not in text
+    assert "\\x1b" in err
