@@ -301,3 +301,27 @@ def test_study_replaces_only_a_folder_marked_as_a_study(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(CheckpointError, match="FIFO"):
         study._check_output(fifo, run, force=True)
+
+
+_ANALYZE_SIGNAL = """
+import os, signal, sys
+from extramerge import trajectory
+from extramerge.cli import main
+
+real = trajectory.GramData.save
+def interrupted(self, path):
+    real(self, path)  # gram.npz is in the staging folder
+    os.kill(os.getpid(), signal.SIGHUP)
+trajectory.GramData.save = interrupted
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sighup_during_analyze_leaves_no_staging_folder(tmp_path):
+    run = make_safetensors_files(tmp_path / "run", n=4)
+    out = tmp_path / "report"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-c", _ANALYZE_SIGNAL, "analyze", *map(str, run), "-o", str(out), "--quiet"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 128 + signal.SIGHUP and p.stderr.strip() == "extramerge: terminated (SIGHUP)"
+    assert not out.exists() and _leftovers(tmp_path) == []
