@@ -87,3 +87,17 @@ def test_a_library_others_can_write_is_not_loaded(tmp_path, monkeypatch):
     monkeypatch.setattr("tempfile.tempdir", str(fallback))
     lib, detail = _native._load()
     assert lib is not None and str(fallback) in detail  # skipped, built afresh in the private fallback
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to make a link owned by another user")
+def test_a_cache_link_owned_by_another_user_is_refused(tmp_path):
+    from rivervalley import _native
+
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(mine)
+    _native._check_private(link)  # our own link to our own private folder: fine
+    os.lchown(link, 4242, 4242)  # planted by someone else (as in a shared /tmp)
+    with pytest.raises(OSError, match="not private to this user"):
+        _native._check_private(link)

@@ -117,9 +117,14 @@ def _private_folder(folder: Path) -> None:
 
 
 def _check_private(path: Path) -> None:
-    """Refuse ``path`` unless this user owns it and neither group nor others may write to it."""
+    """Refuse ``path`` unless this user owns it (and the link, if it is one: another user's link in /tmp
+    to a folder of ours would not do) and neither group nor others may write to it."""
     st = path.stat()
-    if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    if (
+        os.lstat(path).st_uid != os.getuid()
+        or st.st_uid != os.getuid()
+        or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    ):
         raise OSError(f"{path} is not private to this user (owner, or group/world write permission)")
 
 
