@@ -24,6 +24,7 @@ import torch
 from paper_figures import run_all
 from rivervalley import theory, validate
 from rivervalley import weights as W
+from rivervalley._publish import write_file
 from rivervalley.landscapes import QuadraticRiverValley
 from rivervalley.simulate import simulate
 
@@ -68,13 +69,8 @@ def stage_simulate(out: Path, *, fast: bool, seed: int = 0) -> dict:
     )
     out.mkdir(parents=True, exist_ok=True)
     X = res.checkpoints.numpy()
-    np.savez_compressed(
-        out / "checkpoints.npz",
-        checkpoints=X,
-        ckpt_steps=res.ckpt_steps,
-        ckpt_loss=res.ckpt_loss.numpy(),
-        curvatures=lam,
-    )
+    arrays = dict(checkpoints=X, ckpt_steps=res.ckpt_steps, ckpt_loss=res.ckpt_loss.numpy(), curvatures=lam)
+    write_file(out / "checkpoints.npz", lambda p: np.savez_compressed(p, **arrays))
     win = np.lib.stride_tricks.sliding_window_view(X, N_MERGE, axis=1)  # [S, windows, p, N]
     last_loss = res.ckpt_loss.numpy()[:, N_MERGE - 1 :]
     rows = []
@@ -99,7 +95,8 @@ def stage_simulate(out: Path, *, fast: bool, seed: int = 0) -> dict:
         "scenario": dict(SCENARIO, power_law=POWER_LAW, m=M, n_merge=N_MERGE, seeds=seeds, n_ckpts=n_ckpts),
         "methods": rows,
     }
-    (out / "merges.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+    text = json.dumps(summary, indent=1, ensure_ascii=False)
+    write_file(out / "merges.json", lambda p: p.write_text(text))
     return summary
 
 
@@ -109,8 +106,9 @@ def stage_validate(out: Path, *, fast: bool, seed: int = 0) -> validate.Report:
     )
     out.mkdir(parents=True, exist_ok=True)
     name = "validation_fast" if fast else "validation"
-    (out / f"{name}.json").write_text(json.dumps(report.to_dict(), indent=1, ensure_ascii=False))
-    (out / f"{name}.txt").write_text(validate.format_table(report) + "\n")
+    text = json.dumps(report.to_dict(), indent=1, ensure_ascii=False)
+    write_file(out / f"{name}.json", lambda p: p.write_text(text))
+    write_file(out / f"{name}.txt", lambda p: p.write_text(validate.format_table(report) + "\n"))
     return report
 
 

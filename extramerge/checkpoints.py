@@ -37,16 +37,18 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 import threading
 import time
-import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from . import outputs, safety
+from .outputs import check_output, publish, staging_dir
+from .st_header import parse_header
 
 __all__ = [
     "CheckpointError",
@@ -81,6 +83,7 @@ _DROP_KEYS = ("optimizer", "optimizers", "optimizer_states", "optim", "lr_schedu
               "scheduler", "scaler", "grad_scaler", "rng_state", "rng_states")  # fmt: skip
 _KEEP_TENSOR_BYTES = 2**20  # extras holding more tensor bytes than this are dropped too
 _PREFIXES = ("_orig_mod.", "module.")
+_INDEXES = {"hf-safetensors": "model.safetensors.index.json", "hf-bin": "pytorch_model.bin.index.json"}
 _ST_HEADER_LIMIT = 100 * 2**20  # the safetensors library refuses larger headers too
 
 # Safetensors dtype codes -> (torch/numpy name, bytes per element). Insertion order is the safetensors
@@ -92,6 +95,7 @@ _ST_DTYPES = {
     "C64": ("complex64", 8), "F64": ("float64", 8), "I64": ("int64", 8), "U64": ("uint64", 8),
 }  # fmt: skip
 _ST_RANK = {code: i for i, code in enumerate(_ST_DTYPES)}
+_ST_ITEMSIZE = {code: nbytes for code, (_, nbytes) in _ST_DTYPES.items()}
 _CODE_OF = {name: code for code, (name, _) in _ST_DTYPES.items()}
 _FLOAT_CODES = frozenset({"F8_E5M2", "F8_E4M3", "F16", "BF16", "F32", "F64"})
 _ML_DTYPES = ("bfloat16", "float8_e5m2", "float8_e4m3fn")  # numpy has no such dtypes: ml_dtypes does
@@ -251,11 +255,13 @@ class _SafetensorsFile:
     """One .safetensors file: header parsed and validated up front, tensor bytes read with pread or
     through a shared read-only memory map."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, root: Path | None = None):
         self.path = path
+        fd = safety.open_regular(path, root=root)  # refuses a FIFO/device before reading a byte
         try:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(f.fileno())
+                size, self._id = st.st_size, (st.st_dev, st.st_ino, st.st_size)
                 head = f.read(8)
                 if len(head) < 8:
                     raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header)")
@@ -268,44 +274,27 @@ class _SafetensorsFile:
                 raw = f.read(n)
         except OSError as e:
             raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
-        try:
-            header = json.loads(raw)
-            if not isinstance(header, dict):
-                raise ValueError("header is not a JSON object")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
         self.data_start = 8 + n
-        self.metadata = header.pop("__metadata__", None) or {}
-        avail = size - self.data_start
-        entries = []
-        for name, meta in header.items():
-            try:
-                code = meta["dtype"]
-                if code not in _ST_DTYPES:
-                    raise ValueError(code)
-                shape = tuple(int(s) for s in meta["shape"])
-                begin, end = (int(o) for o in meta["data_offsets"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise CheckpointError(
-                    f"{path}: corrupt or unsupported header entry for tensor '{name}'"
-                ) from e
-            info = TensorInfo(name, shape, code)
-            if min(shape, default=0) < 0 or end - begin != info.nbytes or begin < 0:
-                raise CheckpointError(f"{path}: tensor '{name}' has data offsets inconsistent with its shape")
-            if end > avail:
-                raise CheckpointError(
-                    f"{path}: truncated file: tensor '{name}' ends at byte {self.data_start + end} but the "
-                    f"file has {size} bytes"
-                )
-            entries.append((begin, name, info))
-        entries.sort(key=lambda e: e[0])  # stored order = data order, the order to read sequentially
-        self.infos = {name: info for _, name, info in entries}
-        self.offsets = {name: self.data_start + begin for begin, name, _ in entries}
+        header = parse_header(path, raw, self.data_start, size, _ST_ITEMSIZE)
+        self.metadata = header.metadata
+        # stored order = data order, the order to read sequentially
+        self.infos = {e.name: TensorInfo(e.name, e.shape, e.dtype) for e in header.entries}
+        self.offsets = {e.name: self.data_start + e.begin for e in header.entries}
         self._mm = None
         self._base = 0
         self._lock = threading.Lock()
         self._drop = (0, 0)  # pending page range to unmap, batched (see advise)
         self.mappable = True
+
+    def _open(self) -> int:
+        """A descriptor of the very file whose header was validated, at the size it had (a file swapped in
+        or truncated since, or a FIFO, is refused rather than read)."""
+        fd = safety.open_regular(self.path)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino, st.st_size) != self._id:
+            os.close(fd)
+            raise CheckpointError(f"{self.path}: replaced or resized while open; run again")
+        return fd
 
     def read_array(self, name: str, start: int, stop: int, out=None) -> np.ndarray:
         """Elements [start, stop) read with pread into ``out`` (any contiguous array or tensor with enough
@@ -319,12 +308,13 @@ class _SafetensorsFile:
             arr = _bytes_of(out)[: count * dt.itemsize].view(dt)
         view = memoryview(arr.view(np.uint8))
         pos, done = self.offsets[name] + start * dt.itemsize, 0
-        fd = os.open(self.path, os.O_RDONLY)
+        fd = self._open()
         try:
             while done < len(view):
                 got = os.preadv(fd, [view[done:]], pos + done)
                 if got <= 0:
-                    raise CheckpointError(f"{self.path}: unexpected end of file reading tensor '{name}'")
+                    what = safety.shown(name)
+                    raise CheckpointError(f"{self.path}: unexpected end of file reading tensor {what}")
                 done += got
         finally:
             os.close(fd)
@@ -355,7 +345,7 @@ class _SafetensorsFile:
             with self._lock:
                 if self._mm is None and self.mappable:
                     try:
-                        with open(self.path, "rb") as f:
+                        with os.fdopen(self._open(), "rb") as f:
                             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                         anchor = np.frombuffer(mm, dtype=np.uint8, count=1)
                         self._base = anchor.__array_interface__["data"][0]
@@ -449,10 +439,11 @@ def _madvise(addr: int, length: int, advice: str) -> None:
 class _TorchFile:
     """A PyTorch pickle/zip file memory-mapped with torch.load(weights_only=True, mmap=True)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, root: Path | None = None):
         import torch
 
         self.path = path
+        safety.regular(path, root=root)  # a FIFO/device would block torch.load
         obj = _torch_load(path)
         if not isinstance(obj, Mapping):
             raise CheckpointError(
@@ -489,7 +480,8 @@ class _TorchFile:
                 continue
             name = _strip_prefixes(str(key), self.prefixes)
             if name in self.tensors or name in self.aliases:
-                raise CheckpointError(f"{path}: tensor '{name}' appears twice once prefixes are stripped")
+                what = safety.shown(name)
+                raise CheckpointError(f"{path}: tensor {what} appears twice once prefixes are stripped")
             ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
             if t.numel() > 0 and ident in seen:
                 self.aliases[name] = seen[ident]  # tied weights, e.g. lm_head.weight = transformer.wte.weight
@@ -531,13 +523,14 @@ def _torch_load(path: Path):
         m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
         what = (m.group(1) if m else text.strip() or type(e).__name__).strip().splitlines()[0]
         if "Unsupported global" in text:
-            what = re.sub(r" Please use .*", "", what)
+            what = safety.shown(re.sub(r" Please use .*", "", what), 200)[1:-1]  # names from the file
             raise CheckpointError(
                 f"{path}: holds Python objects that torch.load(weights_only=True) refuses to unpickle "
                 f"({what}); re-save the state dict alone"
             ) from e
+        what = safety.shown(what, 200)[1:-1]
         raise CheckpointError(
-            f"{path}: corrupt or not a PyTorch checkpoint ({type(e).__name__}: {what[:200]})"
+            f"{path}: corrupt or not a PyTorch checkpoint ({type(e).__name__}: {what})"
         ) from e
 
 
@@ -587,8 +580,9 @@ class Checkpoint:
     (the weight files), ``config`` (config.json of an HF folder, else None).
     """
 
-    def __init__(self, path: Path, fmt: str, sources: list, *, name: str | None = None, step=None):
+    def __init__(self, path: Path, fmt: str, sources: list, *, name: str | None = None, step=None, root=None):
         self.path = Path(path)
+        self.root = Path(root) if root is not None else self.path  # every file read lies inside it
         self.format = fmt
         self.name = name or (self.path.name + ("/" if self.path.is_dir() else ""))
         self.step = parse_step(self.path.name) if step is None else step
@@ -602,24 +596,25 @@ class Checkpoint:
         for src in sources:
             for n, info in src.infos.items():
                 if n in self._where:
-                    raise CheckpointError(f"{self.path}: tensor '{n}' is stored twice ({src.path.name})")
+                    what = safety.shown(n)
+                    raise CheckpointError(f"{self.path}: tensor {what} is stored twice ({src.path.name})")
                 self._where[n] = src
                 self.infos[n] = info
             self.aliases.update(getattr(src, "aliases", {}))
             self.metadata.update(src.metadata)
         if "extramerge.aliases" in self.metadata:  # written by our safetensors writer for untied aliases
-            try:
-                self.aliases.update(json.loads(self.metadata["extramerge.aliases"]))
-            except ValueError:
-                pass
+            with contextlib.suppress(CheckpointError):
+                found = safety.parse_json(self.metadata["extramerge.aliases"], f"{self.path}: aliases")
+                if isinstance(found, dict):
+                    self.aliases.update({a: c for a, c in found.items() if isinstance(c, str)})
         self.aliases = {a: c for a, c in self.aliases.items() if c in self.infos and a not in self.infos}
         first = sources[0] if sources else None
         self.extras: dict = dict(getattr(first, "extras", {})) if isinstance(first, _TorchFile) else {}
         self.config = None
         if self.path.is_dir() and (self.path / "config.json").is_file():
             try:
-                self.config = json.loads((self.path / "config.json").read_text())
-            except ValueError:
+                self.config = safety.load_json(self.path / "config.json", root=self.root)
+            except CheckpointError:
                 self.config = None
 
     @property
@@ -631,7 +626,7 @@ class Checkpoint:
         try:
             return self._where[name], name
         except KeyError:
-            raise CheckpointError(f"{self.name}: no tensor '{name}'") from None
+            raise CheckpointError(f"{self.name}: no tensor {safety.shown(name)}") from None
 
     def _copies(self, name: str) -> bool:
         """Whether ranged reads of ``name`` copy into a caller's buffer (safetensors) or return views."""
@@ -725,25 +720,41 @@ class Checkpoint:
         )
 
 
-def _hf_weights(folder: Path) -> tuple[str, list[Path]] | None:
-    """(format, weight files) of an HF-style folder, or None."""
+def _hf_weights(folder: Path, root: Path | None = None) -> tuple[str, list[Path], dict | None] | None:
+    """(format, weight files, index weight map or None) of an HF-style folder, or None. Every file named
+    by the index must be a plain name whose real path stays inside ``root`` (default: the folder)."""
+    root = folder if root is None else root
     for fmt, single, index in (
         ("hf-safetensors", "model.safetensors", "model.safetensors.index.json"),
         ("hf-bin", "pytorch_model.bin", "pytorch_model.bin.index.json"),
     ):
-        if (folder / index).is_file():
-            try:
-                weight_map = json.loads((folder / index).read_text())["weight_map"]
-                files = sorted(set(weight_map.values()))
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise CheckpointError(f"{folder / index}: corrupt index file ({e})") from e
-            missing = [f for f in files if not (folder / f).is_file()]
-            if missing:
-                raise CheckpointError(f"{folder}: shard '{missing[0]}' listed in {index} is missing")
-            return fmt, [folder / f for f in files]
+        if (folder / index).is_file() or (folder / index).is_symlink():
+            weight_map = _weight_map(folder / index, root)
+            files = [safety.member(folder, f, index) for f in sorted(set(weight_map.values()))]
+            for f in files:
+                if not f.exists():
+                    raise CheckpointError(
+                        f"{folder}: shard {safety.shown(f.name)} listed in {index} is missing"
+                    )
+                safety.regular(f, root=root)
+            return fmt, files, weight_map
         if (folder / single).is_file():
-            return fmt, [folder / single]
+            return fmt, [folder / single], None
     return None
+
+
+def _weight_map(index: Path, root: Path) -> dict[str, str]:
+    """The ``weight_map`` of an index file: an object of tensor names to shard file names (strings)."""
+    doc = safety.load_json(index, root=root)
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: corrupt index file (no 'weight_map' object)")
+    for tname, fname in weight_map.items():
+        if not isinstance(fname, str):
+            raise CheckpointError(
+                f"{index}: corrupt index file (tensor {safety.shown(tname)} maps to a non-string shard name)"
+            )
+    return weight_map
 
 
 def _is_weight_file(p: Path) -> bool:
@@ -766,24 +777,28 @@ def _is_checkpoint(path: Path) -> bool:
 
 
 def open_checkpoint(
-    path: str | os.PathLike, *, name: str | None = None, step: int | None = None
+    path: str | os.PathLike, *, name: str | None = None, step: int | None = None, root=None
 ) -> Checkpoint:
     """Open one checkpoint: an HF folder, a folder holding exactly one weight file, or a weight file.
 
+    Every file read must resolve inside ``root`` (default: a folder checkpoint's own folder; a run folder
+    when expanding one; none for a file named directly).
     Raises CheckpointError for a path that is not a checkpoint or a corrupt/truncated one.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
-        hf = _hf_weights(path)
+        root = path if root is None else Path(root)
+        hf = _hf_weights(path, root)
         if hf is not None:
-            fmt, files = hf
+            fmt, files, weight_map = hf
             opener = _SafetensorsFile if fmt == "hf-safetensors" else _TorchFile
-            sources = [opener(f) for f in files]
-            if fmt == "hf-safetensors" and len(files) > 1:
-                sources = _restrict_to_index(path, sources)
-            return Checkpoint(path, fmt, sources, name=name, step=step)
+            sources = [opener(f, root) for f in files]
+            if fmt == "hf-safetensors" and weight_map is not None:
+                sources = _restrict_to_index(path, sources, weight_map)
+            _check_side_files(path, root)
+            return Checkpoint(path, fmt, sources, name=name, step=step, root=root)
         files = _folder_weight_files(path)
         if len(files) != 1:
             what = "no weight files" if not files else f"{len(files)} weight files"
@@ -791,6 +806,7 @@ def open_checkpoint(
                 f"{path}: not a checkpoint ({what}; expected model.safetensors, pytorch_model.bin, a sharded "
                 "index, or exactly one .safetensors/.pt/.pth/.bin file)"
             )
+        safety.regular(files[0], root=root)
         inner = open_checkpoint(files[0], name=name or f"{path.name}/{files[0].name}", step=step)
         if inner.step is None:
             inner.step = parse_step(path.name)
@@ -800,22 +816,49 @@ def open_checkpoint(
             f"{path}: not a checkpoint (expected a .safetensors, .pt, .pth, .bin or .ckpt file, or a folder)"
         )
     if path.name.endswith(".safetensors"):
-        return Checkpoint(path, "safetensors", [_SafetensorsFile(path)], name=name, step=step)
-    return Checkpoint(path, "torch", [_TorchFile(path)], name=name, step=step)
+        return Checkpoint(path, "safetensors", [_SafetensorsFile(path, root)], name=name, step=step)
+    return Checkpoint(path, "torch", [_TorchFile(path, root)], name=name, step=step)
 
 
-def _restrict_to_index(folder: Path, sources: list) -> list:
-    """Keep, per shard, the tensors the index assigns to it (and check each listed tensor exists)."""
-    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
-    by_file = {s.path.name: s for s in sources}
+def _restrict_to_index(folder: Path, sources: list, weight_map: Mapping[str, str]) -> list:
+    """Keep, per shard, the tensors the index assigns to it (and check each listed tensor exists);
+    ``sources`` are the shards in the order of their sorted names."""
+    by_file = dict(zip(sorted(set(weight_map.values())), sources, strict=True))
     for tname, fname in weight_map.items():
         if tname not in by_file[fname].infos:
             raise CheckpointError(
-                f"{folder}: tensor '{tname}' is listed in the index but missing from {fname}"
+                f"{folder}: tensor {safety.shown(tname)} is listed in the index but missing from "
+                f"{safety.shown(fname)}"
             )
-    for s in sources:
-        s.infos = {n: i for n, i in s.infos.items() if weight_map.get(n) == s.path.name}
+    for fname, s in by_file.items():
+        s.infos = {n: i for n, i in s.infos.items() if weight_map.get(n) == fname}
     return sources
+
+
+def _side_files(folder: Path) -> list[Path]:
+    """Config, generation config, tokenizer files ... of an HF folder: everything but weights, indexes,
+    records and training state (what a merged HF folder gets a copy of)."""
+    skip = {"trainer_state.json", "merge.json", _INDEXES["hf-safetensors"], _INDEXES["hf-bin"]}
+    out = []
+    for p in sorted(folder.iterdir()):
+        n = p.name
+        if n.startswith(".") or n in skip or n.endswith(WEIGHT_SUFFIXES):
+            continue
+        if not (p.is_file() or p.is_symlink()):
+            continue
+        if n.lower().startswith(_STATE_STEMS) and not n.lower().startswith("meta"):
+            continue  # optimizer/scheduler/rng state: meaningless for a merged model
+        out.append(p)
+    return out
+
+
+def _check_side_files(folder: Path, root: Path) -> None:
+    """Refuse side files that are links leaving ``root`` (they would be copied into the output)."""
+    for p in _side_files(folder):
+        if not safety.inside(p, root):
+            raise CheckpointError(
+                f"{p}: a link that leaves the checkpoint folder {root}; refusing to read or copy it"
+            )
 
 
 def _is_merge_output(p: Path) -> bool:
@@ -850,7 +893,8 @@ def _expand_folder(folder: Path) -> list[Checkpoint]:
                 f"{folder}: '{children[i].name}' and '{children[j].name}' both carry step {steps[i]}; "
                 "list the checkpoints explicitly, oldest first"
             )
-    return [open_checkpoint(children[i], step=steps[i]) for i in order]
+    # root=folder: a step folder or file that is a link leaving the run folder is refused
+    return [open_checkpoint(children[i], step=steps[i], root=folder) for i in order]
 
 
 _HUB_REF = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
@@ -873,7 +917,9 @@ def _open_hub(ref: str) -> Checkpoint:
             f"{ref}: no such path, and fetching it from the Hugging Face Hub failed ({type(e).__name__}: "
             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); if offline, download it first"
         ) from e
-    return open_checkpoint(folder, name=ref, step=parse_step(revision) if revision else None)
+    # A hub snapshot's files are links into the repository cache's blobs/: that cache is the root.
+    root = Path(folder).parents[1] if Path(folder).parent.name == "snapshots" else None
+    return open_checkpoint(folder, name=ref, step=parse_step(revision) if revision else None, root=root)
 
 
 def load_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Checkpoint]:
@@ -899,6 +945,12 @@ def load_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Checkpoint]:
             raise CheckpointError(f"{p}: no such file or folder")
     if not out:
         raise CheckpointError("no checkpoints given")
+    try:
+        safety.distinct(c.path for c in out)
+    except CheckpointError:
+        for c in out:
+            c.close()
+        raise
     return out
 
 
@@ -913,21 +965,22 @@ def check_compatible(ckpts: Sequence[Checkpoint]) -> dict[str, TensorInfo]:
     for other in ckpts[1:]:
         a, b = ref.infos, other.infos
         for name, info in a.items():
-            o = b.get(name)
+            o, shown = b.get(name), safety.shown(name)
             if o is None:
-                raise CheckpointError(f"tensor '{name}' is in {ref.name} but missing from {other.name}")
+                raise CheckpointError(f"tensor {shown} is in {ref.name} but missing from {other.name}")
             if o.shape != info.shape:
                 raise CheckpointError(
-                    f"tensor '{name}' has shape {info.shape} in {ref.name} but {o.shape} in {other.name}"
+                    f"tensor {shown} has shape {info.shape} in {ref.name} but {o.shape} in {other.name}"
                 )
             if o.dtype_str != info.dtype_str:
                 raise CheckpointError(
-                    f"tensor '{name}' has dtype {info.dtype_name} in {ref.name} but "
+                    f"tensor {shown} has dtype {info.dtype_name} in {ref.name} but "
                     f"{o.dtype_name} in {other.name}"
                 )
         for name in b:
             if name not in a:
-                raise CheckpointError(f"tensor '{name}' is in {other.name} but missing from {ref.name}")
+                what = safety.shown(name)
+                raise CheckpointError(f"tensor {what} is in {other.name} but missing from {ref.name}")
     return dict(ckpts[-1].infos)
 
 
@@ -957,6 +1010,21 @@ def _record_path(output: Path) -> Path:
     if output.suffix in WEIGHT_SUFFIXES:
         return output.with_name(output.name[: -len(output.suffix)] + ".merge.json")
     return output / "merge.json"
+
+
+def check_record_path(output: Path) -> None:
+    """X.merge.json beside an output file X.safetensors is replaced only when it is our own record."""
+    rec = _record_path(output)
+    outputs.refuse_special(rec)
+    if (rec.exists() or rec.is_symlink()) and (rec.is_symlink() or not _is_record(rec)):
+        raise CheckpointError(
+            f"{rec} exists and is not an extramerge record; refusing to replace it (move it, or choose "
+            "another output)"
+        )
+
+
+def _is_record(path: Path) -> bool:
+    return outputs._own_json(path, "tool", "extramerge")
 
 
 def default_format(output: str | os.PathLike, template: Checkpoint | None) -> str:
@@ -992,35 +1060,6 @@ def output_layout(
     name = template.files[0].name if keep else ""
     fname = name if name and parse_step(name) is None else f"model{ext}"
     return output, fname
-
-
-def check_output(
-    output: str | os.PathLike,
-    inputs: Iterable[Checkpoint | str | os.PathLike] = (),
-    *,
-    force: bool = False,
-) -> Path:
-    """Refuse an output that is, contains or lies inside an input, or exists (non-empty) without force."""
-    out = Path(os.path.abspath(output))
-    for ck in inputs:
-        paths = [ck.path, *ck.files] if isinstance(ck, Checkpoint) else [Path(ck)]
-        for p in paths:
-            p = Path(os.path.abspath(p))
-            if out == p or out.is_relative_to(p) or p.is_relative_to(out):
-                rel = "is" if out == p else "lies inside" if out.is_relative_to(p) else "contains"
-                raise CheckpointError(
-                    f"output {output} {rel} the input checkpoint {p}; choose another output"
-                )
-            if out.resolve() == p.resolve() or out.resolve().is_relative_to(p.resolve()):
-                raise CheckpointError(f"output {output} resolves into the input checkpoint {p}")
-    if out.exists() and not force:
-        if out.is_file() or out.is_symlink() or any(out.iterdir()):
-            raise CheckpointError(
-                f"output {output} exists and is not empty; pass force=True (--force) to replace it"
-            )
-    if out.is_file() and out.suffix not in WEIGHT_SUFFIXES:
-        raise CheckpointError(f"output {output} is an existing file, not a checkpoint; choose another output")
-    return out
 
 
 def _byte_view(t) -> memoryview:
@@ -1338,24 +1377,17 @@ def _torch_save(obj, path: Path, fsync: bool) -> float:
 
 
 def _copy_hf_files(template: Checkpoint, folder: Path, infos: Mapping[str, TensorInfo]) -> list[str]:
-    """Copy config, generation config, tokenizer files ... (everything but weights and training state)."""
+    """Copy config, generation config, tokenizer files ... (everything but weights and training state);
+    only regular files inside the template's folder are read."""
     copied = []
     if not template.path.is_dir() or template.format not in ("hf-safetensors", "hf-bin"):
         return copied
-    skip_names = {
-        "trainer_state.json",
-        "merge.json",
-        "model.safetensors.index.json",
-        "pytorch_model.bin.index.json",
-    }
-    for p in sorted(template.path.iterdir()):
-        n = p.name
-        if not p.is_file() or n.startswith(".") or n in skip_names or n.endswith(WEIGHT_SUFFIXES):
-            continue
-        if n.lower().startswith(_STATE_STEMS) and not n.lower().startswith("meta"):
-            continue  # optimizer/scheduler/rng state: meaningless for a merged model
-        shutil.copyfile(p, folder / n)
-        copied.append(n)
+    for p in _side_files(template.path):
+        if not p.is_file():
+            continue  # a dangling link (one leaving the folder was refused when the checkpoint was opened)
+        safety.regular(p, root=template.root)
+        shutil.copyfile(p, folder / p.name)
+        copied.append(p.name)
     if "config.json" in copied:
         _set_config_dtype(folder / "config.json", infos)
     return copied
@@ -1441,6 +1473,8 @@ def write_checkpoint(
     fmt = fmt or default_format(output, template)
     out = check_output(output, [*([template] if template is not None else []), *inputs], force=force)
     out, fname = output_layout(out, fmt, template)
+    if record is not None and out.suffix in WEIGHT_SUFFIXES:
+        check_record_path(out)
     infos = dict(infos)
     aliases = {a: c for a, c in (template.aliases if template is not None else {}).items() if c in infos}
     tmp = staging_dir(out)
@@ -1501,7 +1535,7 @@ def write_checkpoint(
             published = [out / f for f in files]
         else:
             if record is not None:
-                os.replace(tmp / rec_name, _record_path(out))
+                publish(tmp / rec_name, _record_path(out), force=True)  # vetted by check_record_path
             publish(tmp / fname, out, force)
             tmp.rmdir()
             published = [out] + ([_record_path(out)] if record is not None else [])
@@ -1521,29 +1555,6 @@ def _jsonable(o):
     return str(o)
 
 
-def staging_dir(out: Path) -> Path:
-    """A fresh temporary folder next to ``out`` (parents created) in which to build an output before
-    renaming it into place. mkdtemp makes it 0700; it gets the usual mode (0777 & ~umask), as the
-    published folder should."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
-    return tmp
-
-
-def _umask() -> int:
-    try:  # read it rather than set it: os.umask is process-wide and racy under threads
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o22)
-    os.umask(mask)
-    return mask
-
-
 def _write_index(folder, index_name, infos, shards, files, extra_meta) -> str:
     weight_map = {n: f for shard, f in zip(shards, files, strict=False) for n in shard}
     total = sum(i.nbytes for i in infos.values())
@@ -1554,28 +1565,3 @@ def _write_index(folder, index_name, infos, shards, files, extra_meta) -> str:
     }
     (folder / index_name).write_text(json.dumps(doc, indent=2) + "\n")
     return index_name
-
-
-def publish(src: Path, dst: Path, force: bool) -> None:
-    """Rename ``src`` to ``dst``; an existing ``dst`` (allowed by check_output) is renamed aside first and
-    deleted only after the new one is in place."""
-    aside = None
-    if dst.exists() or dst.is_symlink():
-        if dst.is_dir() and not dst.is_symlink() and not any(dst.iterdir()):
-            dst.rmdir()
-        elif not force:
-            raise CheckpointError(f"output {dst} appeared while writing; pass force=True to replace it")
-        else:
-            aside = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(dst, aside)
-    try:
-        os.rename(src, dst)
-    except BaseException:
-        if aside is not None:
-            os.rename(aside, dst)
-        raise
-    if aside is not None:
-        if aside.is_dir() and not aside.is_symlink():
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            aside.unlink()

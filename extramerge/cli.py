@@ -60,6 +60,7 @@ def _count(n: int) -> str:
 
 def _inspect(args) -> int:
     from .checkpoints import check_compatible, load_checkpoints
+    from .safety import shown
 
     ckpts = load_checkpoints(args.checkpoints)
     try:
@@ -98,7 +99,8 @@ def _inspect(args) -> int:
                 f"{_human(r['bytes']):>10}  {dt}  {r['path']}"
             )
             if r["aliases"]:
-                print(f"{'':>4}tied/aliased: " + ", ".join(f"{a} -> {b}" for a, b in r["aliases"].items()))
+                pairs = (f"{shown(a)} -> {shown(b)}" for a, b in r["aliases"].items())  # names from the file
+                print(f"{'':>4}tied/aliased: " + ", ".join(pairs))
         if consistency["consistent"]:
             print(
                 f"consistent: yes ({len(rows)} checkpoints, {consistency['tensors']} tensors with equal "
@@ -256,18 +258,38 @@ def _model_folders(paths: list[str]) -> list[tuple[str, object, int | None]]:
     return out
 
 
+def _eval_inputs(args, models) -> list:
+    """Everything eval reads (never written onto or into): the data and cloze files, each model folder and
+    the tokenizer files it uses (possibly in its run folder)."""
+    from .evaluate import tokenizer_files
+
+    inputs = [Path(args.data)] + ([Path(args.cloze)] if isinstance(args.cloze, str) else [])
+    for _, folder, _ in models:
+        inputs += [Path(folder), *tokenizer_files(folder)]
+    return inputs
+
+
+def _is_eval_json(path) -> bool:
+    from .outputs import _own_json
+
+    return _own_json(path, "kind", "eval")
+
+
 def _eval(args) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
     from . import evaluate as E
+    from .outputs import check_file, write_file
 
     hf_logging.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.json and os.path.isdir(args.json):
-        raise ValueError(f"{args.json}: is a folder (--json wants a file name)")
     models = _model_folders(args.models)
+    inputs = _eval_inputs(args, models)
+    for out, own in ((args.json, _is_eval_json), (args.save_cloze, E.is_cloze_file)):
+        if out:  # before any work: refused outputs fail now, not after the evaluation
+            check_file(out, force=args.force, own=own, inputs=inputs)
     texts = E.load_texts(args.data)
     items = None
     if isinstance(args.cloze, str):
@@ -275,7 +297,7 @@ def _eval(args) -> int:
     elif args.cloze > 0:
         items = E.build_cloze(texts, n_items=args.cloze, n_candidates=args.candidates, seed=args.seed)
     if items is not None and args.save_cloze:
-        E.save_cloze(items, args.save_cloze)
+        E.save_cloze(items, args.save_cloze, force=args.force, inputs=inputs)
     task_dir = None
     if args.lm_eval:
         import tempfile
@@ -343,6 +365,8 @@ def _eval(args) -> int:
             shutil.rmtree(task_dir, ignore_errors=True)
     if args.json:
         record = {
+            "tool": "extramerge",
+            "kind": "eval",
             "data": str(args.data),
             "documents": len(texts),
             "device": device,
@@ -358,7 +382,9 @@ def _eval(args) -> int:
             },
             "models": rows,
         }
-        E._atomic_write(Path(args.json), json.dumps(record, indent=1) + "\n")
+        write_file(
+            args.json, json.dumps(record, indent=1) + "\n", force=args.force, own=_is_eval_json, inputs=inputs
+        )
         print(f"wrote {args.json}")
     return 0
 
@@ -391,7 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="write analysis.json, gram.npz and PNG figures here (atomically)",
     )
-    a.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    a.add_argument(
+        "--force",
+        action="store_true",
+        help="kept for compatibility: an earlier analysis (marked by .extramerge-output) is replaced "
+        "anyway, and any other non-empty folder never is",
+    )
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=_analyze)
 
@@ -499,6 +530,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--json", metavar="OUT.json", help="also write all results here (atomically)")
     e.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --json / --save-cloze file that an earlier extramerge eval wrote",
+    )
+    e.add_argument(
         "--lm-eval",
         action="store_true",
         help="also run lm-evaluation-harness on the same items and documents (pip install 'lm-eval[hf]')",
@@ -514,12 +550,15 @@ class _InputError(ValueError):
     """An input problem already reported in full on stdout; stderr gets its one line."""
 
 
-def _oneline(e: BaseException) -> str:
+def _oneline(e: BaseException, limit: int = 2000) -> str:
+    """The message on one line, control characters escaped (a name read from a file cannot drive the
+    terminal), at most ``limit`` characters."""
     if isinstance(e, OSError) and e.filename and e.strerror:
         msg = f"{e.strerror}: {e.filename}"
     else:
         msg = str(e) or type(e).__name__
-    return " ".join(msg.split())
+    msg = "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(msg.split()))
+    return msg if len(msg) <= limit else msg[:limit] + "..."
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -554,8 +593,14 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("default")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.showwarning = _show_warning
+        from .outputs import Terminated, interruptible
+
         try:
-            return int(args.func(args) or 0)
+            with interruptible():  # SIGTERM/SIGHUP unwind like Ctrl-C: no staging folder is left behind
+                return int(args.func(args) or 0)
+        except Terminated as e:
+            print(f"{PROG}: terminated ({e})", file=sys.stderr)
+            return 128 + e.signum
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr)
             return 130

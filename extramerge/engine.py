@@ -39,11 +39,13 @@ import numpy as np
 
 from .checkpoints import (
     _DIRECT_BLOCK,
+    WEIGHT_SUFFIXES,
     Checkpoint,
     CheckpointError,
     TensorInfo,
     check_compatible,
     check_output,
+    check_record_path,
     default_format,
     output_layout,
     to_numpy,
@@ -828,8 +830,10 @@ def merge_weights(
     template = ckpts[-1]
     fmt = fmt or default_format(output, template)
     out_infos = {n: TensorInfo(n, i.shape, _output_code(i, dtype)) for n, i in infos.items()}
-    out_path = check_output(output, ckpts, force=force)
-    output_layout(out_path, fmt, template)
+    out_path = check_output(output, ckpts, force=force, clean=not dry_run)  # a dry run changes nothing
+    out_path, _ = output_layout(out_path, fmt, template)
+    if out_path.suffix in WEIGHT_SUFFIXES:
+        check_record_path(out_path)  # X.merge.json: refused now, not after the merge
 
     notes = []
     if acc_name != "float64" and any(i.dtype_str == "F64" for i in infos.values()):

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -42,6 +41,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from . import outputs, safety
 
 __all__ = [
     "PAD",
@@ -71,6 +72,7 @@ _WEIGHT_NAMES = (
     "pytorch_model.bin.index.json",
 )
 _TOKENIZER_NAMES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+_TOKENIZER_FILES = (*_TOKENIZER_NAMES, "merges.txt", "special_tokens_map.json", "added_tokens.json")
 
 
 # ---------------------------------------------------------------------------------------------- texts
@@ -90,6 +92,7 @@ def load_texts(path: str | os.PathLike) -> list[str]:
     if not p.exists():
         raise ValueError(f"{p}: no such file or folder")
     if p.is_dir():
+        safety.folder_files(p)  # a .txt link leaving the data folder is refused
         files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix == ".txt")
         if not files:
             raise ValueError(f"{p}: folder holds no .txt files")
@@ -104,12 +107,7 @@ def load_texts(path: str | os.PathLike) -> list[str]:
 
 
 def _read(p: Path) -> str:
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{p}: not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise ValueError(f"{p}: cannot read ({e.strerror or type(e).__name__})") from None
+    return safety.read_text(p)
 
 
 def _read_text_file(p: Path) -> list[str]:
@@ -119,13 +117,7 @@ def _read_text_file(p: Path) -> list[str]:
 
 def _read_jsonl(p: Path) -> list[str]:
     texts = []
-    for lineno, line in enumerate(_read(p).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
+    for lineno, obj in safety.jsonl(p):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise ValueError(f'{p}:{lineno}: expected an object with a string "text" field')
         if obj["text"].strip():
@@ -541,24 +533,32 @@ def _context_before(text: str, start: int, context_bytes: int) -> str:
     return ctx.lstrip() if cut else ctx
 
 
-def save_cloze(items: Sequence[ClozeItem], path: str | os.PathLike) -> Path:
-    """Write items as JSONL ({"context", "target", "candidates", "label"} per line), atomically."""
-    path = Path(path)
-    _atomic_write(path, "".join(json.dumps(it.to_dict(), ensure_ascii=False) + "\n" for it in items))
-    return path
+def save_cloze(
+    items: Sequence[ClozeItem], path: str | os.PathLike, *, force: bool = False, inputs=()
+) -> Path:
+    """Write items as JSONL ({"context", "target", "candidates", "label"} per line), atomically. An
+    existing file is replaced only with ``force`` and only if it is a cloze item file; ``inputs`` (data,
+    model folders) are never written onto (see extramerge.outputs.check_file)."""
+    text = "".join(json.dumps(it.to_dict(), ensure_ascii=False) + "\n" for it in items)
+    return outputs.write_file(path, text, force=force, own=is_cloze_file, inputs=inputs)
+
+
+def is_cloze_file(path: Path) -> bool:
+    """Whether ``path`` holds cloze items as ``save_cloze`` writes them (what --force may replace)."""
+    try:
+        return bool(load_cloze(path))
+    except ValueError:
+        return False
 
 
 def load_cloze(path: str | os.PathLike) -> list[ClozeItem]:
     """Items written by ``save_cloze``; ValueError naming the file (and line) on a missing/bad file."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ValueError(f"{p}: no such file")
     items = []
-    for lineno, line in enumerate(_read(p).splitlines(), 1):
-        if not line.strip():
-            continue
+    for lineno, obj in safety.jsonl(p):
         try:
-            obj = json.loads(line)
             item = ClozeItem(obj["context"], obj["target"], tuple(obj["candidates"]))
             if not all(isinstance(x, str) for x in (item.context, item.target, *item.candidates)):
                 raise TypeError("not strings")
@@ -570,21 +570,6 @@ def load_cloze(path: str | os.PathLike) -> list[ClozeItem]:
     if not items:
         raise ValueError(f"{p}: no cloze items (empty file)")
     return items
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _encode_item(tokenizer, context: str, candidates: Sequence[str]) -> list[tuple[list[int], list[int]]]:
@@ -766,19 +751,26 @@ def check_model_folder(path: str | os.PathLike, *, tokenizer: bool = True) -> Pa
         raise ValueError(f"{p}: no model weights (expected model.safetensors or pytorch_model.bin)")
     if tokenizer and _tokenizer_folder(p) is None:
         raise ValueError(f"{p}: no tokenizer (expected tokenizer.json or tokenizer_config.json)")
+    safety.folder_files(p)  # no links leaving the folder, no FIFOs, before transformers opens anything
+    if tokenizer and _tokenizer_folder(p) != p:
+        safety.folder_files(p.parent, _TOKENIZER_FILES)
     return p
+
+
+def tokenizer_files(path: str | os.PathLike) -> list[Path]:
+    """The tokenizer files a model folder uses (in it, or in its run folder)."""
+    folder = _tokenizer_folder(Path(path))
+    return [] if folder is None else [folder / n for n in _TOKENIZER_FILES if (folder / n).is_file()]
 
 
 def tokenizer_fingerprint(path: str | os.PathLike) -> str | None:
     """Hash of the tokenizer files of a model folder (equal hashes → identical token blocks)."""
-    folder = _tokenizer_folder(Path(path))
-    if folder is None:
+    files = tokenizer_files(path)
+    if not files:
         return None
     h = hashlib.sha256()
-    for name in (*_TOKENIZER_NAMES, "merges.txt", "special_tokens_map.json", "added_tokens.json"):
-        f = folder / name
-        if f.is_file():
-            h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
 
 

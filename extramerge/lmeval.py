@@ -29,7 +29,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .evaluate import ClozeItem, _atomic_write
+from . import safety
+from .evaluate import ClozeItem
+from .outputs import write_file
 
 __all__ = ["write_task", "run_lm_eval", "require_lm_eval"]
 
@@ -90,7 +92,7 @@ def write_task(
             lines.append({"query": query, "choices": [ws + c for c in it.candidates], "label": it.label})
     else:
         lines = [{"text": t} for t in data]
-    _atomic_write(data_file, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+    _write(data_file, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
     head = [
         f"task: {name}",
         "dataset_path: json",
@@ -127,8 +129,23 @@ def write_task(
             "    aggregation: bits_per_byte",
             "    higher_is_better: false",
         ]
-    _atomic_write(folder / f"{name}.yaml", "\n".join([*head, *body, "metadata:", "  version: 1.0", ""]))
+    _write(folder / f"{name}.yaml", "\n".join([*head, *body, "metadata:", "  version: 1.0", ""]))
     return name
+
+
+def _write(path: Path, text: str) -> None:
+    """Write a task file atomically; an existing one is replaced only if it belongs to a task this module
+    wrote (its .yaml starts with 'task: ')."""
+    write_file(path, text, force=True, own=_is_task_file)
+
+
+def _is_task_file(path: Path) -> bool:
+    yaml = path.with_suffix(".yaml")
+    try:
+        with os.fdopen(safety.open_regular(yaml), "rb") as f:  # never blocks on a FIFO
+            return path.suffix in (".yaml", ".jsonl") and f.read(6) == b"task: "
+    except (OSError, ValueError):
+        return False
 
 
 def _tasks_in(folder: Path) -> list[str]:

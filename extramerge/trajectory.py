@@ -76,19 +76,37 @@ class GramData:
 
 
 def load_gram(path) -> GramData:
-    """Read a ``gram.npz`` written by ``GramData.save`` (for example by ``extramerge analyze``)."""
-    with np.load(path, allow_pickle=False) as z:
-        return GramData(
-            gram=z["gram"],
-            names=[str(s) for s in z["names"]],
-            per_tensor=z["per_tensor"],
-            numel=z["numel"],
-            ref_norm2=z["ref_norm2"],
-            reference=int(z["reference"]),
-            paths=[str(s) for s in z["paths"]],
-            steps=[None if s < 0 else int(s) for s in z["steps"]],
-            skipped=[str(s) for s in z["skipped"]],
-        )
+    """Read a ``gram.npz`` written by ``GramData.save`` (for example by ``extramerge analyze``): a regular
+    file, no pickles, every array present with consistent shapes and finite values, else one
+    CheckpointError naming the file."""
+    import zipfile
+
+    from extramerge import safety
+    from extramerge.checkpoints import CheckpointError
+
+    fd = safety.open_regular(Path(path))  # np.load would block on a FIFO
+    try:
+        with os.fdopen(fd, "rb") as f, np.load(f, allow_pickle=False) as z:
+            data = GramData(
+                gram=np.asarray(z["gram"], dtype=np.float64),
+                names=[str(s) for s in z["names"]],
+                per_tensor=np.asarray(z["per_tensor"], dtype=np.float64),
+                numel=z["numel"],
+                ref_norm2=np.asarray(z["ref_norm2"], dtype=np.float64),
+                reference=int(z["reference"]),
+                paths=[str(s) for s in z["paths"]],
+                steps=[None if s < 0 else int(s) for s in z["steps"]],
+                skipped=[str(s) for s in z["skipped"]],
+            )
+    except (KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as e:
+        what = "a required array is missing" if isinstance(e, KeyError) else type(e).__name__
+        raise CheckpointError(f"{path}: not a gram.npz written by extramerge analyze ({what})") from None
+    n, t = data.gram.shape[0] if data.gram.ndim == 2 else -1, len(data.names)
+    ok = data.gram.shape == (n, n) and data.per_tensor.shape == (t, n, n) and len(data.paths) == n
+    ok = ok and len(data.numel) == t and len(data.ref_norm2) == t and 0 <= data.reference < n
+    if not ok or not (np.isfinite(data.gram).all() and np.isfinite(data.per_tensor).all()):
+        raise CheckpointError(f"{path}: corrupt gram.npz (inconsistent shapes or non-finite values)")
+    return data
 
 
 _BLOCK_BYTES = 4 * 2**20  # float64 work block of all N checkpoints (8 x 64K elements for N = 8)
@@ -492,16 +510,21 @@ def _per_tensor(data: GramData, windows: list[int]) -> dict:
 
 
 def _check_output_dir(output: Path, inputs: Sequence, force: bool) -> None:
-    """Refuse an output overlapping an input; replace a non-empty folder only if it holds an earlier
-    analysis (analysis.json) or ``force`` is set."""
+    """Refuse an output overlapping an input (by inode) or that is not a folder; replace a non-empty
+    folder only if an earlier analysis wrote it (its marker file, see extramerge.outputs), with or
+    without ``force``: force never replaces a folder this package did not write."""
     from extramerge.checkpoints import CheckpointError, check_output
+    from extramerge.outputs import MARKER, marked
 
-    check_output(output, inputs, force=True)  # overlap with the inputs, existing non-folder
+    check_output(output, inputs, force=True)  # overlap with the inputs, special files
     if output.exists():
-        if not output.is_dir():
+        if not output.is_dir() or output.is_symlink():
             raise CheckpointError(f"output {output} exists and is not a folder")
-        if any(output.iterdir()) and not (output / "analysis.json").exists() and not force:
-            raise CheckpointError(f"output {output} exists and is not empty (use --force to replace it)")
+        if any(output.iterdir()) and not marked(output, "analysis"):
+            raise CheckpointError(
+                f"output {output} exists, is not empty and was not written by extramerge analyze (no "
+                f"{MARKER}); refusing to replace it, even with --force"
+            )
 
 
 def _render(jobs: list) -> None:
@@ -520,6 +543,7 @@ def write_outputs(data: GramData, report: dict, output, *, inputs=(), force: boo
     """Write analysis.json, gram.npz and the PNG figures into ``output`` (temp folder, then rename)."""
     from extramerge import plots
     from extramerge.checkpoints import publish, staging_dir
+    from extramerge.outputs import mark
 
     output = Path(output)
     _check_output_dir(output, list(inputs), force)
@@ -533,6 +557,7 @@ def write_outputs(data: GramData, report: dict, output, *, inputs=(), force: boo
             "per_layer": "per_layer_fve1.png",
         }
         report = dict(report, files={k: str(output / v) for k, v in files.items()})
+        mark(tmp, "analysis")
         data.save(tmp / files["gram"])
         with open(tmp / files["analysis"], "w") as f:
             json.dump(report, f, indent=1)
@@ -571,7 +596,8 @@ def analyze(
 
     One streaming pass builds the Gram matrices; returns the report dict (see ``summarize``). With
     ``output`` also writes analysis.json, gram.npz and three PNG figures there, atomically. An existing
-    output folder is replaced only if it holds an earlier analysis or ``force`` is set.
+    output folder is replaced only if an earlier analysis wrote it (its marker file); ``force`` is kept for
+    compatibility and never replaces any other non-empty folder.
     """
     from extramerge.checkpoints import Checkpoint, load_checkpoints
 

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from rivervalley._publish import Terminated, interruptible, write_file
+
 __all__ = ["main", "build_parser"]
 
 
@@ -75,8 +77,9 @@ def _cmd_validate(args) -> int:
     table = validate.format_table(report)
     print(table)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report.to_dict(), indent=1, ensure_ascii=False))
-    (json_path.with_suffix(".txt")).write_text(table + "\n")
+    text = json.dumps(report.to_dict(), indent=1, ensure_ascii=False)
+    write_file(json_path, lambda p: p.write_text(text))
+    write_file(json_path.with_suffix(".txt"), lambda p: p.write_text(table + "\n"))
     print(f"wrote {json_path} and {json_path.with_suffix('.txt')}")
     if not report.passed:
         print(
@@ -183,16 +186,17 @@ def _cmd_simulate(args) -> int:
     }
     if res.loss_curve is not None:
         arrays.update(loss_steps=res.loss_steps, loss_curve=res.loss_curve)
-    np.savez_compressed(out / "checkpoints.npz", **arrays)
+    write_file(out / "checkpoints.npz", lambda p: np.savez_compressed(p, **arrays))
     if res.loss_curve is not None:
         steps_, loss_ = res.loss_steps, res.loss_curve
     else:  # exact path: the seed-mean loss at the checkpoints
         steps_, loss_ = res.ckpt_steps, res.ckpt_loss.numpy().mean(0)
-    with open(out / "loss_curve.csv", "w") as f:
-        f.write("step,mean_loss\n")
-        f.writelines(f"{int(s)},{float(v):.10g}\n" for s, v in zip(steps_, loss_, strict=True))
+    rows = (f"{int(s)},{float(v):.10g}\n" for s, v in zip(steps_, loss_, strict=True))
+    csv = "step,mean_loss\n" + "".join(rows)
+    write_file(out / "loss_curve.csv", lambda p: p.write_text(csv))
     config = dict(res.config, steps=res.steps, ckpt_every=args.ckpt_every, wall_s=round(wall, 3))
-    (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    text = json.dumps(config, indent=1, default=str)
+    write_file(out / "config.json", lambda p: p.write_text(text))
     s, n, p = res.checkpoints.shape
     path = "exact path" if args.exact else "step path"
     final = float(res.ckpt_loss[:, -1].mean())
@@ -312,11 +316,15 @@ def main(argv=None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        return int(args.func(args) or 0)
+        with interruptible():  # SIGTERM/SIGHUP unwind like Ctrl-C: no staging folder is left behind
+            return int(args.func(args) or 0)
     except (_UsageError, ValueError) as e:
         msg = " ".join(str(e).split())  # one line
         print(f"rivervalley: error: {msg}", file=sys.stderr)
         return 2
+    except Terminated as e:
+        print(f"rivervalley: terminated ({e})", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:  # pragma: no cover
         print("rivervalley: interrupted", file=sys.stderr)
         return 130

@@ -18,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from rivervalley._publish import write_file  # noqa: E402
+
 __all__ = ["figure", "save_figure", "save_data", "save_csv", "errorbars", "mean_se", "COLORS"]
 
 COLORS = {
@@ -62,8 +64,10 @@ def save_figure(fig, out_dir, name: str) -> Path:
     """Write ``name``.png into ``out_dir`` (created if needed) and close the figure."""
     path = _out(out_dir) / f"{name}.png"
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        write_file(path, fig.savefig)  # atomically: never a half-written PNG
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -86,19 +90,20 @@ def _jsonable(x):
 
 def save_data(data: dict, out_dir, name: str) -> Path:
     """Write ``name``.json (numpy arrays become lists, NaN/inf become null)."""
-    path = _out(out_dir) / f"{name}.json"
-    path.write_text(json.dumps(_jsonable(data), indent=1, ensure_ascii=False))
-    return path
+    text = json.dumps(_jsonable(data), indent=1, ensure_ascii=False)
+    return write_file(_out(out_dir) / f"{name}.json", lambda p: p.write_text(text))
 
 
 def save_csv(rows: Sequence[dict], out_dir, name: str) -> Path:
     """Write ``name``.csv from a list of dicts sharing the same keys."""
-    path = _out(out_dir) / f"{name}.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(_jsonable(list(rows)))
-    return path
+
+    def write(path: Path) -> None:
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(_jsonable(list(rows)))
+
+    return write_file(_out(out_dir) / f"{name}.csv", write)
 
 
 def mean_se(values, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -42,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from extramerge.checkpoints import publish
+from extramerge import safety
+from extramerge.checkpoints import publish, staging_dir
 
 from .tokenizer import EOS_ID, encode
 
@@ -373,8 +374,10 @@ def prepare(
     }
     if (out_dir / "meta.json").is_file():
         old = load_meta(out_dir)
-        if old.get("content_hash") == meta["content_hash"] and all(
-            (out_dir / f"{s}.npy").is_file() for s in SPLITS
+        if (
+            isinstance(old, dict)
+            and old.get("content_hash") == meta["content_hash"]
+            and all((out_dir / f"{s}.npy").is_file() for s in SPLITS)
         ):
             return out_dir
         if not overwrite:
@@ -394,10 +397,7 @@ def _join(pieces: list[str]) -> np.ndarray:
 
 
 def _write_atomic(out_dir: Path, arrays: dict, by_split: dict, meta: dict) -> None:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = staging_dir(out_dir)
     try:
         for s in SPLITS:
             np.save(tmp / f"{s}.npy", arrays[s])
@@ -423,4 +423,4 @@ def load_split(data_dir: str | os.PathLike, split: str = "train") -> np.ndarray:
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict:
-    return json.loads((Path(data_dir) / "meta.json").read_text())
+    return safety.load_json(Path(data_dir) / "meta.json")  # a regular file, bounded, strict JSON

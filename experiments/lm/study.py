@@ -26,7 +26,6 @@ import json
 import math
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from experiments.lm import estimate as E
-from extramerge.checkpoints import publish
+from extramerge import outputs
+from extramerge.checkpoints import publish, staging_dir
 from rivervalley import analysis as A
 from rivervalley import theory
 from rivervalley import weights as W
@@ -283,8 +283,7 @@ def run_study(cfg: StudyConfig) -> dict:
     try:
         out = _check_output(Path(cfg.out) if cfg.out is not None else run / "study", run, cfg.force)
         data_dir = _data_dir(run, meta)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = staging_dir(out)
     except BaseException:
         for c in ckpts:
             c.close()
@@ -296,6 +295,7 @@ def run_study(cfg: StudyConfig) -> dict:
         with flush_denormals():
             report = _study(cfg, run, meta, ckpts, list(infos), data_dir, tmp)
         report["seconds"] = time.perf_counter() - t0
+        outputs.mark(tmp, "study")  # what a later --force may replace
         (tmp / "study.json").write_text(json.dumps(report, indent=1, default=_json_default))
         (tmp / "study.md").write_text(markdown(report))
         publish(tmp, out, force=True)  # an earlier study, checked above, is replaced only once this is in
@@ -310,15 +310,18 @@ def run_study(cfg: StudyConfig) -> dict:
 
 
 def _check_output(out: Path, run: Path, force: bool) -> Path:
-    """Refuse an output that is the run or holds it, and replace only an earlier study (with --force)."""
-    o, r = out.resolve(), run.resolve()
-    if o == r or o in r.parents:
+    """Refuse an output that is the run or holds it (by path or inode), or a special file, and replace
+    only an earlier study (its extramerge output marker), with --force."""
+    if outputs.overlap(out, run) in ("is", "contains"):
         raise StudyError(f"{out}: the output folder would replace the run {run} itself (pick another -o)")
+    outputs.refuse_special(out)
     if out.exists():
         if not force:
             raise StudyError(f"{out}: output exists (pass --force to replace it)")
-        if not (out.is_dir() and (out / "study.json").is_file()):
-            raise StudyError(f"{out}: exists and is not an earlier study (no study.json); not replacing it")
+        if not outputs.marked(out, "study"):
+            raise StudyError(
+                f"{out}: exists and is not an earlier study (no {outputs.MARKER} marker); not replacing it"
+            )
     return out
 
 

@@ -46,7 +46,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from extramerge.checkpoints import publish
+from extramerge.checkpoints import publish, staging_dir
+from rivervalley._publish import write_file
 from rivervalley.schedules import Schedule, get_schedule, wsd
 
 from . import data as lmdata
@@ -282,6 +283,19 @@ class Batches:
         self.rng.bit_generator.state = value
 
 
+def _read_resume(path: Path) -> tuple[dict, dict]:
+    """(tensors, JSON state) of a resume file, loaded with weights_only=True: no pickled code runs."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        meta = json.loads(state["meta"])
+    except Exception as e:
+        what = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ValueError(
+            f"{path}: not a resume file of this trainer ({type(e).__name__}: {what}); drop --resume to start"
+        ) from None
+    return state, meta
+
+
 def eval_windows(n_tokens: int, seq_len: int, count: int) -> np.ndarray:
     """Start offsets of ``count`` evenly spaced validation windows (the same subset at every evaluation)."""
     return np.linspace(0, n_tokens - seq_len - 1, count).round().astype(np.int64)
@@ -397,7 +411,7 @@ class _Run:
         while self.step < last:
             factor = self.lr_factor[self.step]
             for g in groups:
-                g["lr"] = g["base_lr"] * factor
+                g["lr"] = float(g["base_lr"] * factor)  # a Python float: resume state stays weights-only
             chunk = self.batches.next()
             chunk = chunk.pin_memory().to(self.device, non_blocking=True) if self.cuda else chunk
             with self._autocast():
@@ -477,12 +491,16 @@ class _Run:
     def _save_checkpoint(self, factor: float) -> None:
         t = time.perf_counter()
         name = f"step_{self.step:06d}"
-        final, tmp = self.dir / name, self.dir / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        with _quiet_transformers():
-            self.model.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-        publish(tmp, final, force=True)
+        final = self.dir / name
+        tmp = staging_dir(final)  # a killed run's leftovers beside it are cleaned first
+        try:
+            with _quiet_transformers():
+                self.model.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+            publish(tmp, final, force=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         self.checkpoints = [c for c in self.checkpoints if c["step"] != self.step]
         self.checkpoints.append(
             {
@@ -501,48 +519,51 @@ class _Run:
         t = time.perf_counter()
         folder = self.dir / "resume"
         folder.mkdir(exist_ok=True)
-        state = {
+        # Tensors go to torch.save; everything else as JSON, so --resume loads with weights_only=True
+        # (a resume file is data: loading it must not be able to run code).
+        meta = {
             "step": self.step,
             "config": asdict(self.config),
-            "model": self.model.state_dict(),
-            "optimizers": [opt.state_dict() for opt in self.optimizers],
             "batches": self.batches.state,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if self.cuda else None,
-            "loss_sum": self.loss_sum.detach().cpu(),
             "loss_n": self.loss_n,
-            "last_losses": (self.last_train_loss, self.last_val_loss),
+            "last_losses": [self.last_train_loss, self.last_val_loss],
             "checkpoints": self.checkpoints,
             "timings": self.timings,
             "elapsed": self.elapsed0 + time.perf_counter() - self.t0,
         }
-        tmp = folder / f".{RESUME_FILE}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, folder / RESUME_FILE)
+        state = {
+            "model": self.model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.cuda else None,
+            "loss_sum": self.loss_sum.detach().cpu(),
+            "meta": json.dumps(meta, default=str),
+        }
+        write_file(folder / RESUME_FILE, lambda p: torch.save(state, p))
         self.timings["resume_s"] += time.perf_counter() - t
 
     def _load_resume(self) -> None:
-        state = torch.load(self.dir / "resume" / RESUME_FILE, map_location="cpu", weights_only=False)
-        saved = state["config"]
+        state, meta = _read_resume(self.dir / "resume" / RESUME_FILE)
+        saved = meta["config"]
         for k, v in asdict(self.config).items():
-            if k not in _RESUME_FREE and saved.get(k) != v:
+            if k not in _RESUME_FREE and saved.get(k) != json.loads(json.dumps(v, default=str)):
                 raise ValueError(
                     f"{self.dir}: --resume with a different {k} ({v!r}; the run has {saved.get(k)!r})"
                 )
         self.model.load_state_dict(state["model"])
         for opt, sd in zip(self.optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(sd)
-        self.batches.state = state["batches"]
+        self.batches.state = meta["batches"]
         torch.set_rng_state(state["torch_rng"])
         if self.cuda and state["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.step = state["step"]
+        self.step = meta["step"]
         self.loss_sum = state["loss_sum"].to(self.device)
-        self.loss_n = state["loss_n"]
-        self.last_train_loss, self.last_val_loss = state["last_losses"]
-        self.checkpoints = [c for c in state["checkpoints"] if c["step"] <= self.step]
-        self.timings = {k: v for k, v in state["timings"].items()}
-        self.elapsed0 = state["elapsed"]
+        self.loss_n = meta["loss_n"]
+        self.last_train_loss, self.last_val_loss = meta["last_losses"]
+        self.checkpoints = [c for c in meta["checkpoints"] if c["step"] <= self.step]
+        self.timings = dict(meta["timings"])
+        self.elapsed0 = meta["elapsed"]
         # A stop after the last resume save leaves log lines and checkpoints that the resumed run rewrites.
         log = self.dir / "log.jsonl"
         lines = log.read_text().splitlines() if log.is_file() else []
@@ -589,9 +610,8 @@ class _Run:
                 "python": platform.python_version(),
             },
         }
-        tmp = self.dir / ".run.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, self.dir / "run.json")
+        text = json.dumps(record, indent=2) + "\n"
+        write_file(self.dir / "run.json", lambda p: p.write_text(text))
 
     def _tokens_per_s(self) -> float:
         return (

@@ -15,6 +15,7 @@ kernel draws about 4x as many normals per second as torch's sampler
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -84,6 +85,7 @@ def _compile(cc: list[str], flags: list[str], dest: Path) -> str | None:
             if out.returncode != 0:
                 last = (out.stderr or out.stdout or "").strip().splitlines() or [f"exit {out.returncode}"]
                 return f"{' '.join(cmd)}: {last[-1]}"
+        os.chmod(so, 0o700)  # the compiler's mode follows the umask (0o777 under umask 000)
         os.replace(so, dest)
     return None
 
@@ -104,12 +106,26 @@ def _declare(lib) -> None:
 
 
 def _private_folder(folder: Path) -> None:
-    """Create ``folder`` (mode 0o700) if needed; refuse one that another user owns or others can write to,
-    since a library loaded from it runs in this process."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = folder.stat()
-    if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise OSError(f"{folder} is not private to this user (owner, or group/world write permission)")
+    """Create ``folder`` and its missing parents (mode 0o700 whatever the umask) if needed; refuse one that
+    another user owns or others can write to, since a library loaded from it runs in this process."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    for p in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            p.mkdir(mode=0o700)
+            os.chmod(p, 0o700)  # mkdir's mode is masked by the umask: set it exactly
+    _check_private(folder)
+
+
+def _check_private(path: Path) -> None:
+    """Refuse ``path`` unless this user owns it (and the link, if it is one: another user's link in /tmp
+    to a folder of ours would not do) and neither group nor others may write to it."""
+    st = path.stat()
+    if (
+        os.lstat(path).st_uid != os.getuid()
+        or st.st_uid != os.getuid()
+        or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    ):
+        raise OSError(f"{path} is not private to this user (owner, or group/world write permission)")
 
 
 def _load_or_build(cc: list[str], flags: list[str], path: Path):
@@ -121,8 +137,7 @@ def _load_or_build(cc: list[str], flags: list[str], path: Path):
             err = _compile(cc, flags, path)
             if err:
                 return None, err
-        if path.stat().st_uid != os.getuid():
-            raise OSError(f"{path} is owned by another user")
+        _check_private(path)
         try:
             lib = ctypes.CDLL(str(path))
         except OSError:

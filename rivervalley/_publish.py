@@ -1,0 +1,159 @@
+"""Publishing outputs atomically, shared by rivervalley and extramerge (extramerge.outputs adds its output
+policy on top: overlap with inputs, --force, ownership markers).
+
+* ``staging_dir(out)``: a fresh folder ``.NAME.tmp-PID@HOST-*`` beside ``out`` to build it in;
+* ``publish(src, dst, force)``: rename into place; an existing ``dst`` is renamed aside to
+  ``.NAME.old-PID@HOST-*`` first and deleted once the new one is in;
+* ``clean_stale(out)``: what a killed run (kill -9) left beside ``out`` is removed, or put back;
+* ``write_file(path, write)``: one file through a staging folder (``write(tmp_path)``, then publish);
+* ``interruptible()``: SIGTERM and SIGHUP raise ``Terminated`` (a KeyboardInterrupt), so they unwind
+  through the same clean-up code as Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["staging_dir", "publish", "clean_stale", "write_file", "Terminated", "interruptible"]
+
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32]
+
+
+def _tag() -> str:
+    return f"{os.getpid()}@{_HOST}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process
+    return True
+
+
+def clean_stale(out: Path) -> list[Path]:
+    """Remove what a killed run (kill -9, power loss) left beside ``out``: its staging folders, and a
+    replaced output renamed aside (deleted when a new output is in place, else renamed back). Only
+    leftovers of processes of this host that no longer run are touched; returns what was cleaned."""
+    pat = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)@{re.escape(_HOST)}-")
+    cleaned = []
+    with contextlib.suppress(OSError):
+        for p in out.parent.iterdir():
+            m = pat.match(p.name)
+            if m is None or _alive(int(m.group(2))):
+                continue
+            if m.group(1) == "old" and not (out.exists() or out.is_symlink()):
+                os.rename(p, out)  # killed between the two renames of publish: the old output comes back
+            elif p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            cleaned.append(p)
+    return cleaned
+
+
+def staging_dir(out: Path) -> Path:
+    """A fresh temporary folder next to ``out`` (parents created) in which to build an output before
+    renaming it into place. mkdtemp makes it 0700; it gets the usual mode (0777 & ~umask), as the
+    published folder should. Leftovers of killed runs on the same output are cleaned first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_tag()}-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def _umask() -> int:
+    try:  # read it rather than set it: os.umask is process-wide and racy under threads
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+def publish(src: Path, dst: Path, force: bool) -> None:
+    """Rename ``src`` to ``dst``; an existing ``dst`` (allowed by the caller's checks) is renamed aside
+    first and deleted only after the new one is in place. Without ``force`` an existing non-empty ``dst``
+    raises FileExistsError."""
+    aside = None
+    if dst.exists() or dst.is_symlink():
+        if dst.is_dir() and not dst.is_symlink() and not any(dst.iterdir()):
+            dst.rmdir()
+        elif not force:
+            raise FileExistsError(f"output {dst} appeared while writing; pass force=True to replace it")
+        else:
+            aside = dst.with_name(f".{dst.name}.old-{_tag()}-{uuid.uuid4().hex[:8]}")
+            os.rename(dst, aside)
+    try:
+        os.rename(src, dst)
+    except BaseException:
+        if aside is not None:
+            os.rename(aside, dst)
+        raise
+    if aside is not None:
+        if aside.is_dir() and not aside.is_symlink():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.unlink()
+
+
+def write_file(path, write: Callable[[Path], None]) -> Path:
+    """Write the file ``path`` through a staging folder beside it: ``write(tmp)`` creates the file ``tmp``
+    (same name), which then replaces ``path``. A special file (FIFO, device, socket) or folder at ``path``
+    is refused (ValueError); on any exception nothing is published and the staging folder is removed."""
+    path = Path(path)
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.lstat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            raise ValueError(f"{path}: exists and is not a regular file; refusing to replace it")
+    tmp = staging_dir(path)
+    try:
+        write(tmp / path.name)
+        publish(tmp / path.name, path, force=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: raised where the program is, to unwind through the clean-up code."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise(signum, frame):
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Within this block SIGTERM and SIGHUP raise ``Terminated`` (main thread only; restored after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, _raise) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
