@@ -7,7 +7,8 @@ policy on top: overlap with inputs, --force, ownership markers).
 * ``clean_stale(out)``: what a killed run (kill -9) left beside ``out`` is removed, or put back;
 * ``write_file(path, write)``: one file through a staging folder (``write(tmp_path)``, then publish);
 * ``interruptible()``: SIGTERM and SIGHUP raise ``Terminated`` (a KeyboardInterrupt), so they unwind
-  through the same clean-up code as Ctrl-C.
+  through the same clean-up code as Ctrl-C;
+* ``deferred()``: SIGINT, SIGTERM and SIGHUP wait until a block ends (a unit of outputs saved whole).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["staging_dir", "publish", "clean_stale", "write_file", "Terminated", "interruptible"]
+__all__ = ["staging_dir", "publish", "clean_stale", "write_file", "Terminated", "interruptible", "deferred"]
 
 _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32]
 
@@ -157,3 +158,29 @@ def interruptible():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def deferred():
+    """Within this block SIGINT, SIGTERM and SIGHUP are held, so that outputs which belong together (a
+    checkpoint and its resume state) are saved whole; the first one is delivered when the block ends, to
+    the handlers in force outside it. A second one during the block raises at once (KeyboardInterrupt or
+    ``Terminated``): the caller's clean-up still runs. Main thread only; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum, frame):
+        if held:
+            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+        held.append(signum)
+
+    old = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if held:
+        signal.raise_signal(held[0])

@@ -36,7 +36,9 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from extramerge.checkpoints import publish, staging_dir
-from rivervalley._publish import write_file
+from rivervalley._publish import deferred, interruptible, write_file
 from rivervalley.schedules import Schedule, get_schedule, wsd
 
 from . import data as lmdata
@@ -63,6 +65,7 @@ __all__ = [
     "build_schedule",
     "checkpoint_steps",
     "Batches",
+    "Interrupted",
     "main",
 ]
 
@@ -327,6 +330,8 @@ class _Run:
         self.loss_sum = torch.zeros((), device=self.device)
         self.loss_n = 0
         self.last_train_loss = self.last_val_loss = None
+        self.saved_step: int | None = None  # step of the last resume save (what --resume continues from)
+        self.created: Path | None = None  # the highest folder this run created
 
     def _check_folder(self) -> None:
         d = self.dir
@@ -342,6 +347,7 @@ class _Run:
     def setup(self) -> None:
         # the highest folder this call creates: a bad corpus or flag must not leave empty folders behind
         created = next((p for p in reversed([self.dir, *self.dir.parents]) if not p.exists()), None)
+        self.created = created
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
             self._setup()
@@ -450,10 +456,11 @@ class _Run:
                 t_side = time.perf_counter()
                 if is_ckpt or (eval_every and step % eval_every == 0):
                     self._evaluate()
-                if is_ckpt:
-                    self._save_checkpoint(factor)
-                if is_ckpt or (save_every and step % save_every == 0):
-                    self._save_resume()
+                with deferred():  # a signal waits: a published checkpoint always has its resume state
+                    if is_ckpt:
+                        self._save_checkpoint(factor)
+                    if is_ckpt or (save_every and step % save_every == 0):
+                        self._save_resume()
                 side += time.perf_counter() - t_side
         bar.close()
         self.timings["train_s"] += time.perf_counter() - t_loop - side
@@ -540,6 +547,7 @@ class _Run:
             "meta": json.dumps(meta, default=str),
         }
         write_file(folder / RESUME_FILE, lambda p: torch.save(state, p))
+        self.saved_step = self.step
         self.timings["resume_s"] += time.perf_counter() - t
 
     def _load_resume(self) -> None:
@@ -557,7 +565,7 @@ class _Run:
         torch.set_rng_state(state["torch_rng"])
         if self.cuda and state["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.step = meta["step"]
+        self.step = self.saved_step = meta["step"]
         self.loss_sum = state["loss_sum"].to(self.device)
         self.loss_n = meta["loss_n"]
         self.last_train_loss, self.last_val_loss = meta["last_losses"]
@@ -694,15 +702,52 @@ def _available_cores() -> int:
         return os.cpu_count() or 1
 
 
+class Interrupted(KeyboardInterrupt):
+    """A signal (``signum``) stopped training at ``step``; ``saved`` is the step that ``--resume`` continues
+    from (None: no resume state; a new run's folder is then removed, so the same command starts it again)."""
+
+    def __init__(self, signum: int, step: int, saved: int | None, config: TrainConfig):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.step, self.saved, self.config = signum, step, saved, config
+
+
 def train(config: TrainConfig) -> Path:
-    """Train as configured and return the run folder (see the module docstring for its layout)."""
+    """Train as configured and return the run folder (see the module docstring for its layout). Ctrl-C or
+    (within ``interruptible()``) SIGTERM/SIGHUP raise ``Interrupted``: checkpoints and resume state are each
+    published whole (never a partial folder), so the run continues with ``--resume``."""
     run = _Run(config)
-    with _cpu_settings(run.r["device"], config.threads):
-        run.setup()
-        if run.step < run.r["steps"]:
-            run.run()
-        run.finish()
+    try:
+        with _cpu_settings(run.r["device"], config.threads):
+            run.setup()
+            if run.step < run.r["steps"]:
+                run.run()
+            run.finish()
+    except KeyboardInterrupt as e:
+        if run.saved_step is None and not config.resume:
+            _remove_new_run(run.dir, run.created)
+        raise Interrupted(getattr(e, "signum", signal.SIGINT), run.step, run.saved_step, config) from None
     return run.dir
+
+
+def _remove_new_run(folder: Path, created: Path | None) -> None:
+    """What a new run wrote before its first resume save (its folder was absent or empty at the start)."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    with contextlib.suppress(OSError):
+        for p in folder.iterdir():
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def _stopped_line(e: Interrupted, argv: list[str]) -> str:
+    """One line: where the run stopped and the exact command that continues (or restarts) it."""
+    head = f"experiments.lm.train: stopped by {signal.Signals(e.signum).name} at step {e.step}"
+    cmd = "python -m experiments.lm.train "
+    if e.saved is None and not e.config.resume:
+        return f"{head}, before anything was saved; start again with: {cmd}{shlex.join(argv)}"
+    args = argv if "--resume" in argv else [*argv, "--resume"]
+    saved = f"saved at step {e.saved}" if e.saved is not None else "its resume state unchanged"
+    return f"{head}; {e.config.out} is {saved}; continue with: {cmd}{shlex.join(args)}"
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -815,9 +860,17 @@ def config_from_args(argv=None) -> TrainConfig:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
         config = config_from_args(argv)
-        train(config)
+        with interruptible():  # SIGTERM/SIGHUP unwind like Ctrl-C
+            train(config)
+    except Interrupted as e:
+        print(_stopped_line(e, argv), file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt as e:  # before training started: nothing was written
+        print(f"experiments.lm.train: stopped ({e or 'SIGINT'}); nothing was written", file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
     except (ValueError, FileNotFoundError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
