@@ -1,7 +1,11 @@
 """experiments.lm.study end to end on a tiny run: report contents, files, the engine check, and bad input."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -214,3 +218,47 @@ def test_data_dir_is_relative_to_the_run(run, tmp_path, monkeypatch):
     (decoy / "val.jsonl").write_text('{"text": "decoy"}\n')
     monkeypatch.chdir(tmp_path)
     assert study._data_dir(run, {"data_dir": "data"}) == run / "data"
+
+
+_STUDY_SIGNAL = """
+import os, signal, sys
+from extramerge import trajectory
+from experiments.lm.study import main
+
+real = trajectory.load_gram
+def interrupted(path):
+    os.kill(os.getpid(), signal.SIGTERM)  # the staging folder holds analysis/ by now
+    return real(path)
+trajectory.load_gram = interrupted
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _leftovers(root):
+    return sorted(p.name for p in root.rglob("*") if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def test_signals_leave_no_partial_study(run, tmp_path, monkeypatch, capsys):
+    from extramerge import trajectory
+
+    out = tmp_path / "study"
+    argv = ["--run", str(run), "-o", str(out), "--quiet", "--threads", "1", "--cloze-items", "5"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run(
+        [sys.executable, "-c", _STUDY_SIGNAL, *argv], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert p.returncode == 128 + signal.SIGTERM and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith("experiments.lm.study: stopped by SIGTERM; nothing was written")
+    assert p.stderr.strip().endswith("start again with: python -m experiments.lm.study " + " ".join(argv))
+    assert not out.exists() and _leftovers(tmp_path) == [] and _leftovers(run.parent) == []
+    # Ctrl-C (in this process): the same
+    real = trajectory.load_gram
+
+    def ctrl_c(path):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(path)
+
+    monkeypatch.setattr(trajectory, "load_gram", ctrl_c)
+    assert study.main(argv) == 130
+    assert capsys.readouterr().err.startswith("experiments.lm.study: stopped by SIGINT; nothing was written")
+    assert not out.exists() and _leftovers(tmp_path) == []

@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ from extramerge.checkpoints import publish, staging_dir
 from rivervalley import analysis as A
 from rivervalley import theory
 from rivervalley import weights as W
+from rivervalley._publish import interruptible
 
 DEFAULT_ALPHAS = (-0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
@@ -784,6 +787,7 @@ def _check_device(device: str, threads: int | None) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     try:
         _check_device(args.device, args.threads)
@@ -806,7 +810,16 @@ def main(argv=None) -> int:
             progress=not args.quiet,
             engine_check=not args.no_engine_check,
         )
-        report = run_study(cfg)
+        with interruptible():  # SIGTERM/SIGHUP unwind like Ctrl-C: the staging folder is removed
+            report = run_study(cfg)
+    except KeyboardInterrupt as e:
+        sig = signal.Signals(getattr(e, "signum", signal.SIGINT))
+        print(
+            f"experiments.lm.study: stopped by {sig.name}; nothing was written (a study is all or nothing); "
+            f"start again with: python -m experiments.lm.study {shlex.join(argv)}",
+            file=sys.stderr,
+        )
+        return 128 + sig
     except (ValueError, FileNotFoundError, OSError) as e:
         print(
             f"experiments.lm.study: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
