@@ -363,8 +363,20 @@ class _SafetensorsFile:
         mm = self._map()
         if mm is None:
             return None
+        self.check_size()
         offset = self.offsets[name] + start * info.itemsize
         return np.frombuffer(mm, dtype=info.np_dtype, count=stop - start, offset=offset)
+
+    def check_size(self) -> None:
+        """CheckpointError if the mapped file has shrunk: touching a mapped page past its new end would raise
+        SIGBUS, which kills the process. One fstat (``mmap.size``), called before mapped bytes are used; a
+        truncation between this check and the access is not caught."""
+        try:
+            now = self._mm.size() if self._mm is not None else self._id[2]
+        except (OSError, ValueError):  # closed meanwhile: nothing is read from it any more
+            return
+        if now < self._id[2]:
+            raise CheckpointError(f"{self.path}: shrank from {self._id[2]} to {now} bytes while being read")
 
     def view_range(self, name: str, start: int, stop: int, *, numpy: bool = False):
         arr = self.view_array(name, start, stop)

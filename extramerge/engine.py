@@ -247,6 +247,8 @@ def _advise_spans(spans: list, advice: str) -> None:
                 f.madvise_span(cur_lo, cur_hi, advice)
                 cur_lo, cur_hi = lo, hi
         f.madvise_span(cur_lo, cur_hi, advice)
+        if advice == "populate":
+            f.check_size()  # a file that shrank meanwhile: an error now rather than SIGBUS on first touch
 
 
 def _unit_arrays(ckpts, infos, segs, sources, *, zero_copy: bool, scratch, read_bytes: int):

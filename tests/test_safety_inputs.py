@@ -291,3 +291,55 @@ def test_tensor_names_in_messages_are_escaped_and_shortened(tmp_path, capsys):
     for text in (out, err):
         assert "\x1b" not in text and "\x07" not in text and "B" * 200 not in text
     assert "\\x1b" in err
+
+
+_SHRINK = """
+import itertools, os, sys, threading
+from extramerge import checkpoints, engine
+from extramerge.cli import main
+
+where, victim, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+owner = engine if where == "views" else checkpoints._SafetensorsFile
+name = "_unit_arrays" if where == "views" else "madvise_span"
+real, calls, lock = getattr(owner, name), itertools.count(1), threading.Lock()
+def shrinking(*a, **k):
+    with lock:  # the 2nd unit truncates the file (before its views are made / its pages populated)
+        if (where == "views" or (str(a[0].path) == victim and a[3] == "populate")) and next(calls) == 2:
+            os.truncate(victim, size)
+    return real(*a, **k)
+setattr(owner, name, shrinking)
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+@pytest.mark.parametrize("where", ["views", "populate"])
+def test_a_checkpoint_truncated_during_a_merge_is_an_error_not_sigbus(tmp_path, where):
+    """The merge reads safetensors through memory maps: a page past the end of a file that shrank would
+    raise SIGBUS (a negative return code here). The size is checked when a chunk's views are made and
+    again once its pages are populated, before the arithmetic touches them."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    run = tmp_path / "run"
+    run.mkdir()
+    files = []
+    for j in range(3):  # one 12 MiB tensor: three 4 MiB units; the 1st unit's bytes are never cut
+        p = run / f"step_{j + 1:06d}.safetensors"
+        save_file({"w": np.full(3 * 2**20, j, dtype=np.float32)}, str(p))
+        files.append(p)
+    before = os.path.getsize(files[0])
+    cut = before - 6 * 2**20  # the 2nd and 3rd units' bytes are gone
+    out = tmp_path / "out" / "merged.safetensors"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = [where, str(files[0]), str(cut), "merge", *map(str, files), "--method", "sma", "-o", str(out)]
+    p = subprocess.run(
+        [sys.executable, "-c", _SHRINK, *argv, "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    _one_line_error(
+        p.returncode, p.stderr, f"{files[0]}: shrank from {before} to {cut} bytes while being read"
+    )
+    assert not out.exists() and list(out.parent.iterdir()) == []
