@@ -20,9 +20,10 @@ its recorded ``lr`` is the one that update used (``schedule(699)``: schedules ar
 written at ``ckpt_from, ckpt_from + ckpt_every, ...`` and at the final step; by default
 ``ckpt_from = steps - ckpt_every · floor(0.3 · steps / ckpt_every)``: a grid that ends on the final step and
 reaches back over the last 30% of training (1000 steps, every 100: 700, 800, 900, 1000). ``--stop-at N``
-pauses after step N (resume state saved); ``--resume`` continues it. Every param group's lr is
-``base_lr · schedule(step) / peak``, so the Muon matrices (``--lr``) and the AdamW rest (``--adam-lr``) follow
-the same shape. Batches are random windows of ``seq_len + 1`` tokens of
+pauses after step N (resume state saved); ``--resume`` continues it, as it does after Ctrl-C, SIGTERM or
+SIGHUP (one line names the step the run is saved at and the command; exit 128 + signal). Every param
+group's lr is ``base_lr · schedule(step) / peak``, so the Muon matrices (``--lr``) and the AdamW rest
+(``--adam-lr``) follow the same shape. Batches are random windows of ``seq_len + 1`` tokens of
 train.npy drawn by a numpy Generator seeded from ``--seed`` (model init uses ``torch.manual_seed(seed)``), so
 the same seed gives the same losses, and ``--resume`` reproduces an uninterrupted run exactly.
 """
