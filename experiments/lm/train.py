@@ -415,54 +415,62 @@ class _Run:
         side = 0.0  # time spent in evaluation / checkpoints / resume saves (not the step path)
         grad_norm = torch.zeros(())
         last = min(r["steps"], r["stop_at"] or r["steps"])
-        while self.step < last:
-            factor = self.lr_factor[self.step]
-            for g in groups:
-                g["lr"] = float(g["base_lr"] * factor)  # a Python float: resume state stays weights-only
-            chunk = self.batches.next()
-            chunk = chunk.pin_memory().to(self.device, non_blocking=True) if self.cuda else chunk
-            with self._autocast():
-                loss = _lm_loss(self.forward, chunk)
-            loss.backward()
-            if clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            for opt in self.optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            self.loss_sum += loss.detach()
-            self.loss_n += 1
-            self.step += 1
-            step = self.step
-            bar.update(1)
-            if step % log_every == 0 or step == r["steps"]:
-                train_loss = float(self.loss_sum) / self.loss_n
-                self.loss_sum.zero_()
-                self.loss_n = 0
-                self.last_train_loss = train_loss
-                now = time.perf_counter()
-                self._log(
-                    step=step,
-                    lr=r["lr"] * factor,
-                    train_loss=train_loss,
-                    grad_norm=float(grad_norm) if clip > 0 else None,
-                    tokens=step * tps,
-                    elapsed=round(self.elapsed0 + now - self.t0, 3),
-                )
-                bar.set_postfix(
-                    loss=f"{train_loss:.3f}",
-                    tok_s=f"{(step - first) * tps / max(now - t_loop - side, 1e-9):.0f}",
-                )
-            is_ckpt = step in ckpts
-            if is_ckpt or (eval_every and step % eval_every == 0) or (save_every and step % save_every == 0):
-                t_side = time.perf_counter()
-                if is_ckpt or (eval_every and step % eval_every == 0):
-                    self._evaluate()
-                with deferred():  # a signal waits: a published checkpoint always has its resume state
-                    if is_ckpt:
-                        self._save_checkpoint(factor)
-                    if is_ckpt or (save_every and step % save_every == 0):
-                        self._save_resume()
-                side += time.perf_counter() - t_side
+        try:
+            while self.step < last:
+                factor = self.lr_factor[self.step]
+                for g in groups:
+                    g["lr"] = float(g["base_lr"] * factor)  # a Python float: resume state stays weights-only
+                chunk = self.batches.next()
+                chunk = chunk.pin_memory().to(self.device, non_blocking=True) if self.cuda else chunk
+                with self._autocast():
+                    loss = _lm_loss(self.forward, chunk)
+                loss.backward()
+                if clip > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+                for opt in self.optimizers:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                self.loss_sum += loss.detach()
+                self.loss_n += 1
+                self.step += 1
+                step = self.step
+                bar.update(1)
+                if step % log_every == 0 or step == r["steps"]:
+                    train_loss = float(self.loss_sum) / self.loss_n
+                    self.loss_sum.zero_()
+                    self.loss_n = 0
+                    self.last_train_loss = train_loss
+                    now = time.perf_counter()
+                    self._log(
+                        step=step,
+                        lr=r["lr"] * factor,
+                        train_loss=train_loss,
+                        grad_norm=float(grad_norm) if clip > 0 else None,
+                        tokens=step * tps,
+                        elapsed=round(self.elapsed0 + now - self.t0, 3),
+                    )
+                    bar.set_postfix(
+                        loss=f"{train_loss:.3f}",
+                        tok_s=f"{(step - first) * tps / max(now - t_loop - side, 1e-9):.0f}",
+                    )
+                is_ckpt = step in ckpts
+                if (
+                    is_ckpt
+                    or (eval_every and step % eval_every == 0)
+                    or (save_every and step % save_every == 0)
+                ):
+                    t_side = time.perf_counter()
+                    if is_ckpt or (eval_every and step % eval_every == 0):
+                        self._evaluate()
+                    with deferred():  # a signal waits: a published checkpoint always has its resume state
+                        if is_ckpt:
+                            self._save_checkpoint(factor)
+                        if is_ckpt or (save_every and step % save_every == 0):
+                            self._save_resume()
+                    side += time.perf_counter() - t_side
+        except BaseException:
+            bar.close()  # a stop line goes below the bar, not onto it
+            raise
         bar.close()
         self.timings["train_s"] += time.perf_counter() - t_loop - side
         if self.step < r["steps"] and not (
