@@ -262,3 +262,19 @@ def test_signals_leave_no_partial_study(run, tmp_path, monkeypatch, capsys):
     assert study.main(argv) == 130
     assert capsys.readouterr().err.startswith("experiments.lm.study: stopped by SIGINT; nothing was written")
     assert not out.exists() and _leftovers(tmp_path) == []
+    # with the progress bar shown (no --quiet), stopped while it runs: the line stands below the bar
+    monkeypatch.setattr(trajectory, "load_gram", real)
+    real_measure, calls = study._Evaluator.measure, []
+
+    def hup(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the bar has shown one step
+            os.kill(os.getpid(), signal.SIGHUP)
+        return real_measure(*a, **k)
+
+    monkeypatch.setattr(study._Evaluator, "measure", hup)
+    loud = [a for a in argv if a != "--quiet"]
+    assert study.main(loud) == 128 + signal.SIGHUP
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("experiments.lm.study: stopped by SIGHUP; nothing was written"), last
+    assert not out.exists() and _leftovers(tmp_path) == []

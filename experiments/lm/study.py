@@ -355,53 +355,57 @@ def _study(cfg, run, meta, ckpts, names, data_dir, tmp) -> dict:
     # 2. calibration (validation split) and the two fits
     calib = E.calibration_weights(n)
     bar = _progress(cfg, len(calib) + len(methods) + 2 * len(offsets), "study")
-    calib_loss = {}
-    for name, w in calib.items():
-        calib_loss[name] = ev.measure(w, "val")["loss"]
-        bar.update()
-    ws, ys = list(calib.values()), list(calib_loss.values())
-    fits = {"losses": E.fit(ws, ys), "geometry": E.fit(ws, ys, rho=river["rho"], rho_source="geometry")}
-
-    # 3. measurement (test split) of every method, with both predictions
-    rows = []
-    for group, name, w, a in methods:
-        m = ev.measure(w, cfg.split, cloze=True)
-        bar.update()
-        rows.append(_row(group, name, w, m, fits, alpha=a))
-    base = rows[0]
-    for r in rows:
-        _with_delta(r, base)
-    # Extra-Merge at the predicted α*, and the theory-optimal weight vector, for each fit
-    alpha = {}
-    for d in offsets:
-        grid = [(r["alpha"], r["loss"]) for r in rows if r["group"] == f"extra d={d}"]
-        a_meas, l_meas = min(grid, key=lambda x: x[1])
-        entry = {
-            "measured_best_alpha": a_meas,
-            "measured_best_loss": l_meas,
-            "measured_best_delta": l_meas - base["loss"],
-        }
-        entry["measured_alpha_parabola"] = _parabola_min(grid)
-        for key, f in fits.items():
-            th = _theory_alpha(f, K, d)
-            a = th["alpha_star"]
-            entry[key] = th
-            if math.isfinite(a):
-                w = W.extra(n, K, d, a)
-                m = ev.measure(w, cfg.split, cloze=True)
-                row = _row(f"extra α* ({key})", f"Extra K={K} d={d} α*={a:.3g} (ρ from {key})", w, m, fits)
-                rows.append(_with_delta(row, base))
-                entry[key]["measured_delta_at_alpha_star"] = row["delta_measured"]
-                entry[key]["predicted_delta_at_alpha_star"] = row["predicted"][key]["delta"]
+    try:
+        calib_loss = {}
+        for name, w in calib.items():
+            calib_loss[name] = ev.measure(w, "val")["loss"]
             bar.update()
-        alpha[str(d)] = entry
-    for key, f in fits.items():
-        w_opt = _optimal_weights(f)
-        if w_opt is not None:
-            m = ev.measure(w_opt, cfg.split, cloze=True)
-            row = _row("theory-optimal", f"theory-optimal w (ρ from {key})", w_opt, m, fits)
-            rows.append(_with_delta(row, base))
-    bar.close()
+        ws, ys = list(calib.values()), list(calib_loss.values())
+        fits = {"losses": E.fit(ws, ys), "geometry": E.fit(ws, ys, rho=river["rho"], rho_source="geometry")}
+
+        # 3. measurement (test split) of every method, with both predictions
+        rows = []
+        for group, name, w, a in methods:
+            m = ev.measure(w, cfg.split, cloze=True)
+            bar.update()
+            rows.append(_row(group, name, w, m, fits, alpha=a))
+        base = rows[0]
+        for r in rows:
+            _with_delta(r, base)
+        # Extra-Merge at the predicted α*, and the theory-optimal weight vector, for each fit
+        alpha = {}
+        for d in offsets:
+            grid = [(r["alpha"], r["loss"]) for r in rows if r["group"] == f"extra d={d}"]
+            a_meas, l_meas = min(grid, key=lambda x: x[1])
+            entry = {
+                "measured_best_alpha": a_meas,
+                "measured_best_loss": l_meas,
+                "measured_best_delta": l_meas - base["loss"],
+            }
+            entry["measured_alpha_parabola"] = _parabola_min(grid)
+            for key, f in fits.items():
+                th = _theory_alpha(f, K, d)
+                a = th["alpha_star"]
+                entry[key] = th
+                if math.isfinite(a):
+                    w = W.extra(n, K, d, a)
+                    m = ev.measure(w, cfg.split, cloze=True)
+                    row = _row(
+                        f"extra α* ({key})", f"Extra K={K} d={d} α*={a:.3g} (ρ from {key})", w, m, fits
+                    )
+                    rows.append(_with_delta(row, base))
+                    entry[key]["measured_delta_at_alpha_star"] = row["delta_measured"]
+                    entry[key]["predicted_delta_at_alpha_star"] = row["predicted"][key]["delta"]
+                bar.update()
+            alpha[str(d)] = entry
+        for key, f in fits.items():
+            w_opt = _optimal_weights(f)
+            if w_opt is not None:
+                m = ev.measure(w_opt, cfg.split, cloze=True)
+                row = _row("theory-optimal", f"theory-optimal w (ρ from {key})", w_opt, m, fits)
+                rows.append(_with_delta(row, base))
+    finally:
+        bar.close()  # also on a stop: its one line must not land on the bar
 
     # the streaming engine writes one merge to disk; its loss must equal the in-memory merge's
     engine = _engine_check(ckpts, rows, ev, cfg, tmp) if cfg.engine_check else None
