@@ -59,9 +59,9 @@ def _sha(path: Path) -> str:
 def test_signals_stop_training_cleanly_and_the_printed_command_resumes_it(tmp_path):
     run = tmp_path / "run"
     resume = run / "resume" / "optimizer.pt"
-    # checkpoints at 10 and 120, resume saves at 10, 40, 80, 120
-    flags = ["-o", str(run), *FAST, "--steps", "120", "--ckpt-from", "10", "--ckpt-every", "1000"]
-    p = _start(shlex.join(["python", "-m", "experiments.lm.train", *flags, "--save-every", "40"]))
+    # checkpoints at 10 and 80, resume saves at 10, 30, 60, 80
+    flags = ["-o", str(run), *FAST, "--steps", "80", "--ckpt-from", "10", "--ckpt-every", "1000"]
+    p = _start(shlex.join(["python", "-m", "experiments.lm.train", *flags, "--save-every", "30"]))
     _wait_for(p, lambda: (run / "step_000010").is_dir())
     rc, err = _interrupt(p, signal.SIGINT)  # Ctrl-C while the first checkpoint is being saved
     assert rc == 130 and len(err.strip().splitlines()) == 1, err
@@ -69,21 +69,21 @@ def test_signals_stop_training_cleanly_and_the_printed_command_resumes_it(tmp_pa
     assert _leftovers(tmp_path) == [] and resume.is_file()
     ckpt10 = _sha(run / "step_000010" / "model.safetensors")
     command = err.split("continue with: ", 1)[1].strip()
-    assert command.endswith("--save-every 40 --resume")
+    assert command.endswith("--save-every 30 --resume")
 
     p = _start(command)
     first = os.stat(resume).st_ino
-    _wait_for(p, lambda: os.stat(resume).st_ino != first)  # the resume save at step 40 is in
+    _wait_for(p, lambda: os.stat(resume).st_ino != first)  # the resume save at step 30 is in
     rc, err = _interrupt(p, signal.SIGTERM)
     assert rc == 128 + signal.SIGTERM and len(err.strip().splitlines()) == 1, err
     m = re.search(r"stopped by SIGTERM at step (\d+); .* is saved at step (\d+); continue with: (.*)$", err)
-    assert m and 40 <= int(m[2]) <= int(m[1]) < 120, err
-    assert _leftovers(tmp_path) == [] and not (run / "step_000120").exists()
+    assert m and 30 <= int(m[2]) <= int(m[1]) < 80, err
+    assert _leftovers(tmp_path) == [] and not (run / "step_000080").exists()
 
     p = _start(m[3])
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
-    assert _leftovers(tmp_path) == [] and (run / "step_000120" / "model.safetensors").is_file()
+    assert _leftovers(tmp_path) == [] and (run / "step_000080" / "model.safetensors").is_file()
     assert _sha(run / "step_000010" / "model.safetensors") == ckpt10  # published checkpoints stay intact
     assert '"status": "finished"' in (run / "run.json").read_text()
 
