@@ -2,6 +2,10 @@
 policy on top: overlap with inputs, --force, ownership markers).
 
 * ``staging_dir(out)``: a fresh folder ``.NAME.tmp-PID@HOST-*`` beside ``out`` to build it in;
+  ``discard(tmp)`` removes it, and the parent folders ``staging_dir`` created if they are still empty
+  (a failed run leaves nothing behind, not even the folders it made for its output);
+* ``locked(out)``: holds an exclusive lock on ``out``'s parent folder, so that two runs publishing to the
+  same output (an output file and its side record) publish one after the other, never interleaved;
 * ``publish(src, dst, force)``: rename into place; an existing ``dst`` is renamed aside to
   ``.NAME.old-PID@HOST-*`` first and deleted once the new one is in;
 * ``clean_stale(out)``: what a killed run (kill -9) left beside ``out`` is removed, or put back;
@@ -13,6 +17,7 @@ policy on top: overlap with inputs, --force, ownership markers).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -25,7 +30,16 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["staging_dir", "publish", "clean_stale", "write_file", "Terminated", "interruptible"]
+__all__ = [
+    "staging_dir",
+    "discard",
+    "locked",
+    "publish",
+    "clean_stale",
+    "write_file",
+    "Terminated",
+    "interruptible",
+]
 
 _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32]
 
@@ -69,11 +83,45 @@ def staging_dir(out: Path) -> Path:
     """A fresh temporary folder next to ``out`` (parents created) in which to build an output before
     renaming it into place. mkdtemp makes it 0700; it gets the usual mode (0777 & ~umask), as the
     published folder should. Leftovers of killed runs on the same output are cleaned first."""
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_tag()}-", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())
+    _CREATED[tmp] = created  # deepest first
     return tmp
+
+
+_CREATED: dict[Path, list[Path]] = {}
+
+
+def discard(tmp: Path) -> None:
+    """Remove the staging folder ``tmp`` (if still there) and then each parent folder ``staging_dir``
+    created for it that is now empty, deepest first. Safe after a successful publish too: a parent that
+    holds the output is not empty and stays."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    for folder in _CREATED.pop(tmp, []):
+        try:
+            folder.rmdir()
+        except OSError:
+            break  # not empty (the output, or someone else's file), or gone: its parents stay too
+
+
+@contextlib.contextmanager
+def locked(out: Path):
+    """An exclusive advisory lock (flock) on ``out``'s parent folder for the block: runs that publish to
+    the same place take turns. Nothing is created for it; where folders cannot be locked, no lock."""
+    try:
+        fd = os.open(out.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _umask() -> int:
@@ -129,7 +177,7 @@ def write_file(path, write: Callable[[Path], None]) -> Path:
         write(tmp / path.name)
         publish(tmp / path.name, path, force=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
     return path
 
 
