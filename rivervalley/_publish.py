@@ -11,13 +11,18 @@ policy on top: overlap with inputs, --force, ownership markers).
 * ``clean_stale(out)``: what a killed run (kill -9) left beside ``out`` is removed, or put back;
 * ``write_file(path, write)``: one file through a staging folder (``write(tmp_path)``, then publish);
 * ``interruptible()``: SIGTERM and SIGHUP raise ``Terminated`` (a KeyboardInterrupt), so they unwind
-  through the same clean-up code as Ctrl-C.
+  through the same clean-up code as Ctrl-C;
+* ``claim_folder(out, force, command)`` / ``mark_folder(out, command)``: what the rivervalley commands may
+  replace: a non-empty output folder only with ``force`` and only when it carries the marker an earlier
+  rivervalley command wrote there; ``claim_file(path, force, ours)`` the same for a single file,
+  recognised by its content.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -39,7 +44,13 @@ __all__ = [
     "write_file",
     "Terminated",
     "interruptible",
+    "MARKER",
+    "claim_folder",
+    "mark_folder",
+    "claim_file",
 ]
+
+MARKER = ".rivervalley-output"  # JSON {"tool": "rivervalley", "command": ...} in folders its commands write
 
 _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32]
 
@@ -205,3 +216,65 @@ def interruptible():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+# ------------------------------------------------------------------------------------------- ownership
+
+
+def _refuse_special(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.lstat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+            raise ValueError(f"{path}: exists and is not a regular file or folder; refusing to replace it")
+
+
+def _marked(folder: Path) -> bool:
+    try:
+        with open(folder / MARKER, "rb") as f:
+            doc = json.loads(f.read(4096))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("tool") == "rivervalley"
+
+
+def claim_folder(out, force: bool, command: str) -> Path:
+    """Check that ``command`` may write its files into the folder ``out`` (ValueError otherwise): a new or
+    empty folder, or with ``force`` a folder an earlier rivervalley command marked as its own output."""
+    out = Path(out)
+    _refuse_special(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ValueError(f"output {out} exists and is not a folder; choose another output")
+    if out.is_dir() and any(p.name != MARKER for p in out.iterdir()):
+        if not force:
+            raise ValueError(
+                f"output {out} exists and is not empty; pass --force to replace {command}'s files"
+            )
+        if not _marked(out):
+            raise ValueError(
+                f"output {out} was not written by rivervalley (no {MARKER} marker); refusing to write into "
+                "it, even with --force"
+            )
+    return out
+
+
+def mark_folder(out, command: str) -> None:
+    """Record in ``out`` that rivervalley ``command`` wrote it (what a later ``--force`` may replace)."""
+    text = json.dumps({"tool": "rivervalley", "command": command}) + "\n"
+    write_file(Path(out) / MARKER, lambda p: p.write_text(text))
+
+
+def claim_file(path, force: bool, ours: Callable[[Path], bool]) -> Path:
+    """Check that a command may write the file ``path``: new, or with ``force`` one that ``ours(path)``
+    recognises (by its content) as this command's earlier output; never a folder or special file."""
+    path = Path(path)
+    _refuse_special(path)
+    if path.is_dir():
+        raise ValueError(f"output {path} is a folder (a file name is expected)")
+    if path.exists() or path.is_symlink():
+        if not force:
+            raise ValueError(f"output {path} exists; pass --force to replace it")
+        if path.is_symlink() or not ours(path):
+            raise ValueError(
+                f"output {path} exists and was not written by rivervalley; refusing to replace it"
+            )
+    return path
