@@ -84,3 +84,13 @@ def test_demo_fast_runs_every_stage(tmp_path, capsys):
     assert rep["engine_check"]["abs_diff"] < 1e-4 and len(rep["methods"]) > 20
     out = capsys.readouterr().out
     assert "Results in" in out and "demo done" in out and "LM study of" in out
+
+
+def test_demo_never_writes_into_a_folder_it_did_not_write(tmp_path, capsys):
+    from experiments import demo
+
+    (tmp_path / "lm" / "run").mkdir(parents=True)
+    (tmp_path / "lm" / "run" / "precious.txt").write_text("mine")  # the demo would retrain into lm/run
+    assert demo.main(["-o", str(tmp_path), "--fast"]) == 2
+    assert "not written by rivervalley" in capsys.readouterr().err
+    assert (tmp_path / "lm" / "run" / "precious.txt").read_text() == "mine"
