@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from experiments import toy_study
+from rivervalley._publish import claim_folder, mark_folder
 
 
 @dataclass
@@ -93,6 +94,13 @@ def main(argv=None) -> int:
         print(
             f"experiments.demo: error: {out}: exists and is not a folder (-o takes a folder)", file=sys.stderr
         )
+        return 2
+    try:  # the demo replaces its own earlier output, and never writes into a folder of someone else's
+        claim_folder(out, True, "the demo")
+        out.mkdir(parents=True, exist_ok=True)
+        mark_folder(out, "demo")
+    except (ValueError, OSError) as e:
+        print(f"experiments.demo: error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     results = []

@@ -61,6 +61,7 @@ __all__ = [
     "load_checkpoints",
     "check_compatible",
     "check_output",
+    "check_merge_output",
     "publish",
     "staging_dir",
     "output_layout",
@@ -1035,6 +1036,24 @@ def check_record_path(output: Path) -> None:
         )
 
 
+def check_merge_output(out: Path) -> None:
+    """What ``--force`` may replace: an existing output only when it is extramerge's own earlier merge (a
+    folder holding an extramerge merge.json, or a file with its extramerge X.merge.json beside it), never
+    a user's folder or file that merely has the name; and X.merge.json only when it is our own record."""
+    if out.suffix in WEIGHT_SUFFIXES:
+        check_record_path(out)
+    if not (out.exists() or out.is_symlink()):
+        return
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return  # an empty folder holds nothing to lose
+    rec = _record_path(out)
+    if out.is_symlink() or not _is_record(rec):
+        raise CheckpointError(
+            f"output {out} exists and was not written by an extramerge merge (it has no extramerge "
+            f"record {rec.name}); refusing to replace it, even with --force"
+        )
+
+
 def _is_record(path: Path) -> bool:
     return outputs._own_json(path, "tool", "extramerge")
 
@@ -1485,8 +1504,7 @@ def write_checkpoint(
     fmt = fmt or default_format(output, template)
     out = check_output(output, [*([template] if template is not None else []), *inputs], force=force)
     out, fname = output_layout(out, fmt, template)
-    if record is not None and out.suffix in WEIGHT_SUFFIXES:
-        check_record_path(out)
+    check_merge_output(out)
     infos = dict(infos)
     aliases = {a: c for a, c in (template.aliases if template is not None else {}).items() if c in infos}
     tmp = staging_dir(out)
@@ -1542,20 +1560,22 @@ def write_checkpoint(
             _fsync_path(tmp)
             t_sync += time.perf_counter() - t0
         t_publish = time.perf_counter()
-        if folder_out:
-            publish(tmp, out, force)
-            published = [out / f for f in files]
-        else:
-            if record is not None:
-                publish(tmp / rec_name, _record_path(out), force=True)  # vetted by check_record_path
-            publish(tmp / fname, out, force)
-            tmp.rmdir()
-            published = [out] + ([_record_path(out)] if record is not None else [])
+        with outputs.locked(out):  # a concurrent merge to the same output publishes before or after us
+            check_merge_output(out)  # again: another run may have published there while we merged
+            if folder_out:
+                publish(tmp, out, force)
+                published = [out / f for f in files]
+            else:
+                if record is not None:
+                    publish(tmp / rec_name, _record_path(out), force=True)  # vetted by check_merge_output
+                publish(tmp / fname, out, force)
+                tmp.rmdir()
+                published = [out] + ([_record_path(out)] if record is not None else [])
         if fsync:
             _fsync_path(out.parent)
         t_publish = time.perf_counter() - t_publish
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        outputs.discard(tmp)
         raise
     return WriteResult(written, published, time.perf_counter() - t_start, t_sync, t_publish)
 

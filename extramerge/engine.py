@@ -37,15 +37,16 @@ from pathlib import Path
 
 import numpy as np
 
+from rivervalley._memory import require_memory
+
 from .checkpoints import (
     _DIRECT_BLOCK,
-    WEIGHT_SUFFIXES,
     Checkpoint,
     CheckpointError,
     TensorInfo,
     check_compatible,
+    check_merge_output,
     check_output,
-    check_record_path,
     default_format,
     output_layout,
     to_numpy,
@@ -834,8 +835,7 @@ def merge_weights(
     out_infos = {n: TensorInfo(n, i.shape, _output_code(i, dtype)) for n, i in infos.items()}
     out_path = check_output(output, ckpts, force=force, clean=not dry_run)  # a dry run changes nothing
     out_path, _ = output_layout(out_path, fmt, template)
-    if out_path.suffix in WEIGHT_SUFFIXES:
-        check_record_path(out_path)  # X.merge.json: refused now, not after the merge
+    check_merge_output(out_path)  # what --force may replace: refused now, not after the merge
 
     notes = []
     if acc_name != "float64" and any(i.dtype_str == "F64" for i in infos.values()):
@@ -875,6 +875,10 @@ def merge_weights(
             f"output {output}: needs {_fmt_bytes(bytes_written)} but only {_fmt_bytes(free_disk)} is "
             "free there"
         )
+    anon = projected - _rss_now() - (bytes_read if n_torch else 0)  # mapped input pages can be reclaimed
+    require_memory(
+        anon, f"merge to {output} ({'buffers and the collected output' if collects else 'buffers'})"
+    )
     if dtype == "float16" and any(i.dtype_str in ("BF16", "F32") for i in infos.values()):
         notes.append("casting to float16 can overflow values beyond ±65504; overflow raises an error")
 

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from rivervalley import _publish
-from rivervalley._publish import Terminated, clean_stale, interruptible, staging_dir
+from rivervalley._publish import Terminated, clean_stale, discard, interruptible, locked, staging_dir
 
 from .safety import _error, kind
 
@@ -36,6 +35,8 @@ __all__ = [
     "overlap",
     "refuse_special",
     "staging_dir",
+    "discard",
+    "locked",
     "publish",
     "clean_stale",
     "mark",
@@ -195,5 +196,5 @@ def write_file(path, text: str, **policy) -> Path:
             os.fsync(f.fileno())
         publish(tmp / out.name, out, force=True)  # vetted by check_file
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
     return out

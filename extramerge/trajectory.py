@@ -23,7 +23,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -543,7 +542,7 @@ def write_outputs(data: GramData, report: dict, output, *, inputs=(), force: boo
     """Write analysis.json, gram.npz and the PNG figures into ``output`` (temp folder, then rename)."""
     from extramerge import plots
     from extramerge.checkpoints import publish, staging_dir
-    from extramerge.outputs import mark
+    from extramerge.outputs import discard, mark
 
     output = Path(output)
     _check_output_dir(output, list(inputs), force)
@@ -572,7 +571,7 @@ def write_outputs(data: GramData, report: dict, output, *, inputs=(), force: boo
         )
         publish(tmp, output, force=True)  # _check_output_dir has vetted an existing output
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
     return report
 

@@ -2,18 +2,28 @@
 policy on top: overlap with inputs, --force, ownership markers).
 
 * ``staging_dir(out)``: a fresh folder ``.NAME.tmp-PID@HOST-*`` beside ``out`` to build it in;
+  ``discard(tmp)`` removes it, and the parent folders ``staging_dir`` created if they are still empty
+  (a failed run leaves nothing behind, not even the folders it made for its output);
+* ``locked(out)``: holds an exclusive lock on ``out``'s parent folder, so that two runs publishing to the
+  same output (an output file and its side record) publish one after the other, never interleaved;
 * ``publish(src, dst, force)``: rename into place; an existing ``dst`` is renamed aside to
   ``.NAME.old-PID@HOST-*`` first and deleted once the new one is in;
 * ``clean_stale(out)``: what a killed run (kill -9) left beside ``out`` is removed, or put back;
 * ``write_file(path, write)``: one file through a staging folder (``write(tmp_path)``, then publish);
 * ``interruptible()``: SIGTERM and SIGHUP raise ``Terminated`` (a KeyboardInterrupt), so they unwind
   through the same clean-up code as Ctrl-C;
-* ``deferred()``: SIGINT, SIGTERM and SIGHUP wait until a block ends (a unit of outputs saved whole).
+* ``deferred()``: SIGINT, SIGTERM and SIGHUP wait until a block ends (a unit of outputs saved whole);
+* ``claim_folder(out, force, command)`` / ``mark_folder(out, command)``: what the rivervalley commands may
+  replace: a non-empty output folder only with ``force`` and only when it carries the marker an earlier
+  rivervalley command wrote there; ``claim_file(path, force, ours)`` the same for a single file,
+  recognised by its content.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
 import re
 import shutil
@@ -26,7 +36,23 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["staging_dir", "publish", "clean_stale", "write_file", "Terminated", "interruptible", "deferred"]
+__all__ = [
+    "staging_dir",
+    "discard",
+    "locked",
+    "publish",
+    "clean_stale",
+    "write_file",
+    "Terminated",
+    "interruptible",
+    "deferred",
+    "MARKER",
+    "claim_folder",
+    "mark_folder",
+    "claim_file",
+]
+
+MARKER = ".rivervalley-output"  # JSON {"tool": "rivervalley", "command": ...} in folders its commands write
 
 _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32]
 
@@ -70,11 +96,45 @@ def staging_dir(out: Path) -> Path:
     """A fresh temporary folder next to ``out`` (parents created) in which to build an output before
     renaming it into place. mkdtemp makes it 0700; it gets the usual mode (0777 & ~umask), as the
     published folder should. Leftovers of killed runs on the same output are cleaned first."""
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_tag()}-", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())
+    _CREATED[tmp] = created  # deepest first
     return tmp
+
+
+_CREATED: dict[Path, list[Path]] = {}
+
+
+def discard(tmp: Path) -> None:
+    """Remove the staging folder ``tmp`` (if still there) and then each parent folder ``staging_dir``
+    created for it that is now empty, deepest first. Safe after a successful publish too: a parent that
+    holds the output is not empty and stays."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    for folder in _CREATED.pop(tmp, []):
+        try:
+            folder.rmdir()
+        except OSError:
+            break  # not empty (the output, or someone else's file), or gone: its parents stay too
+
+
+@contextlib.contextmanager
+def locked(out: Path):
+    """An exclusive advisory lock (flock) on ``out``'s parent folder for the block: runs that publish to
+    the same place take turns. Nothing is created for it; where folders cannot be locked, no lock."""
+    try:
+        fd = os.open(out.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _umask() -> int:
@@ -130,7 +190,7 @@ def write_file(path, write: Callable[[Path], None]) -> Path:
         write(tmp / path.name)
         publish(tmp / path.name, path, force=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
     return path
 
 
@@ -184,3 +244,65 @@ def deferred():
             signal.signal(s, h)
     if held:
         signal.raise_signal(held[0])
+
+
+# ------------------------------------------------------------------------------------------- ownership
+
+
+def _refuse_special(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.lstat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+            raise ValueError(f"{path}: exists and is not a regular file or folder; refusing to replace it")
+
+
+def _marked(folder: Path) -> bool:
+    try:
+        with open(folder / MARKER, "rb") as f:
+            doc = json.loads(f.read(4096))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("tool") == "rivervalley"
+
+
+def claim_folder(out, force: bool, command: str) -> Path:
+    """Check that ``command`` may write its files into the folder ``out`` (ValueError otherwise): a new or
+    empty folder, or with ``force`` a folder an earlier rivervalley command marked as its own output."""
+    out = Path(out)
+    _refuse_special(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ValueError(f"output {out} exists and is not a folder; choose another output")
+    if out.is_dir() and any(p.name != MARKER for p in out.iterdir()):
+        if not force:
+            raise ValueError(
+                f"output {out} exists and is not empty; pass --force to replace {command}'s files"
+            )
+        if not _marked(out):
+            raise ValueError(
+                f"output {out} was not written by rivervalley (no {MARKER} marker); refusing to write into "
+                "it, even with --force"
+            )
+    return out
+
+
+def mark_folder(out, command: str) -> None:
+    """Record in ``out`` that rivervalley ``command`` wrote it (what a later ``--force`` may replace)."""
+    text = json.dumps({"tool": "rivervalley", "command": command}) + "\n"
+    write_file(Path(out) / MARKER, lambda p: p.write_text(text))
+
+
+def claim_file(path, force: bool, ours: Callable[[Path], bool]) -> Path:
+    """Check that a command may write the file ``path``: new, or with ``force`` one that ``ours(path)``
+    recognises (by its content) as this command's earlier output; never a folder or special file."""
+    path = Path(path)
+    _refuse_special(path)
+    if path.is_dir():
+        raise ValueError(f"output {path} is a folder (a file name is expected)")
+    if path.exists() or path.is_symlink():
+        if not force:
+            raise ValueError(f"output {path} exists; pass --force to replace it")
+        if path.is_symlink() or not ours(path):
+            raise ValueError(
+                f"output {path} exists and was not written by rivervalley; refusing to replace it"
+            )
+    return path

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from rivervalley._publish import Terminated, interruptible, write_file
+from rivervalley._publish import Terminated, claim_file, claim_folder, interruptible, mark_folder, write_file
 
 __all__ = ["main", "build_parser"]
 
@@ -59,6 +59,16 @@ def _shape(text: str) -> tuple[int, int]:
 # validate
 
 
+def _is_validation_report(path: Path) -> bool:
+    """Whether ``path`` holds a report ``rivervalley validate`` wrote (recognised by its content)."""
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read(64 * 2**20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and {"passed", "z_max", "n_rows", "rows"} <= doc.keys()
+
+
 def _cmd_validate(args) -> int:
     from rivervalley import validate
 
@@ -66,6 +76,9 @@ def _cmd_validate(args) -> int:
     json_path = (
         Path(args.json) if args.json else out / ("validation_fast.json" if args.fast else "validation.json")
     )
+    claim_file(json_path, args.force, _is_validation_report)  # before the run, not after it
+    txt_path = json_path.with_suffix(".txt")
+    claim_file(txt_path, args.force, lambda p: _is_validation_report(p.with_suffix(".json")))
     report = validate.run(
         fast=args.fast,
         seeds=args.seeds,
@@ -156,6 +169,7 @@ def _cmd_simulate(args) -> int:
     land = _landscape_from_args(args)
     opt = _optimizer_from_args(args, land)
     sched = _schedule_from_args(args)
+    claim_folder(args.out, args.force, "simulate")  # before the run, not after it
     if args.ckpt_every is None:
         args.ckpt_every = max(1, args.steps // 50)
     t0 = time.perf_counter()
@@ -197,6 +211,7 @@ def _cmd_simulate(args) -> int:
     config = dict(res.config, steps=res.steps, ckpt_every=args.ckpt_every, wall_s=round(wall, 3))
     text = json.dumps(config, indent=1, default=str)
     write_file(out / "config.json", lambda p: p.write_text(text))
+    mark_folder(out, "simulate")
     s, n, p = res.checkpoints.shape
     path = "exact path" if args.exact else "step path"
     final = float(res.ckpt_loss[:, -1].mean())
@@ -218,6 +233,7 @@ def _cmd_figures(args) -> int:
     unknown = sorted(set(args.only or []) - set(FIGURES))
     if unknown:
         raise ValueError(f"unknown figure(s) {unknown}; known: {', '.join(FIGURES)}")
+    claim_folder(args.out, args.force, "figures")
     made = run_all(
         args.out,
         only=args.only,
@@ -225,6 +241,7 @@ def _cmd_figures(args) -> int:
         seed=args.seed,
         progress=lambda s: print(s, file=sys.stderr, flush=True),
     )
+    mark_folder(args.out, "figures")
     for name, paths in made.items():
         print(f"{name}: " + ", ".join(str(p) for p in paths))
     return 0
@@ -238,6 +255,9 @@ def _cmd_demo(args) -> int:
 
 # ---------------------------------------------------------------------------------------------------------
 # parser
+
+
+FORCE_HELP = "replace this command's own earlier output (never files it did not write)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         "kernel (float32 draws, its default when available)",
     )
     v.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    v.add_argument("--force", action="store_true", help=FORCE_HELP)
     v.set_defaults(func=_cmd_validate)
 
     s = sub.add_parser("simulate", help="simulate an optimizer on a toy landscape, write checkpoints")
@@ -296,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init", choices=["zero", "stationary"], default="zero")
     g.add_argument("--exact", action="store_true", help="exact AR(1) fast path (quadratic, SGD, constant lr)")
     s.add_argument("-o", "--out", default="out/simulate", help="output folder (default out/simulate)")
+    s.add_argument("--force", action="store_true", help=FORCE_HELP)
     s.set_defaults(func=_cmd_simulate)
 
     f = sub.add_parser("figures", help="run every paper_figures script into one folder")
@@ -303,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--only", nargs="+", metavar="NAME", help="only these figures")
     f.add_argument("--quick", action="store_true", help="fewer seeds (seconds per figure)")
     f.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    f.add_argument("--force", action="store_true", help=FORCE_HELP)
     f.set_defaults(func=_cmd_figures)
 
     d = sub.add_parser("demo", help="the README's main command (= python -m experiments.demo)")

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from . import _native
-from ._compute import flush_denormals, require_memory
+from ._compute import flush_denormals
+from ._memory import require_memory
 from .landscapes import Landscape, QuadraticRiverValley, _EigenQuadratic
 from .optimizers import SGD
 from .schedules import Schedule, as_schedule

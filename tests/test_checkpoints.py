@@ -401,21 +401,32 @@ def test_stream_mismatch_is_an_error_and_leaves_nothing(tmp_path):
 
 def test_existing_output_needs_force_and_is_replaced_atomically(tmp_path):
     state = _mixed_state()
+    rec = {"record": {"tool": "extramerge"}}  # what merges write: the mark of their own output
     out = tmp_path / "out"
     out.mkdir()
-    write_checkpoint(out, state.items(), infos=_infos(state), fmt="hf-safetensors")  # empty folder: fine
+    write_checkpoint(out, state.items(), infos=_infos(state), fmt="hf-safetensors", **rec)  # empty: fine
     with pytest.raises(CheckpointError, match="exists and is not empty.*force"):
-        write_checkpoint(out, state.items(), infos=_infos(state), fmt="hf-safetensors")
+        write_checkpoint(out, state.items(), infos=_infos(state), fmt="hf-safetensors", **rec)
     (out / "stale.txt").write_text("old")
-    write_checkpoint(out, state.items(), infos=_infos(state), fmt="hf-safetensors", force=True)
+    write_checkpoint(out, state.items(), infos=_infos(state), fmt="hf-safetensors", force=True, **rec)
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
     assert _leftovers(tmp_path) == []
     f = tmp_path / "x.safetensors"
-    write_checkpoint(f, state.items(), infos=_infos(state))
+    write_checkpoint(f, state.items(), infos=_infos(state), **rec)
     with pytest.raises(CheckpointError, match="exists"):
-        write_checkpoint(f, state.items(), infos=_infos(state))
-    write_checkpoint(f, state.items(), infos=_infos(state), force=True)
+        write_checkpoint(f, state.items(), infos=_infos(state), **rec)
+    write_checkpoint(f, state.items(), infos=_infos(state), force=True, **rec)
     assert _leftovers(tmp_path) == []
+    # --force never replaces what no merge wrote: a user's folder, or a file without its record
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep")
+    with pytest.raises(CheckpointError, match="not written by an extramerge merge"):
+        write_checkpoint(user, state.items(), infos=_infos(state), fmt="hf-safetensors", force=True, **rec)
+    (tmp_path / "x.merge.json").unlink()
+    with pytest.raises(CheckpointError, match="not written by an extramerge merge"):
+        write_checkpoint(f, state.items(), infos=_infos(state), force=True, **rec)
+    assert (user / "notes.txt").read_text() == "keep" and f.is_file() and _leftovers(tmp_path) == []
 
 
 def test_output_equal_to_inside_or_containing_an_input_is_refused(tmp_path):

@@ -236,7 +236,12 @@ def test_errors_exit_2_with_one_line(capsys, run6, tmp_path):
     (busy / "file").write_text("x")
     rc, _, err = _cli(capsys, "merge", *run6, "--method", "sma", "-o", busy, "--quiet")
     assert rc == 2 and "not empty" in _one_error_line(err)
-    assert _cli(capsys, "merge", *run6, "--method", "sma", "-o", busy, "--quiet", "--force")[0] == 0
+    rc, _, err = _cli(capsys, "merge", *run6, "--method", "sma", "-o", busy, "--quiet", "--force")
+    assert rc == 2 and "not written by an extramerge merge" in _one_error_line(err)
+    assert (busy / "file").read_text() == "x"  # a user's folder survives --force
+    merged = tmp_path / "merged"
+    assert _cli(capsys, "merge", *run6, "--method", "sma", "-o", merged, "--quiet")[0] == 0
+    assert _cli(capsys, "merge", *run6, "--method", "ema", "-o", merged, "--quiet", "--force")[0] == 0
     rc, _, err = _cli(
         capsys, "merge", tmp_path / "missing.safetensors", "--method", "sma", "-o", tmp_path / "y"
     )

@@ -52,9 +52,20 @@ def test_figure_script_entry_point(tmp_path):
     assert (tmp_path / "pc_projection.png").exists() and (tmp_path / "pc_projection.json").exists()
 
 
-def test_cli_figures_subset(tmp_path):
-    assert cli.main(["figures", "-o", str(tmp_path), "--quick", "--only", "decay_vs_average"]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["decay_vs_average.json", "decay_vs_average.png"]
+def test_cli_figures_subset(tmp_path, capsys):
+    out = tmp_path / "figs"
+    assert cli.main(["figures", "-o", str(out), "--quick", "--only", "decay_vs_average"]) == 0
+    names = [".rivervalley-output", "decay_vs_average.json", "decay_vs_average.png"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    # its own earlier output: replaced with --force only; a user's folder: never
+    assert cli.main(["figures", "-o", str(out), "--quick", "--only", "decay_vs_average"]) == 2
+    assert cli.main(["figures", "-o", str(out), "--quick", "--only", "decay_vs_average", "--force"]) == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "decay_vs_average.png").write_bytes(b"my figure")
+    assert cli.main(["figures", "-o", str(mine), "--quick", "--only", "decay_vs_average", "--force"]) == 2
+    assert "not written by rivervalley" in capsys.readouterr().err
+    assert (mine / "decay_vs_average.png").read_bytes() == b"my figure"
 
 
 def test_demo_fast_runs_every_stage(tmp_path, capsys):
@@ -73,3 +84,13 @@ def test_demo_fast_runs_every_stage(tmp_path, capsys):
     assert rep["engine_check"]["abs_diff"] < 1e-4 and len(rep["methods"]) > 20
     out = capsys.readouterr().out
     assert "Results in" in out and "demo done" in out and "LM study of" in out
+
+
+def test_demo_never_writes_into_a_folder_it_did_not_write(tmp_path, capsys):
+    from experiments import demo
+
+    (tmp_path / "lm" / "run").mkdir(parents=True)
+    (tmp_path / "lm" / "run" / "precious.txt").write_text("mine")  # the demo would retrain into lm/run
+    assert demo.main(["-o", str(tmp_path), "--fast"]) == 2
+    assert "not written by rivervalley" in capsys.readouterr().err
+    assert (tmp_path / "lm" / "run" / "precious.txt").read_text() == "mine"

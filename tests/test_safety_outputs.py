@@ -206,7 +206,7 @@ def test_sigterm_and_sighup_leave_no_staging_folder(tmp_path, sig):
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 128 + getattr(signal, sig), p.stderr
     assert p.stderr.strip() == f"extramerge: terminated ({sig})"
-    assert not out.exists() and list(out.parent.iterdir()) == []
+    assert not out.exists() and not out.parent.exists()  # nor the folder it created for the output
 
 
 def _dead_pid() -> int:
@@ -264,16 +264,21 @@ def test_rivervalley_outputs_are_atomic_and_leave_nothing_on_sigterm(tmp_path, c
     out = tmp_path / "sim"
     argv = ["simulate", "--steps", "20", "--seeds", "4", "-o", str(out)]
     assert rcli.main(argv) == 0
-    assert {p.name for p in out.iterdir()} == {"checkpoints.npz", "loss_curve.csv", "config.json"}
+    written = {"checkpoints.npz", "loss_curve.csv", "config.json", ".rivervalley-output"}
+    assert {p.name for p in out.iterdir()} == written
     (out / "config.json").unlink()
     os.mkfifo(out / "config.json")
     capsys.readouterr()
-    assert rcli.main(argv) == 2
+    assert rcli.main([*argv, "--force"]) == 2
     assert "not a regular file" in capsys.readouterr().err
     (out / "config.json").unlink()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     p = subprocess.run(
-        [sys.executable, "-c", _RV_SIGNAL, *argv], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-c", _RV_SIGNAL, *argv, "--force"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert p.returncode == 128 + signal.SIGTERM and "rivervalley: terminated (SIGTERM)" in p.stderr
     assert _leftovers(tmp_path) == [] and not (out / "config.json").exists()

@@ -141,9 +141,17 @@ def test_cli_simulate_writes_checkpoints_and_loss_curve(tmp_path, capsys):
     lines = (out / "loss_curve.csv").read_text().splitlines()
     assert lines[0] == "step,mean_loss" and len(lines) > 10
     assert json.loads((out / "config.json").read_text())["steps"] == 60
-    # the exact path and another optimizer go through the same command
-    assert cli.main(["simulate", "--steps", "40", "--exact", "--init", "stationary", "-o", str(out)]) == 0
-    assert cli.main(["simulate", "--steps", "20", "--optimizer", "adamw", "--m", "4", "-o", str(out)]) == 0
+    # the exact path and another optimizer go through the same command (--force: its own earlier output)
+    assert cli.main(["simulate", "--steps", "40", "--exact", "--init", "stationary", "-o", str(out)]) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert (
+        cli.main(["simulate", "--steps", "40", "--exact", "--init", "stationary", "-o", str(out), "--force"])
+        == 0
+    )
+    assert (
+        cli.main(["simulate", "--steps", "20", "--optimizer", "adamw", "--m", "4", "-o", str(out), "--force"])
+        == 0
+    )
     assert (
         cli.main(
             [
@@ -160,8 +168,25 @@ def test_cli_simulate_writes_checkpoints_and_loss_curve(tmp_path, capsys):
                 "0.02",
                 "-o",
                 str(out),
+                "--force",
             ]
         )
         == 0
     )
     assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_validate_replaces_only_its_own_report(tmp_path, capsys):
+    """Checked before the (long) run: a user's file at --json is never replaced; an earlier report is,
+    with --force only."""
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"my": "notes"}')
+    assert cli.main(["validate", "--fast", "--json", str(mine)]) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert cli.main(["validate", "--fast", "--json", str(mine), "--force"]) == 2
+    assert "not written by rivervalley" in capsys.readouterr().err and mine.read_text() == '{"my": "notes"}'
+    ours = tmp_path / "report.json"
+    ours.write_text(json.dumps({"passed": True, "z_max": 4, "n_rows": 0, "rows": []}))
+    (tmp_path / "report.txt").write_text("my table")
+    assert cli.main(["validate", "--fast", "--json", str(ours)]) == 2
+    assert "pass --force" in capsys.readouterr().err
