@@ -510,8 +510,8 @@ def _per_tensor(data: GramData, windows: list[int]) -> dict:
 
 def _check_output_dir(output: Path, inputs: Sequence, force: bool) -> None:
     """Refuse an output overlapping an input (by inode) or that is not a folder; replace a non-empty
-    folder only if an earlier analysis wrote it (its marker file, see extramerge.outputs), with or
-    without ``force``: force never replaces a folder this package did not write."""
+    folder only with ``force`` and only if an earlier analysis wrote it (its marker file, see
+    extramerge.outputs): force never replaces a folder this package did not write."""
     from extramerge.checkpoints import CheckpointError, check_output
     from extramerge.outputs import MARKER, marked
 
@@ -519,6 +519,8 @@ def _check_output_dir(output: Path, inputs: Sequence, force: bool) -> None:
     if output.exists():
         if not output.is_dir() or output.is_symlink():
             raise CheckpointError(f"output {output} exists and is not a folder")
+        if any(output.iterdir()) and marked(output, "analysis") and not force:
+            raise CheckpointError(f"output {output} holds an earlier analysis; pass --force to replace it")
         if any(output.iterdir()) and not marked(output, "analysis"):
             raise CheckpointError(
                 f"output {output} exists, is not empty and was not written by extramerge analyze (no "

@@ -101,8 +101,9 @@ def test_analyze_writes_report_figures_and_grams(capsys, run6, tmp_path):
     states = [load_state(p) for p in run6]
     X = np.stack([np.concatenate([s[k].double().reshape(-1).numpy() for k in data.names]) for s in states])
     np.testing.assert_allclose(data.gram, A.gram(X - X[-1]), rtol=1e-10, atol=1e-12)
-    # a second run may replace an earlier analysis; other non-empty folders need --force
-    assert _cli(capsys, "analyze", *run6, "-o", out_dir, "--quiet")[0] == 0
+    # a second run replaces an earlier analysis with --force only; other non-empty folders never
+    assert _cli(capsys, "analyze", *run6, "-o", out_dir, "--quiet")[0] == 2
+    assert _cli(capsys, "analyze", *run6, "-o", out_dir, "--quiet", "--force")[0] == 0
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("x")

@@ -135,7 +135,8 @@ def test_analyze_replaces_only_a_folder_it_wrote(tmp_path, capsys):
     fresh = tmp_path / "fresh"
     assert _run(capsys, "analyze", *run, "-o", fresh, "--quiet")[0] == 0
     assert outputs.marked(fresh, "analysis")
-    assert _run(capsys, "analyze", *run, "-o", fresh, "--quiet")[0] == 0  # an earlier analysis: replaced
+    _refused(capsys, "analyze", *run, "-o", fresh, "--quiet", needle="pass --force")  # ours, but no --force
+    assert _run(capsys, "analyze", *run, "-o", fresh, "--quiet", "--force")[0] == 0  # an earlier analysis
     assert _leftovers(tmp_path) == []
 
 
