@@ -278,3 +278,18 @@ def test_signals_leave_no_partial_study(run, tmp_path, monkeypatch, capsys):
     last = capsys.readouterr().err.splitlines()[-1]
     assert last.startswith("experiments.lm.study: stopped by SIGHUP; nothing was written"), last
     assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_study_refuses_checkpoints_that_cannot_fit_in_memory(tmp_path, monkeypatch):
+    """Checked before any tensor is read: N float32 copies of the model plus the float64 merge buffers."""
+    from _ckpt_factory import make_safetensors_files
+
+    from extramerge.checkpoints import open_checkpoint
+    from rivervalley import _memory
+
+    ckpts = [open_checkpoint(p) for p in make_safetensors_files(tmp_path, n=3)]
+    names = list(ckpts[-1].infos)
+    study._check_memory(ckpts, names)  # fits
+    monkeypatch.setattr(_memory, "available_memory", lambda: 1000)
+    with pytest.raises(ValueError, match=r"the study of 3 checkpoints x .* needs about .* GB"):
+        study._check_memory(ckpts, names)

@@ -148,6 +148,20 @@ def _methods(n: int, cfg: StudyConfig, G: np.ndarray) -> tuple[list[tuple], int,
 # ------------------------------------------------------------------------------------------- evaluation
 
 
+def _check_memory(ckpts, names) -> None:
+    """The evaluator holds every checkpoint's float tensors (float32, [N, ...]) and builds each merge in
+    float64 one tensor at a time: refuse, before reading them, a study that cannot fit in memory."""
+    from rivervalley._memory import require_memory
+
+    infos = ckpts[-1].infos
+    sizes = [infos[n].numel for n in names if n in infos and infos[n].dtype_str.startswith(("F", "BF"))]
+    n = len(ckpts)
+    need = 4 * (n + 2) * sum(sizes) + 8 * (n + 1) * max(sizes, default=0)
+    require_memory(
+        need, f"the study of {n} checkpoints x {sum(sizes) / 1e6:.3g}M parameters (held in float32)"
+    )
+
+
 class _Evaluator:
     """Holds every checkpoint's float tensors stacked [N, ...] and one model; evaluates any weight vector."""
 
@@ -170,6 +184,8 @@ class _Evaluator:
             self._shares[k] = by_ptr.setdefault(v.data_ptr(), set())
             self._shares[k].add(k)
         self.fixed: dict = {}
+        if not str(cfg.device).startswith("cuda"):
+            _check_memory(ckpts, names)
         for name in names:  # each checkpoint's tensor read once
             tensors = [c.read(name) for c in ckpts]
             if tensors[-1].is_floating_point():
