@@ -175,13 +175,10 @@ def check_file(
             raise _error(f"output {path} {rel} the input {p}; choose another output")
     clean_stale(out)
     refuse_special(out, path)
-    if out.is_dir():
-        raise _error(f"output {path} is a folder (a file name is expected)")
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise _error(f"output {path} exists; pass --force to replace it")
-        if out.is_symlink() or not own(out):
-            raise _error(f"output {path} exists and was not written by extramerge; refusing to replace it")
+    try:
+        _publish.claim_file(out, force, own, tool="extramerge")  # a folder, or not ours: refused
+    except ValueError as e:
+        raise _error(str(e)) from None
     return out
 
 

@@ -291,9 +291,10 @@ def mark_folder(out, command: str) -> None:
     write_file(Path(out) / MARKER, lambda p: p.write_text(text))
 
 
-def claim_file(path, force: bool, ours: Callable[[Path], bool]) -> Path:
+def claim_file(path, force: bool, ours: Callable[[Path], bool], tool: str = "rivervalley") -> Path:
     """Check that a command may write the file ``path``: new, or with ``force`` one that ``ours(path)``
-    recognises (by its content) as this command's earlier output; never a folder or special file."""
+    recognises (by its content) as this command's earlier output; never a folder or special file.
+    ``tool`` names the package in the message."""
     path = Path(path)
     _refuse_special(path)
     if path.is_dir():
@@ -303,6 +304,6 @@ def claim_file(path, force: bool, ours: Callable[[Path], bool]) -> Path:
             raise ValueError(f"output {path} exists; pass --force to replace it")
         if path.is_symlink() or not ours(path):
             raise ValueError(
-                f"output {path} exists and was not written by rivervalley; refusing to replace it"
+                f"output {path} exists and was not written by {tool}; refusing to replace it"
             )
     return path
