@@ -79,6 +79,7 @@ def test_signals_stop_training_cleanly_and_the_printed_command_resumes_it(tmp_pa
     m = re.search(r"stopped by SIGTERM at step (\d+); .* is saved at step (\d+); continue with: (.*)$", err)
     assert m and 30 <= int(m[2]) <= int(m[1]) < 80, err
     assert _leftovers(tmp_path) == [] and not (run / "step_000080").exists()
+    assert '"status": "interrupted"' in (run / "run.json").read_text()  # not "running"
 
     p = _start(m[3])
     out, err = p.communicate(timeout=120)

@@ -734,6 +734,9 @@ def train(config: TrainConfig) -> Path:
     except KeyboardInterrupt as e:
         if run.saved_step is None and not config.resume:
             _remove_new_run(run.dir, run.created)
+        else:  # the record says the run stopped, not that it is still running
+            with contextlib.suppress(Exception):  # a stop during set-up has no record to update yet
+                run.write_run_json("interrupted")
         raise Interrupted(getattr(e, "signum", signal.SIGINT), run.step, run.saved_step, config) from None
     return run.dir
 
