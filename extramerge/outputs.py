@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -95,11 +94,8 @@ def _input_paths(inputs: Iterable) -> list[Path]:
 
 def refuse_special(path: Path, output: object = None) -> None:
     """Refuse a destination that is a FIFO, device or socket: force never replaces one."""
-    try:
-        mode = os.lstat(path).st_mode
-    except OSError:
-        return
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+    mode = _publish.special_mode(path)
+    if mode is not None:
         raise _error(f"output {output or path} is {kind(mode)}; refusing to replace it, even with --force")
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "claim_folder",
     "mark_folder",
     "claim_file",
+    "special_mode",
 ]
 
 MARKER = ".rivervalley-output"  # JSON {"tool": "rivervalley", "command": ...} in folders its commands write
@@ -249,11 +250,19 @@ def deferred():
 # ------------------------------------------------------------------------------------------- ownership
 
 
-def _refuse_special(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
+def special_mode(path: Path) -> int | None:
+    """The mode of ``path`` when it is a special file (FIFO, device, socket) that no output may replace,
+    else None (absent, or a regular file, folder or link). One definition for both packages."""
+    try:
         mode = os.lstat(path).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
-            raise ValueError(f"{path}: exists and is not a regular file or folder; refusing to replace it")
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode) else mode
+
+
+def _refuse_special(path: Path) -> None:
+    if special_mode(path) is not None:
+        raise ValueError(f"{path}: exists and is not a regular file or folder; refusing to replace it")
 
 
 def _marked(folder: Path) -> bool:
@@ -303,7 +312,5 @@ def claim_file(path, force: bool, ours: Callable[[Path], bool], tool: str = "riv
         if not force:
             raise ValueError(f"output {path} exists; pass --force to replace it")
         if path.is_symlink() or not ours(path):
-            raise ValueError(
-                f"output {path} exists and was not written by {tool}; refusing to replace it"
-            )
+            raise ValueError(f"output {path} exists and was not written by {tool}; refusing to replace it")
     return path
