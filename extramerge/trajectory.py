@@ -514,18 +514,16 @@ def _check_output_dir(output: Path, inputs: Sequence, force: bool) -> None:
     extramerge.outputs): force never replaces a folder this package did not write."""
     from extramerge.checkpoints import CheckpointError, check_output
     from extramerge.outputs import MARKER, marked
+    from rivervalley._publish import claim_folder
 
     check_output(output, inputs, force=True)  # overlap with the inputs, special files
-    if output.exists():
-        if not output.is_dir() or output.is_symlink():
-            raise CheckpointError(f"output {output} exists and is not a folder")
-        if any(output.iterdir()) and marked(output, "analysis") and not force:
-            raise CheckpointError(f"output {output} holds an earlier analysis; pass --force to replace it")
-        if any(output.iterdir()) and not marked(output, "analysis"):
-            raise CheckpointError(
-                f"output {output} exists, is not empty and was not written by extramerge analyze (no "
-                f"{MARKER}); refusing to replace it, even with --force"
-            )
+    try:
+        claim_folder(
+            output, force, "analyze", marked=lambda p: marked(p, "analysis"), owner="extramerge analyze",
+            marker=MARKER,
+        )  # fmt: skip
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _render(jobs: list) -> None:

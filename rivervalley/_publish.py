@@ -274,21 +274,25 @@ def _marked(folder: Path) -> bool:
     return isinstance(doc, dict) and doc.get("tool") == "rivervalley"
 
 
-def claim_folder(out, force: bool, command: str) -> Path:
+def claim_folder(
+    out, force: bool, command: str, *, marked: Callable[[Path], bool] = _marked, owner: str = "rivervalley",
+    marker: str = MARKER,
+) -> Path:  # fmt: skip
     """Check that ``command`` may write its files into the folder ``out`` (ValueError otherwise): a new or
-    empty folder, or with ``force`` a folder an earlier rivervalley command marked as its own output."""
+    empty folder, or with ``force`` a folder that ``marked`` recognises as an earlier output of ``owner``
+    (by default the ``marker`` file a rivervalley command writes; extramerge passes its own)."""
     out = Path(out)
     _refuse_special(out)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise ValueError(f"output {out} exists and is not a folder; choose another output")
-    if out.is_dir() and any(p.name != MARKER for p in out.iterdir()):
+    if out.is_dir() and any(p.name != marker for p in out.iterdir()):
         if not force:
             raise ValueError(
                 f"output {out} exists and is not empty; pass --force to replace {command}'s files"
             )
-        if not _marked(out):
+        if not marked(out):
             raise ValueError(
-                f"output {out} was not written by rivervalley (no {MARKER} marker); refusing to write into "
+                f"output {out} was not written by {owner} (no {marker} marker); refusing to write into "
                 "it, even with --force"
             )
     return out
