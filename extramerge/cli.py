@@ -4,6 +4,7 @@
     extramerge analyze CKPT... [--windows 1,2,4,8] -o DIR
     extramerge merge CKPT... --method {sma,ema,wma,extra,trend,pc1,custom} [knobs] -o OUT [--dry-run]
     extramerge eval MODEL... --data FILE [--cloze N|FILE.jsonl] [--json OUT.json] [--lm-eval]
+    extramerge study CKPT... --data TEXT -o OUT [--lr-schedule SPEC] [--quick]
 
 CKPT is a checkpoint file (.safetensors, .bin, .pt), a Hugging Face model folder, or a folder of
 step_XXXX/ checkpoints (expanded and sorted by step). Checkpoints are ordered oldest first as given.
@@ -394,7 +395,7 @@ def _eval(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True, metavar="{inspect,analyze,merge,eval}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{inspect,analyze,merge,eval,study}")
     ck = "checkpoint files or folders, oldest first (a folder of step_XXXX/ checkpoints is expanded)"
 
     q = sub.add_parser("inspect", help="formats, tensors, dtypes, parameter counts and consistency")
@@ -540,7 +541,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run lm-evaluation-harness on the same items and documents (pip install 'lm-eval[hf]')",
     )
     e.set_defaults(func=_eval)
+
+    from .study.cli import add_arguments
+
+    st = sub.add_parser(
+        "study", help="which merge to ship: recommendation chosen on held-out text, predicted vs measured gain"
+    )
+    add_arguments(st)
+    st.set_defaults(func=_study)
     return p
+
+
+def _study(args) -> int:
+    from .study import study
+    from .study.cli import config_from_args
+    from .study.report import summary_lines
+
+    rep = study(config_from_args(args))
+    for line in summary_lines(rep):
+        print(line)
+    print(f"wrote {rep['out']}/study.json, study.md")
+    return 0
 
 
 # -------------------------------------------------------------------------------------------------- errors

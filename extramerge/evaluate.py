@@ -203,6 +203,21 @@ def token_blocks(texts: Sequence[str] | str | os.PathLike, tokenizer, seq_len: i
     return TokenBlocks(ids, n_bytes)
 
 
+def document_index(texts: Sequence[str], tokenizer, seq_len: int):
+    """For ``token_blocks(texts, tokenizer, seq_len)``: the document each label belongs to, int64
+    [n_blocks, seq_len] (a document's EOS terminator is its own; padding is −1). Used to sum the NLL per
+    document, for standard errors clustered by document."""
+    import torch
+
+    texts = _as_texts(texts)
+    docs = _encode_plain(tokenizer, texts)
+    labels = np.concatenate([np.full(len(d) + 1, i, dtype=np.int64) for i, d in enumerate(docs)])
+    n_blocks = -(-labels.size // seq_len)
+    out = np.full(n_blocks * seq_len, -1, dtype=np.int64)
+    out[: labels.size] = labels
+    return torch.from_numpy(out.reshape(n_blocks, seq_len))
+
+
 # ----------------------------------------------------------------------------------------------- loss
 
 

@@ -1,0 +1,75 @@
+"""``extramerge study``: which merge of a run's checkpoints to ship, with its predicted and measured gain.
+
+    from extramerge.study import StudyConfig, study
+    report = study(StudyConfig(checkpoints=["runs/gpt2"], data=["heldout.jsonl"], out=Path("study")))
+    report["recommendation"]   # method, weights (oldest first), alpha, offset, predicted_delta, ...
+    report["measured"]         # every merge measured on the measurement half: delta, se
+
+Needs transformers (``pip install 'rivervalley[lm]'``). See :mod:`extramerge.study.core` for the method.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .core import CANDIDATE_ALPHAS, StudyConfig, run_study
+from .inputs import StudyError
+
+__all__ = ["StudyConfig", "StudyError", "study", "CANDIDATE_ALPHAS", "check_output"]
+
+
+def check_output(out: Path, inputs, force: bool) -> Path:
+    """Refuse an output that is or holds an input, a special file, or an existing folder that is not an
+    earlier study (its marker), and that one without ``force``."""
+    from .. import outputs
+
+    out = Path(out)
+    for p in map(Path, inputs):
+        rel = outputs.overlap(out, p)
+        if rel in ("is", "contains") or (rel == "lies inside" and (p / "config.json").is_file()):
+            raise StudyError(f"{out}: the output folder {rel} the input {p} (pick another -o)")
+    outputs.refuse_special(out)
+    if out.exists():
+        if not force:
+            raise StudyError(f"{out}: output exists (pass --force to replace it)")
+        if not outputs.marked(out, "study"):
+            raise StudyError(f"{out}: exists and is not an earlier study (no {outputs.MARKER} marker); not replacing it")
+    return out
+
+
+def study(cfg: StudyConfig) -> dict:
+    """Run the study and publish study.json, study.md and the figure to ``cfg.out`` (atomically)."""
+    from rivervalley._compute import flush_denormals
+
+    from .. import outputs
+    from rivervalley._publish import staging_dir
+    from . import report as R
+
+    out = check_output(Path(cfg.out), cfg.checkpoints + list(cfg.data) + [p for p in (cfg.calib, cfg.test) if p], cfg.force)
+    tmp = staging_dir(out)
+    try:
+        with flush_denormals():
+            rep = run_study(cfg, tmp)
+        fig = R.alpha_figure(rep, tmp / "alpha.png")
+        rep["figures"] = ["alpha.png"] if fig else []
+        outputs.mark(tmp, "study")
+        (tmp / "study.json").write_text(json.dumps(rep, indent=1, default=_json_default))
+        (tmp / "study.md").write_text(R.markdown(rep))
+        outputs.publish(tmp, out, force=True)  # an earlier study, checked above, is replaced only now
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    rep["out"] = str(out)
+    return rep
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(type(o))

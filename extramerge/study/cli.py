@@ -1,0 +1,90 @@
+"""``extramerge study`` arguments (shared by ``python -m experiments.lm.study``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .core import CANDIDATE_ALPHAS, StudyConfig
+
+__all__ = ["add_arguments", "config_from_args"]
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser, *, checkpoints: bool = True) -> None:
+    if checkpoints:
+        p.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                       help="HF model folders, a run folder or a folder of step_N/ checkpoint-N/ folders")
+        p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="output folder")
+    p.add_argument("--data", nargs="+", default=[], metavar="TEXT",
+                   help=".txt/.jsonl files or folders, split by document into calibration and measurement halves")
+    p.add_argument("--calib", metavar="FILE", help="calibration half (with --test, instead of --data)")
+    p.add_argument("--test", metavar="FILE", help="measurement half (with --calib)")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the checkpoints' own)")
+    p.add_argument("--lr-schedule", metavar="SPEC",
+                   help="learning rate at the checkpoints: a run.json, a JSONL log with step/lr, or step:lr,... "
+                   "(default: the run folder's log; else constant)")
+    p.add_argument("--window", type=int, default=4, metavar="K", help="Extra-Merge window K (default 4)")
+    p.add_argument("--offsets", type=_ints, default=(2, 4, 8), metavar="D,...", help="offsets d (default 2,4,8)")
+    p.add_argument("--alphas", type=_floats, default=CANDIDATE_ALPHAS, metavar="A,...",
+                   help="candidate α grid (default %s)" % ",".join(f"{a:g}" for a in CANDIDATE_ALPHAS))
+    p.add_argument("--quick", action="store_true",
+                   help="only the recommendation: no measurement half, a short candidate list")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
+    p.add_argument("--force", action="store_true", help="replace an earlier study in OUT")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def config_from_args(a, *, checkpoints=None, out=None, run=None, calib=None, test=None) -> StudyConfig:
+    from .inputs import StudyError
+
+    if a.window < 1:
+        raise StudyError(f"--window {a.window}: must be at least 1")
+    if a.batch_size < 1:
+        raise StudyError(f"--batch-size {a.batch_size}: must be at least 1")
+    if not a.alphas:
+        raise StudyError("--alphas: the α grid is empty")
+    if a.threads is not None and a.threads < 1:
+        raise StudyError(f"--threads {a.threads}: must be at least 1")
+    if str(a.device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise StudyError(f"--device {a.device}: CUDA is not available")
+    ckpts = list(checkpoints if checkpoints is not None else a.checkpoints)
+    if run is None and len(ckpts) == 1 and (Path(ckpts[0]) / "run.json").is_file():
+        run = Path(ckpts[0])
+    return StudyConfig(
+        checkpoints=ckpts,
+        out=Path(out if out is not None else a.output),
+        data=list(a.data),
+        calib=a.calib or calib,
+        test=a.test or test,
+        tokenizer=a.tokenizer,
+        lr_schedule=a.lr_schedule,
+        run=run,
+        window=a.window,
+        offsets=tuple(a.offsets),
+        alphas=tuple(a.alphas),
+        quick=a.quick,
+        device=a.device,
+        batch_size=a.batch_size,
+        threads=a.threads,
+        force=a.force,
+        progress=not a.quiet,
+    )

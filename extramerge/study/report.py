@@ -1,0 +1,106 @@
+"""The study's report: study.md, a terminal summary and the ΔL-versus-α figure."""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["markdown", "summary_lines", "alpha_figure"]
+
+
+def _f(x, spec="+.4f") -> str:
+    return "not identified" if x is None else (format(x, spec) if math.isfinite(x) else str(x))
+
+
+def _iv(iv) -> str:
+    return "not identified" if iv is None else f"[{iv[0]:+.4f}, {iv[1]:+.4f}]"
+
+
+def summary_lines(r: dict) -> list[str]:
+    rec = r["recommendation"]
+    fit = r["fit"]
+    out = [
+        f"recommended merge: {rec['name']}  (chosen on the calibration half: ΔL {rec['calib_delta']:+.4f} "
+        f"± {rec['calib_se']:.4f})",
+        f"  predicted ΔL {_f(rec['predicted_delta'])}, 90% interval {_iv(rec['predicted_interval'])}",
+    ]
+    meas = next((m for m in r["measured"] if m["name"] == rec["name"]), None)
+    if meas is not None:
+        best = min(r["measured"], key=lambda m: m["delta"])
+        out.append(f"  measured ΔL {meas['delta']:+.4f} ± {meas['se']:.4f} (best measured: {best['name']}, "
+                   f"{best['delta']:+.4f} ± {best['se']:.4f})")
+    rho = "identified" if fit["rho_identified"] else "not identified"
+    out.append(
+        f"fit: slope {fit['slope_per_checkpoint']['value']:.4g}/checkpoint, valley loss "
+        f"{fit['valley_loss_newest']['value']:.4g}, ρ {fit['rho']:.2f} "
+        f"[{fit['rho_interval'][0]:.2f}, {fit['rho_interval'][1]:.2f}] ({rho})"
+    )
+    for p in fit["problems"]:
+        out.append(f"  not identified: {p}")
+    for d, c in r["extra"]["by_offset"].items():
+        line = f"  d={d}: α* {_f(c['alpha_star'], '+.3f')}"
+        if "measured_best_alpha" in c:
+            line += f", measured best α {c['measured_best_alpha']:+g}"
+        out.append(line)
+    return out
+
+
+def markdown(r: dict) -> str:
+    lines = ["# Extra-Merge study", "", *(f"    {s}" for s in summary_lines(r)), ""]
+    d = r["data"]
+    lines += [
+        f"{r['checkpoints']['n']} checkpoints at steps {r['checkpoints']['steps'][0]}..{r['checkpoints']['steps'][-1]}; "
+        f"calibration half {d['calib']['documents']} documents / {d['calib']['tokens']} tokens, measurement half "
+        f"{d['test']['documents']} / {d['test']['tokens']}; mode {r['mode']}, {r['evaluations']} evaluations, "
+        f"{r['seconds']:.0f} s.",
+        "",
+    ]
+    if r["measured"]:
+        lines += [
+            "| merge | measured ΔL | s.e. | predicted ΔL | 90% interval | covered |",
+            "|---|---|---|---|---|---|",
+        ]
+        for m in r["measured"]:
+            cov = {True: "yes", False: "**no**"}.get(m.get("covered"), "-")
+            lines.append(
+                f"| {m['name']} | {m['delta']:+.4f} | {m['se']:.4f} | {_f(m['predicted'])} | "
+                f"{_iv(m['predicted_interval'])} | {cov} |"
+            )
+        lines.append("")
+    lines += ["ΔL: loss minus the newest checkpoint's, nats per token, on the measurement half; s.e. paired, "
+              "clustered by document. The interval is for the expected gain; 'covered' also allows the "
+              "measurement's own 1.645 s.e.", ""]
+    return "\n".join(lines)
+
+
+def alpha_figure(r: dict, path) -> str | None:
+    """ΔL against α per offset d: measured (± 1.645 s.e.) and predicted (line and 90% band)."""
+    if not r["measured"]:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    K = r["extra"]["window"]
+    sma = next((m for m in r["measured"] if m["name"] == f"SMA K={K}"), None)
+    for i, d in enumerate(r["extra"]["offsets"]):
+        rows = [m for m in r["measured"] if m.get("offset") == d and m["group"] == "extra"]
+        if sma is not None:
+            rows.append({**sma, "alpha": 0.0})
+        rows.sort(key=lambda m: m["alpha"])
+        a = [m["alpha"] for m in rows]
+        color = f"C{i}"
+        ax.errorbar(a, [m["delta"] for m in rows], yerr=[1.645 * m["se"] for m in rows], fmt="o", color=color,
+                    ms=4, label=f"measured d={d}")
+        if rows[0]["predicted"] is not None:
+            ax.plot(a, [m["predicted"] for m in rows], "-", color=color, lw=1, label=f"predicted d={d}")
+            ax.fill_between(a, [m["predicted_interval"][0] for m in rows], [m["predicted_interval"][1] for m in rows],
+                            color=color, alpha=0.12)
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.set_xlabel("α")
+    ax.set_ylabel("ΔL vs newest checkpoint (nats/token)")
+    ax.set_title(f"Extra-Merge K={K}: measured and predicted")
+    ax.legend(fontsize=7)
+    fig.savefig(path)
+    return str(path)
