@@ -65,23 +65,10 @@ def _lm(out: Path, fast: bool) -> bool:
     if run.exists():  # the demo's own run from an earlier call: train afresh
         shutil.rmtree(run)
     train.train(train.TrainConfig(out=str(run), **(LM_DEMO_FAST if fast else LM_DEMO), progress=True))
-    report = study.run_study(
-        study.StudyConfig(
-            run=run,
-            out=out / "study",
-            force=True,
-            cloze_items=20 if fast else 200,
-            threads=1 if fast else None,
-        )
-    )
-    study.print_table(report)
-    return bool(report["engine_check"] is None or report["engine_check"]["abs_diff"] < 1e-4)
-
-
-STAGES: list[Stage] = [
-    Stage("toy study (simulate, validate, figures)", "toy", _toy),
-    Stage("LM study (tiny GPT-2 on pydoc, AdamW; Extra-Merge predicted vs measured)", "lm", _lm),
-]
+    argv = ["--run", str(run), "-o", str(out / "study"), "--force", "--quiet"]
+    if fast:
+        argv += ["--threads", "1"]
+    return study.main(argv) == 0
 
 
 def main(argv=None) -> int:
