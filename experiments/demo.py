@@ -71,6 +71,12 @@ def _lm(out: Path, fast: bool) -> bool:
     return study.main(argv) == 0
 
 
+STAGES: list[Stage] = [
+    Stage("toy study (simulate, validate, figures)", "toy", _toy),
+    Stage("LM study (tiny GPT-2 on pydoc, AdamW; which merge to ship, predicted vs measured)", "lm", _lm),
+]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Run the demo: every stage into one output folder.")
     p.add_argument("-o", "--out", default="out/demo", help="output folder (default out/demo)")

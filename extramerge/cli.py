@@ -545,7 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .study.cli import add_arguments
 
     st = sub.add_parser(
-        "study", help="which merge to ship: recommendation chosen on held-out text, predicted vs measured gain"
+        "study",
+        help="which merge to ship: recommendation chosen on held-out text, predicted vs measured gain",
     )
     add_arguments(st)
     st.set_defaults(func=_study)

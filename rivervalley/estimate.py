@@ -14,13 +14,20 @@ checkpoints 1..N at steps t_j with learning rates η_j:
 - two groups of valley directions: steep ones that decorrelate between checkpoints (ω₀) and slow ones that
   decorrelate with the area between them at rate ρ per checkpoint interval of area (ω₁, §g: P ≈ e^{−λΔA}).
 
-Relative to the newest checkpoint, ΔL(w) = F1·s + ½F2·s² + ω₀(Σw_j²r_j − r_N) + ω₁(wᵀΓw − r_N); with a
-constant learning rate and F2 = 0 this is §d' (``theory.weights_delta_loss``).
+- a path that bends: if the trajectory's floor curves, θ(A) ≈ θ_N + a·(A − A_N) + ½·b·(A − A_N)² with b
+  across the valley, then the merge Σw_jθ(A_j) = θ(s̄) + ½·b·B(w) leaves the floor by ½·b·B(w), with
+  B(w) = Σw_j(A_j − A_N)² − s(w)², and pays κ·B(w)² (κ = λ_b|b|²/8 ≥ 0, λ_b the curvature across). Pair
+  averages h apart pay κh⁴/16 (the sagitta of the chord); an extrapolation α·d past the window pays
+  ~κα²(1+α)²d⁴: this term is what makes long extrapolations blow up on real runs.
 
-The fit uses *calibration* merges that stay inside the data (nonnegative weights, s ≤ 0): every checkpoint
-and pair averages of checkpoints h = 1, 2, 4, 8 apart. Points past the newest checkpoint are never used
+Relative to the newest checkpoint, ΔL(w) = F1·s + ½F2·s² + ω₀(Σw_j²r_j − r_N) + ω₁(wᵀΓw − r_N) + κB(w)²;
+with a constant learning rate and F2 = κ = 0 this is §d' (``theory.weights_delta_loss``).
+
+The fit uses *calibration* merges that stay inside the data (nonnegative weights, s ≤ 0): every checkpoint,
+pair averages of checkpoints h = 1, 2, 4, 8 apart, and uniform windows of 4 and 8 checkpoints. Points past
+the newest checkpoint are never used
 (on a curved path their loss explodes and dominates a least-squares fit). Given ρ the model is linear in
-(F0, F1, F2, ω₀, ω₁): least squares with ω ≥ 0. ρ is profiled over a grid (0.02 … 0.99); its 90%
+(F0, F1, F2, ω₀, ω₁, κ): least squares with ω, κ ≥ 0. ρ is profiled over a grid (0.02 … 0.99); its 90%
 confidence set is {ρ: SSE(ρ) ≤ SSE_min · (1 + F₀.₉(1, dof)/dof)}. ρ is *identified* when that set stays off
 the grid's upper edge (a slow group that never decorrelates inside the window cannot be told from the
 river's curvature). Every prediction is the union, over ρ in its confidence set, of the least-squares
@@ -132,10 +139,11 @@ class Grid:
         return np.asarray(out[-self.n :], dtype=float)
 
 
-def calibration_weights(n: int, distances=(1, 2, 4, 8)) -> dict[str, np.ndarray]:
-    """The calibration merges (name → w), all inside the data: every checkpoint, and pair averages of
+def calibration_weights(n: int, distances=(1, 2, 4, 8), windows=(4, 8)) -> dict[str, np.ndarray]:
+    """The calibration merges (name → w), all inside the data: every checkpoint; pair averages of
     checkpoints h apart (all pairs for h = 1; for h > 1, pairs starting every ⌈h/2⌉ checkpoints and always
-    the pair ending at the newest)."""
+    the pair ending at the newest); uniform windows of K checkpoints ending at every other checkpoint and
+    at the newest (the building blocks of SMA and Extra-Merge)."""
     if n < 3:
         raise ValueError(f"calibration needs at least 3 checkpoints, got {n}")
     out: dict[str, np.ndarray] = {}
@@ -148,6 +156,13 @@ def calibration_weights(n: int, distances=(1, 2, 4, 8)) -> dict[str, np.ndarray]
         starts = set(range(0, n - h, 1 if h == 1 else -(-h // 2))) | {n - 1 - h}
         for j in sorted(starts):
             out[f"pair {j + 1}+{j + 1 + h}"] = 0.5 * (eye[j] + eye[j + h])
+    for k in windows:
+        if k >= n:
+            continue
+        for end in sorted({*range(n, k - 1, -2)}):
+            w = np.zeros(n)
+            w[end - k : end] = 1.0 / k
+            out[f"window {end - k + 1}-{end}"] = w
     return out
 
 
@@ -160,18 +175,35 @@ def _slow(grid: Grid, rho: float) -> np.ndarray:
     return np.minimum.outer(V, V) * rho**dist
 
 
+_SLOW_CACHE: dict = {}
+
+
+def _slow_cached(grid: Grid, rho: float) -> np.ndarray:
+    key = (grid.area.tobytes(), grid.lr_ratio.tobytes(), grid.history, rho)
+    K = _SLOW_CACHE.get(key)
+    if K is None:
+        if len(_SLOW_CACHE) > 4096:
+            _SLOW_CACHE.clear()
+        K = _SLOW_CACHE[key] = _slow(grid, rho)
+    return K
+
+
 def design(weights, grid: Grid, rho: float) -> np.ndarray:
-    """Rows [1, s, s²/2, Σw²r, wᵀKw] of the model, one per weight vector (rows of ``weights``)."""
+    """Rows [1, s, s²/2, Σw²r, wᵀKw, b²] of the model, one per weight vector (rows of ``weights``);
+    b = Σw_jA_j² − (Σw_jA_j)² is how far the merge leaves a path that bends (see ``bend``)."""
     W = np.atleast_2d(np.asarray(weights, dtype=float))
-    s = W @ grid.area - grid.area[-1]
-    K = _slow(grid, rho)
+    a = grid.area - grid.area[-1]
+    s = W @ a
+    K = _slow_cached(grid, rho)
+    b = W @ (a * a) - s * s
     return np.stack(
-        [np.ones(len(W)), s, 0.5 * s * s, (W * W) @ grid.lr_ratio, np.einsum("ij,jk,ik->i", W, K, W)], axis=1
+        [np.ones(len(W)), s, 0.5 * s * s, (W * W) @ grid.lr_ratio, np.einsum("ij,jk,ik->i", W, K, W), b * b],
+        axis=1,
     )
 
 
 def features(w, grid: Grid, rho: float) -> np.ndarray:
-    """[1, s, s²/2, Σw²r, wᵀKw] of the model for weights w."""
+    """[1, s, s²/2, Σw²r, wᵀKw, b²] of the model for weights w."""
     return design(w, grid, rho)[0]
 
 
@@ -205,22 +237,23 @@ class _AtRho:
 
 def _solve(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """Least squares with the valley losses (columns 3, 4) kept ≥ 0; covariance from the residuals."""
-    keep = [0, 1, 2, 3, 4]
+    P = X.shape[1]
+    keep = list(range(P))
     while True:
         b, *_ = np.linalg.lstsq(X[:, keep], y, rcond=None)
-        beta = np.zeros(5)
+        beta = np.zeros(P)
         beta[keep] = b
-        neg = [k for k in (3, 4) if k in keep and beta[k] < 0]
+        neg = [k for k in range(3, P) if k in keep and beta[k] < 0]
         if not neg:
             break
         keep.remove(min(neg, key=lambda k: beta[k]))
     resid = y - X @ beta
     sse = float(resid @ resid)
     dof = max(y.size - len(keep) - 1, 1)
-    cov = np.zeros((5, 5))
+    cov = np.zeros((P, P))
     Xk = X[:, keep]
     cov[np.ix_(keep, keep)] = sse / dof * np.linalg.pinv(Xk.T @ Xk)
-    M = np.zeros((5, y.size))  # beta = M y: for the data's own sampling error
+    M = np.zeros((P, y.size))  # beta = M y: for the data's own sampling error
     M[keep] = np.linalg.pinv(Xk)
     return beta, cov, sse, M
 
@@ -237,6 +270,7 @@ class Fit:
     rmse: float
     n_calibration: int
     docs: tuple | None = field(default=None, repr=False)  # (nll [points, D], tokens [D]) of the losses
+    bend: bool = False  # whether κ was fitted (else it is 0)
 
     @property
     def rho(self) -> float:
@@ -254,13 +288,15 @@ class Fit:
     @property
     def slope(self) -> Interval:
         """Loss drop per checkpoint interval of learning-rate area (−F1), with its interval."""
-        return self._linear(np.array([0, -1.0, 0, 0, 0]))
+        c = np.zeros(self.best.beta.size)
+        c[1] = -1.0
+        return self._linear(c)
 
     @property
     def valley_loss(self) -> Interval:
         """Expected valley loss of the newest checkpoint, ω₀·r_N + ω₁·V_N(ρ)."""
         e = np.eye(self.grid.n)[-1]
-        return self._interval(lambda at: np.array([0, 0, 0, 1.0, 1.0]) * features(e, self.grid, at.rho))
+        return self._interval(lambda at: _valley_mask(at.beta.size) * features(e, self.grid, at.rho))
 
     @property
     def newest_loss(self) -> float:
@@ -300,13 +336,20 @@ class Fit:
         return float(_contrast(w, self.grid, at.rho) @ at.beta)
 
     def alpha_star(self, extra_weights, at: _AtRho | None = None) -> float:
-        """argmin over α of ΔL(extra_weights(α)) (ΔL is quadratic in α); ±inf where it has no minimum."""
+        """argmin over α of ΔL(extra_weights(α)); ±inf where it has no minimum. For a family affine in α,
+        ΔL is a quartic in α (the bend term b² is, the rest is quadratic): five values fix it."""
         at = at or self.best
-        v = [self.delta_at(extra_weights(a), at) for a in (-1.0, 0.0, 1.0)]
-        c2, c1 = (v[2] + v[0] - 2 * v[1]) / 2, (v[2] - v[0]) / 2
-        if c2 <= 1e-12 * max(abs(c1), 1e-300):
-            return math.copysign(math.inf, -c1) if c1 != 0 else 0.0
-        return float(-c1 / (2 * c2))
+        xs = np.array([-2.0, -1.0, 0.0, 1.0, 2.0])
+        v = np.array([self.delta_at(extra_weights(x), at) for x in xs])
+        c = np.polyfit(xs, v, 4)  # exact through five points
+        scale = max(np.abs(c).max(), 1e-300)
+        c[np.abs(c) < 1e-12 * scale] = 0.0
+        if c[0] == 0 and c[1] == 0 and c[2] <= 0:  # at most linear, or a concave quadratic: unbounded
+            return math.copysign(math.inf, -c[3]) if c[3] != 0 else 0.0
+        crit = [r.real for r in np.roots(np.polyder(c)) if abs(r.imag) < 1e-9 * max(1.0, abs(r))]
+        if not crit:
+            return 0.0
+        return float(min(crit, key=lambda r: np.polyval(c, r)))
 
     def alpha_star_range(self, extra_weights) -> tuple[float, float]:
         """α* at every ρ of the confidence set and in every leave-one-checkpoint-out refit: (min, max)."""
@@ -315,26 +358,26 @@ class Fit:
         return min(vals), max(vals)
 
     def optimal_weights(self, at: _AtRho | None = None) -> np.ndarray | None:
-        """The affine w minimising the fitted ΔL (§d' with the fitted model), or None where the quadratic
-        form is not positive definite (no valley loss) or the river curvature makes it unbounded."""
+        """The affine w minimising the fitted ΔL (§d' with the fitted model, bend term included), or None
+        where it has no minimum (no valley loss, or a river curvature that makes it unbounded)."""
+        from scipy.optimize import minimize
+
         at = at or self.best
         n, g = self.grid.n, self.grid
-        _, F1, F2, w0, w1 = at.beta
-        # ΔL(w) = F1 s + ½F2 s² + wᵀQw + const, s = aᵀw − A_N
-        a = g.area
-        Q = w0 * np.diag(g.lr_ratio) + w1 * _slow(g, at.rho) + 0.5 * F2 * np.outer(a, a)
-        lin = F1 * a - F2 * g.area[-1] * a
-        try:
-            evals = np.linalg.eigvalsh(Q)
-        except np.linalg.LinAlgError:
-            return None
+        _, F1, F2, w0, w1, _kappa = at.beta
+        a = g.area - g.area[-1]
+        # the quadratic part ΔL = F1 s + ½F2 s² + wᵀQw + const (s = aᵀw) in closed form: a start point
+        Q = w0 * np.diag(g.lr_ratio) + w1 * _slow_cached(g, at.rho) + 0.5 * F2 * np.outer(a, a)
+        evals = np.linalg.eigvalsh(Q)
         if evals.min() <= 1e-12 * max(abs(evals).max(), 1e-300):
             return None
-        # min wᵀQw + linᵀw s.t. 1ᵀw = 1: 2Qw + lin = ν1
-        Qi_1 = np.linalg.solve(Q, np.ones(n))
-        Qi_l = np.linalg.solve(Q, lin)
-        nu = (2 + Qi_l.sum()) / Qi_1.sum()
-        return 0.5 * (nu * Qi_1 - Qi_l)
+        lin = F1 * a
+        Qi_1, Qi_l = np.linalg.solve(Q, np.ones(n)), np.linalg.solve(Q, lin)
+        start = 0.5 * ((2 + Qi_l.sum()) / Qi_1.sum() * Qi_1 - Qi_l)
+        Z = np.linalg.svd(np.ones((1, n)))[2][1:].T  # basis of {v: 1ᵀv = 0}
+        res = minimize(lambda v: self.delta_at(start + Z @ v, at), np.zeros(n - 1), method="BFGS")
+        w = start + Z @ res.x
+        return w if np.all(np.isfinite(w)) else None
 
     def to_dict(self) -> dict:
         b = self.best.beta
@@ -345,6 +388,7 @@ class Fit:
             "F2": b[2],
             "omega_fast": b[3],
             "omega_slow": b[4],
+            "bend": b[5],
             "rho": self.rho,
             "rho_interval": [lo, hi],
             "rho_identified": self.rho_identified,
@@ -357,6 +401,12 @@ class Fit:
             "area": self.grid.area.tolist(),
             "lr_ratio": self.grid.lr_ratio.tolist(),
         }
+
+
+def _valley_mask(size: int) -> np.ndarray:
+    m = np.zeros(size)
+    m[3:5] = 1.0
+    return m
 
 
 def _iv(iv: Interval) -> dict:
@@ -386,13 +436,15 @@ def _jackknife(X: np.ndarray, y: np.ndarray, uses: np.ndarray) -> np.ndarray:
             continue
         betas.append(_solve(X[keep], y[keep])[0])
     if len(betas) < 3:
-        return np.zeros((5, 5)), betas
+        return np.zeros((X.shape[1], X.shape[1])), betas
     B = np.asarray(betas)
     D = B - B.mean(0)
     return (len(betas) - 1) / len(betas) * D.T @ D, betas
 
 
-def fit(weights_list, losses, grid: Grid | None = None, *, rho: float | None = None, docs=None) -> Fit:
+def fit(
+    weights_list, losses, grid: Grid | None = None, *, rho: float | None = None, docs=None, bend: bool = False
+) -> Fit:
     """Fit the model to calibration losses (one per weight vector); ρ profiled over ``RHO_GRID`` unless
     given. ``docs``: (nll [points, D], tokens [D]) when each loss is Σ nll / Σ tokens over D documents;
     the intervals then include the documents' sampling error (clustered by document). ValueError on
@@ -411,10 +463,12 @@ def fit(weights_list, losses, grid: Grid | None = None, *, rho: float | None = N
     fits = []
     for r in rhos:
         X = design(np.stack(W), grid, r)
+        if not bend:  # the §g model alone: no bend term (κ = 0)
+            X[:, 5] = 0.0
         beta, cov, sse, M = _solve(X, y)
         fits.append(_AtRho(r, beta, cov, sse, X, M=M))
     best = min(fits, key=lambda a: a.sse)
-    dof = max(y.size - 6, 1)
+    dof = max(y.size - 5 - bend - (rho is None), 1)
     cut = best.sse * (1 + _f90(dof) / dof) + 1e-300
     rho_set = [a for a in fits if a.sse <= cut]
     for at in rho_set:  # delete-one-checkpoint jackknife: checkpoint-level noise the residuals share
@@ -422,7 +476,11 @@ def fit(weights_list, losses, grid: Grid | None = None, *, rho: float | None = N
         at.cov = at.cov + cov
     if docs is not None:
         nll, tok = (np.asarray(a, dtype=float) for a in docs)
-        if nll.shape != (y.size, tok.size) or not np.allclose(nll.sum(1) / tok.sum(), y, rtol=1e-6, atol=1e-9):
-            raise ValueError("fit: docs must be (nll [points, documents], tokens [documents]) matching the losses")
+        if nll.shape != (y.size, tok.size) or not np.allclose(
+            nll.sum(1) / tok.sum(), y, rtol=1e-6, atol=1e-9
+        ):
+            raise ValueError(
+                "fit: docs must be (nll [points, documents], tokens [documents]) matching the losses"
+            )
         docs = (nll, tok)
-    return Fit(grid, best, rho_set, dof, math.sqrt(best.sse / y.size), int(y.size), docs)
+    return Fit(grid, best, rho_set, dof, math.sqrt(best.sse / y.size), int(y.size), docs, bend)

@@ -40,7 +40,10 @@ class Scenario:
 
 
 SCENARIOS = tuple(
-    Scenario(sch, s, spec) for spec in ("two-group", "power-law") for sch in ("constant", "cosine", "wsd") for s in (4, 32)
+    Scenario(sch, s, spec)
+    for spec in ("two-group", "power-law")
+    for sch in ("constant", "cosine", "wsd")
+    for s in (4, 32)
 )
 
 
@@ -68,8 +71,17 @@ def validate_scenario(sc: Scenario, seeds: int = 60, seed: int = 0) -> dict:
     from .simulate import simulate
 
     land, lam, steps, ckpt_from, sched = _setup(sc)
-    r = simulate(land, steps=steps, lr=sched, seeds=seeds, noise=1.0, ckpt_every=sc.spacing, ckpt_from=ckpt_from,
-                 init="stationary", seed=seed)
+    r = simulate(
+        land,
+        steps=steps,
+        lr=sched,
+        seeds=seeds,
+        noise=1.0,
+        ckpt_every=sc.spacing,
+        ckpt_from=ckpt_from,
+        init="stationary",
+        seed=seed,
+    )
     ck, cs = r.checkpoints, np.asarray(r.ckpt_steps)
     grid = est.Grid.from_schedule(cs, sched)
     cal = est.calibration_weights(sc.n)
@@ -87,7 +99,9 @@ def validate_scenario(sc: Scenario, seeds: int = 60, seed: int = 0) -> dict:
     for i in range(seeds):
         f = est.fit(list(cal.values()), L[i], grid)
         s, v = f.slope, f.valley_loss
-        rows.append((s.value, s.lo <= slope_true <= s.hi, v.value, v.lo <= valley_true <= v.hi, f.rho_identified))
+        rows.append(
+            (s.value, s.lo <= slope_true <= s.hi, v.value, v.lo <= valley_true <= v.hi, f.rho_identified)
+        )
     a = np.array(rows, dtype=float)
     return {
         **asdict(sc),
@@ -107,13 +121,14 @@ def validate_scenario(sc: Scenario, seeds: int = 60, seed: int = 0) -> dict:
 
 def table(rows: list[dict]) -> str:
     out = [
-        "| scenario | slope: true | median error | 90% coverage | valley loss: true | median error | 90% coverage "
-        "| ρ identified |",
+        "| scenario | slope: true | median error | 90% coverage | valley loss: true | median error "
+        "| 90% coverage | ρ identified |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         out.append(
-            f"| {r['name']} | {r['slope_true']:.4g} | {r['slope_rel_error']:+.1%} | {r['slope_coverage']:.0%} | "
+            f"| {r['name']} | {r['slope_true']:.4g} | {r['slope_rel_error']:+.1%} | "
+            f"{r['slope_coverage']:.0%} | "
             f"{r['valley_true']:.4g} | {r['valley_rel_error']:+.1%} | {r['valley_coverage']:.0%} | "
             f"{r['rho_identified']:.0%} |"
         )

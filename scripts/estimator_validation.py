@@ -27,7 +27,10 @@ def main() -> int:
         for sc in V.SCENARIOS:
             rows.append(V.validate_scenario(sc, seeds=a.seeds))
             print(rows[-1]["name"], f"{time.time() - t0:.0f} s", file=sys.stderr)
-    text = V.table(rows) + f"\n\n{a.seeds} seeds per scenario; `python scripts/estimator_validation.py --seeds {a.seeds}`\n"
+    text = (
+        V.table(rows)
+        + f"\n\n{a.seeds} seeds per scenario; `python scripts/estimator_validation.py --seeds {a.seeds}`\n"
+    )
     Path(a.out + ".json").write_text(json.dumps(rows, indent=1))
     Path(a.out + ".txt").write_text(text)
     print(text)

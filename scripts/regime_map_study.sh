@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Study each trained run of the regime map (scripts/regime_map_train.sh): `extramerge study` on its
 # checkpoints, calibration half = the run's val split, measurement half = its test split, the learning rate
-# from its log; and for the 16-checkpoint run const-s12 a --quick study too (to time it). Results go to results/regime/<run>/.
+# from its log; then a --quick study of the same run (its recommendation and its time). Results go to results/regime/<run>/.
 # Usage: bash scripts/regime_map_study.sh [RUNS_DIR] [NAME ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ for name in "${names[@]}"; do
   grep -q '"status": "finished"' "$run/run.json" 2>/dev/null || { echo "$name: not trained yet" >&2; continue; }
   python -m extramerge study "$run" --calib "$run/data/val.jsonl" --test "$run/data/test.jsonl" \
     --threads 1 --quiet --force -o "results/regime/$name"
-  if [ "$name" = const-s12 ] || [ -n "${QUICK_ALL:-}" ]; then  # the 16-checkpoint run times --quick
+  if [ -z "${NO_QUICK:-}" ]; then  # --quick too: its recommendation and its time
     python -m extramerge study "$run" --calib "$run/data/val.jsonl" --test "$run/data/test.jsonl" \
       --threads 1 --quiet --force --quick -o "$run/study-quick"
     cp "$run/study-quick/study.json" "results/regime/$name/study-quick.json"

@@ -23,7 +23,7 @@ def test_fit_recovers_exact_parameters(decay):
     else:
         grid = est.Grid.constant(n)
     rho = est.RHO_GRID[30]
-    beta = np.array([2.0, -0.03, 0.002, 0.05, 0.08])
+    beta = np.array([2.0, -0.03, 0.002, 0.05, 0.08, 1e-4])
     cal = est.calibration_weights(n)
     f = est.fit(list(cal.values()), _losses(grid, beta, rho, cal), grid)
     assert f.rho == rho
@@ -42,17 +42,18 @@ def test_constant_lr_prediction_is_theory_weights_delta_loss(rho):
     """With a constant lr and F2 = 0 the model is §d': c²ηs = −F1, curvatures (1, 1 − ρ), σ² = 2ω(2 − λ)."""
     n = 10
     grid = est.Grid.constant(n)
-    beta = np.array([1.0, -0.02, 0.0, 0.04, 0.07])
-    cal = est.calibration_weights(n)
-    f = est.fit(list(cal.values()), _losses(grid, beta, rho, cal), grid, rho=rho)
+    beta = np.array([1.0, -0.02, 0.0, 0.04, 0.07, 0.0])
     lam = np.array([1.0, 1.0 - rho])
-    noise = np.sqrt(2 * beta[3:] * (2 - lam))
+    noise = np.sqrt(2 * beta[3:5] * (2 - lam))
     rng = np.random.default_rng(0)
     for _ in range(5):
         w = rng.normal(size=n)
         w /= w.sum()
-        ref = theory.weights_delta_loss(w, slope=math.sqrt(0.02), lr=1, interval=1, curvatures=lam, noise=noise)
-        assert f.predict(w).value == pytest.approx(float(ref), rel=1e-9, abs=1e-12)
+        ref = theory.weights_delta_loss(
+            w, slope=math.sqrt(0.02), lr=1, interval=1, curvatures=lam, noise=noise
+        )
+        X = est.design(np.stack([w, np.eye(n)[-1]]), grid, rho)
+        assert (X[0] - X[1]) @ beta == pytest.approx(float(ref), rel=1e-9, abs=1e-12)
 
 
 def test_grid_from_schedule():
@@ -94,7 +95,7 @@ def test_alpha_star_and_optimal_weights_minimise_the_prediction():
     grid = est.Grid.constant(n)
     cal = est.calibration_weights(n)
     rng = np.random.default_rng(1)
-    y = _losses(grid, np.array([2.0, -0.02, 0.0, 0.03, 0.05]), 0.7, cal) + rng.normal(0, 1e-4, len(cal))
+    y = _losses(grid, np.array([2.0, -0.02, 0.0, 0.03, 0.05, 0.0]), 0.7, cal) + rng.normal(0, 1e-4, len(cal))
     f = est.fit(list(cal.values()), y, grid)
     fam = lambda a: W.extra(n, 4, 4, a)  # noqa: E731
     a = f.alpha_star(fam)
@@ -115,7 +116,9 @@ def test_document_sampling_widens_the_intervals():
     rng = np.random.default_rng(2)
     D = 12
     tok = rng.integers(500, 1500, D).astype(float)
-    per_doc = _losses(grid, np.array([2.0, -0.02, 0.0, 0.03, 0.05]), 0.5, cal)[:, None] + rng.normal(0, 0.05, (len(cal), D))
+    per_doc = _losses(grid, np.array([2.0, -0.02, 0.0, 0.03, 0.05, 0.0]), 0.5, cal)[:, None] + rng.normal(
+        0, 0.05, (len(cal), D)
+    )
     nll = per_doc * tok
     y = nll.sum(1) / tok.sum()
     plain = est.fit(list(cal.values()), y, grid)

@@ -1,4 +1,4 @@
-"""extramerge study end to end on tiny runs: the report, the measured losses, quick mode, bad input, signals."""
+"""extramerge study end to end on tiny runs: report, measured losses, quick mode, bad input, signals."""
 
 import json
 import os
@@ -95,8 +95,20 @@ def test_paired_delta_is_the_clustered_ratio_estimator():
 
 def test_quick_mode_gives_only_the_recommendation(run, report, tmp_path):
     out = tmp_path / "quick"
-    rc = em_main(["study", str(run), "--calib", str(run / "data/val.jsonl"), "--test", str(run / "data/test.jsonl"),
-                  "-o", str(out), "--quick", *FAST])
+    rc = em_main(
+        [
+            "study",
+            str(run),
+            "--calib",
+            str(run / "data/val.jsonl"),
+            "--test",
+            str(run / "data/test.jsonl"),
+            "-o",
+            str(out),
+            "--quick",
+            *FAST,
+        ]
+    )
     assert rc == 0
     q = json.loads((out / "study.json").read_text())
     assert q["mode"] == "quick" and q["measured"] == [] and q["recommendation"]["weights"]
@@ -112,8 +124,15 @@ def _hf_folders(root, run, n=6):
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(sorted(run.glob("step_*"))[-1])
     eos = tok.eos_token_id
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=32, n_layer=1, n_head=2, bos_token_id=eos,
-                     eos_token_id=eos)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=32,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=eos,
+        eos_token_id=eos,
+    )
     model = GPT2LMHeadModel(cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     data = torch.randint(0, 256, (64, 32))
@@ -135,8 +154,21 @@ def test_study_of_hf_folders_from_another_loop_with_data_split(run, tmp_path, ca
     docs = [json.loads(l)["text"] for f in ("val.jsonl", "test.jsonl") for l in open(run / "data" / f)]
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     out = tmp_path / "st"
-    rc = em_main(["study", str(root), "--data", str(data), "-o", str(out), "--lr-schedule", "0:0.05,100:0.05",
-                  "--window", "2", *FAST])
+    rc = em_main(
+        [
+            "study",
+            str(root),
+            "--data",
+            str(data),
+            "-o",
+            str(out),
+            "--lr-schedule",
+            "0:0.05,100:0.05",
+            "--window",
+            "2",
+            *FAST,
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     r = json.loads((out / "study.json").read_text())
     assert r["checkpoints"]["steps"] == [10, 20, 30, 40, 50, 60]
@@ -236,8 +268,9 @@ def test_signals_leave_no_partial_study(run, tmp_path):
     out = tmp_path / "study"
     argv = ["--run", str(run), "-o", str(out), *FAST]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HF_HUB_OFFLINE": "1"}
-    p = subprocess.run([sys.executable, "-c", _STUDY_SIGNAL, *argv], capture_output=True, text=True, env=env,
-                       timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", _STUDY_SIGNAL, *argv], capture_output=True, text=True, env=env, timeout=300
+    )
     assert p.returncode == 128 + signal.SIGTERM, p.stderr
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("experiments.lm.study: stopped by SIGTERM; nothing was written")

@@ -286,27 +286,27 @@ def test_rivervalley_outputs_are_atomic_and_leave_nothing_on_sigterm(tmp_path, c
 
 
 def test_study_replaces_only_a_folder_marked_as_a_study(tmp_path):
-    from experiments.lm import study
+    from extramerge.study import StudyError, check_output
 
     run = tmp_path / "run"
     run.mkdir()
     out = tmp_path / "study"
     out.mkdir()
     (out / "study.json").write_text("{}")  # looks like a study, but no marker
-    with pytest.raises(study.StudyError, match="not an earlier study"):
-        study._check_output(out, run, force=True)
+    with pytest.raises(StudyError, match="not an earlier study"):
+        check_output(out, [run], force=True)
     outputs.mark(out, "study")
-    assert study._check_output(out, run, force=True) == out
-    with pytest.raises(study.StudyError, match="exists"):
-        study._check_output(out, run, force=False)
+    assert check_output(out, [run], force=True) == out
+    with pytest.raises(StudyError, match="exists"):
+        check_output(out, [run], force=False)
     link = tmp_path / "link"
     link.symlink_to(run)
-    with pytest.raises(study.StudyError, match="replace the run"):
-        study._check_output(link, run, force=True)
+    with pytest.raises(StudyError, match="the output folder is the input"):
+        check_output(link, [run], force=True)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     with pytest.raises(CheckpointError, match="FIFO"):
-        study._check_output(fifo, run, force=True)
+        check_output(fifo, [run], force=True)
 
 
 _ANALYZE_SIGNAL = """

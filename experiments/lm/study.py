@@ -30,15 +30,25 @@ def run_config(args) -> StudyConfig:
         raise StudyError(f"{run}: no such run folder")
     steps = sorted(p for p in run.iterdir() if p.is_dir() and p.name.startswith("step_"))
     if not steps:
-        raise StudyError(f"{run}: no step_XXXXXX checkpoints (train with --ckpt-every, or point --run at a run)")
+        raise StudyError(
+            f"{run}: no step_XXXXXX checkpoints (train with --ckpt-every, or point --run at a run)"
+        )
     data = run / "data"
     if not args.data and not args.calib and not (data / "val.jsonl").is_file():
-        raise StudyError(f"{run}: no held-out data (expected {data}/val.jsonl and test.jsonl, or give --data)")
+        raise StudyError(
+            f"{run}: no held-out data (expected {data}/val.jsonl and test.jsonl, or give --data)"
+        )
     calib = test = None
     if not args.data and not args.calib:
         calib, test = str(data / "val.jsonl"), str(data / "test.jsonl")
-    return config_from_args(args, checkpoints=[str(p) for p in steps], out=args.output or run / "study", run=run,
-                            calib=calib, test=test)
+    return config_from_args(
+        args,
+        checkpoints=[str(p) for p in steps],
+        out=args.output or run / "study",
+        run=run,
+        calib=calib,
+        test=test,
+    )
 
 
 def print_table(report: dict, file=None) -> None:
@@ -49,7 +59,9 @@ def print_table(report: dict, file=None) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="extramerge study on a run of experiments.lm.train")
     p.add_argument("--run", required=True, type=Path, help="run folder (step_XXXXXX/ checkpoints, data/)")
-    p.add_argument("-o", "--output", "--out", type=Path, default=None, help="output folder (default RUN/study)")
+    p.add_argument(
+        "-o", "--output", "--out", type=Path, default=None, help="output folder (default RUN/study)"
+    )
     add_arguments(p, checkpoints=False)
     return p
 

@@ -5,7 +5,7 @@
     report["recommendation"]   # method, weights (oldest first), alpha, offset, predicted_delta, ...
     report["measured"]         # every merge measured on the measurement half: delta, se
 
-Needs transformers (``pip install 'rivervalley[lm]'``). See :mod:`extramerge.study.core` for the method.
+Needs transformers (``pip install 'rivervalley-extramerge[lm]'``). The method: :mod:`extramerge.study.core`.
 """
 
 from __future__ import annotations
@@ -35,19 +35,29 @@ def check_output(out: Path, inputs, force: bool) -> Path:
         if not force:
             raise StudyError(f"{out}: output exists (pass --force to replace it)")
         if not outputs.marked(out, "study"):
-            raise StudyError(f"{out}: exists and is not an earlier study (no {outputs.MARKER} marker); not replacing it")
+            raise StudyError(
+                f"{out}: exists and is not an earlier study (no {outputs.MARKER} marker); not replacing it"
+            )
     return out
 
 
 def study(cfg: StudyConfig) -> dict:
     """Run the study and publish study.json, study.md and the figure to ``cfg.out`` (atomically)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise StudyError(
+            "extramerge study evaluates merges with transformers: pip install 'rivervalley-extramerge[lm]'"
+        ) from None
     from rivervalley._compute import flush_denormals
+    from rivervalley._publish import staging_dir
 
     from .. import outputs
-    from rivervalley._publish import staging_dir
     from . import report as R
 
-    out = check_output(Path(cfg.out), cfg.checkpoints + list(cfg.data) + [p for p in (cfg.calib, cfg.test) if p], cfg.force)
+    out = check_output(
+        Path(cfg.out), cfg.checkpoints + list(cfg.data) + [p for p in (cfg.calib, cfg.test) if p], cfg.force
+    )
     tmp = staging_dir(out)
     try:
         with flush_denormals():

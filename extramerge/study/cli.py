@@ -26,23 +26,45 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def add_arguments(p: argparse.ArgumentParser, *, checkpoints: bool = True) -> None:
     if checkpoints:
-        p.add_argument("checkpoints", nargs="+", metavar="CKPT",
-                       help="HF model folders, a run folder or a folder of step_N/ checkpoint-N/ folders")
+        p.add_argument(
+            "checkpoints",
+            nargs="+",
+            metavar="CKPT",
+            help="HF model folders, a run folder or a folder of step_N/ checkpoint-N/ folders",
+        )
         p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="output folder")
-    p.add_argument("--data", nargs="+", default=[], metavar="TEXT",
-                   help=".txt/.jsonl files or folders, split by document into calibration and measurement halves")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        default=[],
+        metavar="TEXT",
+        help=".txt/.jsonl files or folders, split by document into calibration and measurement halves",
+    )
     p.add_argument("--calib", metavar="FILE", help="calibration half (with --test, instead of --data)")
     p.add_argument("--test", metavar="FILE", help="measurement half (with --calib)")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the checkpoints' own)")
-    p.add_argument("--lr-schedule", metavar="SPEC",
-                   help="learning rate at the checkpoints: a run.json, a JSONL log with step/lr, or step:lr,... "
-                   "(default: the run folder's log; else constant)")
+    p.add_argument(
+        "--lr-schedule",
+        metavar="SPEC",
+        help="learning rate at the checkpoints: a run.json, a JSONL log with step/lr, or step:lr,... "
+        "(default: the run folder's log; else constant)",
+    )
     p.add_argument("--window", type=int, default=4, metavar="K", help="Extra-Merge window K (default 4)")
-    p.add_argument("--offsets", type=_ints, default=(2, 4, 8), metavar="D,...", help="offsets d (default 2,4,8)")
-    p.add_argument("--alphas", type=_floats, default=CANDIDATE_ALPHAS, metavar="A,...",
-                   help="candidate α grid (default %s)" % ",".join(f"{a:g}" for a in CANDIDATE_ALPHAS))
-    p.add_argument("--quick", action="store_true",
-                   help="only the recommendation: no measurement half, a short candidate list")
+    p.add_argument(
+        "--offsets", type=_ints, default=(2, 4, 8), metavar="D,...", help="offsets d (default 2,4,8)"
+    )
+    p.add_argument(
+        "--alphas",
+        type=_floats,
+        default=CANDIDATE_ALPHAS,
+        metavar="A,...",
+        help=f"candidate α grid (default {','.join(map('{:g}'.format, CANDIDATE_ALPHAS))})",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="only the recommendation: no measurement half, a short candidate list",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")

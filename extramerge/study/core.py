@@ -2,10 +2,10 @@
 
 1. Held-out text is split by document into a *calibration* half and a *measurement* half.
 2. On the calibration half: the loss of every calibration merge (``rivervalley.estimate.calibration_weights``:
-   checkpoints and pair averages, all inside the data) fits the river-valley model with the learning rate at
-   each checkpoint (``rivervalley.estimate``); the candidates (newest checkpoint, SMA, EMA, Extra-Merge over an
-   α grid) are evaluated and the best is *recommended* (empirical selection), with the theory's prediction and
-   90% interval beside it, or "not identified" when the fit is degenerate.
+   checkpoints, pair averages and windows, all inside the data) fits the river-valley model with the
+   learning rate at each checkpoint (``rivervalley.estimate``); the candidates (newest checkpoint, SMA, EMA,
+   Extra-Merge over an α grid) are evaluated and the best is *recommended* (empirical selection), with the
+   theory's prediction and 90% interval beside it, or "not identified" when the fit is degenerate.
 3. On the measurement half (skipped by ``quick``): every candidate, α = 3, the theory's α* and its optimal
    weight vector; ΔL relative to the newest checkpoint with a paired standard error clustered by document.
 """
@@ -23,8 +23,15 @@ from rivervalley import estimate as est
 from rivervalley import weights as W
 
 from .evaluator import Evaluator, paired_delta
-from .inputs import StudyError, check_half, load_documents, read_checkpoints, read_lr_schedule, split_documents
-from .inputs import tokenizer_of
+from .inputs import (
+    StudyError,
+    check_half,
+    load_documents,
+    read_checkpoints,
+    read_lr_schedule,
+    split_documents,
+    tokenizer_of,
+)
 
 __all__ = ["StudyConfig", "run_study", "CANDIDATE_ALPHAS"]
 
@@ -93,25 +100,57 @@ def _extra(n, K, d, a) -> dict:
 # -------------------------------------------------------------------------------------------- theory
 
 
-def calibrate(ev: Evaluator, grid: est.Grid, n: int, bar) -> tuple[est.Fit, dict]:
-    cal = est.calibration_weights(n)
+class Theory:
+    """The fitted §g model (``main``) and the same model with a bend term (``alt``, κ ≥ 0: the loss of
+    leaving a curved path). Calibration inside the data cannot tell how fast the loss grows far off the
+    path, so every prediction is the main model's value with an interval spanning both models' intervals,
+    and α* counts as identified only where both models agree on its sign."""
+
+    def __init__(self, main: est.Fit, alt: est.Fit):
+        self.main, self.alt = main, alt
+        self.grid, self.rho, self.best = main.grid, main.rho, main.best
+
+    def predict(self, w) -> est.Interval:
+        a, b = self.main.predict(w), self.alt.predict(w)
+        return est.Interval(a.value, min(a.lo, b.lo), max(a.hi, b.hi))
+
+    def __getattr__(self, name):
+        return getattr(self.main, name)
+
+    def to_dict(self) -> dict:
+        return {**self.main.to_dict(), "with_bend": self.alt.to_dict()}
+
+
+def calibrate(ev: Evaluator, grid: est.Grid, n: int, bar, lean: bool = False) -> tuple[Theory, dict, dict]:
+    """Evaluate the calibration merges on the calibration half and fit; ``lean`` (quick mode): pairs 1 and
+    4 apart and windows of 4 only."""
+    cal = est.calibration_weights(n, distances=(1, 4), windows=(4,)) if lean else est.calibration_weights(n)
     losses, docs = {}, []
     for name, w in cal.items():
         dl = ev.measure(w, "calib")
         losses[name] = dl.loss
         docs.append(dl.nll)
         bar()
-    f = est.fit(list(cal.values()), list(losses.values()), grid, docs=(np.stack(docs), dl.tokens))
-    return f, losses
+    args = (list(cal.values()), list(losses.values()), grid)
+    doc = (np.stack(docs), dl.tokens)
+    f = Theory(est.fit(*args, docs=doc), est.fit(*args, docs=doc, bend=True))
+    return (
+        f,
+        losses,
+        {"weights": {k: w.tolist() for k, w in cal.items()}, "doc_nll": [d.tolist() for d in docs]},
+    )
 
 
-def fit_checks(fit: est.Fit, calib_losses: dict) -> list[str]:
+def fit_checks(fit: Theory, calib_losses: dict) -> list[str]:
     """Reasons the fit cannot be trusted (empty: it can)."""
     out = []
     newest = calib_losses[f"ckpt {fit.grid.n}"]
     vl = fit.valley_loss
     if vl.value > newest:
-        out.append(f"the fitted valley loss ({vl.value:.3g} nats) exceeds the newest checkpoint's loss ({newest:.3g})")
+        out.append(
+            f"the fitted valley loss ({vl.value:.3g} nats) exceeds the newest checkpoint's loss "
+            f"({newest:.3g})"
+        )
     if fit.slope.value <= 0:
         out.append(f"the fitted river does not descend (slope {fit.slope.value:.3g} per checkpoint)")
     # a valley that changes faster than the learning rate explains: pair-average residuals drift
@@ -126,7 +165,7 @@ def fit_checks(fit: est.Fit, calib_losses: dict) -> list[str]:
     return out
 
 
-def _pair_residuals(fit: est.Fit, losses: dict):
+def _pair_residuals(fit: Theory, losses: dict):
     """Mean residual of the first-half minus the last-half neighbour pairs, and its standard error."""
     n = fit.grid.n
     rows = []
@@ -146,16 +185,22 @@ def _pair_residuals(fit: est.Fit, losses: dict):
     return float(b.mean() - a.mean()), se
 
 
-def alpha_theory(fit: est.Fit, n: int, K: int, d: int, trusted: bool) -> dict:
+def alpha_theory(fit: Theory, n: int, K: int, d: int, trusted: bool) -> dict:
+    """α* of the main model; identified when the fit is trusted and its sign class (α ≈ 0 within
+    ±SIGN_TOL, or its sign) is the same over ρ's confidence set, every leave-one-checkpoint-out refit, and
+    the model with a bend term."""
     f = lambda a: W.extra(n, K, d, a)  # noqa: E731
-    a = fit.alpha_star(f)
-    lo, hi = fit.alpha_star_range(f)
-    signs = {_sign(x) for x in (a, lo, hi)}
+    a = fit.main.alpha_star(f)
+    lo, hi = fit.main.alpha_star_range(f)
+    a_alt = fit.alt.alpha_star(f)
+    lo_alt, hi_alt = fit.alt.alpha_star_range(f)
+    signs = {_sign(x) for x in (a, lo, hi, a_alt, lo_alt, hi_alt)}
     ident = trusted and math.isfinite(a) and len(signs) == 1
     return {
         "alpha_star": a if ident else None,
         "alpha_star_fit": a,
-        "alpha_star_range": [lo, hi],
+        "alpha_star_range": [min(lo, lo_alt), max(hi, hi_alt)],
+        "alpha_star_with_bend": a_alt,
         "identified": ident,
         "sign": _sign(a) if ident else None,
     }
@@ -191,7 +236,11 @@ def _halves(cfg: StudyConfig) -> tuple[list[str], list[str], dict]:
         raise StudyError("no held-out text: give --data TEXT (or --calib FILE --test FILE)")
     docs = load_documents(cfg.data)
     calib, test = split_documents(docs, ", ".join(map(str, cfg.data)))
-    return calib, test, {"data": [str(p) for p in cfg.data], "split": "by SHA-256 of each document, alternately"}
+    return (
+        calib,
+        test,
+        {"data": [str(p) for p in cfg.data], "split": "by SHA-256 of each document, alternately"},
+    )
 
 
 def _study(cfg: StudyConfig, ckpts, names, tmp: Path, t0: float) -> dict:
@@ -215,7 +264,7 @@ def _study(cfg: StudyConfig, ckpts, names, tmp: Path, t0: float) -> dict:
     ev.add_half("test", test_docs)
     bar = _Bar(cfg.progress)
     try:
-        fit, cal_losses = calibrate(ev, grid, n, bar)
+        fit, cal_losses, cal_detail = calibrate(ev, grid, n, bar, lean=cfg.quick)
         problems = fit_checks(fit, cal_losses)
         trusted = not problems
         K = cfg.window
@@ -247,7 +296,9 @@ def _study(cfg: StudyConfig, ckpts, names, tmp: Path, t0: float) -> dict:
                     extra.append(x)
             w_opt = fit.optimal_weights()
             if w_opt is not None and np.abs(w_opt).max() < 50:
-                extra.append({"name": "theory-optimal", "method": "custom", "weights": w_opt, "group": "optimal"})
+                extra.append(
+                    {"name": "theory-optimal", "method": "custom", "weights": w_opt, "group": "optimal"}
+                )
             for c in extra:
                 p = fit.predict(c["weights"])
                 c["predicted"] = {"delta": p.value, "interval": p.to_list()}
@@ -255,7 +306,8 @@ def _study(cfg: StudyConfig, ckpts, names, tmp: Path, t0: float) -> dict:
             for c in menu + extra:
                 dl = base_t if c["method"] == "last" else ev.measure(c["weights"], "test")
                 delta, se = paired_delta(dl, base_t)
-                measured.append(_measured_row(c, delta, se, trusted))
+                measured.append(_measured_row(c, delta, se, trusted, len(test_docs)))
+                measured[-1]["doc_nll"] = [float(x) for x in dl.nll]  # paired comparisons between any two
                 bar()
     finally:
         bar.close()
@@ -265,8 +317,16 @@ def _study(cfg: StudyConfig, ckpts, names, tmp: Path, t0: float) -> dict:
         "checkpoints": {"n": n, "steps": steps, "paths": [str(c.path) for c in ckpts]},
         "data": {
             **source,
-            "calib": {"documents": len(calib_docs), "tokens": ev.tokens("calib")},
-            "test": {"documents": len(test_docs), "tokens": ev.tokens("test")},
+            "calib": {
+                "documents": len(calib_docs),
+                "tokens": ev.tokens("calib"),
+                "doc_tokens": ev.doc_tokens("calib"),
+            },
+            "test": {
+                "documents": len(test_docs),
+                "tokens": ev.tokens("test"),
+                "doc_tokens": ev.doc_tokens("test"),
+            },
         },
         "lr": {"given": lr is not None, "area": grid.area.tolist(), "lr_ratio": grid.lr_ratio.tolist()},
         "recommendation": rec,
@@ -277,7 +337,7 @@ def _study(cfg: StudyConfig, ckpts, names, tmp: Path, t0: float) -> dict:
         },
         "fit": {**fit.to_dict(), "trusted": trusted, "problems": problems},
         "extra": {"window": K, "offsets": offsets, "by_offset": {str(d): th for d, th in theory.items()}},
-        "calibration": {"losses": cal_losses},
+        "calibration": {"losses": cal_losses, **cal_detail},
         "candidates": [
             {
                 "name": c["name"],
@@ -315,7 +375,7 @@ def _quick_pool(menu, fit, trusted) -> list[dict]:
     return [c for c in menu if c["name"] in keep]
 
 
-def _recommendation(c: dict, fit: est.Fit, trusted: bool) -> dict:
+def _recommendation(c: dict, fit: Theory, trusted: bool) -> dict:
     p = fit.predict(c["weights"])
     knobs = {k: c[k] for k in ("window", "offset", "alpha", "decay") if k in c}
     return {
@@ -334,9 +394,11 @@ def _recommendation(c: dict, fit: est.Fit, trusted: bool) -> dict:
     }
 
 
-def _measured_row(c: dict, delta: float, se: float, trusted: bool) -> dict:
+def _measured_row(c: dict, delta: float, se: float, trusted: bool, n_docs: int) -> dict:
+    from scipy import stats
+
     lo, hi = c["predicted"]["interval"]
-    z = 1.6448536269514722
+    z = float(stats.t.ppf(0.95, max(n_docs - 1, 1)))  # the measurement's 90% half-width, in s.e.
     row = {
         "name": c["name"],
         "group": c.get("group", c["method"]),
@@ -350,7 +412,8 @@ def _measured_row(c: dict, delta: float, se: float, trusted: bool) -> dict:
         row["alpha"] = c["alpha"]
         row["offset"] = c["offset"]
     if trusted and math.isfinite(se):
-        # the interval is for the expected gain; the measurement adds its own sampling error
+        # the interval is for the expected gain; the measurement adds its own sampling error (Student t
+        # with one degree of freedom fewer than documents, as the clustered s.e. has)
         half = 0.5 * (hi - lo)
         mid = 0.5 * (hi + lo)
         row["covered"] = bool(abs(delta - mid) <= math.hypot(half, z * se))
@@ -362,7 +425,11 @@ def _add_alpha_cells(report: dict, measured: list[dict], offsets) -> None:
     K = report["extra"]["window"]
     sma = next((m for m in measured if m["name"] == f"SMA K={K}"), None)
     for d in offsets:
-        grid = [(m["alpha"], m["delta"], m["se"]) for m in measured if m.get("offset") == d and m["group"] == "extra"]
+        grid = [
+            (m["alpha"], m["delta"], m["se"])
+            for m in measured
+            if m.get("offset") == d and m["group"] == "extra"
+        ]
         if sma is not None:
             grid.append((0.0, sma["delta"], sma["se"]))
         if not grid:

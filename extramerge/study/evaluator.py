@@ -90,10 +90,20 @@ class Evaluator:
         from ..evaluate import document_index, max_positions, token_blocks
 
         L = max_positions(self.model) or 1024
-        self.halves[name] = (token_blocks(docs, self.tokenizer, L), document_index(docs, self.tokenizer, L), len(docs))
+        self.halves[name] = (
+            token_blocks(docs, self.tokenizer, L),
+            document_index(docs, self.tokenizer, L),
+            len(docs),
+        )
 
     def tokens(self, half: str) -> int:
         return int(self.halves[half][0].n_tokens)
+
+    def doc_tokens(self, half: str) -> list[int]:
+        """Scored tokens of each document of a half."""
+        _, doc_idx, n_docs = self.halves[half]
+        idx = doc_idx[doc_idx >= 0]
+        return [int(x) for x in np.bincount(idx.numpy(), minlength=n_docs)]
 
     def load(self, w) -> None:
         torch = self.torch
@@ -128,9 +138,16 @@ class Evaluator:
                 b = ids[i : i + self.batch_size].to(self.device)
                 labels = b[:, 1:]
                 logits = self.model(input_ids=b[:, :-1].clamp_min(0), use_cache=False).logits
-                tok = F.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=PAD, reduction="none"
-                ).to(torch.float64).cpu()
+                tok = (
+                    F.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]).float(),
+                        labels.reshape(-1),
+                        ignore_index=PAD,
+                        reduction="none",
+                    )
+                    .to(torch.float64)
+                    .cpu()
+                )
                 di = doc_idx[i : i + self.batch_size].reshape(-1)
                 slot = torch.where(di >= 0, di, n_docs)
                 nll.index_add_(0, slot, tok)
@@ -138,7 +155,9 @@ class Evaluator:
         self.calls += 1
         out = DocLosses(nll[:n_docs].numpy(), cnt[:n_docs].numpy())
         if not np.isfinite(out.nll).all():
-            raise StudyError("a merge's loss is not finite (its weights overflow the model): shrink the α grid")
+            raise StudyError(
+                "a merge's loss is not finite (its weights overflow the model): shrink the α grid"
+            )
         return out
 
 

@@ -82,7 +82,9 @@ def tokenizer_of(ckpts, tokenizer: str | None) -> Path:
     for c in ckpts:
         fp = tokenizer_fingerprint(c.path)
         if fp is None:
-            raise StudyError(f"{c.path}: no tokenizer files in the checkpoint or its parent (pass --tokenizer)")
+            raise StudyError(
+                f"{c.path}: no tokenizer files in the checkpoint or its parent (pass --tokenizer)"
+            )
         prints.setdefault(fp, c.path)
     if len(prints) > 1:
         a, b = list(prints.values())[:2]
@@ -206,7 +208,9 @@ def _from_run_json(p: Path, steps: list[int]):
     try:
         meta = json.loads(safety.read_text(p))
         sch = meta["schedule"]
-        factory = getattr(schedules, sch["factory"]) if sch["factory"] in ("constant", "cosine", "wsd") else None
+        factory = (
+            getattr(schedules, sch["factory"]) if sch["factory"] in ("constant", "cosine", "wsd") else None
+        )
         if factory is None:
             raise KeyError("factory")
         fn = factory(**sch["params"])

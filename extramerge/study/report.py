@@ -26,8 +26,10 @@ def summary_lines(r: dict) -> list[str]:
     meas = next((m for m in r["measured"] if m["name"] == rec["name"]), None)
     if meas is not None:
         best = min(r["measured"], key=lambda m: m["delta"])
-        out.append(f"  measured ΔL {meas['delta']:+.4f} ± {meas['se']:.4f} (best measured: {best['name']}, "
-                   f"{best['delta']:+.4f} ± {best['se']:.4f})")
+        out.append(
+            f"  measured ΔL {meas['delta']:+.4f} ± {meas['se']:.4f} (best measured: {best['name']}, "
+            f"{best['delta']:+.4f} ± {best['se']:.4f})"
+        )
     rho = "identified" if fit["rho_identified"] else "not identified"
     out.append(
         f"fit: slope {fit['slope_per_checkpoint']['value']:.4g}/checkpoint, valley loss "
@@ -47,11 +49,12 @@ def summary_lines(r: dict) -> list[str]:
 def markdown(r: dict) -> str:
     lines = ["# Extra-Merge study", "", *(f"    {s}" for s in summary_lines(r)), ""]
     d = r["data"]
+    steps = r["checkpoints"]["steps"]
     lines += [
-        f"{r['checkpoints']['n']} checkpoints at steps {r['checkpoints']['steps'][0]}..{r['checkpoints']['steps'][-1]}; "
-        f"calibration half {d['calib']['documents']} documents / {d['calib']['tokens']} tokens, measurement half "
-        f"{d['test']['documents']} / {d['test']['tokens']}; mode {r['mode']}, {r['evaluations']} evaluations, "
-        f"{r['seconds']:.0f} s.",
+        f"{r['checkpoints']['n']} checkpoints at steps {steps[0]}..{steps[-1]}; calibration half "
+        f"{d['calib']['documents']} documents / {d['calib']['tokens']} tokens, measurement half "
+        f"{d['test']['documents']} / {d['test']['tokens']}; mode {r['mode']}, "
+        f"{r['evaluations']} evaluations, {r['seconds']:.0f} s.",
         "",
     ]
     if r["measured"]:
@@ -66,9 +69,12 @@ def markdown(r: dict) -> str:
                 f"{_iv(m['predicted_interval'])} | {cov} |"
             )
         lines.append("")
-    lines += ["ΔL: loss minus the newest checkpoint's, nats per token, on the measurement half; s.e. paired, "
-              "clustered by document. The interval is for the expected gain; 'covered' also allows the "
-              "measurement's own 1.645 s.e.", ""]
+    lines += [
+        "ΔL: loss minus the newest checkpoint's, nats per token, on the measurement half; s.e. paired, "
+        "clustered by document. The interval is for the expected gain; 'covered' also allows the "
+        "measurement's own 90% half-width (Student t, documents − 1 degrees of freedom).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -91,12 +97,24 @@ def alpha_figure(r: dict, path) -> str | None:
         rows.sort(key=lambda m: m["alpha"])
         a = [m["alpha"] for m in rows]
         color = f"C{i}"
-        ax.errorbar(a, [m["delta"] for m in rows], yerr=[1.645 * m["se"] for m in rows], fmt="o", color=color,
-                    ms=4, label=f"measured d={d}")
+        ax.errorbar(
+            a,
+            [m["delta"] for m in rows],
+            yerr=[1.645 * m["se"] for m in rows],
+            fmt="o",
+            color=color,
+            ms=4,
+            label=f"measured d={d}",
+        )
         if rows[0]["predicted"] is not None:
             ax.plot(a, [m["predicted"] for m in rows], "-", color=color, lw=1, label=f"predicted d={d}")
-            ax.fill_between(a, [m["predicted_interval"][0] for m in rows], [m["predicted_interval"][1] for m in rows],
-                            color=color, alpha=0.12)
+            ax.fill_between(
+                a,
+                [m["predicted_interval"][0] for m in rows],
+                [m["predicted_interval"][1] for m in rows],
+                color=color,
+                alpha=0.12,
+            )
     ax.axhline(0, color="0.5", lw=0.8)
     ax.set_xlabel("α")
     ax.set_ylabel("ΔL vs newest checkpoint (nats/token)")
