@@ -426,13 +426,18 @@ def _f90(dof: int) -> float:
     return float(stats.f.ppf(0.90, 1, dof))
 
 
+JACKKNIFE_BLOCK = 3
+
+
 def _jackknife(X: np.ndarray, y: np.ndarray, uses: np.ndarray) -> np.ndarray:
-    """Covariance of the parameters from refits that leave out every point using one checkpoint."""
+    """Covariance of the parameters from refits that leave out every point using one block of
+    ``JACKKNIFE_BLOCK`` consecutive checkpoints (blocks keep neighbours' correlated noise together)."""
     n = uses.shape[1]
+    b = JACKKNIFE_BLOCK
     betas = []
-    for j in range(n):
-        keep = ~uses[:, j]
-        if keep.sum() < 7:
+    for j in range(0, n, b):
+        keep = ~uses[:, j : j + b].any(1)
+        if keep.sum() < 8:
             continue
         betas.append(_solve(X[keep], y[keep])[0])
     if len(betas) < 3:

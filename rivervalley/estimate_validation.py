@@ -51,7 +51,7 @@ def _setup(sc: Scenario):
     from .landscapes import QuadraticRiverValley
 
     if sc.spectrum == "two-group":
-        lam = np.r_[np.full(sc.m // 2, 4.0), np.full(sc.m - sc.m // 2, 0.05)]
+        lam = np.r_[np.full(sc.m // 2, 4.0), np.full(sc.m - sc.m // 2, 0.4)]
     else:
         lam = 8.0 / np.arange(1, sc.m + 1)
     land = QuadraticRiverValley(slope=1.0, curvatures=lam)
