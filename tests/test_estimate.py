@@ -25,7 +25,7 @@ def test_fit_recovers_exact_parameters(decay):
     rho = est.RHO_GRID[30]
     beta = np.array([2.0, -0.03, 0.002, 0.05, 0.08, 1e-4])
     cal = est.calibration_weights(n)
-    f = est.fit(list(cal.values()), _losses(grid, beta, rho, cal), grid)
+    f = est.fit(list(cal.values()), _losses(grid, beta, rho, cal), grid, bend=True)
     assert f.rho == rho
     np.testing.assert_allclose(f.best.beta, beta, atol=1e-9)
     assert f.slope.value == pytest.approx(0.03) and f.slope.lo <= 0.03 <= f.slope.hi
@@ -140,3 +140,46 @@ def test_fit_rejects_bad_input():
         est.fit(cal, y)
     with pytest.raises(ValueError, match="at least 3"):
         est.calibration_weights(2)
+
+
+def test_bend_term_is_the_sagitta_of_a_curved_path():
+    """Checkpoints on θ(A) = a·A + ½·b·A² (b ⊥ a): the merge leaves the path by ½·b·B(w), and a quadratic
+    valley across b charges λ_b|½bB|²/2: the model's κ·B(w)² with κ = λ_b|b|²/8."""
+    n = 9
+    grid = est.Grid.constant(n)
+    A = grid.area - grid.area[-1]
+    a, b = np.array([1.0, 0.0]), np.array([0.0, 0.3])
+    theta = np.outer(A, a) + 0.5 * np.outer(A * A, b)
+    lam_b = 2.0
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        w = rng.normal(size=n)
+        w /= w.sum()
+        m = w @ theta
+        s = m @ a
+        off = m - (s * a + 0.5 * s * s * b)  # distance from the path point at the same river position
+        loss = 0.5 * lam_b * (off @ off) / (b @ b) * (b @ b)
+        B2 = est.features(w, grid, 0.5)[5]
+        assert loss == pytest.approx(lam_b * (b @ b) / 8 * B2, rel=1e-9)
+
+
+def test_a_bend_pulls_alpha_star_towards_zero():
+    n = 12
+    grid = est.Grid.constant(n)
+    cal = est.calibration_weights(n)
+    fam = lambda a: W.extra(n, 4, 4, a)  # noqa: E731
+    stars = []
+    for kappa in (0.0, 1e-5, 1e-4):
+        beta = np.array([2.0, -0.03, 0.0, 0.01, 0.0, kappa])
+        f = est.fit(list(cal.values()), _losses(grid, beta, 0.5, cal), grid, rho=0.5, bend=True)
+        stars.append(f.alpha_star(fam))
+    assert stars[0] > stars[1] > stars[2] > 0
+
+
+def test_simulated_slope_is_recovered():
+    """rivervalley.estimate_validation on a well-specified scenario: the median slope within 10%."""
+    from rivervalley import estimate_validation as V
+
+    r = V.validate_scenario(V.Scenario("constant", 32, "two-group"), seeds=16)
+    assert abs(r["slope_rel_error"]) < 0.10
+    assert 0 <= r["slope_coverage"] <= 1 and r["valley_true"] > 0

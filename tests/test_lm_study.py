@@ -53,6 +53,8 @@ def test_report_has_the_promised_fields(report):
     assert last["delta"] == 0 and last["se"] == 0
     assert r["lr"]["given"] and r["lr"]["lr_ratio"][-1] < r["lr"]["lr_ratio"][0]  # the WSD decay was read
     assert (out / "study.md").is_file() and (out / "alpha.png").is_file()
+    assert {"rho_interval", "rho_identified", "with_bend", "problems"} <= r["fit"].keys()
+    assert len(r["calibration"]["doc_nll"]) == len(r["calibration"]["losses"])
     for d in ("2", "4"):
         cell = r["extra"]["by_offset"][d]
         assert "measured_best_alpha" in cell and (cell["alpha_star"] is None) == (not cell["identified"])

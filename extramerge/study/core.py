@@ -123,8 +123,8 @@ class Theory:
 
 def calibrate(ev: Evaluator, grid: est.Grid, n: int, bar, lean: bool = False) -> tuple[Theory, dict, dict]:
     """Evaluate the calibration merges on the calibration half and fit; ``lean`` (quick mode): pairs 1 and
-    4 apart and windows of 4 only."""
-    cal = est.calibration_weights(n, distances=(1, 4), windows=(4,)) if lean else est.calibration_weights(n)
+    4 apart only."""
+    cal = est.calibration_weights(n, distances=(1, 4), windows=()) if lean else est.calibration_weights(n)
     losses, docs = {}, []
     for name, w in cal.items():
         dl = ev.measure(w, "calib")

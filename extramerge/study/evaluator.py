@@ -85,6 +85,7 @@ class Evaluator:
                 self.fixed[name] = tensors[-1].clone().to(device)
         self.halves: dict = {}
         self.calls = 0
+        self._memo: dict = {}  # (weights bytes, half) -> DocLosses: a merge evaluated twice is read back
 
     def add_half(self, name: str, docs: list[str]) -> None:
         from ..evaluate import document_index, max_positions, token_blocks
@@ -121,7 +122,13 @@ class Evaluator:
             raise StudyError(f"model tensors missing from the checkpoints: {untied[:3]}")
 
     def measure(self, w, half: str) -> DocLosses:
-        """Per-document NLL of the merge wᵀθ on one half."""
+        """Per-document NLL of the merge wᵀθ on one half (each distinct merge evaluated once per half)."""
+        key = (np.asarray(w, dtype=np.float64).tobytes(), half)
+        if key not in self._memo:
+            self._memo[key] = self._measure(w, half)
+        return self._memo[key]
+
+    def _measure(self, w, half: str) -> DocLosses:
         import torch.nn.functional as F
 
         from ..evaluate import PAD
