@@ -341,7 +341,10 @@ def test_a_checkpoint_truncated_while_read_is_an_error_not_sigbus(tmp_path, wher
         env=env,
         timeout=120,
     )
-    _one_line_error(
-        p.returncode, p.stderr, f"{files[0]}: shrank from {before} to {cut} bytes while being read"
-    )
+    _one_line_error(p.returncode, p.stderr, f"{files[0]}: ")
+    # the chunk check names the sizes; on a loaded machine the per-read identity check may see it first
+    assert (
+        f"shrank from {before} to {cut} bytes while being read" in p.stderr
+        or "replaced or resized while open" in p.stderr
+    ), p.stderr
     assert not out.exists() and not [q for q in tmp_path.rglob("*") if ".tmp-" in q.name]
