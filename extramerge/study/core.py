@@ -269,6 +269,10 @@ def _study(cfg: StudyConfig, ckpts, names, tmp: Path, t0: float) -> dict:
         trusted = not problems
         K = cfg.window
         theory = {d: alpha_theory(fit, n, K, d, trusted) for d in offsets}
+        # the theory's own merges join the candidates where it is trusted: Extra-Merge at an identified α*,
+        # the theory-optimal weight vector; elsewhere they are only measured (diagnostics)
+        own, diag = _theory_merges(fit, theory, n, K, trusted)
+        menu = menu + own
 
         # the recommendation: empirical selection on the calibration half
         base_c = ev.measure(np.eye(n)[-1], "calib")
@@ -286,19 +290,7 @@ def _study(cfg: StudyConfig, ckpts, names, tmp: Path, t0: float) -> dict:
 
         measured = []
         if not cfg.quick:
-            extra = [_extra(n, K, d, 3.0) for d in offsets]
-            for d, th in theory.items():
-                a = th["alpha_star_fit"]
-                if math.isfinite(a) and abs(a) <= 10:
-                    x = _extra(n, K, d, a)
-                    x["name"] = f"Extra K={K} d={d} alpha*={a:.3g}"
-                    x["group"] = "alpha*"
-                    extra.append(x)
-            w_opt = fit.optimal_weights()
-            if w_opt is not None and np.abs(w_opt).max() < 50:
-                extra.append(
-                    {"name": "theory-optimal", "method": "custom", "weights": w_opt, "group": "optimal"}
-                )
+            extra = [_extra(n, K, d, 3.0) for d in offsets] + diag
             for c in extra:
                 p = fit.predict(c["weights"])
                 c["predicted"] = {"delta": p.value, "interval": p.to_list()}
@@ -357,6 +349,22 @@ def _study(cfg: StudyConfig, ckpts, names, tmp: Path, t0: float) -> dict:
     return report
 
 
+def _theory_merges(fit: Theory, theory: dict, n: int, K: int, trusted: bool) -> tuple[list, list]:
+    """(candidates, diagnostics): Extra-Merge at each α* (a candidate where identified and |α*| ≤ 3) and
+    the theory-optimal weights (a candidate where the fit is trusted and no weight exceeds 10)."""
+    own, diag = [], []
+    for d, th in theory.items():
+        a = th["alpha_star_fit"]
+        if math.isfinite(a) and abs(a) <= 10:
+            x = {**_extra(n, K, d, a), "name": f"Extra K={K} d={d} alpha*={a:.3g}", "group": "alpha*"}
+            (own if th["identified"] and abs(a) <= 3 else diag).append(x)
+    w = fit.optimal_weights()
+    if w is not None and np.abs(w).max() < 50:
+        x = {"name": "theory-optimal", "method": "custom", "weights": w, "group": "optimal"}
+        (own if trusted and np.abs(w).max() <= 10 else diag).append(x)
+    return own, diag
+
+
 def _steps_grid(steps) -> est.Grid:
     """No learning rate given: constant, so the area is proportional to the steps."""
     s = np.asarray(steps, float)
@@ -364,12 +372,12 @@ def _steps_grid(steps) -> est.Grid:
 
 
 def _quick_pool(menu, fit, trusted) -> list[dict]:
-    """Quick mode's candidates: the newest checkpoint, SMA K=4, and the four the theory ranks best (or a
-    fixed short list when the fit is not trusted)."""
-    keep = {"last", "SMA K=4"}
+    """Quick mode's candidates: the newest checkpoint, SMA K=4, the theory's own merges and the two others
+    it ranks best (or a fixed short list when the fit is not trusted)."""
+    keep = {"last", "SMA K=4"} | {c["name"] for c in menu if c.get("group") in ("alpha*", "optimal")}
     if trusted:
         ranked = sorted(menu, key=lambda c: fit.predict(c["weights"]).value)
-        keep |= {c["name"] for c in ranked[:4]}
+        keep |= set([c["name"] for c in ranked if c["name"] not in keep][:2])
     else:
         keep |= {"SMA K=2", "EMA beta=0.8", "Extra K=4 d=4 alpha=0.5", "Extra K=4 d=4 alpha=1"}
     return [c for c in menu if c["name"] in keep]
