@@ -295,3 +295,22 @@ def test_study_refuses_checkpoints_that_cannot_fit_in_memory(tmp_path, monkeypat
 
 def test_study_error_is_a_value_error():
     assert issubclass(StudyError, ValueError)
+
+
+def test_lr_schedule_from_run_json_log_and_pairs_agree(run):
+    """The three --lr-schedule forms give the same learning rate at the checkpoints (WSD run)."""
+    from extramerge.study.inputs import read_lr_schedule
+
+    steps = [int(p.name.split("_")[1]) for p in sorted(run.glob("step_*"))]
+    at = {}
+    for key, spec in (("json", str(run / "run.json")), ("log", str(run / "log.jsonl"))):
+        xs, ys = read_lr_schedule(spec, steps)
+        at[key] = np.interp(steps, xs, ys)
+    logged = [i for i, s in enumerate(steps) if s % 10 == 0]  # the log has a line every 10 steps
+    np.testing.assert_allclose(at["json"][logged], at["log"][logged], rtol=1e-6)
+    np.testing.assert_allclose(at["json"], at["log"], rtol=0.05)  # in between, the log interpolates
+    pairs = ",".join(f"{s}:{v}" for s, v in zip(steps, at["log"], strict=True))
+    xs, ys = read_lr_schedule(pairs, steps)
+    np.testing.assert_allclose(ys, at["log"])
+    with pytest.raises(StudyError, match="not a run.json"):
+        read_lr_schedule("nonsense", steps)
