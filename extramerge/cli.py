@@ -22,23 +22,11 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+from .argtypes import floats, ints
+
 __all__ = ["main", "build_parser"]
 
 PROG = "extramerge"
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.replace(" ", "").split(",") if x != ""]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x != ""]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _human(nbytes: float) -> str:
@@ -407,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("checkpoints", nargs="+", metavar="CKPT", help=ck)
     a.add_argument(
         "--windows",
-        type=_ints,
+        type=ints,
         default=[1, 2, 4, 8],
         metavar="K1,K2,...",
         help="SMA windows to compare with the raw trajectory (default 1,2,4,8; larger than N-1 are skipped)",
@@ -455,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--decay", type=float, metavar="B", help="ema: decay β in [0,1) (default 1 − 2/(N+1))")
     m.add_argument(
         "--weights",
-        type=_floats,
+        type=floats,
         metavar="W1,W2,...",
         help="custom: one weight per checkpoint, oldest first (a leading minus needs --weights=-0.5,1.5)",
     )
@@ -542,27 +530,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.set_defaults(func=_eval)
 
-    from .study.cli import add_arguments
+    from .study.cli import add_arguments, run_command
 
     st = sub.add_parser(
         "study",
         help="which merge to ship: recommendation chosen on held-out text, predicted vs measured gain",
     )
     add_arguments(st)
-    st.set_defaults(func=_study)
+    st.set_defaults(func=run_command)
     return p
-
-
-def _study(args) -> int:
-    from .study import study
-    from .study.cli import config_from_args
-    from .study.report import summary_lines
-
-    rep = study(config_from_args(args))
-    for line in summary_lines(rep):
-        print(line)
-    print(f"wrote {rep['out']}/study.json, study.md")
-    return 0
 
 
 # -------------------------------------------------------------------------------------------------- errors

@@ -5,23 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..argtypes import floats, ints
 from .core import CANDIDATE_ALPHAS, StudyConfig
 
-__all__ = ["add_arguments", "config_from_args"]
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+__all__ = ["add_arguments", "config_from_args", "run_command"]
 
 
 def add_arguments(p: argparse.ArgumentParser, *, checkpoints: bool = True) -> None:
@@ -51,11 +38,11 @@ def add_arguments(p: argparse.ArgumentParser, *, checkpoints: bool = True) -> No
     )
     p.add_argument("--window", type=int, default=4, metavar="K", help="Extra-Merge window K (default 4)")
     p.add_argument(
-        "--offsets", type=_ints, default=(2, 4, 8), metavar="D,...", help="offsets d (default 2,4,8)"
+        "--offsets", type=ints, default=(2, 4, 8), metavar="D,...", help="offsets d (default 2,4,8)"
     )
     p.add_argument(
         "--alphas",
-        type=_floats,
+        type=floats,
         default=CANDIDATE_ALPHAS,
         metavar="A,...",
         help=f"candidate α grid (default {','.join(map('{:g}'.format, CANDIDATE_ALPHAS))})",
@@ -110,3 +97,15 @@ def config_from_args(a, *, checkpoints=None, out=None, run=None, calib=None, tes
         force=a.force,
         progress=not a.quiet,
     )
+
+
+def run_command(args) -> int:
+    """`extramerge study`: run it, print the summary and where it was written."""
+    from . import study
+    from .report import summary_lines
+
+    rep = study(config_from_args(args))
+    for line in summary_lines(rep):
+        print(line)
+    print(f"wrote {rep['out']}/study.json, study.md")
+    return 0
