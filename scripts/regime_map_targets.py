@@ -8,23 +8,14 @@ the table and every target with its measured value and whether it is met.
 """
 
 import json
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from extramerge.study.evaluator import DocLosses, paired_delta
+
 ALPHA_MAX = 2.0  # coverage is scored on merges with α ≤ 2 (and every non-extrapolating merge)
-
-
-def paired(a, b, tok):
-    """ΔL = loss(a) − loss(b) and its paired standard error clustered by document."""
-    d = np.asarray(a) - np.asarray(b)
-    n = np.asarray(tok, dtype=float)
-    delta = d.sum() / n.sum()
-    r = d - delta * n
-    D = d.size
-    return delta, math.sqrt(D / (D - 1) * (r @ r)) / n.sum()
 
 
 def load(root: Path):
@@ -43,7 +34,10 @@ def run_rows(r):
     meas = {m["name"]: m for m in r["measured"]}
     rec = meas[r["recommendation"]["name"]]
     best = min(r["measured"], key=lambda m: m["delta"])
-    gap, gap_se = paired(rec["doc_nll"], best["doc_nll"], tok)
+    n = np.asarray(tok, dtype=float)
+    gap, gap_se = paired_delta(
+        DocLosses(np.asarray(rec["doc_nll"]), n), DocLosses(np.asarray(best["doc_nll"]), n)
+    )
     return rec, best, gap, gap_se
 
 
