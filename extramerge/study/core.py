@@ -114,8 +114,16 @@ class Theory:
         a, b = self.main.predict(w), self.alt.predict(w)
         return est.Interval(a.value, min(a.lo, b.lo), max(a.hi, b.hi))
 
-    def __getattr__(self, name):
-        return getattr(self.main, name)
+    @property
+    def slope(self) -> est.Interval:
+        return self.main.slope
+
+    @property
+    def valley_loss(self) -> est.Interval:
+        return self.main.valley_loss
+
+    def optimal_weights(self):
+        return self.main.optimal_weights()
 
     def to_dict(self) -> dict:
         return {**self.main.to_dict(), "with_bend": self.alt.to_dict()}
