@@ -19,37 +19,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rivervalley._publish import write_file  # noqa: E402
+from rivervalley.style import COLORS, STYLE  # noqa: E402
 
 __all__ = ["figure", "save_figure", "save_data", "save_csv", "errorbars", "mean_se", "COLORS"]
 
-COLORS = {
-    "raw": "#d62728",
-    "sma": "#1f77b4",
-    "ema": "#2ca02c",
-    "theory": "#222222",
-    "extra": "#9467bd",
-    "decay": "#ff7f0e",
-    "average": "#1f77b4",
-    "bound": "#7f7f7f",
-}
-
-_STYLE = {
-    "figure.dpi": 110,
-    "savefig.dpi": 130,
-    "font.size": 9,
-    "axes.titlesize": 10,
-    "axes.labelsize": 9,
-    "legend.fontsize": 8,
-    "axes.grid": True,
-    "grid.alpha": 0.3,
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-}
-
-
 def figure(ncols: int = 1, nrows: int = 1, *, width: float = 4.2, height: float = 3.3, **kw):
     """A figure with ``nrows × ncols`` axes of about ``width × height`` inches each (style applied)."""
-    plt.rcParams.update(_STYLE)
+    plt.rcParams.update(STYLE)
     fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False, **kw)
     return fig, axes.ravel() if axes.size > 1 else axes[0, 0]
 
