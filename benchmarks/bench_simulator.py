@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from rivervalley import _native
-from rivervalley._compute import flush_denormals
+from rivervalley.compute import flush_denormals
 from rivervalley.landscapes import QuadraticRiverValley
 from rivervalley.simulate import _NoiseSource, simulate
 

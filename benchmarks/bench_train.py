@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from experiments.lm import data as lmdata
 from experiments.lm.models import build_model, preset_param_count, resolve_size
 from experiments.lm.train import TrainConfig, _available_cores, train
-from rivervalley._compute import flush_denormals
+from rivervalley.compute import flush_denormals
 
 DEFAULT_STEPS = {"tiny": 40, "small": 8}
 LR = 3e-3

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from experiments import toy_study
-from rivervalley._publish import claim_folder, mark_folder
+from rivervalley.publish import claim_folder, mark_folder
 
 
 @dataclass

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rivervalley._memory import require_memory
+from rivervalley.memory import require_memory
 
 from .checkpoints import (
     _DIRECT_BLOCK,

@@ -4,14 +4,14 @@ place, and never destroys what it did not write.
 * ``check_output``: an output that is, lies inside or contains an input is refused, compared by device
   and inode (links, bind mounts and '..' spellings cannot hide it) as well as by path;
 * a special file (FIFO, device, socket) at the destination is never replaced, not even with force;
-* ``staging_dir`` / ``publish`` / ``clean_stale`` (from ``rivervalley._publish``, shared with rivervalley's
+* ``staging_dir`` / ``publish`` / ``clean_stale`` (from ``rivervalley.publish``, shared with rivervalley's
   own outputs): build in ``.NAME.tmp-PID@HOST-*`` beside the output, rename into place (an existing output
   renamed aside first, deleted once the new one is in); leftovers of a killed run on the same output are
   cleaned by the next one;
 * ``mark`` / ``marked``: a marker file in every folder this package writes for analyze, so only such a
   folder is ever replaced; ``check_file`` / ``write_file``: a single file (eval's JSON, cloze items)
   replaced only with force and only when ``own`` recognises it as this package's earlier output;
-* ``interruptible`` (also from ``rivervalley._publish``): SIGTERM and SIGHUP raise ``Terminated`` (a
+* ``interruptible`` (also from ``rivervalley.publish``): SIGTERM and SIGHUP raise ``Terminated`` (a
   KeyboardInterrupt), so they take the same clean-up path as Ctrl-C and leave no staging folder behind.
 """
 
@@ -22,8 +22,8 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from rivervalley import _publish
-from rivervalley._publish import Terminated, clean_stale, discard, interruptible, locked, staging_dir
+from rivervalley import publish as _shared
+from rivervalley.publish import Terminated, clean_stale, discard, interruptible, locked, staging_dir
 
 from .safety import _error, kind
 
@@ -94,7 +94,7 @@ def _input_paths(inputs: Iterable) -> list[Path]:
 
 def refuse_special(path: Path, output: object = None) -> None:
     """Refuse a destination that is a FIFO, device or socket: force never replaces one."""
-    mode = _publish.special_mode(path)
+    mode = _shared.special_mode(path)
     if mode is not None:
         raise _error(f"output {output or path} is {kind(mode)}; refusing to replace it, even with --force")
 
@@ -125,11 +125,11 @@ def check_output(output, inputs: Iterable = (), *, force=False, what="input chec
 
 
 def publish(src: Path, dst: Path, force: bool) -> None:
-    """``rivervalley._publish.publish`` (rename into place, an existing ``dst`` renamed aside first and
+    """``rivervalley.publish.publish`` (rename into place, an existing ``dst`` renamed aside first and
     deleted once the new one is in), refusing a special file at ``dst`` even with force."""
     refuse_special(dst)
     try:
-        _publish.publish(src, dst, force)
+        _shared.publish(src, dst, force)
     except FileExistsError as e:
         raise _error(str(e)) from None
 
@@ -172,7 +172,7 @@ def check_file(
     clean_stale(out)
     refuse_special(out, path)
     try:
-        _publish.claim_file(out, force, own, tool="extramerge")  # a folder, or not ours: refused
+        _shared.claim_file(out, force, own, tool="extramerge")  # a folder, or not ours: refused
     except ValueError as e:
         raise _error(str(e)) from None
     return out

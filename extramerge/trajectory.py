@@ -514,7 +514,7 @@ def _check_output_dir(output: Path, inputs: Sequence, force: bool) -> None:
     extramerge.outputs): force never replaces a folder this package did not write."""
     from extramerge.checkpoints import CheckpointError, check_output
     from extramerge.outputs import MARKER, marked
-    from rivervalley._publish import claim_folder
+    from rivervalley.publish import claim_folder
 
     check_output(output, inputs, force=True)  # overlap with the inputs, special files
     try:

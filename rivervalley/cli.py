@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from rivervalley._publish import Terminated, claim_file, claim_folder, interruptible, mark_folder, write_file
+from rivervalley.publish import Terminated, claim_file, claim_folder, interruptible, mark_folder, write_file
 
 __all__ = ["main", "build_parser"]
 

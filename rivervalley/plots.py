@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rivervalley._publish import write_file  # noqa: E402
+from rivervalley.publish import write_file  # noqa: E402
 from rivervalley.style import COLORS, STYLE  # noqa: E402
 
 __all__ = ["figure", "save_figure", "save_data", "save_csv", "errorbars", "mean_se", "COLORS"]

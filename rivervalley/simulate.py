@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from . import _native
-from ._compute import flush_denormals
-from ._memory import require_memory
+from .compute import flush_denormals
 from .landscapes import Landscape, QuadraticRiverValley, _EigenQuadratic
+from .memory import require_memory
 from .optimizers import SGD
 from .schedules import Schedule, as_schedule
 

@@ -133,7 +133,7 @@ def test_a_signal_during_a_checkpoint_waits_for_its_resume_state(tmp_path, monke
 
 
 def test_deferred_holds_one_signal_until_the_block_ends_and_a_second_raises_at_once():
-    from rivervalley._publish import Terminated, deferred, interruptible
+    from rivervalley.publish import Terminated, deferred, interruptible
 
     done = []
     with pytest.raises(Terminated, match="SIGTERM"), interruptible():

@@ -283,12 +283,12 @@ def test_study_refuses_checkpoints_that_cannot_fit_in_memory(tmp_path, monkeypat
     from _ckpt_factory import make_safetensors_files
 
     from extramerge.checkpoints import open_checkpoint
-    from rivervalley import _memory
+    from rivervalley import memory
 
     ckpts = [open_checkpoint(p) for p in make_safetensors_files(tmp_path, n=3)]
     names = list(ckpts[-1].infos)
     E._check_memory(ckpts, names)  # fits
-    monkeypatch.setattr(_memory, "available_memory", lambda: 1000)
+    monkeypatch.setattr(memory, "available_memory", lambda: 1000)
     with pytest.raises(ValueError, match=r"the study of 3 checkpoints x .* needs about .* GB"):
         E._check_memory(ckpts, names)
 

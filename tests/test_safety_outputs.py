@@ -17,7 +17,7 @@ from experiments.lm.tokenizer import build_tokenizer
 from extramerge import outputs
 from extramerge.checkpoints import CheckpointError
 from extramerge.cli import main
-from rivervalley import _publish
+from rivervalley import publish
 
 
 def _run(capsys, *argv) -> tuple[int, str]:
@@ -233,13 +233,13 @@ def test_leftovers_of_a_killed_run_are_cleaned_by_the_next(tmp_path, capsys):
     assert _run(capsys, "merge", *run, "--method", "sma", "-o", out, "--quiet")[0] == 0
     assert _leftovers(tmp_path) == []
     # killed between publish's two renames: the old output sits aside and comes back
-    tag = f"{_dead_pid()}@{_publish._HOST}"
+    tag = f"{_dead_pid()}@{publish.HOST}"
     out.rename(tmp_path / f".merged.old-{tag}-0000")
     assert _run(capsys, "merge", *run, "--method", "sma", "-o", out, "--quiet")[0] == 2  # it is back: --force
     assert (out / "merge.json").is_file() and _leftovers(tmp_path) == []
     # an aside copy with a newer output in place is deleted; a live process's staging folder is kept
     (tmp_path / f".merged.old-{tag}-1111").mkdir()
-    live = tmp_path / f".merged.tmp-{os.getpid()}@{_publish._HOST}-2222"
+    live = tmp_path / f".merged.tmp-{os.getpid()}@{publish.HOST}-2222"
     live.mkdir()
     assert _run(capsys, "merge", *run, "--method", "sma", "-o", out, "--quiet", "--force")[0] == 0
     assert _leftovers(tmp_path) == [live.name]

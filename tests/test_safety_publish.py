@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import extramerge
 from extramerge import checkpoints
 from extramerge.cli import main
-from rivervalley import _memory
+from rivervalley import memory
 
 
 def _run(capsys, *argv) -> tuple[int, str]:
@@ -90,7 +90,7 @@ def test_concurrent_merges_to_one_file_publish_weights_and_record_together(tmp_p
 
 def test_a_merge_that_cannot_fit_in_memory_is_refused_before_it_starts(tmp_path, capsys, monkeypatch):
     run = make_safetensors_files(tmp_path / "run", n=3)
-    monkeypatch.setattr(_memory, "available_memory", lambda: 1000)
+    monkeypatch.setattr(memory, "available_memory", lambda: 1000)
     out = tmp_path / "merged"
     rc, err = _run(capsys, "merge", *run, "--method", "sma", "-o", out, "--quiet")
     assert rc == 2 and err.startswith("extramerge: error: merge to") and "of memory is available" in err

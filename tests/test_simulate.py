@@ -372,9 +372,9 @@ def test_noise_source_is_independent_of_threads_and_prefetch():
 def test_simulate_refuses_an_allocation_larger_than_available_memory(monkeypatch, capsys):
     """The checkpoint buffer is estimated first: a run that cannot fit is refused with the number it needs,
     before anything is allocated (here the memory available is pretended to be 1 MB)."""
-    from rivervalley import _memory, cli
+    from rivervalley import cli, memory
 
-    monkeypatch.setattr(_memory, "available_memory", lambda: 10**6)
+    monkeypatch.setattr(memory, "available_memory", lambda: 10**6)
     land = QuadraticRiverValley(slope=1.0, m=9)
     with pytest.raises(ValueError, match=r"1000 seeds x 101 checkpoints x 10 parameters .* 0\.00872 GB"):
         simulate(land, lr=0.1, steps=100, seeds=1000, ckpt_every=1)
@@ -385,7 +385,7 @@ def test_simulate_refuses_an_allocation_larger_than_available_memory(monkeypatch
 
 
 def test_available_memory_reads_the_machine():
-    from rivervalley._memory import available_memory
+    from rivervalley.memory import available_memory
 
     have = available_memory()
     assert have is None or have > 0

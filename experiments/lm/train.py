@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from extramerge.checkpoints import publish, staging_dir
-from rivervalley._publish import deferred, interruptible, write_file
+from rivervalley.publish import deferred, interruptible, write_file
 from rivervalley.schedules import Schedule, get_schedule, wsd
 
 from . import data as lmdata
@@ -693,7 +693,7 @@ def _cpu_settings(device: str, threads: int | None):
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
         return
-    from rivervalley._compute import flush_denormals
+    from rivervalley.compute import flush_denormals
 
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads or _available_cores())

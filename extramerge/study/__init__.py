@@ -49,8 +49,8 @@ def study(cfg: StudyConfig) -> dict:
         raise StudyError(
             "extramerge study evaluates merges with transformers: pip install 'rivervalley-extramerge[lm]'"
         ) from None
-    from rivervalley._compute import flush_denormals
-    from rivervalley._publish import staging_dir
+    from rivervalley.compute import flush_denormals
+    from rivervalley.publish import staging_dir
 
     from .. import outputs
     from . import report as R

@@ -55,11 +55,11 @@ __all__ = [
 
 MARKER = ".rivervalley-output"  # JSON {"tool": "rivervalley", "command": ...} in folders its commands write
 
-_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32]
+HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32]
 
 
 def _tag() -> str:
-    return f"{os.getpid()}@{_HOST}"
+    return f"{os.getpid()}@{HOST}"
 
 
 def _alive(pid: int) -> bool:
@@ -76,7 +76,7 @@ def clean_stale(out: Path) -> list[Path]:
     """Remove what a killed run (kill -9, power loss) left beside ``out``: its staging folders, and a
     replaced output renamed aside (deleted when a new output is in place, else renamed back). Only
     leftovers of processes of this host that no longer run are touched; returns what was cleaned."""
-    pat = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)@{re.escape(_HOST)}-")
+    pat = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)@{re.escape(HOST)}-")
     cleaned = []
     with contextlib.suppress(OSError):
         for p in out.parent.iterdir():
