@@ -1,29 +1,27 @@
-"""Input policy: what extramerge agrees to open, for checkpoints and every file that comes with them.
-
-Checkpoints, their index and side files, data files and run folders are untrusted input. The rules,
-each enforced by one function here:
-
-* a file named inside a checkpoint (an index's shard name, a config or tokenizer file) is a plain relative
-  name whose real path stays inside the checkpoint's folder (``member``, ``inside``);
-* only regular files are read: a FIFO, device or socket is refused before it is opened for reading, so
-  it cannot block or stream forever (``open_regular``, ``regular``);
-* JSON is parsed with bounded size and depth and without non-finite numbers (``load_json``, ``parse_json``);
-* messages quote untrusted text escaped and shortened (``shown``), never raw bytes of a file;
-* one file or folder given twice (same device and inode) is refused (``distinct``).
-
-Every violation raises ``CheckpointError`` (a ValueError): the CLI prints it as one line and exits 2.
-"""
+"""Old import path of the input policy, kept working: it lives in ``extramerge.io.safety``."""
 
 from __future__ import annotations
 
-import json
-import os
-import stat
-from collections.abc import Iterable
-from pathlib import Path
+from .io.safety import (
+    JSON_LIMIT,
+    LINE_LIMIT,
+    distinct,
+    folder_files,
+    inside,
+    jsonl,
+    kind,
+    load_json,
+    member,
+    open_regular,
+    parse_json,
+    read_text,
+    regular,
+    shown,
+)
 
 __all__ = [
     "shown",
+    "kind",
     "member",
     "inside",
     "regular",
@@ -34,184 +32,6 @@ __all__ = [
     "jsonl",
     "folder_files",
     "distinct",
+    "JSON_LIMIT",
+    "LINE_LIMIT",
 ]
-
-JSON_LIMIT = 100 * 2**20  # bytes of an index/config JSON file read at most
-LINE_LIMIT = 16 * 2**20  # bytes of one JSONL line (a data document or a cloze item) read at most
-_KINDS = {
-    stat.S_IFIFO: "a FIFO",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFSOCK: "a socket",
-    stat.S_IFDIR: "a folder",
-    stat.S_IFLNK: "a symbolic link",
-}
-
-
-def _error(message: str) -> Exception:
-    from .checkpoints import CheckpointError  # late: checkpoints imports this module
-
-    return CheckpointError(message)
-
-
-def shown(text: object, limit: int = 80) -> str:
-    """Untrusted text fit for a one-line message: non-printable characters escaped, at most ``limit``
-    characters (then '...'), quoted."""
-    s = text if isinstance(text, str) else repr(text)
-    s = "".join(c if c.isprintable() and c != "'" else repr(c)[1:-1] for c in s[: limit + 1])
-    return f"'{s[:limit]}...'" if len(s) > limit else f"'{s}'"
-
-
-def kind(mode: int) -> str:
-    """'a FIFO', 'a character device', ... for a non-regular file mode."""
-    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
-
-
-def inside(path: Path, root: Path) -> bool:
-    """Whether ``path``'s real location (symbolic links resolved) lies inside ``root``'s."""
-    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
-
-
-def member(root: Path, name: object, what: str) -> Path:
-    """``root / name`` for a file name read from inside a checkpoint (an index's shard, a side file).
-
-    The name must be a non-empty string, relative, without '..' components, and its real path must stay
-    inside ``root``; ``what`` names where the name came from (e.g. 'model.safetensors.index.json')."""
-    if not isinstance(name, str) or not name or "\0" in name:
-        raise _error(f"{root}: {what} names a file that is not a valid file name ({shown(name)})")
-    p = Path(name)
-    if p.is_absolute() or ".." in p.parts:
-        raise _error(f"{root}: {what} names {shown(name)}, which points outside the checkpoint folder")
-    full = root / p
-    if not inside(full, root):
-        raise _error(f"{root}: {what} names {shown(name)}, a link that leaves the checkpoint folder")
-    return full
-
-
-def regular(path: Path, *, root: Path | None = None) -> os.stat_result:
-    """stat of ``path`` (links followed), refusing anything but a regular file, and with ``root`` a file
-    whose real path leaves ``root``."""
-    if root is not None and not inside(path, root):
-        raise _error(f"{path}: a link that leaves the checkpoint folder {root}; refusing to read it")
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise _error(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise _error(f"{path}: is {kind(st.st_mode)}, not a regular file; refusing to read it")
-    return st
-
-
-def open_regular(path: Path, *, root: Path | None = None) -> int:
-    """A read-only descriptor of ``path``, opened without blocking (a FIFO cannot stall the open) and
-    checked to be a regular file (and inside ``root``) on the descriptor itself. The caller closes it."""
-    if root is not None and not inside(path, root):
-        raise _error(f"{path}: a link that leaves the checkpoint folder {root}; refusing to read it")
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as e:
-        raise _error(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise _error(f"{path}: is {kind(st.st_mode)}, not a regular file; refusing to read it")
-    return fd
-
-
-def _no_constant(name: str):
-    raise ValueError(f"non-finite number {name}")
-
-
-def _finite_float(text: str) -> float:
-    x = float(text)
-    if x in (float("inf"), float("-inf")):
-        raise ValueError(f"number out of range ({text[:20]})")
-    return x
-
-
-def _unique_keys(pairs: list) -> dict:
-    d = dict(pairs)
-    if len(d) != len(pairs):
-        raise ValueError("duplicate key")
-    return d
-
-
-def parse_json(raw: bytes | str, where: str):
-    """JSON value of ``raw``: UTF-8, no NaN/Infinity, no number overflowing to infinity, no duplicate keys,
-    nesting bounded by the interpreter's recursion limit. ``where`` (a file, or file:line) prefixes the
-    error, which never quotes the input's bytes."""
-    try:
-        text = raw.decode("utf-8") if isinstance(raw, bytes | bytearray) else raw
-        return json.loads(
-            text, parse_constant=_no_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys
-        )
-    except UnicodeDecodeError as e:
-        raise _error(f"{where}: not UTF-8 text (byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise _error(f"{where}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except RecursionError:
-        raise _error(f"{where}: invalid JSON (nested too deeply)") from None
-    except ValueError as e:  # ours above, or an integer too long to convert
-        raise _error(f"{where}: invalid JSON ({str(e).splitlines()[0][:80]})") from None
-
-
-def load_json(path: Path, *, root: Path | None = None, limit: int = JSON_LIMIT):
-    """``parse_json`` of a regular file (inside ``root``) of at most ``limit`` bytes."""
-    fd = open_regular(path, root=root)
-    with os.fdopen(fd, "rb") as f:
-        raw = f.read(limit + 1)
-    if len(raw) > limit:
-        raise _error(f"{path}: larger than {limit} bytes; refusing to parse it")
-    return parse_json(raw, str(path))
-
-
-def read_text(path: Path) -> str:
-    """The UTF-8 text of a regular file (a FIFO or /dev/zero is refused, not read forever)."""
-    with os.fdopen(open_regular(path), "rb") as f:
-        raw = f.read()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _error(f"{path}: not UTF-8 text (byte {e.start})") from None
-
-
-def jsonl(path: Path, *, limit: int | None = None):
-    """Yield (line number, JSON value) for each non-blank line of a regular file, one line in memory at a
-    time; a line longer than ``limit`` (default LINE_LIMIT) bytes, or any ``parse_json`` failure, raises
-    naming file:line."""
-    limit = LINE_LIMIT if limit is None else limit
-    with os.fdopen(open_regular(path), "rb") as f:
-        for lineno, line in enumerate(iter(lambda: f.readline(limit + 1), b""), 1):
-            body = line.rstrip(b"\r\n")
-            if len(body) > limit:
-                raise _error(f"{path}:{lineno}: line longer than {limit} bytes; refusing to parse it")
-            if body.strip():
-                yield lineno, parse_json(body, f"{path}:{lineno}")
-
-
-def folder_files(folder: Path, names=None) -> None:
-    """Refuse entries of ``folder`` (all of them, or those ``names`` that exist) that are links leaving it
-    or special files (a FIFO, device or socket), before a library such as transformers opens them."""
-    entries = folder.iterdir() if names is None else (folder / n for n in names)
-    for p in entries:
-        if not (p.exists() or p.is_symlink()) or p.name.startswith("."):
-            continue
-        if not inside(p, folder):
-            raise _error(f"{p}: a link that leaves the folder {folder}; refusing to read it")
-        if p.exists() and not (p.is_file() or p.is_dir()):
-            raise _error(f"{p}: is {kind(os.stat(p).st_mode)}, not a regular file; refusing to read it")
-
-
-def distinct(paths: Iterable[Path]) -> None:
-    """Refuse two paths that are the same file or folder (equal device and inode), however spelled."""
-    seen: dict[tuple[int, int], Path] = {}
-    for p in paths:
-        try:
-            st = os.stat(p)
-        except OSError:
-            continue  # a hub reference or a vanished path: reported by whoever opens it
-        key = (st.st_dev, st.st_ino)
-        if key in seen:
-            raise _error(f"{p}: the same checkpoint as {seen[key]} (given twice); list each checkpoint once")
-        seen[key] = p

@@ -501,7 +501,7 @@ def test_direct_io_refused_by_the_filesystem_falls_back_to_buffered(tmp_path, mo
     import errno
     import fcntl
 
-    from extramerge import checkpoints as C
+    from extramerge.io import raw as C
 
     real = os.pwrite
     refused = []

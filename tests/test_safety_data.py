@@ -66,7 +66,7 @@ def test_a_huge_line_is_refused_reading_a_bounded_prefix(tmp_path, capsys, model
 
 
 def test_cloze_files_get_the_same_treatment(tmp_path, monkeypatch):
-    from extramerge import safety
+    from extramerge.io import safety
 
     items = tmp_path / "items.jsonl"
     items.write_text(

@@ -185,14 +185,14 @@ def test_output_inside_an_input_is_caught_by_inode(tmp_path, capsys):
 
 _SELF_SIGNAL = """
 import os, signal, sys
-from extramerge import checkpoints
+from extramerge.io import writer
 from extramerge.cli import main
 
-real = checkpoints._write_safetensors_shards
+real = writer._write_safetensors_shards
 def interrupted(*a, **k):
     os.kill(os.getpid(), signal.{sig})  # arrives while the staging folder holds a half-written output
     return real(*a, **k)
-checkpoints._write_safetensors_shards = interrupted
+writer._write_safetensors_shards = interrupted
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -14,8 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import extramerge
-from extramerge import checkpoints
 from extramerge.cli import main
+from extramerge.io import writer
 from rivervalley import memory
 
 
@@ -59,7 +59,7 @@ def test_concurrent_merges_to_one_file_publish_weights_and_record_together(tmp_p
     run = make_safetensors_files(tmp_path / "run", n=3)
     out = tmp_path / "merged.safetensors"
     extramerge.merge(run, method="sma", output=out, progress=False)
-    real, order, held = checkpoints.publish, [], threading.Event()
+    real, order, held = writer.publish, [], threading.Event()
 
     def slow_publish(src, dst, force):
         name = threading.current_thread().name
@@ -69,7 +69,7 @@ def test_concurrent_merges_to_one_file_publish_weights_and_record_together(tmp_p
             time.sleep(0.5)  # the second merge reaches its publish meanwhile
         real(src, dst, force)
 
-    monkeypatch.setattr(checkpoints, "publish", slow_publish)
+    monkeypatch.setattr(writer, "publish", slow_publish)
 
     def merge(method):
         extramerge.merge(run, method=method, output=out, force=True, progress=False)

@@ -1,0 +1,60 @@
+"""Checkpoint I/O: lazy readers and streaming, atomic writers for every common layout, and the policies
+for what is read (``safety``) and what may be written or replaced (``outputs``).
+
+Readers never load tensor data up front: opening a checkpoint parses headers only (safetensors JSON
+headers, validated against the file size; PyTorch files memory-mapped with ``torch.load(mmap=True)``),
+so a malformed input fails in milliseconds, before any merge work starts.
+
+Formats (``Checkpoint.format``):
+    hf-safetensors  folder with model.safetensors, or model-0000k-of-0000K.safetensors + index json
+    hf-bin          folder with pytorch_model.bin, or sharded pytorch_model-*.bin + index json
+    safetensors     a single .safetensors file
+    torch           a .pt/.pth/.bin/.ckpt file: a state dict, or a training checkpoint that nests one
+                    ({'model': ...} as nanoGPT/nanochat write, {'state_dict': ...}, ...); ``_orig_mod.``
+                    (torch.compile) and ``module.`` (DDP) prefixes are stripped
+
+Safetensors files are read and written with numpy alone (bfloat16 and float8 through ``ml_dtypes``):
+torch is imported only when a PyTorch file is read or written, or when a caller asks for a torch tensor
+(``Checkpoint.read``/``read_range``/``view_range`` return torch tensors unless ``numpy=True``). Dtypes
+are held as safetensors codes (``TensorInfo.dtype_str``: 'F32', 'BF16', ...).
+
+Modules, one concern each: ``errors`` (CheckpointError), ``safety`` (input policy), ``layout`` (names on
+disk), ``dtypes``, ``raw`` (madvise, direct I/O), ``safetensors`` and ``torchfile`` (the two file
+readers), ``checkpoint`` (Checkpoint), ``discovery`` (open/load checkpoints), ``outputs`` (output policy,
+staging and publishing), ``writer`` (write_checkpoint).
+"""
+
+from __future__ import annotations
+
+from .checkpoint import Checkpoint, check_compatible
+from .discovery import load_checkpoints, open_checkpoint
+from .dtypes import TensorInfo, numpy_dtype, to_numpy, to_torch
+from .errors import CheckpointError
+from .layout import FORMATS, TORCH_SUFFIXES, WEIGHT_SUFFIXES, parse_step
+from .outputs import check_merge_output, check_output, publish, staging_dir
+from .writer import WriteResult, default_format, output_layout, safetensors_order, write_checkpoint
+
+__all__ = [
+    "CheckpointError",
+    "TensorInfo",
+    "Checkpoint",
+    "WriteResult",
+    "FORMATS",
+    "TORCH_SUFFIXES",
+    "WEIGHT_SUFFIXES",
+    "parse_step",
+    "open_checkpoint",
+    "load_checkpoints",
+    "check_compatible",
+    "check_output",
+    "check_merge_output",
+    "publish",
+    "staging_dir",
+    "output_layout",
+    "default_format",
+    "safetensors_order",
+    "write_checkpoint",
+    "numpy_dtype",
+    "to_numpy",
+    "to_torch",
+]

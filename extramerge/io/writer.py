@@ -1,0 +1,443 @@
+"""The checkpoint writer: ``write_checkpoint`` streams tensors into a new checkpoint of any format
+(``output_layout``, ``default_format``), atomically.
+
+It streams safetensors (header first, computed from the output infos, then each tensor's bytes as they
+arrive), so a merge holds one tensor chunk in memory, not a model; large safetensors outputs are written
+with direct I/O (see ``raw.FileWriter``) and shard above a size, with an HF index. PyTorch-file output
+necessarily collects the whole state dict and ``torch.save``s it. Every write goes to a temporary folder
+beside the output (same filesystem), is fsynced and renamed into place: an interrupted merge leaves
+nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import outputs, safety
+from .checkpoint import Checkpoint
+from .discovery import side_files
+from .dtypes import ST_DTYPES, ST_RANK, TensorInfo, dtype_code, is_torch, to_numpy, to_torch
+from .errors import CheckpointError
+from .layout import FORMATS, TORCH_SUFFIXES, WEIGHT_SUFFIXES, parse_step, record_path
+from .outputs import check_merge_output, check_output, publish, staging_dir
+from .raw import DIRECT_IO_MIN_BYTES, FileWriter
+
+__all__ = [
+    "WriteResult",
+    "safetensors_order",
+    "default_format",
+    "output_layout",
+    "write_checkpoint",
+]
+
+
+@dataclass
+class WriteResult:
+    """What a write produced: bytes of tensor data written and the published files."""
+
+    bytes_written: int
+    files: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+    fsync_seconds: float = 0.0
+    publish_seconds: float = 0.0
+
+
+def safetensors_order(infos: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """``infos`` in the order safetensors.save_file lays tensors out (dtype rank descending, then name);
+    a streamed file in this order is byte-identical to save_file's."""
+    items = sorted(infos.items(), key=lambda kv: (-ST_RANK.get(kv[1].dtype_str, -1), kv[0]))
+    return dict(items)
+
+
+def default_format(output: str | os.PathLike, template: Checkpoint | None) -> str:
+    """The output format when none is asked for: a .safetensors file name means one safetensors file,
+    .pt/.pth/.bin/.ckpt a PyTorch file; otherwise the template's (newest input's) format family."""
+    suffix = Path(output).suffix
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix in TORCH_SUFFIXES:
+        return "torch"
+    return template.format if template is not None else "safetensors"
+
+
+def output_layout(
+    output: str | os.PathLike, fmt: str, template: Checkpoint | None = None
+) -> tuple[Path, str]:
+    """(published path, file name) of an output: HF formats are folders; ``safetensors``/``torch`` go to the
+    given file when it ends in .safetensors/.pt/.pth/.bin/.ckpt, else into that folder as model.safetensors
+    / model.pt, or under the template's file name when that carries no step (nanoGPT's ckpt.pt)."""
+    output = Path(output)
+    if fmt not in FORMATS:
+        raise CheckpointError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt.startswith("hf-"):
+        if output.suffix in WEIGHT_SUFFIXES:
+            raise CheckpointError(f"{output}: format {fmt} writes a folder; give a folder name, not a file")
+        return output, ""
+    if output.suffix in WEIGHT_SUFFIXES:
+        return output, output.name
+    ext = ".safetensors" if fmt == "safetensors" else ".pt"
+    keep = template is not None and template.format == fmt and template.files
+    # nanoGPT's out_dir/ckpt.pt stays ckpt.pt; a step-named file (step_000400.pt) is not reused, so the
+    # merged file is not mistaken for that training checkpoint.
+    name = template.files[0].name if keep else ""
+    fname = name if name and parse_step(name) is None else f"model{ext}"
+    return output, fname
+
+
+def _byte_view(t) -> memoryview:
+    """The bytes of a numpy array or CPU tensor, flattened (a copy only if it is not contiguous)."""
+    if is_torch(t):
+        t = t.contiguous().reshape(-1)
+        return memoryview(to_numpy(t).view(np.uint8)) if t.numel() else memoryview(b"")
+    return memoryview(np.ascontiguousarray(t).reshape(-1).view(np.uint8))
+
+
+def _shard_plan(infos: Mapping[str, TensorInfo], shard_size: int) -> list[list[str]]:
+    """Greedy split in order: a new shard starts when the next tensor would exceed ``shard_size``."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, info in infos.items():
+        if shards[-1] and used + info.nbytes > shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += info.nbytes
+    return shards
+
+
+def _shard_names(stem: str, ext: str, n: int) -> list[str]:
+    if n == 1:
+        return [f"{stem}{ext}"]
+    return [f"{stem}-{k + 1:05d}-of-{n:05d}{ext}" for k in range(n)]
+
+
+def _safetensors_header(infos: Sequence[TensorInfo], metadata: Mapping[str, str] | None) -> bytes:
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for info in infos:
+        if info.dtype_str not in ST_DTYPES:
+            raise CheckpointError(
+                f"tensor '{info.name}': dtype {info.dtype_name} cannot be stored in safetensors"
+            )
+        header[info.name] = {
+            "dtype": info.dtype_str,
+            "shape": list(info.shape),
+            "data_offsets": [offset, offset + info.nbytes],
+        }
+        offset += info.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors pads the header with spaces to 8-byte alignment
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class _PieceStream:
+    """Checks that (name, tensor) items arrive in ``infos`` order; a tensor (numpy array or torch tensor)
+    may come in flat pieces."""
+
+    def __init__(self, items: Iterable[tuple[str, object]], infos: Mapping[str, TensorInfo]):
+        self._it = iter(items)
+        self._infos = infos
+
+    def pieces(self, name: str):
+        """Yield the pieces of tensor ``name`` (flat, contiguous) until its numel is complete."""
+        info = self._infos[name]
+        need = info.numel
+        while True:
+            if need == 0 and info.numel > 0:
+                return
+            try:
+                got_name, t = next(self._it)
+            except StopIteration:
+                raise ValueError(f"tensor stream ended before tensor '{name}' was complete") from None
+            if got_name != name:
+                raise ValueError(f"tensor stream out of order: expected '{name}', got '{got_name}'")
+            if not _has_dtype(t, info.dtype_str):
+                raise ValueError(
+                    f"tensor '{name}': expected dtype {info.dtype_name}, got {getattr(t, 'dtype', t)}"
+                )
+            numel = math.prod(t.shape)
+            if numel == info.numel and tuple(t.shape) not in (info.shape, (info.numel,)):
+                raise ValueError(f"tensor '{name}': expected shape {info.shape}, got {tuple(t.shape)}")
+            if numel > need and info.numel > 0:
+                raise ValueError(f"tensor '{name}': pieces exceed its {info.numel} elements")
+            need -= numel
+            yield t.reshape(-1)
+            if info.numel == 0:
+                return
+
+    def finish(self) -> None:
+        extra = next(self._it, None)
+        if extra is not None:
+            raise ValueError(f"tensor stream has an unexpected extra tensor '{extra[0]}'")
+
+
+def _has_dtype(t, code: str) -> bool:
+    if not (isinstance(t, np.ndarray) or is_torch(t)):
+        return False
+    try:
+        return dtype_code(t.dtype) == code
+    except (ValueError, TypeError):
+        return False
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_safetensors_shards(
+    folder, stream, infos, shards, names, metadata, fsync, direct_io
+) -> tuple[int, float]:
+    written, t_sync = 0, 0.0
+    for shard, fname in zip(shards, names, strict=True):
+        size = sum(infos[n].nbytes for n in shard)
+        direct = fsync and size >= DIRECT_IO_MIN_BYTES if direct_io is None else direct_io
+        f = FileWriter(folder / fname, direct=direct, writeback=fsync)
+        try:
+            f.write(memoryview(_safetensors_header([infos[n] for n in shard], metadata)))
+            for name in shard:
+                for piece in stream.pieces(name):
+                    data = _byte_view(piece)
+                    f.write(data)
+                    written += len(data)
+        except BaseException:
+            f.abort()
+            raise
+        t_sync += f.close(fsync)
+    return written, t_sync
+
+
+def _collect(stream, infos) -> dict:
+    """PyTorch-file output: the whole state dict must be in memory for torch.save."""
+    import torch
+
+    out = {}
+    for name, info in infos.items():
+        t = torch.empty(info.shape, dtype=info.dtype)
+        flat, pos = t.view(-1), 0
+        for piece in stream.pieces(name):
+            piece = piece if is_torch(piece) else to_torch(piece)
+            flat[pos : pos + piece.numel()].copy_(piece)
+            pos += piece.numel()
+        out[name] = t
+    return out
+
+
+def _torch_save(obj, path: Path, fsync: bool) -> float:
+    import torch
+
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        if not fsync:
+            return 0.0
+        t0 = time.perf_counter()
+        os.fsync(f.fileno())
+        return time.perf_counter() - t0
+
+
+def _copy_hf_files(template: Checkpoint, folder: Path, infos: Mapping[str, TensorInfo]) -> list[str]:
+    """Copy config, generation config, tokenizer files ... (everything but weights and training state);
+    only regular files inside the template's folder are read."""
+    copied = []
+    if not template.path.is_dir() or template.format not in ("hf-safetensors", "hf-bin"):
+        return copied
+    for p in side_files(template.path):
+        if not p.is_file():
+            continue  # a dangling link (one leaving the folder was refused when the checkpoint was opened)
+        safety.regular(p, root=template.root)
+        shutil.copyfile(p, folder / p.name)
+        copied.append(p.name)
+    if "config.json" in copied:
+        _set_config_dtype(folder / "config.json", infos)
+    return copied
+
+
+def _set_config_dtype(path: Path, infos: Mapping[str, TensorInfo]) -> None:
+    """Keep config.json's dtype truthful (transformers loads in it), avoiding a silent dtype surprise."""
+    dtypes = {i.dtype_name for i in infos.values() if i.is_float}
+    if len(dtypes) != 1:
+        return
+    name = dtypes.pop()
+    try:
+        config = json.loads(path.read_text())
+    except ValueError:
+        return
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
+    if all(config.get(k) == name for k in keys):
+        return
+    for k in keys:
+        config[k] = name
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _torch_object(template: Checkpoint | None, state: dict, aliases: Mapping[str, str]):
+    """Rebuild the template's nesting around the merged state dict; aliases share storage again."""
+    sd: dict = {}
+    canon_to_alias: dict[str, list[str]] = {}
+    for a, c in aliases.items():
+        canon_to_alias.setdefault(c, []).append(a)
+    layout = template.torch_layout if template is not None else {"nest": None, "inner_extras": {}}
+    for name, t in state.items():
+        sd[name] = t
+        for a in canon_to_alias.get(name, []):
+            sd[a] = t
+    for k, v in layout.get("inner_extras", {}).items():
+        sd.setdefault(k, v)
+    nest = layout.get("nest")
+    if nest is None:
+        return sd
+    obj = {}
+    for k in layout["top_keys"]:
+        if k == nest:
+            obj[k] = sd
+        elif k in template.extras:
+            obj[k] = template.extras[k]
+    return obj
+
+
+def write_checkpoint(
+    output: str | os.PathLike,
+    tensors: Iterable[tuple[str, object]],
+    *,
+    infos: Mapping[str, TensorInfo],
+    template: Checkpoint | None = None,
+    fmt: str | None = None,
+    shard_size: int = 5 * 2**30,
+    metadata: Mapping[str, str] | None = None,
+    record: Mapping | None = None,
+    force: bool = False,
+    inputs: Iterable[Checkpoint | str | os.PathLike] = (),
+    fsync: bool = True,
+    direct_io: bool | None = None,
+) -> WriteResult:
+    """Stream ``tensors`` into a new checkpoint at ``output``, atomically.
+
+    ``infos`` are the output tensors (names, shapes, dtypes) in write order, known before the first tensor
+    arrives; ``tensors`` yields (name, tensor) in that order (numpy arrays or torch tensors), where a
+    tensor may also come as consecutive flat pieces whose sizes add up. Each item is consumed before the
+    next is requested, so a producer may reuse its buffers. ``fmt`` defaults to
+    ``default_format(output, template)``. ``template`` (the newest input) gives the config and tokenizer
+    files copied into HF folders, and the nesting, non-tensor entries and tied aliases of torch files.
+    Safetensors outputs shard above ``shard_size`` bytes (HF index json); torch outputs are one file.
+    ``metadata`` goes into the safetensors header; ``record`` is written as merge.json beside the output.
+
+    The output is built in a temporary folder beside it, fsynced, then renamed into place (``force``
+    replaces an existing output: old renamed aside, new renamed in, old deleted). On any exception the
+    temporary folder is removed and nothing is published. Inputs (``template`` and ``inputs``) are never
+    written, and an output equal to, inside, or containing one of them is refused. ``direct_io`` writes
+    safetensors files with O_DIRECT (None: when fsync is on and the file has at least
+    DIRECT_IO_MIN_BYTES).
+    """
+    t_start = time.perf_counter()
+    fmt = fmt or default_format(output, template)
+    out = check_output(output, [*([template] if template is not None else []), *inputs], force=force)
+    out, fname = output_layout(out, fmt, template)
+    check_merge_output(out)
+    infos = dict(infos)
+    aliases = {a: c for a, c in (template.aliases if template is not None else {}).items() if c in infos}
+    tmp = staging_dir(out)
+    stream = _PieceStream(tensors, infos)
+    files: list[str] = []
+    try:
+        folder_out = fmt.startswith("hf-") or not fname or out.suffix not in WEIGHT_SUFFIXES
+        meta = dict(metadata or {})
+        written, t_sync = 0, 0.0
+        if fmt in ("hf-safetensors", "safetensors"):
+            if fmt == "hf-safetensors":
+                meta = {"format": "pt", **meta}
+                shards = _shard_plan(infos, shard_size)
+                files = _shard_names("model", ".safetensors", len(shards))
+            else:
+                shards, files = [list(infos)], [fname]
+                if aliases:
+                    meta["extramerge.aliases"] = json.dumps(aliases, sort_keys=True)
+                meta = {"format": "pt", **meta} if meta else meta
+            written, t_sync = _write_safetensors_shards(
+                tmp, stream, infos, shards, files, meta, fsync, direct_io
+            )
+            if len(shards) > 1:
+                files.append(_write_index(tmp, "model.safetensors.index.json", infos, shards, files, {}))
+        else:
+            state = _collect(stream, infos)
+            written = sum(i.nbytes for i in infos.values())
+            if fmt == "hf-bin":
+                shards = _shard_plan(infos, shard_size)
+                files = _shard_names("pytorch_model", ".bin", len(shards))
+                extra_names: dict[str, list[str]] = {}
+                for shard, f in zip(shards, files, strict=True):
+                    part = {n: state[n] for n in shard}
+                    part_aliases = {a: c for a, c in aliases.items() if c in part}
+                    extra_names[f] = list(part_aliases)
+                    t_sync += _torch_save(_torch_object(None, part, part_aliases), tmp / f, fsync)
+                if len(shards) > 1:
+                    full = [shard + extra_names[f] for shard, f in zip(shards, files, strict=True)]
+                    files.append(_write_index(tmp, "pytorch_model.bin.index.json", infos, full, files, {}))
+            else:
+                t_sync += _torch_save(_torch_object(template, state, aliases), tmp / fname, fsync)
+                files = [fname]
+            del state
+        stream.finish()
+        if fmt.startswith("hf-") and template is not None:
+            files += _copy_hf_files(template, tmp, infos)
+        rec_name = "merge.json" if folder_out else record_path(out).name
+        if record is not None:
+            (tmp / rec_name).write_text(json.dumps(dict(record), indent=1, default=_jsonable) + "\n")
+            files.append(rec_name)
+        if fsync:
+            t0 = time.perf_counter()
+            _fsync_path(tmp)
+            t_sync += time.perf_counter() - t0
+        t_publish = time.perf_counter()
+        with outputs.locked(out):  # a concurrent merge to the same output publishes before or after us
+            check_merge_output(out)  # again: another run may have published there while we merged
+            if folder_out:
+                publish(tmp, out, force)
+                published = [out / f for f in files]
+            else:
+                if record is not None:
+                    publish(tmp / rec_name, record_path(out), force=True)  # vetted by check_merge_output
+                publish(tmp / fname, out, force)
+                tmp.rmdir()
+                published = [out] + ([record_path(out)] if record is not None else [])
+        if fsync:
+            _fsync_path(out.parent)
+        t_publish = time.perf_counter() - t_publish
+    except BaseException:
+        outputs.discard(tmp)
+        raise
+    return WriteResult(written, published, time.perf_counter() - t_start, t_sync, t_publish)
+
+
+def _jsonable(o):
+    """numpy arrays/scalars and tensors as numbers, Paths and the rest as strings."""
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def _write_index(folder, index_name, infos, shards, files, extra_meta) -> str:
+    weight_map = {n: f for shard, f in zip(shards, files, strict=False) for n in shard}
+    total = sum(i.nbytes for i in infos.values())
+    params = sum(i.numel for i in infos.values())
+    doc = {
+        "metadata": {"total_size": total, "total_parameters": params, **extra_meta},
+        "weight_map": weight_map,
+    }
+    (folder / index_name).write_text(json.dumps(doc, indent=2) + "\n")
+    return index_name
