@@ -26,13 +26,13 @@ from safetensors.torch import save_file
 
 from extramerge.checkpoints import Checkpoint, CheckpointError, TensorInfo, load_checkpoints
 from extramerge.engine import (
-    _rss_now,
     iter_aligned,
     iter_chunks,
     merge_weights,
     output_dtype,
     weighted_sum,
 )
+from extramerge.engine.summary import rss_now as _rss_now
 from rivervalley import weights as W
 
 WEIGHTS4 = np.array([-0.2, 0.3, 0.4, 0.5])
@@ -381,11 +381,11 @@ def test_overlapped_writer_is_atomic_when_a_worker_fails_mid_stream(tmp_path, mo
     """16 MB per input in 256 KiB units: the writer has already written direct-I/O blocks while workers
     compute later units, when a NaN near the end of one input stops the merge. Nothing is published, the
     temporary folder is gone and the worker threads are stopped."""
-    from extramerge import checkpoints as C
+    from extramerge.io import raw as C
 
     blocks = []
-    real = C._FileWriter._write_block
-    monkeypatch.setattr(C._FileWriter, "_write_block", lambda self, n: (blocks.append(n), real(self, n))[1])
+    real = C.FileWriter._write_block
+    monkeypatch.setattr(C.FileWriter, "_write_block", lambda self, n: (blocks.append(n), real(self, n))[1])
     cks = load_checkpoints([_big_run(tmp_path / "run", nan_in=1)])
     threads = threading.active_count()
     with pytest.raises(CheckpointError, match="'w' in step_2.safetensors contains NaN"):
@@ -401,11 +401,11 @@ def test_overlapped_writer_is_atomic_when_the_disk_fails_mid_stream(tmp_path, mo
     """The writer side fails (disk full on the second block, seen by the writer or by its direct-I/O
     thread) while workers are computing: the error surfaces, the workers and the I/O thread are stopped
     and nothing is left behind."""
-    from extramerge import checkpoints as C
+    from extramerge.io import raw as C
 
     calls = []
     if where == "writer":
-        real = C._FileWriter._write_block
+        real = C.FileWriter._write_block
 
         def full_disk(self, n):
             calls.append(n)
@@ -413,7 +413,7 @@ def test_overlapped_writer_is_atomic_when_the_disk_fails_mid_stream(tmp_path, mo
                 raise OSError(errno.ENOSPC, "No space left on device")
             return real(self, n)
 
-        monkeypatch.setattr(C._FileWriter, "_write_block", full_disk)
+        monkeypatch.setattr(C.FileWriter, "_write_block", full_disk)
     else:
         real_pwrite = C.os.pwrite
 

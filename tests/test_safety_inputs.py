@@ -295,12 +295,13 @@ def test_tensor_names_in_messages_are_escaped_and_shortened(tmp_path, capsys):
 
 _SHRINK = """
 import itertools, os, sys, threading
-from extramerge import checkpoints, engine
+from extramerge.io import safetensors
+from extramerge.engine import units
 from extramerge.cli import main
 
 where, victim, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
-owner = engine if where == "views" else checkpoints._SafetensorsFile
-name = "_unit_arrays" if where == "views" else "madvise_span"
+owner = units if where == "views" else safetensors.SafetensorsFile
+name = "unit_arrays" if where == "views" else "madvise_span"
 real, calls, lock = getattr(owner, name), itertools.count(1), threading.Lock()
 def shrinking(*a, **k):
     with lock:  # the 2nd unit truncates the file (before its views are made / its pages populated)

@@ -8,6 +8,7 @@ import torch
 
 from extramerge import select as S
 from extramerge import trajectory as T
+from extramerge.trajectory import gram as TG
 from rivervalley import analysis as A
 from rivervalley import weights as W
 
@@ -17,7 +18,7 @@ def _gram_data(tensors_by_name: dict[str, np.ndarray], reference=-1) -> T.GramDa
     names, per, norms, numel = [], [], [], []
     for name, X in tensors_by_name.items():
         n = X.shape[0]
-        G, r2 = T._tensor_gram([torch.from_numpy(x) for x in X], range(n)[reference])
+        G, r2 = TG._tensor_gram([torch.from_numpy(x) for x in X], range(n)[reference])
         names.append(name), per.append(G), norms.append(r2), numel.append(X[0].size)
     per = np.stack(per)
     return T.GramData(per.sum(0), names, per, np.array(numel), np.array(norms), range(n)[reference])
@@ -173,16 +174,15 @@ def test_gram_pass_agrees_on_processes_threads_and_inline(tmp_path, monkeypatch)
     ml_dtypes. Small units make each worker handle several."""
     from _ckpt_factory import load_state, make_safetensors_files
 
-    from extramerge import engine
     from extramerge.checkpoints import load_checkpoints
 
     paths = make_safetensors_files(tmp_path, n=5, dtype=torch.bfloat16, noise=0.3)
     ckpts = load_checkpoints(paths)
-    monkeypatch.setattr(T, "_UNIT_BYTES", 64)
-    monkeypatch.setattr(engine, "can_fork", lambda: True)
+    monkeypatch.setattr(TG, "_UNIT_BYTES", 64)
+    monkeypatch.setattr(TG, "can_fork", lambda: True)
     forked = T.gram_pass(ckpts, progress=False, workers=2)
     forked3 = T.gram_pass(ckpts, progress=False, workers=3)
-    monkeypatch.setattr(engine, "can_fork", lambda: False)
+    monkeypatch.setattr(TG, "can_fork", lambda: False)
     threads = T.gram_pass(ckpts, progress=False, workers=2)
     inline = T.gram_pass(ckpts, progress=False, workers=0)
     states = [load_state(p) for p in paths]
@@ -198,15 +198,14 @@ def test_forked_gram_pass_reports_a_worker_error(tmp_path, monkeypatch):
     from _ckpt_factory import load_state, make_safetensors_files
     from safetensors.torch import save_file
 
-    from extramerge import engine
     from extramerge.checkpoints import CheckpointError, load_checkpoints
 
     paths = make_safetensors_files(tmp_path, n=3)
     state = load_state(paths[1])
     state["transformer.h.0.mlp.c_fc.weight"][2, 3] = float("inf")
     save_file(state, str(paths[1]))
-    monkeypatch.setattr(T, "_UNIT_BYTES", 64)
-    monkeypatch.setattr(engine, "can_fork", lambda: True)
+    monkeypatch.setattr(TG, "_UNIT_BYTES", 64)
+    monkeypatch.setattr(TG, "can_fork", lambda: True)
     msg = "'transformer.h.0.mlp.c_fc.weight' in step_000200.* NaN or Inf"
     with pytest.raises(CheckpointError, match=msg):
         T.gram_pass(load_checkpoints(paths), progress=False, workers=2)
