@@ -12,7 +12,7 @@ from _ckpt_factory import byte_gpt2, cycle_docs, save_model, train_briefly  # no
 
 from experiments.lm.tokenizer import build_tokenizer  # noqa: E402
 from extramerge import evaluate as E  # noqa: E402
-from extramerge import lmeval as L  # noqa: E402
+from extramerge.eval import lmeval as L  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
