@@ -91,9 +91,9 @@ def run(args) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
-    from experiments.lm.models import resolve_size
-    from experiments.lm.tokenizer import EOS_ID, build_tokenizer
     from extramerge import evaluate as E
+    from extramerge.lm.models import resolve_size
+    from extramerge.lm.tokenizer import EOS_ID, build_tokenizer
 
     hf_logging.set_verbosity_error()
     if args.threads:

@@ -37,9 +37,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from experiments.lm import data as lmdata
-from experiments.lm.models import build_model, preset_param_count, resolve_size
-from experiments.lm.train import TrainConfig, _available_cores, train
+from extramerge.lm import data as lmdata
+from extramerge.lm.config import TrainConfig
+from extramerge.lm.models import build_model, preset_param_count, resolve_size
+from extramerge.lm.train import available_cores as _available_cores
+from extramerge.lm.train import train
 from rivervalley.compute import flush_denormals
 
 DEFAULT_STEPS = {"tiny": 40, "small": 8}

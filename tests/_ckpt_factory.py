@@ -202,7 +202,7 @@ def byte_gpt2(seed: int = 0, n_positions: int = 64, n_embd: int = 32):
     in eval mode. transformers' default dropout stays on (unlike experiments.lm.models.build_config)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from experiments.lm.tokenizer import EOS_ID
+    from extramerge.lm.tokenizer import EOS_ID
 
     torch.manual_seed(seed)
     cfg = GPT2Config(n_layer=2, n_embd=n_embd, n_head=2, vocab_size=257, n_positions=n_positions,

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from experiments.lm import data as lmdata
-from experiments.lm.tokenizer import EOS_ID, build_tokenizer, encode
+from extramerge.lm import data as lmdata
+from extramerge.lm.tokenizer import EOS_ID, build_tokenizer, encode
 
 WORDS = "river valley loss landscape checkpoint merge average extrapolate slope curvature noise".split()
 

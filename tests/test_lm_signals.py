@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from experiments.lm import train as lmtrain
+from extramerge.lm import checkpointing as lmckpt
+from extramerge.lm import cli as lmcli
+from extramerge.lm.batches import Batches
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--size", "tiny", "--n-layer", "2", "--d-model", "32", "--n-head", "2", "--seq-len", "32"]
@@ -104,9 +106,9 @@ def _signal_at(monkeypatch, target, name, sig, after=1):
 
 def test_a_signal_before_the_first_save_removes_the_new_run(tmp_path, monkeypatch, capsys):
     run = tmp_path / "runs" / "a"
-    _signal_at(monkeypatch, lmtrain.Batches, "next", signal.SIGHUP, after=3)
+    _signal_at(monkeypatch, Batches, "next", signal.SIGHUP, after=3)
     argv = ["-o", str(run), *FAST, "--steps", "50", "--ckpt-every", "10"]
-    assert lmtrain.main(argv) == 128 + signal.SIGHUP
+    assert lmcli.main(argv) == 128 + signal.SIGHUP
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "stopped by SIGHUP at step 2, before anything was saved" in err, err
     assert err.strip().endswith("start again with: python -m experiments.lm.train " + shlex.join(argv))
@@ -115,20 +117,20 @@ def test_a_signal_before_the_first_save_removes_the_new_run(tmp_path, monkeypatc
 
 
 def test_a_signal_during_a_checkpoint_waits_for_its_resume_state(tmp_path, monkeypatch, capsys):
-    from extramerge import checkpoints
+    from extramerge.io import writer
 
     run = tmp_path / "run"
     # SIGTERM right after the checkpoint at step 10 is published, before its resume state is written
-    _signal_at(monkeypatch, lmtrain, "publish", signal.SIGTERM)
-    monkeypatch.setattr(checkpoints, "publish", lmtrain.publish)
+    _signal_at(monkeypatch, lmckpt, "publish", signal.SIGTERM)
+    monkeypatch.setattr(writer, "publish", lmckpt.publish)
     flags = [f for f in FAST if f != "--no-progress"]  # with the progress bar: the line goes below it
     argv = ["-o", str(run), *flags, "--steps", "50", "--ckpt-from", "10", "--ckpt-every", "10"]
-    assert lmtrain.main(argv) == 128 + signal.SIGTERM
+    assert lmcli.main(argv) == 128 + signal.SIGTERM
     last = capsys.readouterr().err.splitlines()[-1]
     assert last.startswith("experiments.lm.train: stopped by SIGTERM at step 10;"), last
     assert "is saved at step 10;" in last, last
     assert sorted(p.name for p in run.iterdir()) == ["data", "log.jsonl", "resume", "run.json", "step_000010"]
-    state, meta = lmtrain._read_resume(run / "resume" / lmtrain.RESUME_FILE)
+    state, meta = lmckpt.read_resume(run / "resume" / lmckpt.RESUME_FILE)
     assert meta["step"] == 10 and [c["step"] for c in meta["checkpoints"]] == [10]
 
 

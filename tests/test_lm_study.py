@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from experiments.lm import study as lm_study
-from experiments.lm.train import TrainConfig, train
 from extramerge.cli import main as em_main
+from extramerge.lm.config import TrainConfig
+from extramerge.lm.train import train
 from extramerge.study import StudyError
 from extramerge.study import evaluator as E
 

@@ -1,4 +1,4 @@
-"""experiments.lm.models presets and experiments.lm.train: loss drops, checkpoints that transformers and
+"""extramerge.lm.models presets and the extramerge.lm trainer: loss drops, checkpoints that transformers and
 extramerge open, run records, Muon's parameter split, determinism and exact resume."""
 
 import dataclasses
@@ -9,8 +9,10 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from experiments.lm import train as lmtrain
-from experiments.lm.models import (
+from extramerge.lm import config as lmconfig
+from extramerge.lm.cli import main
+from extramerge.lm.config import TrainConfig
+from extramerge.lm.models import (
     ARCHS,
     PRESETS,
     build_config,
@@ -19,7 +21,8 @@ from experiments.lm.models import (
     preset_param_count,
     resolve_size,
 )
-from experiments.lm.train import TrainConfig, main, param_groups, train
+from extramerge.lm.optimizers import build_optimizers, param_groups
+from extramerge.lm.train import train
 
 # 2 layers x 32 wide, context 32, batch 4: ~35k parameters, a few hundred steps per second on one core.
 TINY = dict(size="tiny", n_layer=2, d_model=32, n_head=2, seq_len=32, batch_size=4, threads=1, progress=False)
@@ -112,22 +115,22 @@ def test_muon_gets_only_hidden_matrices(arch):
     n_total = len(list(model.parameters()))
     assert len(groups["muon"]) + len(rest) == n_total
     assert param_groups(model, "adamw")["muon"] == []
-    opts = lmtrain.build_optimizers(
+    opts = build_optimizers(
         model,
-        lmtrain.resolve(
+        lmconfig.resolve(
             TrainConfig(arch=arch, optimizer="muon", **{k: v for k, v in TINY.items() if k != "progress"})
         ),
     )
     assert [type(o).__name__ for o in opts] == ["Muon", "AdamW"]
-    assert opts[0].param_groups[0]["base_lr"] == lmtrain.DEFAULT_LR["muon"]
-    assert {g["base_lr"] for g in opts[1].param_groups} == {lmtrain.DEFAULT_ADAM_LR}
+    assert opts[0].param_groups[0]["base_lr"] == lmconfig.DEFAULT_LR["muon"]
+    assert {g["base_lr"] for g in opts[1].param_groups} == {lmconfig.DEFAULT_ADAM_LR}
 
 
 def test_checkpoint_grid_covers_the_last_30_percent():
-    r = lmtrain.resolve(TrainConfig(steps=1000, ckpt_every=100))
-    assert lmtrain.checkpoint_steps(1000, 100, r["ckpt_from"]) == [700, 800, 900, 1000]
-    assert lmtrain.checkpoint_steps(95, 10, 63) == [63, 73, 83, 93, 95]
-    assert lmtrain.checkpoint_steps(10, 50, 10) == [10]
+    r = lmconfig.resolve(TrainConfig(steps=1000, ckpt_every=100))
+    assert lmconfig.checkpoint_steps_with_final(1000, 100, r["ckpt_from"]) == [700, 800, 900, 1000]
+    assert lmconfig.checkpoint_steps_with_final(95, 10, 63) == [63, 73, 83, 93, 95]
+    assert lmconfig.checkpoint_steps_with_final(10, 50, 10) == [10]
 
 
 # --------------------------------------------------------------------------------------------------- train
@@ -145,7 +148,7 @@ def test_llama_muon_lowers_the_loss(tmp_path):
     assert losses[-1] < losses[0] - 1.2, losses
     rec = json.loads((run / "run.json").read_text())
     assert (
-        rec["model"]["class"] == "LlamaForCausalLM" and rec["resolved"]["adam_lr"] == lmtrain.DEFAULT_ADAM_LR
+        rec["model"]["class"] == "LlamaForCausalLM" and rec["resolved"]["adam_lr"] == lmconfig.DEFAULT_ADAM_LR
     )
 
 
@@ -180,7 +183,7 @@ def test_run_json_and_log(gpt2_run):
     assert rec["schedule"]["name"] == "cosine" and rec["schedule"]["params"]["total_steps"] == 40
     assert rec["data_dir"] == "data" and (gpt2_run / "data" / "train.npy").is_file()
     assert [c["step"] for c in rec["checkpoints"]] == [30, 35, 40]
-    sched = lmtrain.build_schedule(lmtrain.resolve(TrainConfig(**rec["config"])))
+    sched = lmconfig.build_schedule(lmconfig.resolve(TrainConfig(**rec["config"])))
     for c in rec["checkpoints"]:
         assert c["lr"] == pytest.approx(sched(c["step"] - 1))
         assert c["val_loss"] is not None
@@ -310,3 +313,15 @@ def test_bad_corpus_leaves_no_run_folder(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and corpus in err[0]
         assert not (tmp_path / "new").exists()
+
+
+def test_the_experiments_script_still_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run(
+        [sys.executable, "-m", "experiments.lm.train", "--help"], cwd=root, capture_output=True, text=True
+    )
+    assert p.returncode == 0 and p.stdout.startswith("usage: python -m experiments.lm.train"), p.stderr

@@ -1,2 +1,4 @@
-"""Language-model pretraining study: byte-level data, GPT-2/LLaMA presets, a trainer that writes HF
-checkpoint folders, and the study that applies extramerge to them (predicted vs measured gain)."""
+"""Language-model pretraining study, as runnable scripts: ``python -m experiments.lm.train`` and
+``python -m experiments.lm.study``. The code is the library's ``extramerge.lm`` (tokenizer, data, models,
+trainer; the ``lm`` extra) and ``extramerge.study``; ``tokenizer``, ``data``, ``models`` and ``train`` here
+re-export it for older imports."""
