@@ -43,7 +43,8 @@ import torch
 from rivervalley import _native
 from rivervalley.compute import flush_denormals
 from rivervalley.landscapes import QuadraticRiverValley
-from rivervalley.simulate import _NoiseSource, simulate
+from rivervalley.simulate import simulate
+from rivervalley.simulate.noise import NoiseSource
 
 BYTES_STEP = 16  # read θ 8 + write θ 8 (float64 θ; the fused kernel's noise stays in registers)
 BYTES_TORCH = 56  # torch sampler path: mul_ 16 + randn 4 + float32->float64 12 + add_(ξ) 24
@@ -83,7 +84,7 @@ def copy_bandwidth(n_bytes: int, repeats: int = 5) -> float:
 def sampler_rate(s: int, p: int, backend: str, repeats: int = 20) -> float:
     """Gaussians per second of the simulator's noise source for [S, p] into float64 (torch: float32 draws
     converted; native: float32 Box-Muller widened as stored)."""
-    src = _NoiseSource((s, p), 0, torch.float32, DEVICE, out_dtype=torch.float64, backend=backend)
+    src = NoiseSource((s, p), 0, torch.float32, DEVICE, out_dtype=torch.float64, backend=backend)
     try:
         src.draw()
         _sync()
@@ -135,7 +136,7 @@ def naive_rate(p: int, seeds: int, steps: int, lr: float, sigma: float) -> float
     """Updates per second of a per-seed Python loop: for each seed, for each step, g = hθ − c·e_0 + σξ
     and θ ← θ − ηg on a [p] vector."""
     q = _landscape(p).to(DEVICE, torch.float64)
-    h = q._h
+    h = q.eigenvalues
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     _sync()
     t0 = time.perf_counter()

@@ -6,7 +6,7 @@ Stages (each writes into its own subfolder of OUT):
   1. simulate/   one SGD run on a river valley with a power-law valley spectrum (checkpoints .npz); every
                  merge method is scored as a weight vector: ΔL(w) predicted by THEORY §d' versus simulated;
   2. validate/   the formula-versus-simulation table of ``rivervalley validate`` (full grid, or --fast);
-  3. figures/    every paper_figures script (PNG + JSON each).
+  3. figures/    every paper figure of rivervalley.figures (PNG + JSON each).
 Ends with a one-screen summary and where the results are.
 """
 
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from paper_figures import run_all
 from rivervalley import theory, validate
 from rivervalley import weights as W
+from rivervalley.figures import run_all
 from rivervalley.landscapes import QuadraticRiverValley
 from rivervalley.publish import write_file
 from rivervalley.simulate import simulate

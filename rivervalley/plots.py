@@ -23,6 +23,7 @@ from rivervalley.style import COLORS, STYLE  # noqa: E402
 
 __all__ = ["figure", "save_figure", "save_data", "save_csv", "errorbars", "mean_se", "COLORS"]
 
+
 def figure(ncols: int = 1, nrows: int = 1, *, width: float = 4.2, height: float = 3.3, **kw):
     """A figure with ``nrows × ncols`` axes of about ``width × height`` inches each (style applied)."""
     plt.rcParams.update(STYLE)

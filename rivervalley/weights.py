@@ -6,14 +6,21 @@ theory-optimal filter are all such vectors, so one function (``apply``) merges s
 one streaming engine (``extramerge``) merges real checkpoints with the very same numbers.
 
 Every builder returns a float64 numpy array of length ``n`` whose last entry weighs the newest checkpoint.
+
+This module is the leaf of the package (it imports nothing from it). Its last section holds the argument
+checks of the river-valley model parameters that :func:`optimal` needs; :mod:`rivervalley.theory` uses the
+same checks (ValueErrors naming the parameter and its allowed range).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
+
+from rivervalley.checks import as_integer, as_scalar, linear_river_setup
 
 __all__ = [
     "sma",
@@ -134,13 +141,32 @@ def trend(n: int, window: int, ahead: float = 0.0, steps: Sequence[float] | None
 
 
 def optimal(n: int, *, slope: float, lr: float, interval: int, curvatures, noise=1.0) -> np.ndarray:
-    """Theory-optimal affine merge for the linear river (THEORY.md §d'): argmin ΔL(w) s.t. 1ᵀw = 1."""
-    from rivervalley.theory import optimal_weights
+    """Theory-optimal affine merge for the linear river (THEORY.md §d'): argmin ΔL(w) s.t. 1ᵀw = 1.
 
-    return np.asarray(
-        optimal_weights(n=n, slope=slope, lr=lr, interval=interval, curvatures=curvatures, noise=noise),
-        dtype=float,
-    )
+    ΔL(w) = c²ηs(N − tᵀw) − Σω_i + wᵀQw with Q = Σ_i ω_i Γ_i (:func:`correlation_matrix`); the Lagrange
+    condition gives w = Q⁻¹(c²ηs·t + ν1)/2, ν = (2 − c²ηs·1ᵀQ⁻¹t) / (1ᵀQ⁻¹1). Needs Q positive definite
+    (noise > 0 and some |ρ_i| < 1); a ValueError says so otherwise.
+    Also :func:`rivervalley.theory.optimal_weights`.
+    """
+    n = int(as_scalar("n", as_integer("n", n, 1)))
+    push, rho, omega = linear_river_setup(slope, lr, interval, curvatures, noise)
+    Q = np.einsum("i,ijl->jl", omega, correlation_matrix(rho, n))
+    rhs = np.stack([np.arange(1, n + 1, dtype=float), np.ones(n)], axis=1)
+    from scipy import linalg  # here, not at the top: the weight vectors stay a light numpy-only import
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", linalg.LinAlgWarning)
+            solved = linalg.solve(Q, rhs, assume_a="pos")
+    except (linalg.LinAlgError, linalg.LinAlgWarning, ValueError) as exc:
+        raise ValueError(
+            "optimal_weights needs noise > 0 and at least one curvature with (1 - lr*curvature)**interval "
+            "clearly inside (-1, 1); otherwise Q = Σ ω_i Γ_i is singular to working precision and the loss "
+            "has no finite minimiser"
+        ) from exc
+    q_t, q_1 = solved[:, 0], solved[:, 1]
+    nu = (2.0 - push * q_t.sum()) / q_1.sum()
+    return (push * q_t + nu * q_1) / 2.0
 
 
 def custom(weights: Sequence[float], *, tol: float = 1e-6) -> tuple[np.ndarray, bool]:

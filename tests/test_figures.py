@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from paper_figures import FIGURES
 from rivervalley import cli
+from rivervalley.figures import FIGURES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -45,7 +45,7 @@ def test_protocol_shapes_and_grad_matches_autograd(landscape):
     info = landscape.describe()
     assert info["dim"] == p and "river" in info
     out = torch.empty_like(theta)
-    torch.testing.assert_close(landscape._grad_into(theta, out), landscape.grad(theta))
+    torch.testing.assert_close(landscape.grad_into(theta, out), landscape.grad(theta))
     f32 = landscape.to(dtype=torch.float32)
     assert f32.loss(theta.float()).dtype == torch.float32 and landscape.dtype == F64
 

@@ -352,7 +352,7 @@ def test_exact_needs_a_quadratic_and_stationary_needs_one():
 def test_noise_source_is_independent_of_threads_and_prefetch():
     """Large batches are drawn by background threads into alternating buffers; the numbers must not
     depend on the thread count nor on prefetching (they equal a synchronous draw)."""
-    from rivervalley.simulate import _NoiseSource
+    from rivervalley.simulate.noise import NoiseSource as _NoiseSource
 
     shape = (256, 512)  # 2^17 entries: the threaded, prefetching path
     sources = [_NoiseSource(shape, 3, torch.float32, "cpu", out_dtype=F64, threads=t) for t in (1, 2, 4)]
