@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
-import warnings
 from collections import Counter
-from pathlib import Path
 
+from rivervalley import commandline
+
+from . import methods
 from .argtypes import floats, ints
+from .eval import cli as eval_cli
+from .study import cli as study_cli
 
 __all__ = ["main", "build_parser"]
 
@@ -48,8 +49,8 @@ def _count(n: int) -> str:
 
 
 def _inspect(args) -> int:
-    from .checkpoints import check_compatible, load_checkpoints
-    from .safety import shown
+    from .io import check_compatible, load_checkpoints
+    from .io.safety import shown
 
     ckpts = load_checkpoints(args.checkpoints)
     try:
@@ -72,7 +73,7 @@ def _inspect(args) -> int:
             infos = check_compatible(ckpts)
             consistency = {"consistent": True, "tensors": len(infos), "problem": None}
         except ValueError as e:
-            consistency = {"consistent": False, "tensors": None, "problem": _oneline(e)}
+            consistency = {"consistent": False, "tensors": None, "problem": commandline.oneline(e)}
     finally:
         for c in ckpts:
             c.close()
@@ -199,190 +200,11 @@ def _merge(args) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------------------------------- eval
-
-
-def _cloze_source(text: str) -> int | str:
-    try:
-        n = int(text)
-    except ValueError:
-        return text
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of items >= 0 or a .jsonl file, got {text!r}")
-    return n
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
-
-
-def _model_folders(paths: list[str]) -> list[tuple[str, object, int | None]]:
-    """(display name, folder, step) per model: a model folder as given, a run folder expanded to its step
-    folders (oldest first, as `load_checkpoints` orders them). Every folder is checked before any work."""
-    from pathlib import Path
-
-    from .checkpoints import load_checkpoints, parse_step
-    from .evaluate import check_model_folder
-
-    out = []
-    for p in paths:
-        path = Path(p)
-        if not path.exists():
-            raise ValueError(f"{p}: no such file or folder")
-        if path.is_dir() and not (path / "config.json").is_file():
-            ckpts = load_checkpoints([path])
-            for c in ckpts:
-                c.close()
-            out.extend((f"{path.name}/{c.path.name}", c.path, c.step) for c in ckpts)
-        else:
-            out.append((str(p), path, parse_step(path.name)))
-    for _, folder, _ in out:
-        check_model_folder(folder)
-    return out
-
-
-def _eval_inputs(args, models) -> list:
-    """Everything eval reads (never written onto or into): the data and cloze files, each model folder and
-    the tokenizer files it uses (possibly in its run folder)."""
-    from .evaluate import tokenizer_files
-
-    inputs = [Path(args.data)] + ([Path(args.cloze)] if isinstance(args.cloze, str) else [])
-    for _, folder, _ in models:
-        inputs += [Path(folder), *tokenizer_files(folder)]
-    return inputs
-
-
-def _is_eval_json(path) -> bool:
-    from .outputs import _own_json
-
-    return _own_json(path, "kind", "eval")
-
-
-def _eval(args) -> int:
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    from . import evaluate as E
-    from .outputs import check_file, write_file
-
-    hf_logging.set_verbosity_error()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    models = _model_folders(args.models)
-    inputs = _eval_inputs(args, models)
-    for out, own in ((args.json, _is_eval_json), (args.save_cloze, E.is_cloze_file)):
-        if out:  # before any work: refused outputs fail now, not after the evaluation
-            check_file(out, force=args.force, own=own, inputs=inputs)
-    texts = E.load_texts(args.data)
-    items = None
-    if isinstance(args.cloze, str):
-        items = E.load_cloze(args.cloze)
-    elif args.cloze > 0:
-        items = E.build_cloze(texts, n_items=args.cloze, n_candidates=args.candidates, seed=args.seed)
-    if items is not None and args.save_cloze:
-        E.save_cloze(items, args.save_cloze, force=args.force, inputs=inputs)
-    task_dir = None
-    if args.lm_eval:
-        import tempfile
-
-        from . import lmeval
-
-        lmeval.require_lm_eval()
-        task_dir = tempfile.mkdtemp(prefix="extramerge-lmeval-")
-        lmeval.write_task(texts, task_dir)
-        if items is not None:
-            lmeval.write_task(items, task_dir)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    width = max(24, *(len(name) for name, _, _ in models))
-    head = f"{len(texts)} documents from {args.data}"
-    if items:
-        head += f"; {len(items)} cloze items, chance {1 / len(items[0].candidates):.3f}"
-    print(head)
-    print(f"{'model':<{width}} {'loss':>7} {'bits/byte':>9} {'cloze acc ± se':>16} {'tokens/s':>9}")
-    cache: dict = {}
-    rows = []
-    try:
-        for name, folder, step in models:
-            t0 = time.perf_counter()
-            model, tok = E.load_model(folder, device=device)
-            load_s = time.perf_counter() - t0
-            seq_len = args.seq_len or E.max_positions(model)
-            if seq_len is None:
-                raise ValueError(f"{folder}: the model config states no maximum length: pass --seq-len")
-            key = (E.tokenizer_fingerprint(folder), seq_len)
-            if key not in cache or key[0] is None:
-                cache[key] = E.token_blocks(texts, tok, seq_len)
-            row = E.evaluate_model(
-                model,
-                texts,
-                tokenizer=tok,
-                blocks=cache[key],
-                cloze_items=items,
-                batch_size=args.batch_size,
-                cloze_batch_size=args.cloze_batch_size,
-                device=device,
-            )
-            row.update(name=name, path=str(folder), step=step, load_seconds=load_s)
-            c = row["cloze"]
-            acc = "-" if c is None else f"{c['accuracy']:.3f} ± {c['stderr']:.3f}"
-            print(
-                f"{name:<{width}} {row['loss']:>7.4f} {row['bits_per_byte']:>9.4f} {acc:>16} "
-                f"{row['tokens_per_s']:>9.0f}",
-                flush=True,
-            )
-            del model
-            if task_dir is not None:
-                from .lmeval import run_lm_eval
-
-                lm = run_lm_eval(folder, task_dir, device=device, batch_size=args.batch_size)
-                row["lm_eval"] = lm
-                res = lm["results"]
-                parts = [f"{t}: " + ", ".join(f"{k}={v:.4g}" for k, v in r.items() if isinstance(v, float))
-                         for t, r in res.items()]  # fmt: skip
-                print(f"{'':<{width}} lm-eval {'; '.join(parts)}", flush=True)
-            rows.append(row)
-    finally:
-        if task_dir is not None:
-            import shutil
-
-            shutil.rmtree(task_dir, ignore_errors=True)
-    if args.json:
-        record = {
-            "tool": "extramerge",
-            "kind": "eval",
-            "data": str(args.data),
-            "documents": len(texts),
-            "device": device,
-            "seq_len": args.seq_len,
-            "batch_size": args.batch_size,
-            "cloze": None
-            if items is None
-            else {
-                "source": args.cloze if isinstance(args.cloze, str) else "built",
-                "items": len(items),
-                "candidates": len(items[0].candidates),
-                "seed": args.seed,
-            },
-            "models": rows,
-        }
-        write_file(
-            args.json, json.dumps(record, indent=1) + "\n", force=args.force, own=_is_eval_json, inputs=inputs
-        )
-        print(f"wrote {args.json}")
-    return 0
-
-
 # ------------------------------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = commandline.Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="{inspect,analyze,merge,eval,study}")
     ck = "checkpoint files or folders, oldest first (a folder of step_XXXX/ checkpoints is expanded)"
 
@@ -420,10 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--method",
         required=True,
-        choices=["sma", "ema", "wma", "extra", "trend", "pc1", "custom"],
-        help="sma: mean of the last K; ema: exponential (decay B); wma: linear ramp; extra: "
-        "Extra-Merge M_N + α(M_N − M_{N−d}); trend: least-squares line; pc1: SMA moved onto "
-        "the PC1 trend; custom: --weights",
+        choices=list(methods.REGISTRY),
+        help=methods.cli_help(),
     )
     m.add_argument(
         "--window", type=int, metavar="K", help="checkpoints per window (default: all N; extra: N//2)"
@@ -491,53 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_merge)
 
     e = sub.add_parser("eval", help="held-out loss, bits/byte and cloze accuracy of causal LM folders")
-    e.add_argument(
-        "models",
-        nargs="+",
-        metavar="MODEL",
-        help="Hugging Face model folders, or run folders of step_XXXX/ model folders (each is evaluated)",
-    )
-    e.add_argument(
-        "--data", required=True, metavar="FILE", help="held-out text: .jsonl ({'text': ...} per line), .txt"
-    )
-    e.add_argument(
-        "--cloze",
-        type=_cloze_source,
-        default=200,
-        metavar="N|FILE.jsonl",
-        help="cloze items: build N from --data (default 200; 0 = no cloze) or load a saved item set",
-    )
-    e.add_argument("--candidates", type=_positive, default=8, help="candidates per built item (default 8)")
-    e.add_argument("--seed", type=int, default=0, help="seed of the built cloze items (default 0)")
-    e.add_argument("--save-cloze", metavar="FILE.jsonl", help="save the cloze items used, to reuse later")
-    e.add_argument("--seq-len", type=_positive, help="tokens per evaluation block (default: model maximum)")
-    e.add_argument("--batch-size", type=_positive, default=16, help="blocks per forward pass (default 16)")
-    e.add_argument("--cloze-batch-size", type=_positive, default=32, help="cloze sequences per pass (32)")
-    e.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    e.add_argument(
-        "--threads", type=_positive, help="torch CPU threads (default torch's; 1 is best on a busy machine)"
-    )
-    e.add_argument("--json", metavar="OUT.json", help="also write all results here (atomically)")
-    e.add_argument(
-        "--force",
-        action="store_true",
-        help="replace an existing --json / --save-cloze file that an earlier extramerge eval wrote",
-    )
-    e.add_argument(
-        "--lm-eval",
-        action="store_true",
-        help="also run lm-evaluation-harness on the same items and documents (pip install 'lm-eval[hf]')",
-    )
-    e.set_defaults(func=_eval)
-
-    from .study.cli import add_arguments, run_command
+    eval_cli.add_arguments(e)
+    e.set_defaults(func=eval_cli.run_command)
 
     st = sub.add_parser(
         "study",
         help="which merge to ship: recommendation chosen on held-out text, predicted vs measured gain",
     )
-    add_arguments(st)
-    st.set_defaults(func=run_command)
+    study_cli.add_arguments(st)
+    st.set_defaults(func=study_cli.run_command)
     return p
 
 
@@ -548,71 +330,11 @@ class _InputError(ValueError):
     """An input problem already reported in full on stdout; stderr gets its one line."""
 
 
-def _oneline(e: BaseException, limit: int = 2000) -> str:
-    """The message on one line, control characters escaped (a name read from a file cannot drive the
-    terminal), at most ``limit`` characters."""
-    if isinstance(e, OSError) and e.filename and e.strerror:
-        msg = f"{e.strerror}: {e.filename}"
-    else:
-        msg = str(e) or type(e).__name__
-    msg = "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(msg.split()))
-    return msg if len(msg) <= limit else msg[:limit] + "..."
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    errors: tuple[type[BaseException], ...] = (
-        ValueError,
-        FileNotFoundError,
-        PermissionError,
-        IsADirectoryError,
-        NotADirectoryError,
-        FileExistsError,
-    )
-    try:
-        from .checkpoints import CheckpointError
-
-        errors += (CheckpointError,)
-    except ImportError:  # pragma: no cover - checkpoints module missing in a broken install
-        pass
-    return errors
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(
-        f"{PROG}: warning: {_oneline(message if isinstance(message, Warning) else Warning(message))}",
-        file=sys.stderr,
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `extramerge` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.showwarning = _show_warning
-        from .outputs import Terminated, interruptible
+    """Entry point of the `extramerge` console script; returns the exit status (rivervalley.commandline)."""
+    from .io import CheckpointError
 
-        try:
-            with interruptible():  # SIGTERM/SIGHUP unwind like Ctrl-C: no staging folder is left behind
-                return int(args.func(args) or 0)
-        except Terminated as e:
-            print(f"{PROG}: terminated ({e})", file=sys.stderr)
-            return 128 + e.signum
-        except KeyboardInterrupt:
-            print(f"{PROG}: interrupted", file=sys.stderr)
-            return 130
-        except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as Unix tools do
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 141
-        except Exception as e:
-            if isinstance(e, _user_errors()):
-                print(f"{PROG}: error: {_oneline(e)}", file=sys.stderr)
-                return 2
-            if isinstance(e, OSError):
-                print(f"{PROG}: error: {_oneline(e)}", file=sys.stderr)
-                return 1
-            raise
+    return commandline.run(PROG, build_parser(), argv, errors=(CheckpointError,))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,10 +1,11 @@
-"""``rivervalley``: validate the theory against simulation, run the simulator, draw the figures, run the demo.
+"""``rivervalley``: validate the theory against simulation, run the simulator, draw the figures.
 
     rivervalley validate [--fast] [--json PATH] [--seeds N] [--seed S] [--only STUDY ...] [-o DIR]
                          [--noise-backend {torch,native}]
     rivervalley simulate [--curvatures 1,0.1 | --power-law 1,1 --m 20] [--optimizer sgd] [--lr 0.1] ... -o DIR
     rivervalley figures -o DIR [--only NAME ...] [--quick]
-    rivervalley demo [-o OUT]
+
+The demo is ``python -m experiments.demo`` (``make demo``).
 
 Bad parameters print one line on stderr and exit with status 2 (no traceback).
 """
@@ -17,20 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-from rivervalley.publish import Terminated, claim_file, claim_folder, interruptible, mark_folder, write_file
+from rivervalley import commandline
+from rivervalley.publish import claim_file, claim_folder, mark_folder, write_file
 
 __all__ = ["main", "build_parser"]
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line (``rivervalley: error: ...``) and exits 2."""
-
-    def error(self, message):  # noqa: D401 - argparse API
-        raise _UsageError(message)
-
-
-class _UsageError(Exception):
-    pass
 
 
 def _floats(text: str) -> list[float]:
@@ -224,11 +215,11 @@ def _cmd_simulate(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# figures, demo
+# figures
 
 
 def _cmd_figures(args) -> int:
-    from paper_figures import FIGURES, run_all
+    from rivervalley.figures import FIGURES, run_all
 
     unknown = sorted(set(args.only or []) - set(FIGURES))
     if unknown:
@@ -247,12 +238,6 @@ def _cmd_figures(args) -> int:
     return 0
 
 
-def _cmd_demo(args) -> int:
-    from experiments import demo
-
-    return demo.main(["-o", args.out] + (["--fast"] if args.fast else []))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # parser
 
@@ -261,11 +246,11 @@ FORCE_HELP = "replace this command's own earlier output (never files it did not 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = commandline.Parser(
         prog="rivervalley",
         description="River-valley theory of checkpoint averaging: validation, simulation and figures.",
     )
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True)
 
     v = sub.add_parser("validate", help="formula vs simulation table over a grid of scenarios (THEORY §a–§f)")
     v.add_argument("--fast", action="store_true", help="fewer seeds and shorter runs (a few seconds)")
@@ -320,37 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help=FORCE_HELP)
     s.set_defaults(func=_cmd_simulate)
 
-    f = sub.add_parser("figures", help="run every paper_figures script into one folder")
+    f = sub.add_parser("figures", help="draw every paper figure (rivervalley.figures) into one folder")
     f.add_argument("-o", "--out", default="out/figures", help="output folder (default out/figures)")
     f.add_argument("--only", nargs="+", metavar="NAME", help="only these figures")
     f.add_argument("--quick", action="store_true", help="fewer seeds (seconds per figure)")
     f.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     f.add_argument("--force", action="store_true", help=FORCE_HELP)
     f.set_defaults(func=_cmd_figures)
-
-    d = sub.add_parser("demo", help="the README's main command (= python -m experiments.demo)")
-    d.add_argument("-o", "--out", default="out/demo", help="output folder (default out/demo)")
-    d.add_argument("--fast", action="store_true", help="fast validation grid and quick figures")
-    d.set_defaults(func=_cmd_demo)
     return p
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        with interruptible():  # SIGTERM/SIGHUP unwind like Ctrl-C: no staging folder is left behind
-            return int(args.func(args) or 0)
-    except (_UsageError, ValueError) as e:
-        msg = " ".join(str(e).split())  # one line
-        print(f"rivervalley: error: {msg}", file=sys.stderr)
-        return 2
-    except Terminated as e:
-        print(f"rivervalley: terminated ({e})", file=sys.stderr)
-        return 128 + e.signum
-    except KeyboardInterrupt:  # pragma: no cover
-        print("rivervalley: interrupted", file=sys.stderr)
-        return 130
+    """Entry point of the `rivervalley` console script; returns the exit status (rivervalley.commandline)."""
+    return commandline.run("rivervalley", build_parser(), argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

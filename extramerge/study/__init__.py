@@ -23,7 +23,7 @@ __all__ = ["StudyConfig", "StudyError", "study", "CANDIDATE_ALPHAS", "check_outp
 def check_output(out: Path, inputs, force: bool) -> Path:
     """Refuse an output that is or holds an input, a special file, or an existing folder that is not an
     earlier study (its marker), and that one without ``force``."""
-    from .. import outputs
+    from ..io import outputs
 
     out = Path(out)
     for p in map(Path, inputs):
@@ -52,7 +52,7 @@ def study(cfg: StudyConfig) -> dict:
     from rivervalley.compute import flush_denormals
     from rivervalley.publish import staging_dir
 
-    from .. import outputs
+    from ..io import outputs
     from . import report as R
 
     out = check_output(

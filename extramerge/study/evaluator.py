@@ -58,7 +58,7 @@ class Evaluator:
     def __init__(self, ckpts, names, tokenizer_path, *, device="cpu", batch_size=16):
         import torch
 
-        from ..evaluate import load_model
+        from ..eval import load_model
 
         self.torch = torch
         self.device = device
@@ -88,7 +88,7 @@ class Evaluator:
         self._memo: dict = {}  # (weights bytes, half) -> DocLosses: a merge evaluated twice is read back
 
     def add_half(self, name: str, docs: list[str]) -> None:
-        from ..evaluate import document_index, max_positions, token_blocks
+        from ..eval import document_index, max_positions, token_blocks
 
         L = max_positions(self.model) or 1024
         self.halves[name] = (
@@ -131,7 +131,7 @@ class Evaluator:
     def _measure(self, w, half: str) -> DocLosses:
         import torch.nn.functional as F
 
-        from ..evaluate import PAD
+        from ..eval import PAD
 
         torch = self.torch
         self.load(w)
@@ -171,7 +171,7 @@ class Evaluator:
 def _load_tokenizer(path):
     from transformers import AutoTokenizer
 
-    from ..evaluate import tokenizer_files
+    from ..eval import tokenizer_files
 
     files = tokenizer_files(path)
     folder = files[0].parent if files else path

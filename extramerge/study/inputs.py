@@ -37,7 +37,7 @@ class StudyError(ValueError):
 def read_checkpoints(paths) -> tuple[list, dict]:
     """Open the checkpoints (folders, run folders, ``step_N``/``checkpoint-N`` parents; oldest first by
     the step in their names) and check they share one architecture. Returns (checkpoints, tensor infos)."""
-    from ..checkpoints import CheckpointError, check_compatible, load_checkpoints
+    from ..io import CheckpointError, check_compatible, load_checkpoints
 
     try:
         ckpts = load_checkpoints([str(p) for p in paths])
@@ -71,7 +71,7 @@ def read_checkpoints(paths) -> tuple[list, dict]:
 def tokenizer_of(ckpts, tokenizer: str | None) -> Path:
     """The folder of the tokenizer every checkpoint uses: ``tokenizer`` if given, else the checkpoints' own
     (they must all have the same one)."""
-    from ..evaluate import tokenizer_files, tokenizer_fingerprint
+    from ..eval import tokenizer_files, tokenizer_fingerprint
 
     if tokenizer is not None:
         p = Path(tokenizer)
@@ -94,7 +94,7 @@ def tokenizer_of(ckpts, tokenizer: str | None) -> Path:
 
 def load_documents(paths) -> list[str]:
     """Documents from .txt/.jsonl files or folders of .txt (``extramerge.evaluate.load_texts``)."""
-    from ..evaluate import load_texts
+    from ..eval import load_texts
 
     docs: list[str] = []
     for p in paths:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from rivervalley import style
+
 __all__ = ["markdown", "summary_lines", "alpha_figure"]
 
 
@@ -85,40 +87,41 @@ def alpha_figure(r: dict, path) -> str | None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 4.2), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    K = r["extra"]["window"]
-    sma = next((m for m in r["measured"] if m["name"] == f"SMA K={K}"), None)
-    for i, d in enumerate(r["extra"]["offsets"]):
-        rows = [m for m in r["measured"] if m.get("offset") == d and m["group"] == "extra"]
-        if sma is not None:
-            rows.append({**sma, "alpha": 0.0})
-        rows.sort(key=lambda m: m["alpha"])
-        a = [m["alpha"] for m in rows]
-        color = f"C{i}"
-        ax.errorbar(
-            a,
-            [m["delta"] for m in rows],
-            yerr=[1.645 * m["se"] for m in rows],
-            fmt="o",
-            color=color,
-            ms=4,
-            label=f"measured d={d}",
-        )
-        if rows[0]["predicted"] is not None:
-            ax.plot(a, [m["predicted"] for m in rows], "-", color=color, lw=1, label=f"predicted d={d}")
-            ax.fill_between(
+    with style.applied():  # the one plotting style of both packages
+        fig = Figure(figsize=(6.4, 4.2), dpi=style.DPI)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        K = r["extra"]["window"]
+        sma = next((m for m in r["measured"] if m["name"] == f"SMA K={K}"), None)
+        for i, d in enumerate(r["extra"]["offsets"]):
+            rows = [m for m in r["measured"] if m.get("offset") == d and m["group"] == "extra"]
+            if sma is not None:
+                rows.append({**sma, "alpha": 0.0})
+            rows.sort(key=lambda m: m["alpha"])
+            a = [m["alpha"] for m in rows]
+            color = f"C{i}"
+            ax.errorbar(
                 a,
-                [m["predicted_interval"][0] for m in rows],
-                [m["predicted_interval"][1] for m in rows],
+                [m["delta"] for m in rows],
+                yerr=[1.645 * m["se"] for m in rows],
+                fmt="o",
                 color=color,
-                alpha=0.12,
+                ms=4,
+                label=f"measured d={d}",
             )
-    ax.axhline(0, color="0.5", lw=0.8)
-    ax.set_xlabel("α")
-    ax.set_ylabel("ΔL vs newest checkpoint (nats/token)")
-    ax.set_title(f"Extra-Merge K={K}: measured and predicted")
-    ax.legend(fontsize=7)
-    fig.savefig(path)
+            if rows[0]["predicted"] is not None:
+                ax.plot(a, [m["predicted"] for m in rows], "-", color=color, lw=1, label=f"predicted d={d}")
+                ax.fill_between(
+                    a,
+                    [m["predicted_interval"][0] for m in rows],
+                    [m["predicted_interval"][1] for m in rows],
+                    color=color,
+                    alpha=0.12,
+                )
+        ax.axhline(0, color="0.5", lw=0.8)
+        ax.set_xlabel("α")
+        ax.set_ylabel("ΔL vs newest checkpoint (nats/token)")
+        ax.set_title(f"Extra-Merge K={K}: measured and predicted")
+        ax.legend(fontsize=7)
+        fig.savefig(path)
     return str(path)

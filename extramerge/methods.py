@@ -1,0 +1,242 @@
+"""The registry of merge methods: name, knobs, builder and whether it needs the Gram matrix.
+
+Every merge is an affine weight vector over the checkpoints (oldest first). A method is one
+:class:`Method` entry in :data:`REGISTRY`; the Python API's checks (``extramerge.api.plan``) and the CLI's
+``--method`` choices and help are derived from it, so adding a method is one entry here. Defaults, with N
+the number of checkpoints:
+
+    sma     window K = N                       uniform average of the last K
+    wma     window K = N                       weights ∝ 1..K, newest heaviest
+    ema     decay β = 1 − 2/(N+1)              same centre of mass as SMA over all N
+    extra   K = ⌊N/2⌋, d = N − K, α = α_match  needs K + d ≤ N; α may be a number, 'match' = (K−1)/(2d)
+                                               (zero lag on a straight river) or 'geometric' (noise-aware,
+                                               one extra Gram pass; see extramerge.select)
+    trend   window K = N, ahead = 0            least-squares line through the last K, evaluated ``ahead``
+                                               checkpoints past the newest
+    pc1     window K = N, ahead = 0            SMA of the last K moved onto the PC1 trend line ``ahead``
+                                               past the newest; needs the Gram matrix: one extra read pass,
+                                               or none when ``gram=`` gives an analysis' gram.npz
+    custom  weights (one per checkpoint)        a sum other than 1 is allowed with a warning (the merge is
+                                               then not translation-equivariant: it rescales the weights)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rivervalley import analysis as _analysis
+from rivervalley import weights as _weights
+
+from . import select
+from .trajectory import GramData, gram_pass, load_gram
+
+__all__ = ["Method", "REGISTRY", "NAMES", "KNOBS", "get", "reject_unused", "gram_for", "cli_help"]
+
+KNOBS = ("window", "offset", "alpha", "decay", "weights", "ahead", "gram")  # every knob any method takes
+
+
+@dataclass(frozen=True)
+class Method:
+    """One merge method.
+
+    ``build(n, knobs, ckpts, gram)`` returns (weights, params, notes) for ``n`` checkpoints; ``knobs`` maps
+    each of ``self.knobs`` to the user's value or None; ``gram`` is a zero-argument function returning the
+    trajectory's GramData (computed or read on first call), given only where ``needs_gram(knobs)``.
+    """
+
+    name: str
+    knobs: frozenset[str]
+    build: Callable[..., tuple[np.ndarray, dict, list]]
+    summary: str  # one line for the CLI's help
+    gram: Callable[[dict], bool] = lambda knobs: False  # does this choice of knobs need the Gram matrix?
+
+    def needs_gram(self, knobs: dict) -> bool:
+        return bool(self.gram(knobs))
+
+
+def _uneven_steps(ckpts) -> str | None:
+    steps = [getattr(c, "step", None) for c in ckpts]
+    if len(steps) >= 3 and None not in steps and len(set(np.diff(steps).tolist())) > 1:
+        return "checkpoint steps are unevenly spaced; positions are taken as checkpoint indices (1..N)"
+    return None
+
+
+def _window(n: int, knobs: dict) -> int:
+    return n if knobs.get("window") is None else knobs["window"]
+
+
+def _ahead(knobs: dict) -> float:
+    return 0.0 if knobs.get("ahead") is None else float(knobs["ahead"])
+
+
+def _sma(n, knobs, ckpts, gram):
+    K = _window(n, knobs)
+    return _weights.sma(n, K), {"window": int(K)}, []
+
+
+def _wma(n, knobs, ckpts, gram):
+    K = _window(n, knobs)
+    return _weights.wma(n, K), {"window": int(K)}, []
+
+
+def _ema(n, knobs, ckpts, gram):
+    beta = 1.0 - 2.0 / (n + 1) if knobs.get("decay") is None else knobs["decay"]
+    return _weights.ema(n, beta), {"decay": float(beta)}, []
+
+
+def _extra_windows(n: int, window, offset) -> tuple[int, int]:
+    if window is None and offset is None:
+        window = max(1, n // 2)
+        offset = n - window
+    elif window is None:
+        window = n - int(offset)
+    elif offset is None:
+        offset = n - int(window)
+    window, offset = int(window), int(offset)
+    if window < 1 or offset < 0:
+        raise ValueError(
+            f"method 'extra' needs window >= 1 and offset >= 0, got window={window}, offset={offset}"
+        )
+    if window + offset > n:
+        raise ValueError(
+            f"method 'extra' with window K={window} and offset d={offset} needs K + d = {window + offset} "
+            f"checkpoints, got {n}"
+        )
+    return window, offset
+
+
+def _alpha_rule(alpha):
+    """'match' (the default), 'geometric', or a number."""
+    rule = "match" if alpha is None else alpha
+    if isinstance(rule, str):
+        rule = rule.strip().lower()
+        if rule not in ("match", "geometric"):
+            try:
+                rule = float(rule)
+            except ValueError:
+                raise ValueError(f"alpha must be a number, 'match' or 'geometric', got {alpha!r}") from None
+    return rule
+
+
+def _extra(n, knobs, ckpts, gram):
+    window, offset = _extra_windows(n, knobs.get("window"), knobs.get("offset"))
+    alpha = knobs.get("alpha")
+    params = {"window": window, "offset": offset}
+    if offset == 0 and (alpha is None or isinstance(alpha, str)):
+        raise ValueError("method 'extra' with offset d=0 cannot extrapolate: give --offset >= 1")
+    estimates = {"alpha_match": select.alpha_match(window, offset)} if offset else {}
+    rule = _alpha_rule(alpha)
+    notes = []
+    if rule == "geometric":
+        data, how = gram()
+        river = select.estimate_river(data.gram)
+        estimates["alpha_geometric"] = select.alpha_geometric(river, window, offset)
+        params["river"] = river.to_dict()
+        notes.append(f"Gram matrix {how}")
+    if isinstance(rule, str):
+        params["alpha_rule"] = rule
+        alpha = estimates[f"alpha_{rule}"]
+    else:
+        params["alpha_rule"] = "given"
+        alpha = float(rule)
+    params["alpha"] = alpha
+    params["alpha_estimates"] = estimates
+    return _weights.extra(n, window, offset, alpha), params, notes
+
+
+def _trend(n, knobs, ckpts, gram):
+    K, h = _window(n, knobs), _ahead(knobs)
+    return _weights.trend(n, K, ahead=h), {"window": int(K), "ahead": float(h)}, [_uneven_steps(ckpts)]
+
+
+def _pc1(n, knobs, ckpts, gram):
+    K, h = _window(n, knobs), _ahead(knobs)
+    _weights.sma(n, K)  # validate the window before a long pass
+    data, how = gram()
+    w = _analysis.pc1_trend_weights(data.gram, K, ahead=h)
+    params = {"window": int(K), "ahead": float(h), "fve1": float(_analysis.fve1(data.gram))}
+    return w, params, [f"Gram matrix {how}", _uneven_steps(ckpts)]
+
+
+def _custom(n, knobs, ckpts, gram):
+    if knobs.get("weights") is None:
+        raise ValueError("method 'custom' needs weights (--weights w1,w2,...), one per checkpoint")
+    w, affine = _weights.custom(knobs["weights"])
+    if w.size != n:
+        raise ValueError(f"got {w.size} weights for {n} checkpoints: give exactly one weight per checkpoint")
+    notes = []
+    if not affine:
+        msg = f"custom weights sum to {w.sum():.6g}, not 1: the merge rescales the parameters"
+        warnings.warn(msg, UserWarning, stacklevel=3)  # at plan()'s caller
+        notes.append(msg)
+    return w, {}, notes
+
+
+REGISTRY: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("sma", frozenset({"window"}), _sma, "mean of the last K"),
+        Method("ema", frozenset({"decay"}), _ema, "exponential (decay B)"),
+        Method("wma", frozenset({"window"}), _wma, "linear ramp"),
+        Method(
+            "extra",
+            frozenset({"window", "offset", "alpha", "gram"}),
+            _extra,
+            "Extra-Merge M_N + α(M_N − M_{N−d})",
+            gram=lambda knobs: _alpha_rule(knobs.get("alpha")) == "geometric",
+        ),
+        Method("trend", frozenset({"window", "ahead"}), _trend, "least-squares line"),
+        Method(
+            "pc1",
+            frozenset({"window", "ahead", "gram"}),
+            _pc1,
+            "SMA moved onto the PC1 trend",
+            gram=lambda knobs: True,
+        ),
+        Method("custom", frozenset({"weights"}), _custom, "--weights"),
+    )
+}
+NAMES = tuple(REGISTRY)
+
+
+def get(name: str) -> Method:
+    """The method called ``name`` (case-insensitive); ValueError listing the choices otherwise."""
+    method = REGISTRY.get(str(name).lower())
+    if method is None:
+        raise ValueError(f"unknown method {name!r}: choose one of {', '.join(NAMES)}")
+    return method
+
+
+def reject_unused(method: Method, given: dict) -> None:
+    """ValueError for a knob given (not None) that ``method`` does not take, naming its flag."""
+    for knob, value in given.items():
+        if value is not None and knob not in method.knobs:
+            flag = "--" + knob.replace("_", "-")
+            allowed = sorted(m.name for m in REGISTRY.values() if knob in m.knobs)
+            raise ValueError(
+                f"{flag} ({knob}) does not apply to method '{method.name}' (only to {', '.join(allowed)})"
+            )
+
+
+def gram_for(ckpts, gram, progress: bool) -> tuple[GramData, str]:
+    """Gram matrices: from ``gram`` (a GramData or a gram.npz path) if given, else one streaming pass."""
+    if gram is None:
+        return gram_pass(ckpts, progress=progress), "computed by an extra read pass"
+    data = gram if isinstance(gram, GramData) else load_gram(gram)
+    mine = [str(Path(c.path).resolve()) for c in ckpts]
+    theirs = [str(Path(p).resolve()) for p in data.paths]
+    if data.n != len(ckpts) or (theirs and theirs != mine):
+        raise ValueError(
+            f"the Gram matrix {gram} was computed for other checkpoints than the {len(ckpts)} given"
+        )
+    return data, f"read from {gram}" if not isinstance(gram, GramData) else "given"
+
+
+def cli_help() -> str:
+    """The ``--method`` help line: every method and what it does."""
+    return "; ".join(f"{m.name}: {m.summary}" for m in REGISTRY.values())
