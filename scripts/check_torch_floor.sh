@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Run the test suite against the lowest torch that pyproject.toml claims (torch>=2.9: torch.optim.Muon).
+#   bash scripts/check_torch_floor.sh [TORCH_VERSION] [pytest args...]
+# CI tests the pinned torch of constraints.txt; this checks the floor of the range, in its own venv (PyPI's
+# build for that version: about 3 GB with its CUDA libraries, run on the CPU). It never touches the
+# project's own environment.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH="${1:-2.9.1}"
+shift || true
+VENV="${VENV:-/tmp/venv-torch-$TORCH}"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH"
+# the project with its test extra; torch==$TORCH is kept (it satisfies the range)
+"$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH" -e ".[test]"
+"$VENV/bin/python" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
+HF_HUB_OFFLINE=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"

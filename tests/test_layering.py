@@ -1,0 +1,354 @@
+"""The shape of the library, checked from its source: imports run one way, private names stay home, no
+import cycles (not even hidden behind function-local imports), modules stay readable, and the wheel holds
+only ``rivervalley`` and ``extramerge``.
+
+Everything is read with ``ast`` (nothing is imported), so a violation anywhere in a function body counts.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARY = ("rivervalley", "extramerge")
+SCRIPTS = ("experiments", "paper_figures", "benchmarks", "scripts", "tests")
+STDLIB_PRIVATE = {"os._exit"}  # private-looking names the standard library documents
+MAX_LINES = 550  # "about 500 lines at most": a module a person can read in one sitting
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _library_files() -> dict[str, Path]:
+    files = {}
+    for pkg in LIBRARY:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            files[_module_name(path)] = path
+    return files
+
+
+FILES = _library_files()
+
+
+def _is_package(name: str) -> bool:
+    return name in FILES and FILES[name].name == "__init__.py"
+
+
+def _private(part: str) -> bool:
+    return part.startswith("_") and not (part.startswith("__") and part.endswith("__"))
+
+
+def _type_checking_nodes(tree: ast.AST) -> set[int]:
+    """ids of nodes under ``if TYPE_CHECKING:`` (imports for annotations only)."""
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for sub in node.body:
+                skip.update(id(n) for n in ast.walk(sub))
+    return skip
+
+
+def _imports(name: str, path: Path):
+    """(line, target module, imported name or None, bound alias) for every import in the file."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    skip = _type_checking_nodes(tree)
+    package = name if _is_package(name) else name.rpartition(".")[0]
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                out.append((node.lineno, a.name, None, a.asname or a.name.split(".")[0]))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            for a in node.names:
+                out.append((node.lineno, module, a.name, a.asname or a.name))
+    return tree, out
+
+
+def _target(module: str, attr: str | None) -> tuple[str, str | None]:
+    """The library module an import loads, and the attribute taken from it (None when it is a module)."""
+    if attr is not None and f"{module}.{attr}" in FILES:
+        return f"{module}.{attr}", None
+    return module, attr
+
+
+def _allowed_private_module(importer: str, target: str) -> bool:
+    """A private module (``pkg._x``) may be imported only from inside ``pkg``."""
+    parts = target.split(".")
+    for i, part in enumerate(parts):
+        if _private(part):
+            owner = ".".join(parts[:i])
+            if not (importer == owner or importer.startswith(owner + ".")):
+                return False
+    return True
+
+
+def _violations():
+    upward, private, edges = [], [], {}
+    for name, path in FILES.items():
+        tree, imports = _imports(name, path)
+        top = name.split(".")[0]
+        module_aliases = {}
+        for line, module, attr, alias in imports:
+            where = f"{path.relative_to(ROOT)}:{line}"
+            root = module.split(".")[0]
+            if root in SCRIPTS or (top == "rivervalley" and root == "extramerge"):
+                upward.append(
+                    f"{where}: {name} imports {module} (imports run library -> scripts, never back)"
+                )
+                continue
+            if root not in LIBRARY:
+                continue
+            target, taken = _target(module, attr)
+            if not _allowed_private_module(name, target):
+                private.append(f"{where}: {name} imports the private module {target}")
+            if taken is not None and taken != "*" and _private(taken):
+                private.append(f"{where}: {name} takes the private name {taken} from {target}")
+            if taken is None:
+                module_aliases[alias] = target
+            if target != name and target in FILES:
+                edges.setdefault(name, set()).add(target)
+        for node in ast.walk(tree):  # mod._name through a module alias
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in module_aliases
+                and _private(node.attr)
+                and f"{module_aliases[node.value.id]}.{node.attr}" not in FILES
+            ):
+                private.append(
+                    f"{path.relative_to(ROOT)}:{node.lineno}: {name} uses the private name "
+                    f"{module_aliases[node.value.id]}.{node.attr}"
+                )
+        defined = _defined(tree)
+        for node in ast.walk(tree):  # obj._name where no _name is defined in this module: another's
+            if (
+                isinstance(node, ast.Attribute)
+                and _private(node.attr)
+                and node.attr not in defined
+                and not (isinstance(node.value, ast.Name) and node.value.id in module_aliases)
+                and ast.unparse(node) not in STDLIB_PRIVATE
+            ):
+                private.append(
+                    f"{path.relative_to(ROOT)}:{node.lineno}: {name} uses {ast.unparse(node)}, "
+                    "a private name defined in another module"
+                )
+    return upward, private, edges
+
+
+def _defined(tree: ast.AST) -> set[str]:
+    """Names a module defines: functions, classes, assigned names and attributes it stores."""
+    out = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            out.add(n.name)
+        elif isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store):
+            out.add(n.attr)
+        elif isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
+            out.add(n.id)
+        elif isinstance(n, ast.arg):
+            out.add(n.arg)
+    return out
+
+
+UPWARD, PRIVATE, EDGES = _violations()
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_walk_sees_the_library():
+    # guards the checks below against passing vacuously (a path or parsing change that finds nothing)
+    assert len(FILES) > 40 and sum(len(v) for v in EDGES.values()) > 80
+    assert "extramerge.engine" in EDGES and "rivervalley.weights" in FILES
+
+
+def test_imports_run_one_way():
+    assert not UPWARD, "\n".join(UPWARD)
+
+
+def test_no_private_name_crosses_a_module():
+    assert not PRIVATE, "\n".join(PRIVATE)
+
+
+def test_no_import_cycles_even_inside_functions():
+    cycles = _cycles(EDGES)
+    assert not cycles, "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_weights_is_the_leaf():
+    # the weight vectors both halves share import only leaves (modules that import nothing of the library)
+    deps = EDGES.get("rivervalley.weights", set())
+    assert deps <= {"rivervalley.checks"}, deps
+    assert all(not EDGES.get(d) for d in deps), {d: EDGES.get(d) for d in deps}
+
+
+def test_modules_stay_readable():
+    long = {n: len(p.read_text().splitlines()) for n, p in FILES.items()}
+    long = {n: k for n, k in long.items() if k > MAX_LINES}
+    assert not long, long
+
+
+def test_the_checker_catches_what_it_should(tmp_path, monkeypatch):
+    # the detectors on a tiny fake library: each kind of violation is found
+    (tmp_path / "rivervalley").mkdir()
+    (tmp_path / "extramerge").mkdir()
+    (tmp_path / "rivervalley" / "__init__.py").write_text("")
+    (tmp_path / "rivervalley" / "_hidden.py").write_text("x = 1\n")
+    (tmp_path / "rivervalley" / "a.py").write_text("def f():\n    from extramerge import b\n    return b\n")
+    (tmp_path / "extramerge" / "__init__.py").write_text("")
+    (tmp_path / "extramerge" / "b.py").write_text(
+        "from rivervalley import _hidden\nfrom . import c\nfrom .c import _helper\nimport experiments.demo\n"
+    )
+    (tmp_path / "extramerge" / "c.py").write_text(
+        "def _helper(obj):\n    from . import b\n    return b._x, obj._method()\n"
+    )
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "FILES", _library_files())
+    upward, private, edges = _violations()
+    assert any("rivervalley.a imports extramerge" in u for u in upward)
+    assert any("experiments.demo" in u for u in upward)
+    assert any("private module rivervalley._hidden" in p for p in private)
+    assert any("private name _helper" in p for p in private)
+    assert any("private name extramerge.b._x" in p for p in private)
+    assert any("obj._method" in p for p in private)
+    assert _cycles(edges) == [["extramerge.b", "extramerge.c"]]
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_only_the_two_packages(tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            tmp_path,
+            ROOT,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("*.whl")
+    tops = {
+        n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist() if not n.split("/")[0].endswith("-info")
+    }
+    assert tops == {"rivervalley", "extramerge"}, tops
+
+
+# What each split module exported before the layout of issue 11 (its __all__ then): still importable there.
+OLD_API = {
+    "extramerge.checkpoints": (
+        "Checkpoint CheckpointError FORMATS TensorInfo WriteResult check_compatible "
+        "check_merge_output check_output default_format load_checkpoints numpy_dtype "
+        "open_checkpoint output_layout parse_step publish safetensors_order staging_dir to_numpy "
+        "to_torch write_checkpoint"
+    ),
+    "extramerge.engine": (
+        "DEFAULT_CHUNK_BYTES MERGE_CHUNK_BYTES MergeSummary iter_aligned iter_chunks iter_reads "
+        "merge_weights output_dtype weighted_sum"
+    ),
+    "extramerge.trajectory": (
+        "DEFAULT_WINDOWS GramData analyze gram_pass load_gram project_scores summarize"
+    ),
+    "extramerge.evaluate": (
+        "ClozeItem ClozeResult LossResult PAD TokenBlocks build_cloze check_model_folder "
+        "cloze_accuracy evaluate_loss evaluate_model load_cloze load_model load_texts max_positions "
+        "save_cloze token_blocks tokenizer_fingerprint document_index"
+    ),
+    "extramerge.lmeval": ("require_lm_eval run_lm_eval write_task"),
+    "extramerge.outputs": (
+        "MARKER Terminated check_file check_output clean_stale discard interruptible locked mark "
+        "marked overlap publish refuse_special staging_dir write_file"
+    ),
+    "extramerge.safety": (
+        "distinct folder_files inside jsonl load_json member open_regular parse_json read_text regular shown"
+    ),
+    "extramerge.st_header": ("Entry Header parse_header"),
+    "extramerge.api": ("merge analyze plan execute Plan METHODS parse_size open_all"),
+    "extramerge.cli": ("main build_parser"),
+    "extramerge": ("merge analyze"),
+    "rivervalley.theory": (
+        "average_gain curved_expected_loss curved_optimal_alpha curved_weights_delta_loss "
+        "decay_average_advance decay_gain ema_gain ema_lag ema_response extrapolation_delta_loss "
+        "optimal_alpha optimal_weights rank1_fraction sma_cross sma_gain sma_lag sma_response "
+        "stationary_variance valley_factor weights_delta_loss"
+    ),
+    "rivervalley.landscapes": (
+        "HyperbolaRiver Landscape MatrixLeastSquares QuadraticRiverValley SineRiver flat_then_steep"
+    ),
+    "rivervalley.simulate": ("SimResult checkpoint_steps exact_transition simulate"),
+    "rivervalley.validate": ("Report Row Study Z_MAX format_table plan run"),
+    "rivervalley.cli": ("main build_parser"),
+    "experiments.lm.train": (
+        "Batches Interrupted TrainConfig build_optimizers build_schedule checkpoint_steps main "
+        "param_groups resolve train"
+    ),
+    "experiments.lm.data": (
+        "CORPORA DEFAULT_FRACTIONS Document SPLITS assign_splits gcide_path load_corpus load_meta "
+        "load_split prepare split_pieces"
+    ),
+    "experiments.lm.models": (
+        "ARCHS PRESETS Preset build_config build_model count_params preset_param_count resolve_size"
+    ),
+    "rivervalley.figures": ("FIGURES run_all"),  # was paper_figures (scripts, no longer installed)
+}
+
+
+@pytest.mark.parametrize("module", sorted(OLD_API))
+def test_old_import_paths_keep_working(module):
+    import importlib
+
+    mod = importlib.import_module(module)
+    missing = [n for n in OLD_API[module].split() if not hasattr(mod, n)]
+    assert not missing, f"{module} lost {missing}"
