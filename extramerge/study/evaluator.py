@@ -2,7 +2,7 @@
 
 The checkpoints' floating-point tensors are held stacked [N, ...] in float32 (refused up front when they
 cannot fit in memory); a merge wᵀθ is built tensor by tensor in float64 (long extrapolations cancel a lot)
-and loaded into one model. Losses follow ``extramerge.evaluate``'s convention (one packed stream per half,
+and loaded into one model. Losses follow ``extramerge.eval.loss``'s convention (one packed stream per half,
 every token predicted once); the NLL is also summed per document, for standard errors clustered by document.
 """
 

@@ -93,7 +93,7 @@ def tokenizer_of(ckpts, tokenizer: str | None) -> Path:
 
 
 def load_documents(paths) -> list[str]:
-    """Documents from .txt/.jsonl files or folders of .txt (``extramerge.evaluate.load_texts``)."""
+    """Documents from .txt/.jsonl files or folders of .txt (``extramerge.eval.load_texts``)."""
     from ..eval import load_texts
 
     docs: list[str] = []
