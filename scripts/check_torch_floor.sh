@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run the test suite against the lowest torch that pyproject.toml claims (torch>=2.9: torch.optim.Muon).
-#   bash scripts/check_torch_floor.sh [TORCH_VERSION] [pytest args...]
+# Run the test suite against the lowest torch (and, with TRANSFORMERS=..., transformers) that
+# pyproject.toml claims: torch>=2.9 (torch.optim.Muon), transformers>=4.56 (the `dtype=` keyword).
+#   [TRANSFORMERS=4.56.2] bash scripts/check_torch_floor.sh [TORCH_VERSION] [pytest args...]
 # CI tests the pinned torch of constraints.txt; this checks the floor of the range, in its own venv (PyPI's
 # build for that version: about 3 GB with its CUDA libraries, run on the CPU). It never touches the
 # project's own environment.
@@ -13,5 +14,8 @@ VENV="${VENV:-/tmp/venv-torch-$TORCH}"
 "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH"
 # the project with its test extra; torch==$TORCH is kept (it satisfies the range)
 "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH" -e ".[test]"
+if [ -n "${TRANSFORMERS:-}" ]; then
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH" "transformers==$TRANSFORMERS"
+fi
 "$VENV/bin/python" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
 HF_HUB_OFFLINE=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
