@@ -3,6 +3,16 @@
 Python API (the CLI `extramerge` is a thin layer over these):
     extramerge.merge(checkpoints, method="sma", window=4, ..., output="out/")   -> summary
     extramerge.analyze(checkpoints, windows=(1, 2, 4, 8), output="report/")    -> report dict
+
+Where each concern lives (imports run one way: extramerge uses rivervalley, never the reverse):
+    methods        the registry of merge methods (name, knobs, builder, needs-Gram)
+    io/            readers per format, discovery, raw I/O, the writer, input and output policy
+    engine/        the streaming weighted sum; trajectory/: the one-pass Gram matrix and `analyze`
+    select         choosing α; api: merge/plan/execute; plots: the analysis figures
+    eval/          held-out loss, cloze, the lm-evaluation-harness bridge, `extramerge eval`
+    study/         predicted versus measured gain and the recommendation, `extramerge study`
+    lm/            the LM trainer (extra [lm]); cli: `extramerge`
+Old paths (extramerge.checkpoints, .safety, .st_header, .outputs, .evaluate, .lmeval) re-export.
 """
 
 from __future__ import annotations
