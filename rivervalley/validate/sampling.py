@@ -28,6 +28,7 @@ __all__ = [
     "ema_burn",
     "landscape_loss",
     "per_seed",
+    "stationary_per_seed",
     "stack_stats",
     "delta_loss_samples",
     "fve_samples",
@@ -95,6 +96,25 @@ def per_seed(stats: Callable, seeds: int, seed: int, per_seed_elements: int, lan
     return np.concatenate(out, axis=0)
 
 
+def stationary_per_seed(stats: Callable, seeds: int, seed: int, land, *, lr, interval, n_ckpts, burn):
+    """:func:`per_seed` on the stationary protocol: zero start, unit valley noise, no river noise,
+    ``n_ckpts`` checkpoints every ``interval`` steps after ``burn`` intervals of burn-in."""
+    return per_seed(
+        stats,
+        seeds,
+        seed,
+        n_ckpts * land.dim,
+        land,
+        lr=lr,
+        noise=1.0,
+        river_noise=0.0,
+        ckpt_every=interval,
+        n_ckpts=n_ckpts,
+        ckpt_from=burn * interval,
+        init="zero",
+    )
+
+
 def stack_stats(fns, x) -> np.ndarray:
     return np.stack([fn(x) for fn in fns], axis=1)
 
@@ -126,20 +146,7 @@ def delta_loss_samples(
             axis=1,
         )
 
-    return per_seed(
-        stats,
-        seeds,
-        seed,
-        n_ckpts * land.dim,
-        land,
-        lr=lr,
-        noise=1.0,
-        river_noise=0.0,
-        ckpt_every=interval,
-        n_ckpts=n_ckpts,
-        ckpt_from=burn * interval,
-        init="zero",
-    )
+    return stationary_per_seed(stats, seeds, seed, land, lr=lr, interval=interval, n_ckpts=n_ckpts, burn=burn)
 
 
 def fve_samples(*, slope, lr, interval, curvatures, n, windows, seeds, n_ckpts, seed=0) -> dict:
@@ -170,20 +177,7 @@ def fve_samples(*, slope, lr, interval, curvatures, n, windows, seeds, n_ckpts, 
             ]
         return np.stack(cols, axis=1)
 
-    vals = per_seed(
-        stats,
-        seeds,
-        seed,
-        n_ckpts * land.dim,
-        land,
-        lr=lr,
-        noise=1.0,
-        river_noise=0.0,
-        ckpt_every=interval,
-        n_ckpts=n_ckpts,
-        ckpt_from=burn * interval,
-        init="zero",
-    )
+    vals = stationary_per_seed(stats, seeds, seed, land, lr=lr, interval=interval, n_ckpts=n_ckpts, burn=burn)
     return {
         K: {"fve": vals[:, 3 * i], "total": vals[:, 3 * i + 1], "aligned": vals[:, 3 * i + 2]}
         for i, K in enumerate(windows)

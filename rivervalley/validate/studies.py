@@ -21,6 +21,7 @@ from rivervalley.validate.sampling import (
     landscape_loss,
     per_seed,
     stack_stats,
+    stationary_per_seed,
     window_means,
 )
 
@@ -99,19 +100,15 @@ def ar1_study(
     land = QuadraticRiverValley(slope=0.0, curvatures=list(lam))
 
     def measure(seeds, seed):
-        return per_seed(
+        return stationary_per_seed(
             lambda r: stack_stats(fns, r.v().numpy()),
             seeds,
             seed,
-            n_ckpts * land.dim,
             land,
             lr=lr,
-            noise=1.0,
-            river_noise=0.0,
-            ckpt_every=interval,
+            interval=interval,
             n_ckpts=n_ckpts,
-            ckpt_from=burn * interval,
-            init="zero",
+            burn=burn,
         )
 
     return Study(name, "step", rows, measure, seeds)
