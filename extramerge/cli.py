@@ -23,6 +23,7 @@ from rivervalley import commandline
 from . import methods
 from .argtypes import floats, ints
 from .eval import cli as eval_cli
+from .io import CheckpointError
 from .study import cli as study_cli
 
 __all__ = ["main", "build_parser"]
@@ -332,8 +333,6 @@ class _InputError(ValueError):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `extramerge` console script; returns the exit status (rivervalley.commandline)."""
-    from .io import CheckpointError
-
     return commandline.run(PROG, build_parser(), argv, errors=(CheckpointError,))
 
 

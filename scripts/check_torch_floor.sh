@@ -11,11 +11,9 @@ TORCH="${1:-2.9.1}"
 shift || true
 VENV="${VENV:-/tmp/venv-torch-$TORCH}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH"
-# the project with its test extra; torch==$TORCH is kept (it satisfies the range)
-"$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH" -e ".[test]"
-if [ -n "${TRANSFORMERS:-}" ]; then
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH" "transformers==$TRANSFORMERS"
-fi
+# the project with its test extra, torch (and transformers) held at the versions asked for
+pins=("torch==$TORCH")
+[ -n "${TRANSFORMERS:-}" ] && pins+=("transformers==$TRANSFORMERS")
+"$VENV/bin/pip" install --quiet --disable-pip-version-check "${pins[@]}" -e ".[test]"
 "$VENV/bin/python" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
 HF_HUB_OFFLINE=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
