@@ -9,7 +9,6 @@ A knob that does not apply to the chosen method is an error, not silently ignore
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import numpy as np
 from rivervalley import weights as _weights
 
 from . import methods
+from .io import open_all
 from .trajectory import analyze
 
 __all__ = ["merge", "analyze", "plan", "execute", "Plan", "METHODS", "parse_size", "open_all"]
@@ -94,21 +94,6 @@ def plan(
         gram_data = lambda: _undeclared_gram(entry.name)
     w, params, notes = entry.build(n, knobs, ckpts, gram_data)
     return Plan(entry.name, np.asarray(w, dtype=float), params, [x for x in notes if x])
-
-
-def open_all(checkpoints):
-    """Open paths (files, checkpoint folders, or a folder of step_* checkpoints), oldest first.
-
-    Returns (checkpoints, opened_here): already opened Checkpoint objects are passed through.
-    """
-    from .io import Checkpoint, load_checkpoints
-
-    if isinstance(checkpoints, str | os.PathLike):
-        checkpoints = [checkpoints]
-    checkpoints = list(checkpoints)
-    if checkpoints and all(isinstance(c, Checkpoint) for c in checkpoints):
-        return checkpoints, False
-    return load_checkpoints([str(p) for p in checkpoints]), True
 
 
 def execute(

@@ -27,7 +27,7 @@ staging and publishing), ``writer`` (write_checkpoint).
 from __future__ import annotations
 
 from .checkpoint import Checkpoint, check_compatible
-from .discovery import load_checkpoints, open_checkpoint
+from .discovery import load_checkpoints, open_all, open_checkpoint
 from .dtypes import TensorInfo, numpy_dtype, to_numpy, to_torch
 from .errors import CheckpointError
 from .layout import FORMATS, TORCH_SUFFIXES, WEIGHT_SUFFIXES, parse_step
@@ -45,6 +45,7 @@ __all__ = [
     "parse_step",
     "open_checkpoint",
     "load_checkpoints",
+    "open_all",
     "check_compatible",
     "check_output",
     "check_merge_output",

@@ -16,7 +16,7 @@ from .layout import WEIGHT_SUFFIXES, parse_step, record_path
 from .safetensors import SafetensorsFile
 from .torchfile import TorchFile
 
-__all__ = ["open_checkpoint", "load_checkpoints", "side_files"]
+__all__ = ["open_checkpoint", "load_checkpoints", "open_all", "side_files"]
 
 # Files in a checkpoint folder or run folder that hold training state, not weights.
 _STATE_STEMS = ("optim", "optimizer", "scheduler", "rng_state", "scaler", "training_args", "meta")
@@ -255,3 +255,17 @@ def load_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Checkpoint]:
             c.close()
         raise
     return out
+
+
+def open_all(checkpoints) -> tuple[list[Checkpoint], bool]:
+    """Paths (files, checkpoint folders, folders of step_* checkpoints; see ``load_checkpoints``) opened
+    oldest first, or already opened Checkpoint objects passed through.
+
+    Returns (checkpoints, opened_here): the caller closes them when ``opened_here``.
+    """
+    if isinstance(checkpoints, str | os.PathLike):
+        checkpoints = [checkpoints]
+    checkpoints = list(checkpoints)
+    if checkpoints and all(isinstance(c, Checkpoint) for c in checkpoints):
+        return checkpoints, False
+    return load_checkpoints([str(p) for p in checkpoints]), True

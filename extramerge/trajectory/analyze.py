@@ -14,10 +14,9 @@ import numpy as np
 from extramerge import plots
 from extramerge.engine.parallel import can_fork, run_forked
 from extramerge.io import (
-    Checkpoint,
     CheckpointError,
     check_output,
-    load_checkpoints,
+    open_all,
     publish,
     staging_dir,
 )
@@ -114,10 +113,7 @@ def analyze(
     output folder is replaced only if an earlier analysis wrote it (its marker file); ``force`` is kept for
     compatibility and never replaces any other non-empty folder.
     """
-    opened = isinstance(checkpoints, Sequence) and all(isinstance(c, Checkpoint) for c in checkpoints)
-    if isinstance(checkpoints, str | os.PathLike):
-        checkpoints = [checkpoints]
-    ckpts = list(checkpoints) if opened else load_checkpoints([str(p) for p in checkpoints])
+    ckpts, opened_here = open_all(checkpoints)
     inputs = ckpts
     if output is not None:
         _check_output_dir(Path(output), inputs, force)  # fail before the long pass, not after
@@ -125,7 +121,7 @@ def analyze(
         background = plots.warm_up if output is not None else None
         data = gram_pass(ckpts, reference=reference, progress=progress, background=background)
     finally:
-        if not opened:
+        if opened_here:
             for c in ckpts:
                 c.close()
     report = summarize(data, windows)
