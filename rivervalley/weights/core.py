@@ -1,15 +1,9 @@
-"""Every merge is an affine weight vector over checkpoints (THEORY.md §d').
+"""The classic weight vectors (SMA, EMA, WMA, Extra-Merge, trend, the theory-optimal filter), ``custom``,
+``apply`` and ``lag`` (THEORY.md §d'). Re-exported by :mod:`rivervalley.weights`, whose docstring states the
+conventions every builder follows.
 
-A trajectory of N checkpoints θ_1..θ_N (oldest first, newest last) is merged as Σ_j w_j θ_j with
-Σ_j w_j = 1. SMA (LAWA/PMA), EMA, WMA, Extra-Merge, least-squares trend extrapolation and the
-theory-optimal filter are all such vectors, so one function (``apply``) merges simulated trajectories and
-one streaming engine (``extramerge``) merges real checkpoints with the very same numbers.
-
-Every builder returns a float64 numpy array of length ``n`` whose last entry weighs the newest checkpoint.
-
-This module is the leaf of the package (it imports nothing from it). Its last section holds the argument
-checks of the river-valley model parameters that :func:`optimal` needs; :mod:`rivervalley.theory` uses the
-same checks (ValueErrors naming the parameter and its allowed range).
+The last section holds the argument checks of the river-valley model parameters that :func:`optimal`
+needs; :mod:`rivervalley.theory` uses the same checks (ValueErrors naming the parameter and its range).
 """
 
 from __future__ import annotations
