@@ -1,12 +1,16 @@
-"""``Checkpoint``: one opened checkpoint (a file or folder of one or more weight files), tensor metadata
-known up front and tensor data read on demand (pread, or zero-copy views of memory-mapped files with
-page advice), and ``check_compatible`` for a list of them."""
+"""``Checkpoint``: one opened checkpoint (a file, a folder of one or more weight files, or a DCP folder),
+tensor metadata known up front and tensor data read on demand (pread, or zero-copy views of memory-mapped
+files with page advice), and ``check_compatible`` for a list of them.
+
+A checkpoint reads through its sources (a safetensors file, a PyTorch file, a DCP folder), each
+answering the ``Source`` protocol; the two single-file readers get theirs from small adapters here."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 from . import safety
 from .dtypes import TensorInfo
@@ -15,7 +19,89 @@ from .layout import parse_step
 from .safetensors import SafetensorsFile
 from .torchfile import TorchFile
 
-__all__ = ["Checkpoint", "check_compatible"]
+__all__ = ["Source", "Checkpoint", "check_compatible"]
+
+
+class Source(Protocol):
+    """What a checkpoint asks of a source beyond ``path``, ``infos``, ``metadata``, ``read``,
+    ``read_range`` and ``view_range`` (see Checkpoint's methods of the same names)."""
+
+    def copies(self, name: str) -> bool:
+        """Whether ``read_range`` fills a caller's buffer (True) or returns views (False)."""
+
+    def mappable(self, name: str) -> bool:
+        """Whether ``view_range`` returns a view for any range of ``name``."""
+
+    def file_span(self, name: str, start: int, stop: int):
+        """(file, lo, hi): the mapped file holding elements [start, stop) and their byte range, the file
+        having ``madvise_span(lo, hi, advice)`` and ``check_size()``; None where there is none."""
+
+    def advise(self, name: str, start: int, stop: int, advice: str) -> None:
+        """madvise the pages of elements [start, stop): 'populate', 'drop' or 'flush'."""
+
+    def flush_advice(self) -> None:
+        """Apply any batched 'drop' advice."""
+
+    def release(self) -> None:
+        """Let go of memory maps (tensors already returned stay valid)."""
+
+
+class _SafetensorsOps:
+    """The Source protocol of a SafetensorsFile (its reads are its own)."""
+
+    def __init__(self, f: SafetensorsFile):
+        self.f = f
+
+    def copies(self, name: str) -> bool:
+        return True
+
+    def mappable(self, name: str) -> bool:
+        return self.f.mapping() is not None
+
+    def file_span(self, name: str, start: int, stop: int):
+        return None if self.f.mapping() is None else (self.f, *self.f.span(name, start, stop))
+
+    def advise(self, name: str, start: int, stop: int, advice: str) -> None:
+        self.f.advise(name, start, stop, advice)
+
+    def flush_advice(self) -> None:
+        self.f.advise("", 0, 0, "flush")
+
+    def release(self) -> None:
+        self.f.release()
+
+
+class _TorchOps:
+    """The Source protocol of a TorchFile: views of torch's own memory map, no advice."""
+
+    def __init__(self, f: TorchFile):
+        self.f = f
+
+    def copies(self, name: str) -> bool:
+        return False
+
+    def mappable(self, name: str) -> bool:
+        return True
+
+    def file_span(self, name: str, start: int, stop: int):
+        return None
+
+    def advise(self, name: str, start: int, stop: int, advice: str) -> None:
+        return None
+
+    def flush_advice(self) -> None:
+        return None
+
+    def release(self) -> None:
+        self.f.tensors = {}
+
+
+def _ops(src) -> Source:
+    if isinstance(src, SafetensorsFile):
+        return _SafetensorsOps(src)
+    if isinstance(src, TorchFile):
+        return _TorchOps(src)
+    return src
 
 
 class Checkpoint:
@@ -25,7 +111,9 @@ class Checkpoint:
     (from the name, or None), ``infos`` (name -> TensorInfo of the distinct tensors, in stored order),
     ``aliases`` (tied/shared tensor name -> canonical name in ``infos``), ``extras`` (non-tensor entries of
     a training checkpoint, kept for the writer), ``metadata`` (safetensors ``__metadata__``), ``files``
-    (the weight files), ``config`` (config.json of an HF folder, else None).
+    (the weight files), ``config`` (config.json of an HF folder, else None), ``state_tensors`` (name ->
+    TensorInfo of stored training-state tensors left out of ``infos``: a DCP checkpoint's optimizer state),
+    ``sources`` (what it reads through, see ``Source``).
     """
 
     def __init__(self, path: Path, fmt: str, sources: list, *, name: str | None = None, step=None, root=None):
@@ -34,8 +122,10 @@ class Checkpoint:
         self.format = fmt
         self.name = name or (self.path.name + ("/" if self.path.is_dir() else ""))
         self.step = parse_step(self.path.name) if step is None else step
-        self.files = [s.path for s in sources]
+        self.files = [p for s in sources for p in getattr(s, "paths", [s.path])]
         self._sources = sources
+        self._ops = {id(s): _ops(s) for s in sources}
+        self.state_tensors: dict[str, TensorInfo] = {}
         self._dropping = None  # the shard with batched 'drop' advice pending
         self._where: dict = {}
         self.infos: dict[str, TensorInfo] = {}
@@ -50,6 +140,7 @@ class Checkpoint:
                 self.infos[n] = info
             self.aliases.update(getattr(src, "aliases", {}))
             self.metadata.update(src.metadata)
+            self.state_tensors.update(getattr(src, "state_tensors", {}))
         if "extramerge.aliases" in self.metadata:  # written by our safetensors writer for untied aliases
             with contextlib.suppress(CheckpointError):
                 found = safety.parse_json(self.metadata["extramerge.aliases"], f"{self.path}: aliases")
@@ -66,6 +157,10 @@ class Checkpoint:
                 self.config = None
 
     @property
+    def sources(self) -> tuple:
+        return tuple(self._sources)
+
+    @property
     def nbytes(self) -> int:
         return sum(i.nbytes for i in self.infos.values())
 
@@ -76,47 +171,53 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"{self.name}: no tensor {safety.shown(name)}") from None
 
+    def _op(self, name: str) -> tuple[Source, str]:
+        src, name = self._source(name)
+        return self._ops[id(src)], name
+
     def copies(self, name: str) -> bool:
-        """Whether ranged reads of ``name`` copy into a caller's buffer (safetensors) or return views."""
-        return isinstance(self._source(name)[0], SafetensorsFile)
+        """Whether ranged reads of ``name`` copy into a caller's buffer (safetensors, DCP) or return views."""
+        op, name = self._op(name)
+        return op.copies(name)
 
     def mappable(self, name: str) -> bool:
-        src, _ = self._source(name)
-        return not isinstance(src, SafetensorsFile) or src.mapping() is not None
+        """Whether ``view_range`` gives a view for every range of ``name``."""
+        op, name = self._op(name)
+        return op.mappable(name)
 
     def view_range(self, name: str, start: int, stop: int, *, numpy: bool = False):
         """Elements [start, stop) of the flattened tensor as a zero-copy view of the memory-mapped file
-        (None if the file cannot be mapped; use ``read_range``), a torch tensor or, with ``numpy``, an
+        (None if the file cannot be mapped or, in a DCP checkpoint, the range crosses chunks; use
+        ``read_range``), a torch tensor or, with ``numpy``, an
         array. Never modify it. Pair with ``advise(..., 'populate')`` before use and
         ``advise(..., 'drop')`` after, to keep RSS bounded."""
         src, name = self._source(name)
         return src.view_range(name, start, stop, numpy=numpy)
 
     def span(self, name: str, start: int, stop: int):
-        """(file, lo, hi): the memory-mapped safetensors file holding elements [start, stop) and their
-        byte range in it, for ``file.madvise_span(lo, hi, 'populate' | 'drop')``; None for files that are
-        not mapped by us (torch files, unmappable files)."""
-        src, name = self._source(name)
-        if not isinstance(src, SafetensorsFile) or src.mapping() is None:
-            return None
-        return (src, *src.span(name, start, stop))
+        """(file, lo, hi): the memory-mapped file holding elements [start, stop) and their byte range in
+        it, for ``file.madvise_span(lo, hi, 'populate' | 'drop')``; None for files that are not mapped by
+        us (torch files, unmappable files) and for DCP ranges that cross chunks."""
+        op, name = self._op(name)
+        return op.file_span(name, start, stop)
 
     def advise(self, name: str, start: int, stop: int, advice: str) -> None:
-        """Map ('populate') or unmap ('drop') the pages behind elements [start, stop); safetensors only
+        """Map ('populate') or unmap ('drop') the pages behind elements [start, stop) of files we map
         (torch-file tensors are mapped by torch and left alone)."""
         src = self._where.get(self.aliases.get(name, name))  # None once closed: nothing left to advise
-        if isinstance(src, SafetensorsFile):
-            if advice == "drop" and self._dropping is not src:
-                if self._dropping is not None:  # moved on to the next shard: at most one batch pending
-                    self._dropping.advise("", 0, 0, "flush")
-                self._dropping = src
-            src.advise(self.aliases.get(name, name), start, stop, advice)
+        if src is None:
+            return
+        op = self._ops[id(src)]
+        if advice == "drop" and self._dropping is not op:
+            if self._dropping is not None:  # moved on to the next shard: at most one batch pending
+                self._dropping.flush_advice()
+            self._dropping = op
+        op.advise(self.aliases.get(name, name), start, stop, advice)
 
     def flush_advice(self) -> None:
         """Unmap any pages whose 'drop' advice is still batched."""
-        for src in self._sources:
-            if isinstance(src, SafetensorsFile):
-                src.advise("", 0, 0, "flush")
+        for op in self._ops.values():
+            op.flush_advice()
 
     def read(self, name: str, *, numpy: bool = False):
         """The whole tensor on CPU, shaped: a torch tensor or, with ``numpy``, an array. Safetensors: read
@@ -147,13 +248,12 @@ class Checkpoint:
 
     def close(self) -> None:
         """Release the memory maps (tensors already returned stay valid: each keeps its map alive)."""
-        for src in self._sources:
-            if isinstance(src, TorchFile):
-                src.tensors = {}
-            else:
-                src._mm = None
+        for op in self._ops.values():
+            op.release()
         self._sources = []
+        self._ops = {}
         self._where = {}
+        self._dropping = None
 
     def __enter__(self):
         return self

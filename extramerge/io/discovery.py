@@ -1,6 +1,7 @@
 """Finding checkpoints: what a path holds (an HF folder with its index and side files, a folder of one
-weight file, a weight file, a run folder of step_XXXX/ or checkpoint-XXXX/ checkpoints, or a Hugging Face
-Hub reference), opened with ``open_checkpoint`` and listed oldest first by ``load_checkpoints``."""
+weight file, a weight file, a DCP folder or Megatron ``torch_dist`` iteration, a run folder of
+step_XXXX/, step-XXXX/, checkpoint-XXXX/ or iter_XXXXXXX/ checkpoints, or a Hugging Face Hub reference),
+opened with ``open_checkpoint`` and listed oldest first by ``load_checkpoints``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from . import safety
 from .checkpoint import Checkpoint
+from .dcp import is_dcp_folder, open_dcp
 from .errors import CheckpointError
 from .layout import WEIGHT_SUFFIXES, parse_step, record_path
 from .safetensors import SafetensorsFile
@@ -75,14 +77,16 @@ def _is_checkpoint(path: Path) -> bool:
     if path.is_file():
         return _is_weight_file(path)
     if path.is_dir():
-        return _hf_weights(path) is not None or len(_folder_weight_files(path)) == 1
+        return is_dcp_folder(path) or _hf_weights(path) is not None or len(_folder_weight_files(path)) == 1
     return False
 
 
 def open_checkpoint(
     path: str | os.PathLike, *, name: str | None = None, step: int | None = None, root=None
 ) -> Checkpoint:
-    """Open one checkpoint: an HF folder, a folder holding exactly one weight file, or a weight file.
+    """Open one checkpoint: an HF folder, a DCP folder (``.metadata`` + ``*.distcp``; a Megatron
+    ``torch_dist`` iteration when it holds metadata.json), a folder holding exactly one weight file, or a
+    weight file.
 
     Every file read must resolve inside ``root`` (default: a folder checkpoint's own folder; a run folder
     when expanding one; none for a file named directly).
@@ -93,6 +97,8 @@ def open_checkpoint(
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
         root = path if root is None else Path(root)
+        if is_dcp_folder(path):
+            return open_dcp(path, name=name, step=step, root=root)
         hf = _hf_weights(path, root)
         if hf is not None:
             fmt, files, weight_map = hf
@@ -179,8 +185,9 @@ def _expand_folder(folder: Path) -> list[Checkpoint]:
     ]
     if not children:
         raise CheckpointError(
-            f"{folder}: not a checkpoint and holds no checkpoints (expected step_XXXX/ or checkpoint-XXXX/ "
-            "folders, or .safetensors/.pt files)"
+            f"{folder}: not a checkpoint and holds no checkpoints (expected HF or DCP checkpoint folders "
+            "such as step_XXXX/, step-XXXX/, checkpoint-XXXX/ or Megatron iter_XXXXXXX/, or .safetensors/.pt "
+            "files)"
         )
     steps = [parse_step(c.name) for c in children]
     if len(children) > 1 and None in steps:
@@ -229,8 +236,9 @@ def load_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Checkpoint]:
     """Open checkpoints, oldest first.
 
     Each path is a checkpoint (see ``open_checkpoint``), a folder OF checkpoints (expanded to its children
-    step_001000/, checkpoint-2000/, iter_0003000/, model_004000.pt, ... sorted by the step in their names;
-    our own merge outputs and optimizer/meta files are skipped), or a Hugging Face Hub reference
+    step_001000/, step-1000/ (torchtitan), checkpoint-2000/, iter_0003000/ (Megatron; its tracker file is
+    not a checkpoint), model_004000.pt, ... sorted by the step in their names; our own merge outputs and
+    optimizer/meta files are skipped), or a Hugging Face Hub reference
     ``org/name[@revision]`` fetched with huggingface_hub when online. Otherwise the given order is kept.
     """
     if isinstance(paths, str | os.PathLike):

@@ -1,16 +1,47 @@
 """Checkpoint names on disk: the format names, weight-file suffixes, the training step carried by a
-checkpoint's name, and where a merge's record (merge.json) lies beside its output."""
+checkpoint's name, where a merge's record (merge.json) lies beside its output, and the names of
+torch.distributed.checkpoint (DCP) and Megatron ``torch_dist`` checkpoints: their metadata files, the
+iteration folders and tracker file of a Megatron run, and which stored keys are training state."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-__all__ = ["FORMATS", "TORCH_SUFFIXES", "WEIGHT_SUFFIXES", "parse_step", "record_path"]
+__all__ = [
+    "FORMATS",
+    "DCP_FORMATS",
+    "TORCH_SUFFIXES",
+    "WEIGHT_SUFFIXES",
+    "DCP_METADATA",
+    "MEGATRON_CONFIG",
+    "MEGATRON_COMMON",
+    "MEGATRON_TRACKER",
+    "parse_step",
+    "record_path",
+    "is_training_state",
+    "megatron_iteration",
+]
 
-FORMATS = ("hf-safetensors", "hf-bin", "safetensors", "torch")
+FORMATS = ("hf-safetensors", "hf-bin", "safetensors", "torch", "dcp", "megatron")
+DCP_FORMATS = ("dcp", "megatron")  # folders of .metadata + __R_I.distcp files
+DCP_METADATA = ".metadata"
+MEGATRON_CONFIG = "metadata.json"  # {"sharded_backend": "torch_dist", ...}: marks a Megatron iteration
+MEGATRON_COMMON = "common.pt"  # Megatron's non-sharded state (argparse args: a pickle, never loaded)
+MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
+# First component of a DCP key that holds training state rather than model weights: optimizer moments,
+# schedulers, data loader and RNG state (torchtitan, Megatron, plain FSDP2 loops).
+_STATE_ROOTS = frozenset({
+    "optimizer", "optimizers", "optim", "optimizer_state", "optim_state", "lr_scheduler", "lr_schedulers",
+    "scheduler", "dataloader", "rng_state", "rng_states", "scaler", "grad_scaler", "train_state",
+})  # fmt: skip
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
+
+# Safetensors metadata of a power-EMA snapshot (written by extramerge.online, read by the posthoc-ema
+# method): its exponent γ and the training step it was taken at.
+GAMMA_KEY = "extramerge.gamma"
+STEP_KEY = "extramerge.step"
 
 
 def parse_step(name: str) -> int | None:
@@ -25,6 +56,16 @@ def parse_step(name: str) -> int | None:
         return int(hits[-1])
     m = re.fullmatch(r"(?:.*[_\-])?(\d+)", stem)
     return int(m.group(1)) if m else None
+
+
+def is_training_state(key: str) -> bool:
+    """Whether a DCP key is training state (``optimizer.state.…``, ``lr_scheduler``, ...), not a weight."""
+    return key.split(".", 1)[0].split("/", 1)[0] in _STATE_ROOTS
+
+
+def megatron_iteration(step: int) -> str:
+    """Megatron's iteration folder name: iter_0001000."""
+    return f"iter_{int(step):07d}"
 
 
 def record_path(output: Path) -> Path:

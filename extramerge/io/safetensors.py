@@ -21,17 +21,15 @@ import math
 import mmap
 import os
 import struct
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from . import safety
 from .dtypes import ST_ITEMSIZE, TensorInfo, bytes_of, is_torch, to_torch
 from .errors import CheckpointError
-from .raw import madvise
+from .mapped import MappedFile
 from .safety import parse_json, shown
 
 __all__ = ["Entry", "Header", "parse_header", "SafetensorsFile"]
@@ -116,15 +114,14 @@ def parse_header(path: Path, raw: bytes, data_start: int, size: int, itemsizes: 
 
 class SafetensorsFile:
     """One .safetensors file: header parsed and validated up front, tensor bytes read with pread or
-    through a shared read-only memory map."""
+    through the shared read-only memory map of its ``MappedFile`` (``file``)."""
 
     def __init__(self, path: Path, root: Path | None = None):
         self.path = path
-        fd = safety.open_regular(path, root=root)  # refuses a FIFO/device before reading a byte
+        self.file = MappedFile(path, root)  # refuses a FIFO/device before reading a byte
+        size = self.file.size
         try:
-            with os.fdopen(fd, "rb") as f:
-                st = os.fstat(f.fileno())
-                size, self._id = st.st_size, (st.st_dev, st.st_ino, st.st_size)
+            with os.fdopen(self.file.open(), "rb") as f:
                 head = f.read(8)
                 if len(head) < 8:
                     raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header)")
@@ -143,21 +140,15 @@ class SafetensorsFile:
         # stored order = data order, the order to read sequentially
         self.infos = {e.name: TensorInfo(e.name, e.shape, e.dtype) for e in header.entries}
         self.offsets = {e.name: self.data_start + e.begin for e in header.entries}
-        self._mm = None
-        self._base = 0
-        self._lock = threading.Lock()
         self._drop = (0, 0)  # pending page range to unmap, batched (see advise)
-        self.mappable = True
 
-    def _open(self) -> int:
-        """A descriptor of the very file whose header was validated, at the size it had (a file swapped in
-        or truncated since, or a FIFO, is refused rather than read)."""
-        fd = safety.open_regular(self.path)
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino, st.st_size) != self._id:
-            os.close(fd)
-            raise CheckpointError(f"{self.path}: replaced or resized while open; run again")
-        return fd
+    @property
+    def mappable(self) -> bool:
+        return self.file.mappable
+
+    @mappable.setter
+    def mappable(self, value: bool) -> None:
+        self.file.mappable = value
 
     def read_array(self, name: str, start: int, stop: int, out=None) -> np.ndarray:
         """Elements [start, stop) read with pread into ``out`` (any contiguous array or tensor with enough
@@ -169,18 +160,8 @@ class SafetensorsFile:
             arr = np.empty(count, dtype=dt)
         else:
             arr = bytes_of(out)[: count * dt.itemsize].view(dt)
-        view = memoryview(arr.view(np.uint8))
-        pos, done = self.offsets[name] + start * dt.itemsize, 0
-        fd = self._open()
-        try:
-            while done < len(view):
-                got = os.preadv(fd, [view[done:]], pos + done)
-                if got <= 0:
-                    what = safety.shown(name)
-                    raise CheckpointError(f"{self.path}: unexpected end of file reading tensor {what}")
-                done += got
-        finally:
-            os.close(fd)
+        pos = self.offsets[name] + start * dt.itemsize
+        self.file.pread(memoryview(arr.view(np.uint8)), pos, f"tensor {shown(name)}")
         return arr
 
     def read_range(self, name: str, start: int, stop: int, out=None, *, numpy: bool = False):
@@ -204,18 +185,7 @@ class SafetensorsFile:
     # once consumed (madvise DONTNEED), so resident memory stays a few chunks although nothing is copied.
 
     def mapping(self):
-        if self._mm is None:
-            with self._lock:
-                if self._mm is None and self.mappable:
-                    try:
-                        with os.fdopen(self._open(), "rb") as f:
-                            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                        anchor = np.frombuffer(mm, dtype=np.uint8, count=1)
-                        self._base = anchor.__array_interface__["data"][0]
-                        self._mm = mm
-                    except (OSError, ValueError):
-                        self.mappable = False  # e.g. a filesystem without mmap: fall back to pread
-        return self._mm
+        return self.file.mapping()
 
     def view_array(self, name: str, start: int, stop: int) -> np.ndarray | None:
         """Elements [start, stop) as a read-only view of the mapped file, or None when it cannot be
@@ -223,23 +193,11 @@ class SafetensorsFile:
         info = self.infos[name]
         if stop <= start:
             return np.empty(0, dtype=info.np_dtype)
-        mm = self.mapping()
-        if mm is None:
-            return None
-        self.check_size()
-        offset = self.offsets[name] + start * info.itemsize
-        return np.frombuffer(mm, dtype=info.np_dtype, count=stop - start, offset=offset)
+        return self.file.view(info.np_dtype, self.offsets[name] + start * info.itemsize, stop - start)
 
     def check_size(self) -> None:
-        """CheckpointError if the mapped file has shrunk: touching a mapped page past its new end would raise
-        SIGBUS, which kills the process. One fstat (``mmap.size``), called before mapped bytes are used; a
-        truncation between this check and the access is not caught."""
-        try:
-            now = self._mm.size() if self._mm is not None else self._id[2]
-        except (OSError, ValueError):  # closed meanwhile: nothing is read from it any more
-            return
-        if now < self._id[2]:
-            raise CheckpointError(f"{self.path}: shrank from {self._id[2]} to {now} bytes while being read")
+        """CheckpointError if the mapped file has shrunk (see ``MappedFile.check_size``)."""
+        self.file.check_size()
 
     def view_range(self, name: str, start: int, stop: int, *, numpy: bool = False):
         arr = self.view_array(name, start, stop)
@@ -253,20 +211,20 @@ class SafetensorsFile:
 
     def madvise_span(self, lo: int, hi: int, advice: str) -> None:
         """madvise the mapped pages of file bytes [lo, hi): 'populate' or 'drop' (thread-safe)."""
-        if self._mm is None or hi <= lo:
-            return
-        lo -= lo % mmap.PAGESIZE
-        madvise(self._base + lo, hi - lo, advice)
+        self.file.madvise_span(lo, hi, advice)
+
+    def release(self) -> None:
+        """Forget the memory map (views already handed out keep it alive)."""
+        self.file.close()
 
     def advise(self, name: str, start: int, stop: int, advice: str) -> None:
         """madvise the pages of elements [start, stop): 'populate' (map them now), 'drop' (unmap; adjacent
         small ranges are batched into one call of at least _DROP_BATCH bytes) or 'flush' (pending drops)."""
-        if self._mm is None:
+        if self.file.mm is None:
             return
         if advice == "flush":
             lo, hi = self._drop
-            if hi > lo:
-                madvise(self._base + lo, hi - lo, "drop")
+            self.file.madvise_span(lo, hi, "drop")
             self._drop = (0, 0)
             return
         if stop <= start:
@@ -274,13 +232,13 @@ class SafetensorsFile:
         lo, hi = self.span(name, start, stop)
         lo -= lo % mmap.PAGESIZE
         if advice != "drop":
-            madvise(self._base + lo, hi - lo, advice)
+            self.file.madvise_span(lo, hi, advice)
             return
         plo, phi = self._drop
         if phi > plo and plo <= hi and lo <= phi + mmap.PAGESIZE:  # touches the pending range: extend it
             lo, hi = min(lo, plo), max(hi, phi)
         elif phi > plo:
-            madvise(self._base + plo, phi - plo, "drop")
+            self.file.madvise_span(plo, phi, "drop")
         self._drop = (lo, hi)
         if hi - lo >= _DROP_BATCH:
             self.advise(name, 0, 0, "flush")
