@@ -17,7 +17,7 @@ import numpy as np
 
 from rivervalley import weights as _weights
 
-from . import methods
+from . import distributed, methods
 from .io import open_all
 from .trajectory import analyze
 
@@ -78,11 +78,15 @@ def plan(
     weights: Sequence[float] | None = None,
     ahead: float | None = 0.0,
     gram=None,
+    shape=None,
+    sigma_rel: float | None = None,
+    gamma: float | None = None,
     progress: bool = True,
 ) -> Plan:
     """Resolve a method and its knobs into a weight vector over the opened checkpoints ``ckpts``."""
     entry = methods.get(method)
     knobs = dict(window=window, offset=offset, alpha=alpha, decay=decay, weights=weights, gram=gram)
+    knobs |= dict(shape=shape, sigma_rel=sigma_rel, gamma=gamma)
     methods.reject_unused(entry, knobs | {"ahead": ahead or None})  # ahead=0 is the default everywhere
     knobs["ahead"] = ahead
     n = len(ckpts)
@@ -139,6 +143,9 @@ def merge(
     weights: Sequence[float] | None = None,
     ahead: float | None = 0.0,
     gram=None,
+    shape=None,
+    sigma_rel: float | None = None,
+    gamma: float | None = None,
     output,
     dtype: str = "same",
     accumulate: str = "float32",
@@ -153,7 +160,8 @@ def merge(
     See the module docstring for methods and defaults. ``dry_run`` validates every input and projects
     bytes and peak memory without writing anything.
     """
-    ckpts, opened_here = open_all(checkpoints)
+    with distributed.agreed():  # several processes (distributed.process_group): a checkpoint one cannot open
+        ckpts, opened_here = open_all(checkpoints)  # fails them all here
     try:
         the_plan = plan(
             ckpts,
@@ -165,6 +173,9 @@ def merge(
             weights=weights,
             ahead=ahead,
             gram=gram,
+            shape=shape,
+            sigma_rel=sigma_rel,
+            gamma=gamma,
             progress=progress,
         )
         return execute(

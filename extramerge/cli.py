@@ -2,25 +2,31 @@
 
     extramerge inspect CKPT... [--json]
     extramerge analyze CKPT... [--windows 1,2,4,8] -o DIR
-    extramerge merge CKPT... --method {sma,ema,wma,extra,trend,pc1,custom} [knobs] -o OUT [--dry-run]
+    extramerge merge CKPT... --method {sma,ema,wma,extra,trend,pc1,decay,posthoc-ema,custom} [knobs]
+        -o OUT [--dry-run]
     extramerge eval MODEL... --data FILE [--cloze N|FILE.jsonl] [--json OUT.json] [--lm-eval]
     extramerge study CKPT... --data TEXT -o OUT [--lr-schedule SPEC] [--quick]
 
 CKPT is a checkpoint file (.safetensors, .bin, .pt), a Hugging Face model folder, or a folder of
 step_XXXX/ checkpoints (expanded and sorted by step). Checkpoints are ordered oldest first as given.
 Exit status: 0 on success, 2 on a usage or input error (one line on stderr, never a traceback).
+
+merge and analyze also run as several processes, each reading its share (extramerge.distributed):
+    torchrun --nproc-per-node N -m extramerge merge CKPT... --method sma -o OUT
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from collections import Counter
 
 from rivervalley import commandline
 
-from . import methods
+from . import distributed, methods
 from .argtypes import floats, ints
 from .eval import cli as eval_cli
 from .io import CheckpointError
@@ -68,6 +74,8 @@ def _inspect(args) -> int:
                     "bytes": int(c.nbytes),
                     "dtypes": dict(sorted(dtypes.items())),
                     "aliases": dict(getattr(c, "aliases", {}) or {}),
+                    "state_tensors": len(c.state_tensors),  # DCP/Megatron optimizer state: not merged
+                    "state_bytes": int(sum(i.nbytes for i in c.state_tensors.values())),
                 }
             )
         try:
@@ -92,6 +100,12 @@ def _inspect(args) -> int:
             if r["aliases"]:
                 pairs = (f"{shown(a)} -> {shown(b)}" for a, b in r["aliases"].items())  # names from the file
                 print(f"{'':>4}tied/aliased: " + ", ".join(pairs))
+            if r["state_tensors"]:
+                n, size = r["state_tensors"], _human(r["state_bytes"])
+                print(
+                    f"{'':>4}{n} training-state tensor{'s' * (n != 1)} ({size}: optimizer, scheduler ...) "
+                    "left out: never merged, absent from a merged checkpoint"
+                )
         if consistency["consistent"]:
             print(
                 f"consistent: yes ({len(rows)} checkpoints, {consistency['tensors']} tensors with equal "
@@ -113,6 +127,8 @@ def _fmt(x, spec=".3g") -> str:
 
 def _analyze(args) -> int:
     from .trajectory import analyze
+
+    distributed.join()  # under torchrun/srun: each process reads its share of the Gram pass
 
     report = analyze(
         args.checkpoints, windows=args.windows, output=args.output, progress=not args.quiet, force=args.force
@@ -160,7 +176,9 @@ def _analyze(args) -> int:
 def _merge(args) -> int:
     from . import api
 
-    ckpts, _ = api.open_all(args.checkpoints)
+    distributed.join()  # under torchrun/srun: each process merges its share of the tensors
+    with distributed.agreed():  # a checkpoint one process cannot open fails them all, here
+        ckpts, _ = api.open_all(args.checkpoints)
     try:
         plan = api.plan(
             ckpts,
@@ -172,6 +190,9 @@ def _merge(args) -> int:
             weights=args.weights,
             ahead=args.ahead,
             gram=args.gram,
+            shape=args.shape,
+            sigma_rel=args.sigma_rel,
+            gamma=args.gamma,
             progress=not args.quiet,
         )
         knobs = ", ".join(f"{k}={v}" for k, v in plan.params.items() if not isinstance(v, dict))
@@ -204,7 +225,7 @@ def _merge(args) -> int:
 # ------------------------------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(ranks: bool = False) -> argparse.ArgumentParser:
     p = commandline.Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="{inspect,analyze,merge,eval,study}")
     ck = "checkpoint files or folders, oldest first (a folder of step_XXXX/ checkpoints is expanded)"
@@ -281,6 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="pc1 / --alpha geometric: reuse gram.npz from `extramerge analyze` (no extra pass)",
     )
     m.add_argument(
+        "--shape",
+        metavar="S",
+        help="decay: the learning-rate decay the merge emulates: linear (default), minus_sqrt, cosine",
+    )
+    m.add_argument(
+        "--sigma-rel",
+        type=float,
+        metavar="S",
+        help="posthoc-ema: the target EMA's relative width σ_rel in (0, 0.2887], e.g. 0.05",
+    )
+    m.add_argument("--gamma", type=float, metavar="G", help="posthoc-ema: the target EMA's exponent γ >= 0")
+    m.add_argument(
         "--dtype",
         default="same",
         choices=["same", "float32", "bfloat16", "float16"],
@@ -321,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     study_cli.add_arguments(st)
     st.set_defaults(func=study_cli.run_command)
+    if ranks:  # one of several processes (torchrun, srun): only merge and analyze split their work
+        for one in (q, e, st):
+            one.set_defaults(func=_one_process)
     return p
 
 
@@ -331,9 +367,34 @@ class _InputError(ValueError):
     """An input problem already reported in full on stdout; stderr gets its one line."""
 
 
+def _one_process(args) -> int:
+    raise ValueError(
+        f"extramerge {args.command} runs as one process: start it without torchrun/srun (merge and "
+        "analyze split their work across processes)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `extramerge` console script; returns the exit status (rivervalley.commandline)."""
-    return commandline.run(PROG, build_parser(), argv, errors=(CheckpointError,))
+    """Entry point of the `extramerge` console script; returns the exit status (rivervalley.commandline).
+
+    Under torchrun/srun (``distributed.launch_from_env``) every process runs the command; only rank 0
+    prints (summary, progress, the one-line error of a failure on any rank), and no rank returns before
+    rank 0 has printed."""
+    try:
+        launch = distributed.launch_from_env()
+    except ValueError:
+        launch = None  # malformed variables: merge and analyze report them when they join
+    if launch is None:
+        return commandline.run(PROG, build_parser(), argv, errors=(CheckpointError,))
+    with contextlib.ExitStack() as quiet:
+        if launch.rank != 0:
+            null = quiet.enter_context(open(os.devnull, "w"))
+            quiet.enter_context(contextlib.redirect_stdout(null))
+            quiet.enter_context(contextlib.redirect_stderr(null))
+        try:
+            return commandline.run(PROG, build_parser(ranks=True), argv, errors=(CheckpointError,))
+        finally:
+            distributed.leave()
 
 
 if __name__ == "__main__":  # pragma: no cover

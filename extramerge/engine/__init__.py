@@ -17,8 +17,9 @@ newest checkpoint.
 
 Modules: ``units`` (cutting the tensors into work units, mapping a unit's data), ``parallel`` (ordered
 thread map, forked workers), ``reads`` (``iter_aligned``/``iter_chunks``/``iter_reads``), ``arith`` (the
-blocked weighted sum), ``summary`` (``MergeSummary``, memory probes, progress) and ``merge``
-(``merge_weights``).
+blocked weighted sum), ``summary`` (``MergeSummary``, memory probes, progress), ``merge``
+(``merge_weights``) and ``ranked`` (the write phase when several processes share a merge; see
+``extramerge.distributed``).
 """
 
 from .arith import output_dtype, weighted_sum

@@ -18,6 +18,7 @@ import numpy as np
 
 from rivervalley.memory import require_memory
 
+from .. import distributed
 from ..io import (
     Checkpoint,
     CheckpointError,
@@ -30,7 +31,7 @@ from ..io import (
     write_checkpoint,
 )
 from ..io.raw import DIRECT_BLOCK
-from . import units
+from . import ranked, units
 from .arith import BLOCK, accumulate_name, all_finite, output_code, weighted_into
 from .parallel import ordered_map
 from .summary import MergeSummary, fmt_bytes, progress_bar, rss_now, rss_peak
@@ -109,75 +110,95 @@ def merge_weights(
     most ``prefetch`` units ahead of the writer; ``zero_copy`` reads safetensors through memory maps
     (pages dropped after use) instead of pread into buffers; ``fsync=False`` skips flushing the output to
     disk before it is published; ``direct_io`` (None: automatic) writes large safetensors with O_DIRECT.
+
+    Inside a process group (``extramerge.distributed``: torchrun, srun) every rank calls this with the
+    same arguments: each computes the units of its contiguous block (balanced by bytes read) on
+    ``workers_per_rank`` threads and writes them at their offsets into the output rank 0 prepared and
+    publishes (safetensors outputs only); the output is byte-identical to one process's.
     """
     t0 = time.perf_counter()
-    ckpts = list(ckpts)
-    if not ckpts:
-        raise ValueError("no checkpoints given")
-    w = np.asarray(weights, dtype=np.float64).reshape(-1)
-    if w.size != len(ckpts):
-        raise ValueError(
-            f"got {w.size} weights for {len(ckpts)} checkpoints: give exactly one per checkpoint"
-        )
-    if not np.all(np.isfinite(w)):
-        raise ValueError(f"weights must be finite, got {w.tolist()}")
-    active = [j for j in range(len(ckpts)) if w[j] != 0.0]
-    if not active:
-        raise ValueError("all weights are zero")
-    acc_name = accumulate_name(accumulate)
-    infos = check_compatible(ckpts)
-    template = ckpts[-1]
-    fmt = fmt or default_format(output, template)
-    out_infos = {n: TensorInfo(n, i.shape, output_code(i, dtype)) for n, i in infos.items()}
-    out_path = check_output(output, ckpts, force=force, clean=not dry_run)  # a dry run changes nothing
-    out_path, _ = output_layout(out_path, fmt, template)
-    check_merge_output(out_path)  # what --force may replace: refused now, not after the merge
+    group = distributed.current()
+    leader = group is None or group.leader
+    workers = distributed.workers_per_rank(workers, group)
+    with distributed.agreed(group):  # a failure on any rank stops every rank here
+        ckpts = list(ckpts)
+        if not ckpts:
+            raise ValueError("no checkpoints given")
+        w = np.asarray(weights, dtype=np.float64).reshape(-1)
+        if w.size != len(ckpts):
+            raise ValueError(
+                f"got {w.size} weights for {len(ckpts)} checkpoints: give exactly one per checkpoint"
+            )
+        if not np.all(np.isfinite(w)):
+            raise ValueError(f"weights must be finite, got {w.tolist()}")
+        active = [j for j in range(len(ckpts)) if w[j] != 0.0]
+        if not active:
+            raise ValueError("all weights are zero")
+        acc_name = accumulate_name(accumulate)
+        infos = check_compatible(ckpts)
+        template = ckpts[-1]
+        fmt = fmt or default_format(output, template)
+        out_infos = {n: TensorInfo(n, i.shape, output_code(i, dtype)) for n, i in infos.items()}
+        if group is not None and fmt not in ranked.RANKED_FORMATS:
+            raise ValueError(ranked.one_process_only(fmt))
+        if leader:  # rank 0 alone checks (and cleans up beside) the output
+            out_path = check_output(
+                output, ckpts, force=force, clean=not dry_run
+            )  # a dry run changes nothing
+        else:
+            out_path = Path(os.path.abspath(output))
+        out_path, _ = output_layout(out_path, fmt, template)
+        if leader:
+            check_merge_output(out_path)  # what --force may replace: refused now, not after the merge
 
-    notes = []
-    if acc_name != "float64" and any(i.dtype_str == "F64" for i in infos.values()):
-        acc_name = "float64"  # never accumulate below the inputs' precision
-        notes.append("float64 inputs: accumulating in float64")
-    acc = np.dtype(acc_name)
-    if abs(w.sum() - 1.0) > 1e-6:
-        notes.append(f"weights sum to {w.sum():.6g}, not 1: the result is not an affine merge")
-    copied = [n for n, i in infos.items() if not i.is_float]
-    n_torch = sum(1 for j in active if ckpts[j].format in ("torch", "hf-bin"))
-    bytes_read = sum(i.nbytes * (len(active) if i.is_float else 1) for i in infos.values())
-    bytes_written = sum(i.nbytes for i in out_infos.values())
-    chunk = max(1, chunk_bytes // 4)
-    plan = units.plan_units(infos, chunk)
-    in_itemsize = max((i.itemsize for i in infos.values()), default=1)
-    unit_bytes = max(
-        (sum(units.align((b - a) * out_infos[n].itemsize) for n, a, b in u) for u in plan), default=1
-    )
-    read_bytes = max(
-        (sum(units.align((b - a) * infos[n].itemsize) for n, a, b in u) for u in plan), default=1
-    )
-    collects = fmt in ("torch", "hf-bin")
-    n_workers = max(workers, 1)
-    projected = (
-        rss_now()
-        + n_workers
-        * len(active)
-        * min(chunk, max((i.numel for i in infos.values()), default=0))
-        * in_itemsize
-        + (max(prefetch, n_workers) + 1) * unit_bytes
-        + n_workers * 2 * BLOCK * acc.itemsize
-        + (2 * DIRECT_BLOCK if not collects else 0)  # the direct-I/O blocks
-        + (bytes_written if collects else 0)
-        + (bytes_read if n_torch else 0)  # torch-file inputs are memory-mapped: touched pages count as RSS
-    )
-    free_disk = shutil.disk_usage(_first_existing(out_path.parent)).free
-    if bytes_written > free_disk:
-        raise CheckpointError(
-            f"output {output}: needs {fmt_bytes(bytes_written)} but only {fmt_bytes(free_disk)} is free there"
+        notes = []
+        if acc_name != "float64" and any(i.dtype_str == "F64" for i in infos.values()):
+            acc_name = "float64"  # never accumulate below the inputs' precision
+            notes.append("float64 inputs: accumulating in float64")
+        acc = np.dtype(acc_name)
+        if abs(w.sum() - 1.0) > 1e-6:
+            notes.append(f"weights sum to {w.sum():.6g}, not 1: the result is not an affine merge")
+        copied = [n for n, i in infos.items() if not i.is_float]
+        n_torch = sum(1 for j in active if ckpts[j].format in ("torch", "hf-bin"))
+        bytes_read = sum(i.nbytes * (len(active) if i.is_float else 1) for i in infos.values())
+        bytes_written = sum(i.nbytes for i in out_infos.values())
+        chunk = max(1, chunk_bytes // 4)
+        plan = units.plan_units(infos, chunk)
+        in_itemsize = max((i.itemsize for i in infos.values()), default=1)
+        unit_bytes = max(
+            (sum(units.align((b - a) * out_infos[n].itemsize) for n, a, b in u) for u in plan), default=1
         )
-    anon = projected - rss_now() - (bytes_read if n_torch else 0)  # mapped input pages can be reclaimed
-    require_memory(
-        anon, f"merge to {output} ({'buffers and the collected output' if collects else 'buffers'})"
-    )
-    if dtype == "float16" and any(i.dtype_str in ("BF16", "F32") for i in infos.values()):
-        notes.append("casting to float16 can overflow values beyond ±65504; overflow raises an error")
+        read_bytes = max(
+            (sum(units.align((b - a) * infos[n].itemsize) for n, a, b in u) for u in plan), default=1
+        )
+        collects = fmt in ("torch", "hf-bin")
+        n_workers = max(workers, 1)
+        projected = (
+            rss_now()
+            + n_workers
+            * len(active)
+            * min(chunk, max((i.numel for i in infos.values()), default=0))
+            * in_itemsize
+            + (max(prefetch, n_workers) + 1) * unit_bytes
+            + n_workers * 2 * BLOCK * acc.itemsize
+            + (2 * DIRECT_BLOCK if not collects else 0)  # the direct-I/O blocks
+            + (bytes_written if collects else 0)
+            + (
+                bytes_read if n_torch else 0
+            )  # torch-file inputs are memory-mapped: touched pages count as RSS
+        )
+        free_disk = shutil.disk_usage(_first_existing(out_path.parent)).free
+        if leader and bytes_written > free_disk:
+            raise CheckpointError(
+                f"output {output}: needs {fmt_bytes(bytes_written)} but only {fmt_bytes(free_disk)} "
+                "is free there"
+            )
+        anon = projected - rss_now() - (bytes_read if n_torch else 0)  # mapped input pages can be reclaimed
+        require_memory(
+            anon, f"merge to {output} ({'buffers and the collected output' if collects else 'buffers'})"
+        )
+        if dtype == "float16" and any(i.dtype_str in ("BF16", "F32") for i in infos.values()):
+            notes.append("casting to float16 can overflow values beyond ±65504; overflow raises an error")
 
     summary = MergeSummary(
         output=out_path,
@@ -259,11 +280,14 @@ def merge_weights(
 
     _raise_fd_limit(sum(len(c.files) for c in ckpts) + 256)  # each memory-mapped file keeps a descriptor
     rss = [summary.merge_rss_bytes]
-    bar = progress_bar(bytes_read, progress)
+    sizes = [sum((b - a) * infos[n].itemsize * len(sources(n)) for n, a, b in u) for u in plan]
+    block = distributed.rank_block(sizes, group)  # all units in one process
+    mine = [plan[u] for u in block]
+    bar = progress_bar(sum(sizes[u] for u in block), progress and leader)
     free: list[np.ndarray] = []
 
     def with_buffers():
-        for segs in plan:
+        for segs in mine:
             yield segs, (free.pop() if free else np.empty(unit_bytes, dtype=np.uint8))
 
     def produce():
@@ -303,21 +327,13 @@ def merge_weights(
     }
     meta = {"extramerge.weights": ",".join(repr(float(x)) for x in w), **(metadata or {})}
     stream = produce()
+    target = dict(infos=out_infos, template=template, fmt=fmt, shard_size=shard_size, metadata=meta)
+    target.update(record=full_record, force=force, inputs=ckpts, fsync=fsync)
     try:
-        result = write_checkpoint(
-            out_path,
-            stream,
-            infos=out_infos,
-            template=template,
-            fmt=fmt,
-            shard_size=shard_size,
-            metadata=meta,
-            record=full_record,
-            force=force,
-            inputs=ckpts,
-            fsync=fsync,
-            direct_io=direct_io,
-        )
+        if group is None:
+            result = write_checkpoint(out_path, stream, direct_io=direct_io, **target)
+        else:  # each rank writes its units at their offsets; rank 0 publishes
+            result = ranked.write_ranked(group, mine, stream, output=out_path, **target)
     finally:
         stream.close()  # stops the workers now, not when the traceback lets go of the generator
         bar.close()
@@ -329,6 +345,9 @@ def merge_weights(
     summary.read_bandwidth = bytes_read / seconds if seconds > 0 else 0.0
     summary.peak_rss_bytes = rss_peak()
     summary.merge_rss_bytes = max(rss)
+    if group is not None:
+        summary.processes = group.world
+        summary.rank_peak_rss_bytes = group.all_gather_int(max(rss))
     summary.timings = {
         "read_wait": stats["read_wait"],
         "compute": stats["compute"],

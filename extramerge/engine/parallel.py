@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-from ..io import CheckpointError
+from ..io.errors import error_bytes, rebuild_error
 
 __all__ = ["ordered_map", "can_fork", "run_forked"]
 
@@ -128,7 +128,7 @@ def run_forked(
                     job()
                     code = 0
                 except BaseException as e:  # noqa: BLE001 - everything is reported to the parent
-                    msg = f"{type(e).__name__}\0{e}".encode(errors="replace")[: _ERR_BYTES - 1]
+                    msg = error_bytes(e, _ERR_BYTES - 1)
                     errors[k * _ERR_BYTES : k * _ERR_BYTES + len(msg)] = msg
                 finally:
                     os._exit(code)
@@ -148,7 +148,7 @@ def run_forked(
             if poll is not None:
                 poll()
         if failed is not None:
-            raise _child_error(errors[failed * _ERR_BYTES : (failed + 1) * _ERR_BYTES])
+            raise rebuild_error(errors[failed * _ERR_BYTES : (failed + 1) * _ERR_BYTES])
     finally:
         for r in ends:
             os.close(r)
@@ -158,13 +158,3 @@ def run_forked(
                     os.kill(pid, 9)
                     os.waitpid(pid, 0)
         errors.close()
-
-
-def _child_error(raw: bytes) -> BaseException:
-    kind, _, msg = raw.rstrip(b"\0").decode(errors="replace").partition("\0")
-    for cls in (CheckpointError, ValueError, OSError, MemoryError):
-        if kind == cls.__name__:
-            return cls(msg)
-    if not kind:
-        return RuntimeError("a worker process died without reporting an error (out of memory?)")
-    return RuntimeError(f"worker process failed: {kind}: {msg}")

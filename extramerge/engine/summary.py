@@ -83,6 +83,8 @@ class MergeSummary:
     accumulate: str
     dry_run: bool = False
     workers: int = 0
+    processes: int = 1
+    rank_peak_rss_bytes: list[int] = field(default_factory=list)  # per rank, when processes > 1
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -111,6 +113,8 @@ class MergeSummary:
             t = self.timings
             # Workers map pages in/out (read_wait) and compute while the writer writes: these overlap.
             threads = f"on {self.workers} worker thread(s)" if self.workers else "inline"
+            if self.processes > 1:
+                threads = f"on {self.processes} processes × {self.workers or 'no'} worker thread(s)"
             work = ", ".join(f"{k} {t[k]:.2f}s" for k in ("read_wait", "compute") if k in t)
             io = ", ".join(f"{k} {t[k]:.2f}s" for k in ("write", "fsync", "publish") if k in t)
             lines += [
@@ -121,5 +125,8 @@ class MergeSummary:
                 f"(process high-water mark {fmt_bytes(self.peak_rss_bytes)}; "
                 f"projected {fmt_bytes(self.projected_peak_rss_bytes)})",
             ]
+            if self.rank_peak_rss_bytes:
+                peaks = ", ".join(fmt_bytes(x) for x in self.rank_peak_rss_bytes)
+                lines.append(f"  per rank      peak memory during the merge: {peaks}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)

@@ -12,6 +12,10 @@ Formats (``Checkpoint.format``):
     torch           a .pt/.pth/.bin/.ckpt file: a state dict, or a training checkpoint that nests one
                     ({'model': ...} as nanoGPT/nanochat write, {'state_dict': ...}, ...); ``_orig_mod.``
                     (torch.compile) and ``module.`` (DDP) prefixes are stripped
+    dcp             a torch.distributed.checkpoint folder (.metadata + __R_I.distcp; torchtitan, FSDP2 loops)
+    megatron        a Megatron-core torch_dist iteration folder (a DCP folder with metadata.json); a run
+                    root of iter_XXXXXXX/ folders and latest_checkpointed_iteration.txt expands to them
+                    (optimizer and other training-state keys of both are not merged: ``state_tensors``)
 
 Safetensors files are read and written with numpy alone (bfloat16 and float8 through ``ml_dtypes``):
 torch is imported only when a PyTorch file is read or written, or when a caller asks for a torch tensor
@@ -19,9 +23,12 @@ torch is imported only when a PyTorch file is read or written, or when a caller 
 are held as safetensors codes (``TensorInfo.dtype_str``: 'F32', 'BF16', ...).
 
 Modules, one concern each: ``errors`` (CheckpointError), ``safety`` (input policy), ``layout`` (names on
-disk), ``dtypes``, ``raw`` (madvise, direct I/O), ``safetensors`` and ``torchfile`` (the two file
-readers), ``checkpoint`` (Checkpoint), ``discovery`` (open/load checkpoints), ``outputs`` (output policy,
-staging and publishing), ``writer`` (write_checkpoint).
+disk), ``dtypes``, ``raw`` (madvise, direct I/O), ``mapped`` (a memory-mapped input file),
+``safetensors`` and ``torchfile`` (the two file readers), ``dcp/`` (DCP and Megatron folders: reader and
+writer), ``checkpoint`` (Checkpoint), ``discovery`` (open/load checkpoints), ``outputs`` (output policy,
+staging and publishing), ``shards`` (the safetensors file layout: shards, headers, offsets, index),
+``writer`` (write_checkpoint) and ``ranged`` (preallocated outputs written at byte offsets by several
+processes).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from .checkpoint import Checkpoint, check_compatible
 from .discovery import load_checkpoints, open_all, open_checkpoint
 from .dtypes import TensorInfo, numpy_dtype, to_numpy, to_torch
 from .errors import CheckpointError
-from .layout import FORMATS, TORCH_SUFFIXES, WEIGHT_SUFFIXES, parse_step
+from .layout import DCP_FORMATS, FORMATS, TORCH_SUFFIXES, WEIGHT_SUFFIXES, parse_step
 from .outputs import check_merge_output, check_output, publish, staging_dir
 from .writer import WriteResult, default_format, output_layout, safetensors_order, write_checkpoint
 
@@ -40,6 +47,7 @@ __all__ = [
     "Checkpoint",
     "WriteResult",
     "FORMATS",
+    "DCP_FORMATS",
     "TORCH_SUFFIXES",
     "WEIGHT_SUFFIXES",
     "parse_step",

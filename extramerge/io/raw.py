@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DIRECT_BLOCK", "DIRECT_IO_MIN_BYTES", "FileWriter", "madvise"]
+__all__ = ["DIRECT_BLOCK", "DIRECT_IO_MIN_BYTES", "FileWriter", "madvise", "start_writeback"]
 
 _LIBC = None
 _MADV = {
@@ -44,7 +44,7 @@ _WRITEBACK_EVERY = 64 * 2**20
 _SYNC_FILE_RANGE = None
 
 
-def _start_writeback(fd: int, offset: int, length: int) -> None:
+def start_writeback(fd: int, offset: int, length: int) -> None:
     """Ask Linux to start writing [offset, offset+length) to disk now, without waiting
     (sync_file_range(SYNC_FILE_RANGE_WRITE)), so the final fsync finds little left to do and disk writes
     overlap the merge. A no-op where unavailable."""
@@ -120,7 +120,7 @@ class FileWriter:
             done += os.pwrite(self.fd, data[done:], self.pos + done)
         self.pos += len(data)
         if self.writeback and self.pos - self.synced >= _WRITEBACK_EVERY:
-            _start_writeback(self.fd, self.synced, self.pos - self.synced)
+            start_writeback(self.fd, self.synced, self.pos - self.synced)
             self.synced = self.pos
 
     def _write_block(self, length: int) -> None:

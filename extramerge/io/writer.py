@@ -15,9 +15,8 @@ import json
 import math
 import os
 import shutil
-import struct
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,18 +24,30 @@ import numpy as np
 
 from . import outputs, safety
 from .checkpoint import Checkpoint
+from .dcp import write_output as write_dcp_output
 from .discovery import side_files
-from .dtypes import ST_DTYPES, ST_RANK, TensorInfo, dtype_code, is_torch, to_numpy, to_torch
+from .dtypes import ST_RANK, TensorInfo, dtype_code, is_torch, to_numpy, to_torch
 from .errors import CheckpointError
-from .layout import FORMATS, TORCH_SUFFIXES, WEIGHT_SUFFIXES, parse_step, record_path
+from .layout import DCP_FORMATS, FORMATS, TORCH_SUFFIXES, WEIGHT_SUFFIXES, parse_step, record_path
 from .outputs import check_merge_output, check_output, publish, staging_dir
 from .raw import DIRECT_IO_MIN_BYTES, FileWriter
+from .shards import (
+    FileLayout,
+    safetensors_files,
+    shard_names,
+    shard_plan,
+    write_index,
+    write_safetensors_index,
+)
 
 __all__ = [
     "WriteResult",
     "safetensors_order",
     "default_format",
     "output_layout",
+    "prepare_output",
+    "output_aliases",
+    "publish_checkpoint",
     "write_checkpoint",
 ]
 
@@ -102,46 +113,6 @@ def _byte_view(t) -> memoryview:
     return memoryview(np.ascontiguousarray(t).reshape(-1).view(np.uint8))
 
 
-def _shard_plan(infos: Mapping[str, TensorInfo], shard_size: int) -> list[list[str]]:
-    """Greedy split in order: a new shard starts when the next tensor would exceed ``shard_size``."""
-    shards: list[list[str]] = [[]]
-    used = 0
-    for name, info in infos.items():
-        if shards[-1] and used + info.nbytes > shard_size:
-            shards.append([])
-            used = 0
-        shards[-1].append(name)
-        used += info.nbytes
-    return shards
-
-
-def _shard_names(stem: str, ext: str, n: int) -> list[str]:
-    if n == 1:
-        return [f"{stem}{ext}"]
-    return [f"{stem}-{k + 1:05d}-of-{n:05d}{ext}" for k in range(n)]
-
-
-def _safetensors_header(infos: Sequence[TensorInfo], metadata: Mapping[str, str] | None) -> bytes:
-    header: dict = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset = 0
-    for info in infos:
-        if info.dtype_str not in ST_DTYPES:
-            raise CheckpointError(
-                f"tensor '{info.name}': dtype {info.dtype_name} cannot be stored in safetensors"
-            )
-        header[info.name] = {
-            "dtype": info.dtype_str,
-            "shape": list(info.shape),
-            "data_offsets": [offset, offset + info.nbytes],
-        }
-        offset += info.nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    raw += b" " * (-len(raw) % 8)  # safetensors pads the header with spaces to 8-byte alignment
-    return struct.pack("<Q", len(raw)) + raw
-
-
 class _PieceStream:
     """Checks that (name, tensor) items arrive in ``infos`` order; a tensor (numpy array or torch tensor)
     may come in flat pieces."""
@@ -200,17 +171,15 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _write_safetensors_shards(
-    folder, stream, infos, shards, names, metadata, fsync, direct_io
-) -> tuple[int, float]:
+def _write_safetensors_shards(folder, stream, files: list[FileLayout], fsync, direct_io) -> tuple[int, float]:
     written, t_sync = 0, 0.0
-    for shard, fname in zip(shards, names, strict=True):
-        size = sum(infos[n].nbytes for n in shard)
+    for layout in files:
+        size = layout.size - len(layout.header)
         direct = fsync and size >= DIRECT_IO_MIN_BYTES if direct_io is None else direct_io
-        f = FileWriter(folder / fname, direct=direct, writeback=fsync)
+        f = FileWriter(folder / layout.name, direct=direct, writeback=fsync)
         try:
-            f.write(memoryview(_safetensors_header([infos[n] for n in shard], metadata)))
-            for name in shard:
+            f.write(memoryview(layout.header))
+            for name in layout.tensors:
                 for piece in stream.pieces(name):
                     data = _byte_view(piece)
                     f.write(data)
@@ -311,6 +280,73 @@ def _torch_object(template: Checkpoint | None, state: dict, aliases: Mapping[str
     return obj
 
 
+def prepare_output(
+    output: str | os.PathLike,
+    fmt: str,
+    template: Checkpoint | None,
+    inputs: Iterable[Checkpoint | str | os.PathLike] = (),
+    force: bool = False,
+) -> tuple[Path, str]:
+    """Check an output before writing (no overlap with the inputs, what ``force`` may replace; see
+    ``outputs``) and place it (``output_layout``): returns (published path, file name)."""
+    out = check_output(output, [*([template] if template is not None else []), *inputs], force=force)
+    out, fname = output_layout(out, fmt, template)
+    check_merge_output(out)
+    return out, fname
+
+
+def output_aliases(template: Checkpoint | None, infos: Mapping[str, TensorInfo]) -> dict[str, str]:
+    """The template's tied names (alias → canonical tensor) whose tensor is in the output."""
+    return {a: c for a, c in (template.aliases if template is not None else {}).items() if c in infos}
+
+
+def publish_checkpoint(
+    tmp: Path,
+    out: Path,
+    files: list[str],
+    *,
+    fmt: str,
+    fname: str,
+    template: Checkpoint | None,
+    infos: Mapping[str, TensorInfo],
+    record: Mapping | None,
+    force: bool,
+    fsync: bool,
+) -> tuple[list[Path], float, float]:
+    """Finish an output whose weight ``files`` are written in the staging folder ``tmp``: copy an HF
+    template's side files, write the merge.json ``record``, fsync, and publish to ``out`` under the
+    output lock (re-checking what may be replaced). Returns (published paths, fsync seconds, publish
+    seconds); the caller discards ``tmp`` on failure."""
+    files = list(files)
+    t_sync = 0.0
+    folder_out = fmt.startswith("hf-") or not fname or out.suffix not in WEIGHT_SUFFIXES
+    if fmt.startswith("hf-") and template is not None:
+        files += _copy_hf_files(template, tmp, infos)
+    rec_name = "merge.json" if folder_out else record_path(out).name
+    if record is not None:
+        (tmp / rec_name).write_text(json.dumps(dict(record), indent=1, default=_jsonable) + "\n")
+        files.append(rec_name)
+    if fsync:
+        t0 = time.perf_counter()
+        _fsync_path(tmp)
+        t_sync += time.perf_counter() - t0
+    t_publish = time.perf_counter()
+    with outputs.locked(out):  # a concurrent merge to the same output publishes before or after us
+        check_merge_output(out)  # again: another run may have published there while we merged
+        if folder_out:
+            publish(tmp, out, force)
+            published = [out / f for f in files]
+        else:
+            if record is not None:
+                publish(tmp / rec_name, record_path(out), force=True)  # vetted by check_merge_output
+            publish(tmp / fname, out, force)
+            tmp.rmdir()
+            published = [out] + ([record_path(out)] if record is not None else [])
+    if fsync:
+        _fsync_path(out.parent)
+    return published, t_sync, time.perf_counter() - t_publish
+
+
 def write_checkpoint(
     output: str | os.PathLike,
     tensors: Iterable[tuple[str, object]],
@@ -346,39 +382,30 @@ def write_checkpoint(
     """
     t_start = time.perf_counter()
     fmt = fmt or default_format(output, template)
-    out = check_output(output, [*([template] if template is not None else []), *inputs], force=force)
-    out, fname = output_layout(out, fmt, template)
-    check_merge_output(out)
+    out, fname = prepare_output(output, fmt, template, inputs, force)
     infos = dict(infos)
-    aliases = {a: c for a, c in (template.aliases if template is not None else {}).items() if c in infos}
+    aliases = output_aliases(template, infos)
     tmp = staging_dir(out)
     stream = _PieceStream(tensors, infos)
     files: list[str] = []
     try:
-        folder_out = fmt.startswith("hf-") or not fname or out.suffix not in WEIGHT_SUFFIXES
-        meta = dict(metadata or {})
         written, t_sync = 0, 0.0
-        if fmt in ("hf-safetensors", "safetensors"):
-            if fmt == "hf-safetensors":
-                meta = {"format": "pt", **meta}
-                shards = _shard_plan(infos, shard_size)
-                files = _shard_names("model", ".safetensors", len(shards))
-            else:
-                shards, files = [list(infos)], [fname]
-                if aliases:
-                    meta["extramerge.aliases"] = json.dumps(aliases, sort_keys=True)
-                meta = {"format": "pt", **meta} if meta else meta
-            written, t_sync = _write_safetensors_shards(
-                tmp, stream, infos, shards, files, meta, fsync, direct_io
+        if fmt in DCP_FORMATS:  # a DCP folder, or a Megatron run root (see io.dcp)
+            files, written, t_sync = write_dcp_output(
+                tmp, stream, infos, template, fmt=fmt, fsync=fsync, file_bytes=shard_size, output=out
             )
-            if len(shards) > 1:
-                files.append(_write_index(tmp, "model.safetensors.index.json", infos, shards, files, {}))
+        elif fmt in ("hf-safetensors", "safetensors"):
+            layouts = safetensors_files(
+                infos, fmt, fname, shard_size=shard_size, metadata=metadata, aliases=aliases
+            )
+            written, t_sync = _write_safetensors_shards(tmp, stream, layouts, fsync, direct_io)
+            files = [f.name for f in layouts] + write_safetensors_index(tmp, layouts, infos)
         else:
             state = _collect(stream, infos)
             written = sum(i.nbytes for i in infos.values())
             if fmt == "hf-bin":
-                shards = _shard_plan(infos, shard_size)
-                files = _shard_names("pytorch_model", ".bin", len(shards))
+                shards = shard_plan(infos, shard_size)
+                files = shard_names("pytorch_model", ".bin", len(shards))
                 extra_names: dict[str, list[str]] = {}
                 for shard, f in zip(shards, files, strict=True):
                     part = {n: state[n] for n in shard}
@@ -387,37 +414,17 @@ def write_checkpoint(
                     t_sync += _torch_save(_torch_object(None, part, part_aliases), tmp / f, fsync)
                 if len(shards) > 1:
                     full = [shard + extra_names[f] for shard, f in zip(shards, files, strict=True)]
-                    files.append(_write_index(tmp, "pytorch_model.bin.index.json", infos, full, files, {}))
+                    files.append(write_index(tmp, "pytorch_model.bin.index.json", infos, full, files, {}))
             else:
                 t_sync += _torch_save(_torch_object(template, state, aliases), tmp / fname, fsync)
                 files = [fname]
             del state
         stream.finish()
-        if fmt.startswith("hf-") and template is not None:
-            files += _copy_hf_files(template, tmp, infos)
-        rec_name = "merge.json" if folder_out else record_path(out).name
-        if record is not None:
-            (tmp / rec_name).write_text(json.dumps(dict(record), indent=1, default=_jsonable) + "\n")
-            files.append(rec_name)
-        if fsync:
-            t0 = time.perf_counter()
-            _fsync_path(tmp)
-            t_sync += time.perf_counter() - t0
-        t_publish = time.perf_counter()
-        with outputs.locked(out):  # a concurrent merge to the same output publishes before or after us
-            check_merge_output(out)  # again: another run may have published there while we merged
-            if folder_out:
-                publish(tmp, out, force)
-                published = [out / f for f in files]
-            else:
-                if record is not None:
-                    publish(tmp / rec_name, record_path(out), force=True)  # vetted by check_merge_output
-                publish(tmp / fname, out, force)
-                tmp.rmdir()
-                published = [out] + ([record_path(out)] if record is not None else [])
-        if fsync:
-            _fsync_path(out.parent)
-        t_publish = time.perf_counter() - t_publish
+        published, t_fin, t_publish = publish_checkpoint(
+            tmp, out, files, fmt=fmt, fname=fname, template=template, infos=infos, record=record,
+            force=force, fsync=fsync,
+        )  # fmt: skip
+        t_sync += t_fin
     except BaseException:
         outputs.discard(tmp)
         raise
@@ -429,15 +436,3 @@ def _jsonable(o):
     if hasattr(o, "tolist"):
         return o.tolist()
     return str(o)
-
-
-def _write_index(folder, index_name, infos, shards, files, extra_meta) -> str:
-    weight_map = {n: f for shard, f in zip(shards, files, strict=False) for n in shard}
-    total = sum(i.nbytes for i in infos.values())
-    params = sum(i.numel for i in infos.values())
-    doc = {
-        "metadata": {"total_size": total, "total_parameters": params, **extra_meta},
-        "weight_map": weight_map,
-    }
-    (folder / index_name).write_text(json.dumps(doc, indent=2) + "\n")
-    return index_name

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from extramerge import plots
+from extramerge import distributed, plots
 from extramerge.engine.parallel import can_fork, run_forked
 from extramerge.io import (
     CheckpointError,
@@ -28,6 +28,14 @@ from rivervalley import weights as _weights
 from rivervalley.publish import claim_folder
 
 __all__ = ["analyze", "write_outputs"]
+
+_FILES = {
+    "analysis": "analysis.json",
+    "gram": "gram.npz",
+    "spectrum": "spectrum.png",
+    "trajectory": "trajectory_pc12.png",
+    "per_layer": "per_layer_fve1.png",
+}
 
 
 def _check_output_dir(output: Path, inputs: Sequence, force: bool) -> None:
@@ -63,20 +71,18 @@ def _pc_plane(data: GramData, windows) -> tuple[np.ndarray, dict[int, np.ndarray
     return raw, merged
 
 
+def _with_files(report: dict, output: Path) -> dict:
+    return dict(report, files={k: str(output / v) for k, v in _FILES.items()})
+
+
 def write_outputs(data: GramData, report: dict, output, *, inputs=(), force: bool = False) -> dict:
     """Write analysis.json, gram.npz and the PNG figures into ``output`` (temp folder, then rename)."""
     output = Path(output)
     _check_output_dir(output, list(inputs), force)
     tmp = staging_dir(output)
     try:
-        files = {
-            "analysis": "analysis.json",
-            "gram": "gram.npz",
-            "spectrum": "spectrum.png",
-            "trajectory": "trajectory_pc12.png",
-            "per_layer": "per_layer_fve1.png",
-        }
-        report = dict(report, files={k: str(output / v) for k, v in files.items()})
+        files = _FILES
+        report = _with_files(report, output)
         mark(tmp, "analysis")
         data.save(tmp / files["gram"])
         with open(tmp / files["analysis"], "w") as f:
@@ -112,12 +118,19 @@ def analyze(
     ``output`` also writes analysis.json, gram.npz and three PNG figures there, atomically. An existing
     output folder is replaced only if an earlier analysis wrote it (its marker file); ``force`` is kept for
     compatibility and never replaces any other non-empty folder.
+
+    Inside a process group (``extramerge.distributed``) every rank calls this: the Gram pass is split
+    across the ranks, rank 0 alone checks and writes ``output``, and every rank returns the same report.
     """
-    ckpts, opened_here = open_all(checkpoints)
-    inputs = ckpts
-    if output is not None:
-        _check_output_dir(Path(output), inputs, force)  # fail before the long pass, not after
-    try:  # the figures' matplotlib import (~0.4 s) overlaps the pass where workers are processes
+    group = distributed.current()
+    leader = group is None or group.leader
+    ckpts, opened_here = [], False
+    try:
+        with distributed.agreed(group):  # a checkpoint one rank cannot open fails every rank here
+            ckpts, opened_here = open_all(checkpoints)
+            if output is not None and leader:
+                _check_output_dir(Path(output), ckpts, force)  # fail before the long pass, not after
+        # the figures' matplotlib import (~0.4 s) overlaps the pass where workers are processes
         background = plots.warm_up if output is not None else None
         data = gram_pass(ckpts, reference=reference, progress=progress, background=background)
     finally:
@@ -126,5 +139,9 @@ def analyze(
                 c.close()
     report = summarize(data, windows)
     if output is not None:
-        report = write_outputs(data, report, output, inputs=inputs, force=force)
+        with distributed.agreed(group):
+            if leader:
+                report = write_outputs(data, report, output, inputs=ckpts, force=force)
+            else:
+                report = _with_files(report, Path(output))
     return report

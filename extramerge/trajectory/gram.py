@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from extramerge import distributed
 from extramerge.engine import units
 from extramerge.engine.arith import all_finite
 from extramerge.engine.parallel import can_fork, ordered_map, run_forked
@@ -113,6 +114,11 @@ def gram_pass(
     a unit) on every path, so the result is bit-for-bit the same whatever the timing or which worker
     computed what. ``background`` (a callable) runs in this process while worker processes do the pass.
     Raises CheckpointError for NaN/Inf naming the tensor and file.
+
+    Inside a process group (``extramerge.distributed``) every rank calls this: each computes the blocks of
+    its contiguous share of the units into a zeroed array, one all-reduce (sum) fills in the others' (each
+    entry has one non-zero term, so the sum is exact), and every rank adds the blocks up in the same unit
+    order: the result is bit-identical to one process's, on every rank.
     """
     n = len(ckpts)
     if n < 2:
@@ -151,8 +157,33 @@ def gram_pass(
 
     names_idx = {k: t for t, k in enumerate(names)}
     total = sum(i.nbytes for i in floats.values()) * n
+    group = distributed.current()
+    if group is not None:
+        sizes = [sum((b - a) * floats[k].itemsize * n for k, a, b in u) for u in plan]
+        todo = list(distributed.rank_block(sizes, group))
+        blocks, done = _blocks(plan, n, workers)
+        mine = sum(sizes[u] for u in todo)
+        per_rank = distributed.workers_per_rank(workers, group)
+        leads = group.leader
+        with distributed.agreed(group):  # a failure on any rank (bad tensor, I/O) stops every rank
+            _fill(
+                run,
+                plan,
+                todo,
+                blocks,
+                done,
+                per_rank,
+                mine,
+                progress and leads,
+                background if leads else None,
+            )
+        group.all_reduce_sum(blocks)
+        grams, norms = _add_blocks(blocks, len(names), n)
+        return _gram_data(ckpts, infos, names, skipped, grams, norms, ref)
     if workers >= 2 and len(plan) >= 2 and can_fork():
-        grams, norms = _gram_forked(run, plan, workers, len(names), n, total, progress, background)
+        blocks, done = _blocks(plan, n, workers)
+        _fill(run, plan, range(len(plan)), blocks, done, workers, total, progress, background)
+        grams, norms = _add_blocks(blocks, len(names), n)
         return _gram_data(ckpts, infos, names, skipped, grams, norms, ref)
     grams = np.zeros((len(names), n - 1, n))
     norms = np.zeros(len(names))
@@ -170,25 +201,47 @@ def gram_pass(
     return _gram_data(ckpts, infos, names, skipped, grams, norms, ref)
 
 
-def _gram_forked(run, plan, workers, n_names, n, total, progress, background):
-    """The pass on ``workers`` forked processes. Workers claim units from a pipe of unit numbers (so a
-    worker slowed down by other work takes fewer) and store each segment's Gram block in shared memory;
-    the blocks are then added in unit order, exactly as the inline pass adds them: the result is
-    bit-for-bit the same whoever computed what."""
-    first = np.cumsum([0] + [len(u) for u in plan])  # index of each unit's first segment
-    width = (n - 1) * n + 2  # Gram block, ‖θ_ref‖², tensor index
-    shm = np.frombuffer(mmap.mmap(-1, 8 * (int(first[-1]) * width + workers)), dtype=np.float64)
-    blocks = shm[: int(first[-1]) * width].reshape(-1, width)
-    done = shm[int(first[-1]) * width :]  # bytes read per worker (progress)
-    feed = _UnitFeed(len(plan))
+def _blocks(plan, n: int, workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zeroed rows, one per segment of the plan (unit order, segment order), each a Gram block, ‖θ_ref‖²
+    and the tensor index; and a counter of bytes read per worker. In shared memory, so forked workers
+    can fill them."""
+    rows = sum(len(u) for u in plan)
+    width = (n - 1) * n + 2
+    shm = np.frombuffer(mmap.mmap(-1, 8 * (rows * width + max(workers, 1))), dtype=np.float64)
+    return shm[: rows * width].reshape(rows, width), shm[rows * width :]
+
+
+def _fill(run, plan, todo, blocks, done, workers, total, progress, background) -> None:
+    """Fill the rows of the units ``todo`` — on ``workers`` forked processes where possible (workers claim
+    units from a pipe of unit numbers, so a worker slowed down by other work takes fewer), else on
+    threads — while this process shows progress and runs ``background``."""
+    first = np.cumsum([0] + [len(u) for u in plan])  # row of each unit's first segment
+
+    def put(u: int, parts) -> None:
+        for i, (t, G, r2) in enumerate(parts):
+            row = blocks[first[u] + i]
+            row[:-2] = G.reshape(-1)
+            row[-2], row[-1] = r2, t
+
+    if not (workers >= 2 and len(todo) >= 2 and can_fork()):
+        bar = _progress(total, progress)
+        try:
+            units_todo = [plan[u] for u in todo]
+            results = ordered_map(run, units_todo, workers=workers, depth=2 * max(workers, 1))
+            for u, (parts, nbytes) in zip(todo, results, strict=True):
+                put(u, parts)
+                bar.update(nbytes)
+        finally:
+            bar.close()
+        if background is not None:
+            background()
+        return
+    feed = _UnitFeed(todo)
 
     def job(k: int) -> None:
         for u in feed.claim():
             parts, nbytes = run(plan[u])
-            for i, (t, G, r2) in enumerate(parts):
-                row = blocks[first[u] + i]
-                row[:-2] = G.reshape(-1)
-                row[-2], row[-1] = r2, t
+            put(u, parts)
             done[k] += nbytes
 
     bar, shown = None, [0.0]
@@ -210,9 +263,14 @@ def _gram_forked(run, plan, workers, n_names, n, total, progress, background):
         feed.close()
         if bar is not None:
             bar.close()
+
+
+def _add_blocks(blocks: np.ndarray, n_names: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-tensor Gram blocks and ‖θ_ref‖², added up row by row: unit order, segment order, the inline
+    pass's order of additions, so the result is bit-for-bit the same whoever computed what."""
     grams = np.zeros((n_names, n - 1, n))
     norms = np.zeros(n_names)
-    for row in blocks:  # unit order, segment order: the inline pass's order of additions
+    for row in blocks:
         t = int(row[-1])
         grams[t] += row[:-2].reshape(n - 1, n)
         norms[t] += row[-2]
@@ -220,15 +278,16 @@ def _gram_forked(run, plan, workers, n_names, n, total, progress, background):
 
 
 class _UnitFeed:
-    """Unit numbers 0..n-1 in a pipe: each forked worker reads 4 bytes at a time (atomic for a pipe) until
-    the pipe is empty and closed. The parent writes what fits before forking and tops up while waiting."""
+    """Unit numbers in a pipe: each forked worker reads 4 bytes at a time (atomic for a pipe) until the
+    pipe is empty and closed. The parent writes what fits before forking and tops up while waiting."""
 
-    def __init__(self, n: int):
+    def __init__(self, todo):
+        n = len(todo)
         self.r, self.w = os.pipe()
         with contextlib.suppress(OSError, AttributeError):  # Linux: room for up to 256K units at once
             fcntl.fcntl(self.w, fcntl.F_SETPIPE_SZ, min(2**20, max(2**16, 4 * n)))
         os.set_blocking(self.w, False)
-        self.pending = memoryview(b"".join(u.to_bytes(4, "little") for u in range(n)))
+        self.pending = memoryview(b"".join(int(u).to_bytes(4, "little") for u in todo))
         self.top_up()
 
     def top_up(self) -> None:
