@@ -16,6 +16,15 @@ the number of checkpoints:
     pc1     window K = N, ahead = 0            SMA of the last K moved onto the PC1 trend line ``ahead``
                                                past the newest; needs the Gram matrix: one extra read pass,
                                                or none when ``gram=`` gives an analysis' gram.npz
+    decay   window K = N, shape = linear       the merge that emulates a learning-rate decay of that shape
+                                               (linear, minus_sqrt, cosine) over the last K checkpoints
+                                               saved at a constant rate (WSM; Megatron weighted_merge.py);
+                                               linear is the SMA of the K
+    posthoc-ema  sigma_rel or gamma (required)  a power-function EMA fitted after training (EDM2): over EMA
+                                               snapshots whose safetensors metadata carry extramerge.gamma
+                                               (and extramerge.step), or over raw checkpoints (each stands
+                                               for its interval of steps); merge.json records the fit's
+                                               relative residual
     custom  weights (one per checkpoint)        a sum other than 1 is allowed with a warning (the merge is
                                                then not translation-equivariant: it rescales the weights)
 """
@@ -33,11 +42,25 @@ from rivervalley import analysis as _analysis
 from rivervalley import weights as _weights
 
 from . import select
+from .io.layout import GAMMA_KEY, STEP_KEY
+from .io.safety import shown
 from .trajectory import GramData, gram_pass, load_gram
 
-__all__ = ["Method", "REGISTRY", "NAMES", "KNOBS", "get", "reject_unused", "gram_for", "cli_help"]
+__all__ = [
+    "Method",
+    "REGISTRY",
+    "NAMES",
+    "KNOBS",
+    "GAMMA_KEY",
+    "STEP_KEY",
+    "get",
+    "reject_unused",
+    "gram_for",
+    "cli_help",
+]
 
-KNOBS = ("window", "offset", "alpha", "decay", "weights", "ahead", "gram")  # every knob any method takes
+KNOBS = ("window", "offset", "alpha", "decay", "weights", "ahead", "gram", "shape", "sigma_rel", "gamma")
+POOR_FIT = 0.1  # a post-hoc EMA whose relative profile residual exceeds this gets a note
 
 
 @dataclass(frozen=True)
@@ -59,9 +82,13 @@ class Method:
         return bool(self.gram(knobs))
 
 
-def _uneven_steps(ckpts) -> str | None:
+def _uneven(ckpts) -> bool:
     steps = [getattr(c, "step", None) for c in ckpts]
-    if len(steps) >= 3 and None not in steps and len(set(np.diff(steps).tolist())) > 1:
+    return len(steps) >= 3 and None not in steps and len(set(np.diff(steps).tolist())) > 1
+
+
+def _uneven_steps(ckpts) -> str | None:
+    if _uneven(ckpts):
         return "checkpoint steps are unevenly spaced; positions are taken as checkpoint indices (1..N)"
     return None
 
@@ -177,6 +204,76 @@ def _custom(n, knobs, ckpts, gram):
     return w, {}, notes
 
 
+def _decay(n, knobs, ckpts, gram):
+    K = _window(n, knobs)
+    shape = "linear" if knobs.get("shape") is None else knobs["shape"]
+    w = _weights.decay(n, K, shape)
+    notes = ["checkpoint steps are unevenly spaced: the emulated decay is a staircase over them"]
+    return w, {"window": int(K), "shape": str(shape)}, notes if _uneven(ckpts[n - K :]) else []
+
+
+def _metadata_number(c, key: str) -> float | None:
+    text = (getattr(c, "metadata", None) or {}).get(key)
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not np.isfinite(value):
+        raise ValueError(f"{c.path}: metadata {key} = {shown(text, 40)} is not a finite number")
+    return value
+
+
+def _snapshots(ckpts) -> tuple[list[float], list[float] | None]:
+    """Training steps and, for EMA snapshots, their γ (None for raw checkpoints) from the checkpoints."""
+    steps, gammas = [], [_metadata_number(c, GAMMA_KEY) for c in ckpts]
+    for c in ckpts:
+        step = _metadata_number(c, STEP_KEY)
+        step = getattr(c, "step", None) if step is None else step
+        if step is None:
+            raise ValueError(
+                f"method 'posthoc-ema' needs each checkpoint's training step: {c.path} has none in its name "
+                f"(step_XXXX) nor in its metadata ({STEP_KEY})"
+            )
+        steps.append(float(step))
+    if None not in gammas:
+        return steps, gammas
+    if any(g is not None for g in gammas):
+        raise ValueError(
+            f"method 'posthoc-ema': some checkpoints are EMA snapshots ({GAMMA_KEY} in their metadata) and "
+            "some are not; give only EMA snapshots or only raw checkpoints"
+        )
+    return steps, None
+
+
+def _posthoc(n, knobs, ckpts, gram):
+    if knobs.get("sigma_rel") is None and knobs.get("gamma") is None:
+        raise ValueError("method 'posthoc-ema' needs the target EMA: --sigma-rel S or --gamma G")
+    steps, gammas = _snapshots(ckpts)
+    fit = _weights.posthoc_ema(steps, gammas, gamma=knobs.get("gamma"), sigma_rel=knobs.get("sigma_rel"))
+    params = {
+        "gamma": fit.gamma,
+        "sigma_rel": fit.sigma_rel,
+        "step": fit.step,
+        "snapshots": "raw checkpoints" if gammas is None else "ema",
+        "fit_residual": fit.residual,
+    }
+    if gammas is not None:
+        params["snapshot_gammas"] = gammas
+    notes = []
+    if fit.residual > POOR_FIT:
+        notes.append(
+            f"poor fit: the merged profile differs from the target EMA by {fit.residual:.0%} (relative L2); "
+            + (
+                "the checkpoints are too sparse for this sigma_rel, or the target reaches before the oldest"
+                if gammas is None
+                else "the target lies far from the stored snapshots' gammas or steps"
+            )
+        )
+    return fit.weights, params, notes
+
+
 REGISTRY: dict[str, Method] = {
     m.name: m
     for m in (
@@ -197,6 +294,10 @@ REGISTRY: dict[str, Method] = {
             _pc1,
             "SMA moved onto the PC1 trend",
             gram=lambda knobs: True,
+        ),
+        Method("decay", frozenset({"window", "shape"}), _decay, "emulated LR decay (--shape)"),
+        Method(
+            "posthoc-ema", frozenset({"sigma_rel", "gamma"}), _posthoc, "post-hoc power EMA (--sigma-rel)"
         ),
         Method("custom", frozenset({"weights"}), _custom, "--weights"),
     )

@@ -31,7 +31,7 @@ def _merge_choices() -> list[str]:
 
 def test_cli_choices_and_api_names_come_from_the_registry():
     assert _merge_choices() == list(REGISTRY) == list(api.METHODS)
-    assert set(REGISTRY) == {"sma", "ema", "wma", "extra", "trend", "pc1", "custom"}
+    assert set(REGISTRY) == {"sma", "ema", "wma", "extra", "trend", "pc1", "decay", "posthoc-ema", "custom"}
     for m in REGISTRY.values():
         assert m.knobs <= set(methods.KNOBS), m.name
 
@@ -39,9 +39,10 @@ def test_cli_choices_and_api_names_come_from_the_registry():
 def test_a_knob_a_method_does_not_take_is_refused_by_its_flag():
     ck = _fake(8)
     values = dict(window=2, offset=2, alpha=0.5, decay=0.5, weights=[1 / 8] * 8, ahead=1.0, gram="g.npz")
+    values |= dict(shape="cosine", sigma_rel=0.05, gamma=6.94)
     for m in REGISTRY.values():
         for knob in set(methods.KNOBS) - m.knobs:
-            flag = "--" + knob
+            flag = "--" + knob.replace("_", "-")
             with pytest.raises(ValueError, match=f"{flag} \\({knob}\\) does not apply to method '{m.name}'"):
                 api.plan(ck, m.name, **{knob: values[knob]})
 
