@@ -109,6 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--stop-at", type=int, help="pause after this step (saving resume state); continue with --resume")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar and no summary")
+    a(
+        "--online-merge",
+        metavar="SPEC",
+        help="keep merges online and report their held-out loss at each evaluation (val_loss_NAME in "
+        "log.jsonl): comma-separated ema:BETA, pema:GAMMA (power EMA), sma:K, wma:K, extra:ALPHA@D "
+        "(Extra-Merge of the average before it), e.g. ema:0.99,sma:8,extra:0.5@4",
+    )
+    a("--online-every", type=int, help="update the online merges every N optimizer steps (default 1)")
+    a(
+        "--online-device",
+        choices=("cpu",),
+        help="keep the online merges on the host (default: beside the weights)",
+    )
+    a(
+        "--online-save",
+        action="store_true",
+        help="also save each online merge at every checkpoint, as RUN/online/NAME/step_XXXXXX/",
+    )
     return p
 
 

@@ -73,6 +73,10 @@ class TrainConfig:
     resume: bool = False
     stop_at: int | None = None  # pause after this step with a resume save (continue later with --resume)
     progress: bool = True
+    online_merge: str | None = None  # e.g. "ema:0.99,sma:8,extra:0.5@4" (extramerge.online.spec)
+    online_every: int | None = None  # None: 1 (an update after every optimizer step)
+    online_device: str | None = None  # None: beside the parameters; "cpu": on the host
+    online_save: bool | None = None  # also save the merges at every checkpoint (RUN/online/NAME/step_X)
     extra: dict = field(default_factory=dict)  # free-form notes recorded in run.json
 
 
@@ -127,7 +131,27 @@ def resolve(config: TrainConfig) -> dict:
     if c["device"].startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
     c["tokens_per_step"] = c["batch_size"] * c["seq_len"]
+    _resolve_online(c)
     return c
+
+
+def _resolve_online(c: dict) -> None:
+    """Check the --online-* flags (one-line errors naming the flag) and fill their defaults."""
+    from extramerge.online.spec import parse_spec
+
+    if c["online_merge"] is not None:
+        parse_spec(c["online_merge"], "--online-merge")
+    elif c["online_every"] is not None or c["online_device"] is not None or c["online_save"]:
+        raise ValueError("--online-every/--online-device/--online-save need --online-merge")
+    if c["online_every"] is None:
+        c["online_every"] = 1
+    if isinstance(c["online_every"], bool) or not isinstance(c["online_every"], int) or c["online_every"] < 1:
+        raise ValueError(f"--online-every must be an integer >= 1, got {c['online_every']!r}")
+    if c["online_device"] not in (None, "cpu"):
+        raise ValueError(
+            f"--online-device must be cpu (or left out: beside the parameters), got {c['online_device']!r}"
+        )
+    c["online_save"] = bool(c["online_save"])
 
 
 def build_schedule(r: dict) -> Schedule:

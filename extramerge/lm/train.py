@@ -14,6 +14,12 @@ Run folder (``-o RUN``)::
                             tokenizer files; opened by AutoModelForCausalLM and extramerge alike
     RUN/resume/optimizer.pt resume state (model, optimizers, step, RNG states), written at every checkpoint
                             and every --save-every steps; the name keeps extramerge's scanner away from it
+    RUN/resume/online.pt    with --online-merge: the online merges' state (extramerge.online), saved with it
+    RUN/online/NAME/step_000700/  with --online-save: each online merge at each checkpoint (an HF folder)
+
+With ``--online-merge SPEC`` (e.g. ``ema:0.99,sma:8,extra:0.5@4``) an ``extramerge.online.OnlineMerger``
+is updated every ``--online-every`` steps, and each evaluation also logs ``val_loss_NAME``: the held-out
+loss with that merge's weights swapped in (merges that have too few updates yet are left out).
 
 Conventions: ``--steps`` counts optimizer updates; ``step_000700`` holds the weights after 700 updates, and
 its recorded ``lr`` is the one that update used (``schedule(699)``: schedules are 0-based). Checkpoints are
@@ -37,14 +43,17 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from extramerge.io import open_checkpoint
+from extramerge.online import OnlineMerger, parse_spec
 from rivervalley.compute import flush_denormals
-from rivervalley.publish import deferred
+from rivervalley.publish import deferred, write_file
 
 from . import data as lmdata
 from .batches import Batches, eval_windows
@@ -61,7 +70,9 @@ from .models import build_model, count_params
 from .optimizers import build_optimizers
 from .tokenizer import build_tokenizer
 
-__all__ = ["Run", "train", "Interrupted", "available_cores"]
+__all__ = ["Run", "train", "Interrupted", "available_cores", "ONLINE_FILE"]
+
+ONLINE_FILE = "online.pt"  # RUN/resume/online.pt: the online merges' state
 
 # -------------------------------------------------------------------------------------------------- train
 
@@ -89,6 +100,8 @@ class Run:
         self.loss_sum = torch.zeros((), device=self.device)
         self.loss_n = 0
         self.last_train_loss = self.last_val_loss = None
+        self.online: OnlineMerger | None = None
+        self.last_online: dict[str, float] = {}  # val_loss_NAME of the online merges at the last evaluation
         self.saved_step: int | None = None  # step of the last resume save (what --resume continues from)
         self.created: Path | None = None  # the highest folder this run created
 
@@ -118,6 +131,9 @@ class Run:
         self.model.train()
         self.n_params = count_params(self.model)
         self.optimizers = build_optimizers(self.model, r)
+        if r["online_merge"]:
+            spec = parse_spec(r["online_merge"], "--online-merge")
+            self.online = OnlineMerger(self.model, spec, every=r["online_every"], device=r["online_device"])
         self.schedule = build_schedule(r)
         self.lr_factor = (
             np.asarray(self.schedule(np.arange(r["steps"])), dtype=np.float64) / self.schedule.peak
@@ -131,6 +147,7 @@ class Run:
         self.forward = torch.compile(self.model) if r["compile"] else self.model
         if self.config.resume:
             load_resume(self)
+            self._load_online()
         else:
             (self.dir / "log.jsonl").write_text("")
         self.log = open(self.dir / "log.jsonl", "a", encoding="utf-8")  # closed in finish()
@@ -182,6 +199,8 @@ class Run:
                 self.loss_n += 1
                 self.step += 1
                 step = self.step
+                if self.online is not None:
+                    self.online.update(step)
                 bar.update(1)
                 if step % log_every == 0 or step == r["steps"]:
                     train_loss = float(self.loss_sum) / self.loss_n
@@ -213,8 +232,10 @@ class Run:
                     with deferred():  # a signal waits: a published checkpoint always has its resume state
                         if is_ckpt:
                             save_checkpoint(self, factor)
+                            self._save_online_merges()
                         if is_ckpt or (save_every and step % save_every == 0):
                             save_resume(self)
+                            self._save_online_state()
                     side += time.perf_counter() - t_side
         except BaseException:
             bar.close()  # a stop line goes below the bar, not onto it
@@ -225,15 +246,29 @@ class Run:
             self.step in ckpts or (save_every and self.step % save_every == 0)
         ):
             save_resume(self)  # paused by --stop-at
+            self._save_online_state()
 
     def _log(self, **entry) -> None:
         self.log.write(json.dumps({k: v for k, v in entry.items() if v is not None}) + "\n")
         self.log.flush()
 
     # ------------------------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def _evaluate(self) -> float:
         t = time.perf_counter()
+        val = self._val_loss()
+        self.last_val_loss = val
+        self.last_online = {}
+        if self.online is not None:
+            for name in self.online.ready_names():
+                with self.online.swapped(name):
+                    self.last_online[f"val_loss_{name}"] = self._val_loss()
+        self._log(step=self.step, val_loss=val, **self.last_online)
+        self.timings["eval_s"] += time.perf_counter() - t
+        return val
+
+    @torch.no_grad()
+    def _val_loss(self) -> float:
+        """Mean loss over the fixed validation windows."""
         self.model.eval()
         bs, offsets = self.r["batch_size"], np.arange(self.r["seq_len"] + 1)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -245,11 +280,46 @@ class Run:
             with self._autocast():
                 total += _lm_loss(self.forward, chunk).double() * len(starts)
         self.model.train()
-        val = float(total) / len(self.eval_starts)
-        self.last_val_loss = val
-        self._log(step=self.step, val_loss=val)
-        self.timings["eval_s"] += time.perf_counter() - t
-        return val
+        return float(total) / len(self.eval_starts)
+
+    # ----------------------------------------------------------------------------------- online merges
+    def _save_online_merges(self) -> None:
+        """The checkpoint's record gets the online losses; with --online-save each merge that has a value
+        is written as RUN/online/NAME/step_XXXXXX/ (an HF folder with the checkpoint's config)."""
+        if self.online is None:
+            return
+        self.checkpoints[-1].update(self.last_online)
+        if not self.r["online_save"]:
+            return
+        t = time.perf_counter()
+        name = f"step_{self.step:06d}"
+        template = open_checkpoint(self.dir / name)
+        for merge in self.online.ready_names():
+            out = self.dir / "online" / merge / name
+            self.online.save(merge, out, fmt="hf-safetensors", template=template, force=True)
+        self.timings["ckpt_s"] += time.perf_counter() - t
+
+    def _save_online_state(self) -> None:
+        if self.online is not None:
+            state = {"step": self.step, "online": self.online.state_dict()}
+            write_file(self.dir / "resume" / ONLINE_FILE, lambda p: torch.save(state, p))
+
+    def _load_online(self) -> None:
+        """The online merges as saved with the resume state; afresh (with a warning) when that file is
+        missing or from another step (a stop between the two saves)."""
+        if self.online is None:
+            return
+        path = self.dir / "resume" / ONLINE_FILE
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            state = None
+        if state is None or state["step"] != self.step:
+            warnings.warn(
+                f"{path}: no online state for step {self.step}; the online merges start afresh", stacklevel=2
+            )
+            return
+        self.online.load_state_dict(state["online"])
 
     def tokens_per_s(self) -> float:
         return (
@@ -280,6 +350,11 @@ class Run:
                 f"train {t['train_s']:.1f} s, eval {t['eval_s']:.1f} s, checkpoints {t['ckpt_s']:.1f} s)",
                 f"loss      train {train}, val {val} (bits/byte {_bpb(self.last_val_loss)})",
                 f"ckpts     {len(self.checkpoints)}: step {steps}",
+                *(
+                    ["online    " + ", ".join(f"{k[9:]} {v:.4f}" for k, v in self.last_online.items())]
+                    if self.last_online
+                    else []
+                ),
             ]
         )
 

@@ -1,0 +1,1 @@
+"""Thin usage examples (not installed): ``python -m examples.online_merge_plain``, ..."""

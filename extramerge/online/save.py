@@ -1,0 +1,129 @@
+"""Saving an online merge, atomically, with the merge.json record the offline merges write.
+
+Plain tensors stream through ``extramerge.io.write_checkpoint`` (one tensor in memory at a time; ``fmt`` is
+passed through: safetensors, hf-safetensors with a ``template``, hf-bin, torch, and any format the writer
+learns). DTensor shards (FSDP2) are saved with ``torch.distributed.checkpoint.save``, each rank its shard,
+into a staging folder that rank 0 publishes after a barrier. Power-EMA snapshots (``save_snapshots``) carry
+γ, step and update count in their record and safetensors metadata, for a post-hoc EMA fit.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from extramerge.io import (
+    TensorInfo,
+    check_merge_output,
+    check_output,
+    outputs,
+    publish,
+    staging_dir,
+    write_checkpoint,
+)
+from extramerge.io.layout import GAMMA_KEY, STEP_KEY
+
+from .averages import DTensor
+
+if TYPE_CHECKING:
+    from .merger import OnlineMerger
+
+__all__ = ["save_merge", "save_snapshots", "record_of"]
+
+
+def record_of(merger: OnlineMerger, name: str, fmt: str | None) -> dict:
+    return {
+        "tool": "extramerge",
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        **merger.describe(name),
+        "output_format": fmt,
+    }
+
+
+def _sharded(merger: OnlineMerger) -> bool:
+    return DTensor is not None and any(isinstance(p, DTensor) for _, p in merger.named)
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def save_merge(
+    merger: OnlineMerger, name: str, output, *, fmt=None, template=None, force=False, metadata=None
+):
+    """Write the merge ``name`` to ``output``: a DCP folder when the parameters are DTensors (collective:
+    every rank calls it), else a checkpoint in ``fmt`` (None: from the output's suffix or ``template``;
+    under torch.distributed only rank 0 writes). Returns the published path (None on other ranks)."""
+    record = record_of(merger, name, "dcp" if _sharded(merger) else fmt)
+    if _sharded(merger):
+        return _save_dcp(merger, name, Path(output), record, force)
+    if _rank() != 0:
+        return None
+    tensors = [(n, torch.Size(p.shape), p.dtype) for n, p in merger.named]
+    infos = {n: TensorInfo(n, shape, dtype) for n, shape, dtype in tensors}
+    meta = {f"extramerge.online.{k}": json.dumps(v) for k, v in record.items() if not isinstance(v, list)}
+    write_checkpoint(
+        output,
+        ((n, t.cpu()) for n, t in merger.merged(name)),
+        infos=infos,
+        template=template,
+        fmt=fmt,
+        metadata={**meta, **(metadata or {})},
+        record=record,
+        force=force,
+    )
+    return Path(output)
+
+
+def _save_dcp(merger: OnlineMerger, name: str, out: Path, record: dict, force: bool) -> Path:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    state = merger.state_dict_of(name)
+    group = dist.is_available() and dist.is_initialized()
+    box: list = [None]
+    if _rank() == 0:
+        try:
+            out = check_output(out, force=force)
+            check_merge_output(out)
+            box[0] = str(staging_dir(out))
+        except Exception as e:  # every rank must learn of it, or the others wait forever
+            box[0] = e
+    if group:
+        dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    tmp = Path(box[0])
+    try:
+        dcp.save(state, checkpoint_id=str(tmp))
+        if group:
+            dist.barrier()
+        if _rank() == 0:
+            (tmp / "merge.json").write_text(json.dumps(record, indent=1) + "\n")
+            with outputs.locked(out):
+                check_merge_output(out)
+                publish(tmp, out, force)
+        if group:
+            dist.barrier()
+    except BaseException:
+        if _rank() == 0:
+            outputs.discard(tmp)
+        raise
+    return out
+
+
+def save_snapshots(merger: OnlineMerger, step: int) -> list:
+    """Save every power-EMA (pema) as ``snapshot_dir/NAME/step_XXXXXX`` (its record holds γ, the step and
+    the update count: what a post-hoc EMA fit needs)."""
+    out = []
+    for name, a in merger.items.items():
+        if a.kind == "pema":
+            dst = Path(merger.snapshot_dir) / name / f"step_{step:06d}"
+            meta = {GAMMA_KEY: repr(float(a.value)), STEP_KEY: str(int(step))}  # for --method posthoc-ema
+            out.append(save_merge(merger, name, dst, fmt=merger.fmt, force=True, metadata=meta))
+    return out
