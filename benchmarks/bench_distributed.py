@@ -16,8 +16,8 @@ input read once so the page cache is warm, the old output removed):
   processes not help;
 * ``--cold``: the same after ``echo 3 > /proc/sys/vm/drop_caches`` where this process may do so (root on
   the host, not in most containers); otherwise noted as not measured.
-* ``--dcp``: the same model as a torch.distributed.checkpoint folder as input (a hook: filled in once the
-  DCP reader lands).
+* ``--dcp``: the same model as torch.distributed.checkpoint folders (torch's dcp.save, made once and kept
+  in ``--workdir``) as input, merged into the same .safetensors output, 1 and N processes.
 
 The checkpoints are GPT-2-shaped (vocab 50257, learned positions, 4x MLP), θ_j = base + 10⁻³·j·drift +
 2·10⁻⁴·noise_j, generated tensor by tensor from seeded generators (stable across runs) and kept in
@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -178,10 +179,26 @@ def timed(name: str, ckpts, out: Path, nproc: int, repeats: int, logs: Path, col
     return best
 
 
-def dcp_inputs(paths: list[Path], workdir: Path) -> list[Path] | None:
-    """The same checkpoints as torch.distributed.checkpoint folders, for ``--dcp``: a hook until the DCP
-    reader lands (returns None: not measured)."""
-    return None
+def dcp_inputs(paths: list[Path], workdir: Path) -> list[Path]:
+    """The same checkpoints as torch.distributed.checkpoint folders (torch's own ``dcp.save``, one process:
+    one chunk a tensor, one ``__0_0.distcp``), made once and cached in ``workdir/dcp/``."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    out = []
+    for p in paths:
+        folder = workdir / "dcp" / p.stem
+        if not (folder / ".metadata").is_file():
+            tmp = folder.with_name(folder.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+                dcp.save(load_file(p), checkpoint_id=str(tmp), no_dist=True)
+            tmp.rename(folder)
+        out.append(folder)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -329,7 +329,9 @@ def build_parser(ranks: bool = False) -> argparse.ArgumentParser:
         "--shard-size",
         default="5GB",
         metavar="SIZE",
-        help="largest output shard, e.g. 5GB, 500MB (default 5GB)",
+        help="largest output shard, e.g. 5GB, 500MB (default 5GB); for DCP and Megatron outputs the size of "
+        "each .distcp file, a larger tensor stored as row blocks across files (under torchrun/srun each "
+        "process writes whole files)",
     )
     m.add_argument(
         "--dry-run",

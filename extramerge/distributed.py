@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import os
+import sys
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -145,6 +146,20 @@ class Group:
         n = int.from_bytes(buf[:8].numpy().tobytes(), "little")
         return buf[8 : 8 + n].numpy().tobytes()
 
+    def all_gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's ``data`` (any length), in rank order, on every rank."""
+        import torch
+        import torch.distributed as dist
+
+        sizes = self.all_gather_int(len(data))
+        width = max(max(sizes), 1)
+        mine = torch.zeros(width, dtype=torch.uint8)
+        if data:
+            mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        got = [torch.zeros(width, dtype=torch.uint8) for _ in range(self.world)]
+        dist.all_gather(got, mine, group=self.pg)
+        return [t[:n].numpy().tobytes() for t, n in zip(got, sizes, strict=True)]
+
     def settle(self, error: BaseException | None) -> None:
         """Collective: if any rank's part failed, raise on every rank (``error`` itself where it is not None,
         else the lowest failing rank's error rebuilt); otherwise return."""
@@ -172,6 +187,26 @@ def current() -> Group | None:
     return _ACTIVE[0][0] if _ACTIVE else None
 
 
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Silence what C++ prints to the process's stdout meanwhile (torch 2.9's gloo prints "[Gloo] Rank 0 is
+    connected to 1 peer ranks ..." from every rank); Python-level errors still propagate."""
+    import ctypes
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).fflush(None)  # C stdio (and std::cout, synced with it) into /dev/null
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 def join() -> Group | None:
     """Join the run's process group (idempotent): gloo through env:// for a launch ``launch_from_env`` sees,
     the caller's own if torch.distributed is initialised already; None for one process."""
@@ -188,7 +223,10 @@ def join() -> Group | None:
     owned = not dist.is_initialized()
     if owned:
         try:
-            dist.init_process_group("gloo", init_method="env://", rank=launch.rank, world_size=launch.world)
+            with _quiet_stdout():
+                dist.init_process_group(
+                    "gloo", init_method="env://", rank=launch.rank, world_size=launch.world
+                )
         except (RuntimeError, ValueError, OSError) as e:  # torch's DistNetworkError is a RuntimeError
             raise OSError(
                 f"rank {launch.rank} of {launch.world} could not join the process group at "
@@ -199,7 +237,8 @@ def join() -> Group | None:
         if owned:
             dist.destroy_process_group()
         return None
-    pg = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    with _quiet_stdout():
+        pg = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
     _ACTIVE.append((Group(dist.get_rank(), world, pg), owned))
     return _ACTIVE[0][0]
 

@@ -45,14 +45,19 @@ def _dcp_load(state: dict, folder: Path, **kw) -> dict:
     return state
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The same trajectory as a torchtitan-style DCP run (step-100/ ...; with optimizer state, a train
-    state and a transposed tensor) and as safetensors files."""
-    root = tmp_path_factory.mktemp("runs")
+def make_dcp_run(root: Path, nan_in: str | None = None, more: dict | None = None) -> list[dict]:
+    """The same trajectory as a torchtitan-style DCP run root/dcp/step-100/ ... (with optimizer state, a
+    train state and a transposed tensor) and as safetensors files root/st/step_000100.safetensors ...;
+    returns the states. ``nan_in`` puts a NaN at the end of that tensor of the newest checkpoint; ``more``
+    (name → shape) adds float tensors after the others."""
     base = toy_state(with_int=True)
     base["transformer.h.0.attn.c_proj.weight"] = torch.randn(6, 8).t()  # stored transposed (strided)
+    g = torch.Generator().manual_seed(7)
+    base |= {name: torch.randn(shape, generator=g) for name, shape in (more or {}).items()}
     states = trajectory(base, len(STEPS), steps=STEPS)
+    if nan_in is not None:
+        t = states[-1][nan_in]
+        t[(-1,) * t.dim()] = float("nan")  # its last element, whatever its strides
     for step, state in zip(STEPS, states, strict=True):
         sd = dict(state)
         sd[OPT] = torch.full((16, 8), float(step))
@@ -61,7 +66,13 @@ def runs(tmp_path_factory):
         flat = {k: v.contiguous() for k, v in state.items()}
         (root / "st").mkdir(exist_ok=True)
         save_file(flat, root / "st" / f"step_{step:06d}.safetensors")
-    return root, states
+    return states
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return root, make_dcp_run(root)
 
 
 def test_open_reads_metadata_and_names_format(runs, capsys):

@@ -9,16 +9,13 @@ and stderr are checked, as processes given the env:// variables directly (as sru
 from __future__ import annotations
 
 import json
-import os
 import random
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
+from _procs import leftovers, run_one, run_ranks, run_torchrun, same_tree
 from safetensors.numpy import save_file
 
 from extramerge import distributed
@@ -61,67 +58,6 @@ def _make_run(root: Path, n: int = 4, nan_in: tuple[int, str] | None = None) -> 
         (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 1024}) + "\n")
         paths.append(folder)
     return paths
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "SLURM_NTASKS")
-    }
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def _one(args: list, cwd: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "extramerge", *map(str, args)]
-    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=120)
-
-
-def _torchrun(args: list, cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
-    run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
-    run += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
-    return subprocess.run(
-        [*run, "-m", "extramerge", *map(str, args)], cwd=cwd, env=_env(), capture_output=True, text=True,
-        timeout=180,
-    )  # fmt: skip
-
-
-def _ranks(args: list, cwd: Path, nproc: int = 2) -> list[tuple[int, str, str]]:
-    """Each rank started with the env:// variables (as srun would): [(exit status, stdout, stderr)]."""
-    port = str(_free_port())
-    procs = []
-    for rank in range(nproc):
-        env = _env() | {"WORLD_SIZE": str(nproc), "RANK": str(rank), "LOCAL_RANK": str(rank)}
-        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        cmd = [sys.executable, "-m", "extramerge", *map(str, args)]
-        procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    out = []
-    for p in procs:
-        o, e = p.communicate(timeout=180)
-        out.append((p.returncode, o.decode(), e.decode()))
-    return out
-
-
-def _same_tree(a: Path, b: Path) -> None:
-    """Every file of output ``a`` equals ``b``'s byte for byte (merge.json apart from its time stamp)."""
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
-    for name in names:
-        if name == "merge.json":
-            ja, jb = (json.loads((d / name).read_text()) for d in (a, b))
-            ja.pop("created"), jb.pop("created")
-            assert ja == jb
-        else:
-            assert (a / name).read_bytes() == (b / name).read_bytes(), name
-
-
-def _leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
 # ------------------------------------------------------------------------------------------- no processes
@@ -190,34 +126,34 @@ def run4(tmp_path_factory) -> list[Path]:
 
 def test_torchrun_merge_sharded_equals_one_process(run4, tmp_path):
     args = ["merge", *run4, "--method", "ema", "--shard-size", "5MB", "--quiet", "-o"]
-    one = _one([*args, tmp_path / "one"], tmp_path)
+    one = run_one([*args, tmp_path / "one"], tmp_path)
     assert one.returncode == 0, one.stderr
-    two = _torchrun([*args, tmp_path / "two"], tmp_path)
+    two = run_torchrun([*args, tmp_path / "two"], tmp_path)
     assert two.returncode == 0, two.stderr + two.stdout
     assert two.stdout.count("extramerge merged ->") == 1  # rank 0 alone prints the summary
     assert "on 2 processes" in two.stdout
     assert len(list((tmp_path / "two").glob("model-*-of-*.safetensors"))) >= 3
-    _same_tree(tmp_path / "one", tmp_path / "two")
-    assert _leftovers(tmp_path) == []
+    same_tree(tmp_path / "one", tmp_path / "two")
+    assert leftovers(tmp_path) == []
 
 
 def test_ranks_merge_single_file_bfloat16_equals_one_process(run4, tmp_path):
     args = ["merge", *run4, "--method", "extra", "--dtype", "bfloat16", "--quiet", "-o"]
-    one = _one([*args, tmp_path / "one.safetensors"], tmp_path)
+    one = run_one([*args, tmp_path / "one.safetensors"], tmp_path)
     assert one.returncode == 0, one.stderr
-    (r0, out0, err0), (r1, out1, err1) = _ranks([*args, tmp_path / "two.safetensors"], tmp_path)
+    (r0, out0, err0), (r1, out1, err1) = run_ranks([*args, tmp_path / "two.safetensors"], tmp_path)
     assert (r0, r1) == (0, 0), err0 + err1
     assert "extramerge merged ->" in out0 and out1 == "" and err1 == ""
     assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "two.safetensors").read_bytes()
     rec = [json.loads((tmp_path / f"{x}.merge.json").read_text()) for x in ("one", "two")]
     assert [r.pop("created") and r for r in rec][0] == rec[1]
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_torchrun_analyze_equals_one_process(run4, tmp_path):
-    one = _one(["analyze", *run4, "--quiet", "-o", tmp_path / "one"], tmp_path)
+    one = run_one(["analyze", *run4, "--quiet", "-o", tmp_path / "one"], tmp_path)
     assert one.returncode == 0, one.stderr
-    two = _torchrun(["analyze", *run4, "--quiet", "-o", tmp_path / "two"], tmp_path)
+    two = run_torchrun(["analyze", *run4, "--quiet", "-o", tmp_path / "two"], tmp_path)
     assert two.returncode == 0, two.stderr + two.stdout
     assert two.stdout.count("analysed 4 checkpoints") == 1
     with np.load(tmp_path / "one" / "gram.npz") as a, np.load(tmp_path / "two" / "gram.npz") as b:
@@ -242,7 +178,7 @@ def test_failure_on_one_rank_fails_all_with_one_line(tmp_path):
     paths = _make_run(tmp_path / "run", nan_in=(2, "z.last.weight"))
     first, second = _tensors_per_rank(paths[-1])
     assert "z.last.weight" in second and "z.last.weight" not in first
-    (r0, _, err0), (r1, out1, err1) = _ranks(["merge", *_merge_args(paths, tmp_path / "out")], tmp_path)
+    (r0, _, err0), (r1, out1, err1) = run_ranks(["merge", *_merge_args(paths, tmp_path / "out")], tmp_path)
     assert (r0, r1) == (2, 2)
     lines = err0.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("extramerge: error: tensor 'z.last.weight'"), err0
@@ -268,11 +204,11 @@ def test_refusals_fail_every_rank(run4, tmp_path, case, message):
         args = ["merge", *_merge_args(run4, tmp_path / "out.pt")]
     else:
         args = ["inspect", *run4]
-    (r0, out0, err0), (r1, out1, err1) = _ranks(args, tmp_path)
+    (r0, out0, err0), (r1, out1, err1) = run_ranks(args, tmp_path)
     assert (r0, r1) == (2, 2)
     assert err0.count("\n") == 1 and err0.startswith("extramerge: error: ") and message in err0, err0
     assert out1 == "" and err1 == ""
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
     if case == "exists":
         assert [p.name for p in (tmp_path / "out").iterdir()] == ["mine.txt"]
     else:

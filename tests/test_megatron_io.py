@@ -57,9 +57,9 @@ def _states() -> list[dict]:
     return [{k: (base[k] + 0.1 * i * step[k]).to(torch.bfloat16) for k in SHAPES} for i in range(len(ITERS))]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("megatron")
+def make_megatron_run(root: Path) -> list[dict]:
+    """A Megatron run root root/ckpt (iter_0000100/ ... with optimizer state, byte entries, metadata.json,
+    common.pt; the tracker file) and the same states as root/st_0000100.safetensors ...; returns them."""
     states = _states()
     for it, state in zip(ITERS, states, strict=True):
         folder = root / "ckpt" / f"iter_{it:07d}"
@@ -76,7 +76,13 @@ def run(tmp_path_factory):
         )
         save_file(state, root / f"st_{it:07d}.safetensors")
     (root / "ckpt" / "latest_checkpointed_iteration.txt").write_text(f"{ITERS[-1]}")
-    return root, states
+    return states
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("megatron")
+    return root, make_megatron_run(root)
 
 
 def test_inspect_names_megatron_and_leaves_out_optimizer(run, capsys):

@@ -20,6 +20,7 @@ from rivervalley.memory import require_memory
 
 from .. import distributed
 from ..io import (
+    DCP_FORMATS,
     Checkpoint,
     CheckpointError,
     TensorInfo,
@@ -114,7 +115,9 @@ def merge_weights(
     Inside a process group (``extramerge.distributed``: torchrun, srun) every rank calls this with the
     same arguments: each computes the units of its contiguous block (balanced by bytes read) on
     ``workers_per_rank`` threads and writes them at their offsets into the output rank 0 prepared and
-    publishes (safetensors outputs only); the output is byte-identical to one process's.
+    publishes (safetensors outputs); for a DCP or Megatron output each rank merges and writes the tensor
+    elements of its own whole ``.distcp`` files (``ranked.dcp_share``) and rank 0 writes ``.metadata``.
+    Either way the output is byte-identical to one process's.
     """
     t0 = time.perf_counter()
     group = distributed.current()
@@ -164,6 +167,11 @@ def merge_weights(
         bytes_written = sum(i.nbytes for i in out_infos.values())
         chunk = max(1, chunk_bytes // 4)
         plan = units.plan_units(infos, chunk)
+        share = None
+        if group is not None and fmt in DCP_FORMATS:  # each rank writes whole .distcp files
+            share = ranked.dcp_share(
+                out_infos, template, fmt=fmt, shard_size=shard_size, output=out_path, group=group
+            )
         in_itemsize = max((i.itemsize for i in infos.values()), default=1)
         unit_bytes = max(
             (sum(units.align((b - a) * out_infos[n].itemsize) for n, a, b in u) for u in plan), default=1
@@ -280,10 +288,15 @@ def merge_weights(
 
     _raise_fd_limit(sum(len(c.files) for c in ckpts) + 256)  # each memory-mapped file keeps a descriptor
     rss = [summary.merge_rss_bytes]
-    sizes = [sum((b - a) * infos[n].itemsize * len(sources(n)) for n, a, b in u) for u in plan]
-    block = distributed.rank_block(sizes, group)  # all units in one process
-    mine = [plan[u] for u in block]
-    bar = progress_bar(sum(sizes[u] for u in block), progress and leader)
+
+    def read_size(unit) -> int:
+        return sum((b - a) * infos[n].itemsize * len(sources(n)) for n, a, b in unit)
+
+    if share is not None:  # the parts of the units in this rank's files
+        mine = units.clip_units(plan, share.extent)
+    else:  # a block balanced by bytes read; all units in one process
+        mine = [plan[u] for u in distributed.rank_block([read_size(u) for u in plan], group)]
+    bar = progress_bar(sum(read_size(u) for u in mine), progress and leader)
     free: list[np.ndarray] = []
 
     def with_buffers():
@@ -333,7 +346,7 @@ def merge_weights(
         if group is None:
             result = write_checkpoint(out_path, stream, direct_io=direct_io, **target)
         else:  # each rank writes its units at their offsets; rank 0 publishes
-            result = ranked.write_ranked(group, mine, stream, output=out_path, **target)
+            result = ranked.write_ranked(group, mine, stream, output=out_path, share=share, **target)
     finally:
         stream.close()  # stops the workers now, not when the traceback lets go of the generator
         bar.close()

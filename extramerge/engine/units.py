@@ -12,7 +12,16 @@ import numpy as np
 
 from ..io import TensorInfo
 
-__all__ = ["ranges", "plan_units", "align", "unit_bytes", "Scratch", "unit_arrays", "advise_spans"]
+__all__ = [
+    "ranges",
+    "plan_units",
+    "clip_units",
+    "align",
+    "unit_bytes",
+    "Scratch",
+    "unit_arrays",
+    "advise_spans",
+]
 
 
 def ranges(numel: int, chunk: int) -> list[tuple[int, int]]:
@@ -38,6 +47,24 @@ def plan_units(infos: dict[str, TensorInfo], chunk: int) -> list[list[tuple[str,
     if cur:
         units.append(cur)
     return units
+
+
+def clip_units(
+    units: list[list[tuple[str, int, int]]], extent: dict[str, tuple[int, int]]
+) -> list[list[tuple[str, int, int]]]:
+    """The parts of ``units`` inside ``extent`` (name → elements [start, stop) of that tensor), in order;
+    units left empty are dropped, none grows."""
+    out = []
+    for unit in units:
+        segs = []
+        for name, a, b in unit:
+            if name in extent:
+                lo, hi = max(a, extent[name][0]), min(b, extent[name][1])
+                if lo < hi or a == b:  # a == b: an empty tensor's one segment
+                    segs.append((name, lo, hi) if lo < hi else (name, a, b))
+        if segs:
+            out.append(segs)
+    return out
 
 
 def align(n: int, to: int = 64) -> int:

@@ -42,6 +42,7 @@ from .shards import (
 
 __all__ = [
     "WriteResult",
+    "PieceStream",
     "safetensors_order",
     "default_format",
     "output_layout",
@@ -113,18 +114,25 @@ def _byte_view(t) -> memoryview:
     return memoryview(np.ascontiguousarray(t).reshape(-1).view(np.uint8))
 
 
-class _PieceStream:
+class PieceStream:
     """Checks that (name, tensor) items arrive in ``infos`` order; a tensor (numpy array or torch tensor)
-    may come in flat pieces."""
+    may come in flat pieces. ``counts`` (name → elements) limits each tensor to the part of it one process
+    writes (default: all of it)."""
 
-    def __init__(self, items: Iterable[tuple[str, object]], infos: Mapping[str, TensorInfo]):
+    def __init__(
+        self,
+        items: Iterable[tuple[str, object]],
+        infos: Mapping[str, TensorInfo],
+        counts: Mapping[str, int] | None = None,
+    ):
         self._it = iter(items)
         self._infos = infos
+        self._counts = counts
 
     def pieces(self, name: str):
-        """Yield the pieces of tensor ``name`` (flat, contiguous) until its numel is complete."""
+        """Yield the pieces of tensor ``name`` (flat, contiguous) until its numel (or count) is complete."""
         info = self._infos[name]
-        need = info.numel
+        need = info.numel if self._counts is None else self._counts[name]
         while True:
             if need == 0 and info.numel > 0:
                 return
@@ -386,7 +394,7 @@ def write_checkpoint(
     infos = dict(infos)
     aliases = output_aliases(template, infos)
     tmp = staging_dir(out)
-    stream = _PieceStream(tensors, infos)
+    stream = PieceStream(tensors, infos)
     files: list[str] = []
     try:
         written, t_sync = 0, 0.0

@@ -10,24 +10,49 @@ DCP and Megatron folders).
 
 from __future__ import annotations
 
-from .folder import is_dcp_folder, megatron_backend, open_dcp, write_output
+from .folder import (
+    DcpOutput,
+    finish_output,
+    is_dcp_folder,
+    megatron_backend,
+    open_dcp,
+    plan_output,
+    write_files,
+    write_output,
+)
 from .metadata import DcpIndex, read_index
-from .save import OutChunk, Written, chunk_feed, distcp_name, plan_dcp, write_distcp, write_metadata
+from .save import (
+    OutChunk,
+    Written,
+    chunk_feed,
+    distcp_name,
+    plan_dcp,
+    write_distcp,
+    write_metadata,
+    written_from_json,
+    written_json,
+)
 from .source import DcpSource
 
 __all__ = [
     "DcpIndex",
+    "DcpOutput",
     "DcpSource",
     "OutChunk",
     "Written",
     "chunk_feed",
     "distcp_name",
+    "finish_output",
     "is_dcp_folder",
     "megatron_backend",
     "open_dcp",
     "plan_dcp",
+    "plan_output",
     "read_index",
     "write_distcp",
+    "write_files",
     "write_metadata",
     "write_output",
+    "written_from_json",
+    "written_json",
 ]

@@ -1,6 +1,7 @@
 """DCP and Megatron ``torch_dist`` checkpoint folders: recognising one (``is_dcp_folder``), opening it as a
 ``Checkpoint`` (``open_dcp``), and writing a merged one (``write_output``: a DCP folder, or a Megatron run
-root holding ``latest_checkpointed_iteration.txt`` and ``iter_XXXXXXX/``).
+root holding ``latest_checkpointed_iteration.txt`` and ``iter_XXXXXXX/``; by one process, or by several
+through its parts ``plan_output``, ``write_files`` and ``finish_output``).
 
 A Megatron iteration folder is a DCP folder with ``metadata.json`` ({"sharded_backend": "torch_dist"})
 and, in older releases, ``common.pt`` (argparse arguments: a pickle, never loaded here, copied byte for
@@ -11,7 +12,8 @@ merged: they are counted in ``Checkpoint.state_tensors`` and left out of a merge
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import safety
@@ -28,10 +30,28 @@ from ..layout import (
     megatron_iteration,
 )
 from .metadata import read_index
-from .save import FILE_BYTES, chunk_feed, distcp_name, plan_dcp, write_distcp, write_metadata
+from .save import (
+    FILE_BYTES,
+    OutChunk,
+    Written,
+    chunk_feed,
+    distcp_name,
+    plan_dcp,
+    write_distcp,
+    write_metadata,
+)
 from .source import DcpSource
 
-__all__ = ["is_dcp_folder", "megatron_backend", "open_dcp", "write_output"]
+__all__ = [
+    "DcpOutput",
+    "is_dcp_folder",
+    "megatron_backend",
+    "open_dcp",
+    "plan_output",
+    "write_files",
+    "finish_output",
+    "write_output",
+]
 
 
 def is_dcp_folder(path: Path) -> bool:
@@ -72,6 +92,95 @@ def _template_source(template: Checkpoint | None) -> DcpSource | None:
     return srcs[0] if len(srcs) == 1 and isinstance(srcs[0], DcpSource) else None
 
 
+@dataclass(frozen=True)
+class DcpOutput:
+    """The layout of a merged DCP output inside its staging folder: ``prefix`` ('' for format 'dcp', the
+    Megatron iteration folder 'iter_XXXXXXX/' for 'megatron'), that iteration's ``step``, and the chunks
+    of each ``.distcp`` file (``plan_dcp``)."""
+
+    fmt: str
+    prefix: str
+    step: int
+    files: list[list[OutChunk]]
+
+    def file_bytes(self, infos: Mapping[str, TensorInfo]) -> list[int]:
+        """Tensor bytes of each file."""
+        return [sum((c.stop - c.start) * infos[c.name].itemsize for c in f) for f in self.files]
+
+
+def plan_output(
+    infos: Mapping[str, TensorInfo],
+    template: Checkpoint | None,
+    *,
+    fmt: str,
+    file_bytes: int = FILE_BYTES,
+    output: Path | None = None,
+) -> DcpOutput:
+    """The layout of a merge written as format ``fmt`` ('dcp' or 'megatron'; the iteration is the newest
+    input's step). ``output`` (the published path) must name a folder."""
+    if output is not None and Path(output).suffix in WEIGHT_SUFFIXES:
+        raise CheckpointError(f"{output}: format {fmt} writes a folder; give a folder name, not a file")
+    step = template.step if template is not None and template.step is not None else 0
+    prefix = megatron_iteration(step) + "/" if fmt == "megatron" else ""
+    return DcpOutput(fmt, prefix, step, plan_dcp(infos, file_bytes=file_bytes))
+
+
+def write_files(
+    tmp: Path,
+    layout: DcpOutput,
+    ks: Iterable[int],
+    data,
+    template: Checkpoint | None,
+    *,
+    fsync: bool,
+) -> tuple[list[Written], int, float]:
+    """Write files ``ks`` of ``layout`` into the staging folder ``tmp`` (chunk data from ``data(chunk)``,
+    in order; file 0 first holds the newest input's byte entries when it is a DCP checkpoint). Other
+    processes may write the other files at the same time. Returns (storage entries, tensor bytes, seconds
+    in fsync)."""
+    folder = tmp / layout.prefix
+    folder.mkdir(exist_ok=True)
+    src = _template_source(template)
+    stored, written, t_sync = [], 0, 0.0
+    for k in ks:
+        objects = [(n, src.object_bytes(n)) for n in src.objects] if src is not None and k == 0 else []
+        got, nbytes, dt = write_distcp(folder, k, layout.files[k], data, objects, fsync=fsync)
+        stored += got
+        written += nbytes
+        t_sync += dt
+    return stored, written, t_sync
+
+
+def finish_output(
+    tmp: Path,
+    layout: DcpOutput,
+    infos: Mapping[str, TensorInfo],
+    template: Checkpoint | None,
+    stored: Iterable[Written],
+    *,
+    fsync: bool,
+) -> tuple[list[str], float]:
+    """After every file of ``layout`` is written (``stored``: the storage entries of all of them, in file
+    order): write ``.metadata`` and, for 'megatron', the tracker file and the newest input's metadata.json
+    and common.pt. Returns (every file of the output, relative to ``tmp``; seconds in fsync)."""
+    folder = tmp / layout.prefix
+    folder.mkdir(exist_ok=True)
+    src = _template_source(template)
+    planner = src.index.planner_data if src is not None else None
+    t_sync = write_metadata(folder, infos, layout.files, stored, planner, fsync=fsync)
+    files = [layout.prefix + distcp_name(k) for k in range(len(layout.files))] + [
+        layout.prefix + DCP_METADATA
+    ]
+    if layout.fmt == "megatron":
+        (tmp / MEGATRON_TRACKER).write_text(f"{layout.step}\n")
+        files = [
+            MEGATRON_TRACKER,
+            *files,
+            *(layout.prefix + f for f in _copy_megatron_files(template, folder)),
+        ]
+    return files, t_sync
+
+
 def write_output(
     tmp: Path,
     stream,
@@ -84,38 +193,17 @@ def write_output(
     output: Path | None = None,
 ) -> tuple[list[str], int, float]:
     """Write the merged tensors (``stream.pieces(name)``: each tensor's flat pieces, in ``infos`` order)
-    as a DCP folder into the staging folder ``tmp``: format 'dcp' there, 'megatron' as a run root with a
-    tracker file and one iteration folder (the newest input's step; its metadata.json and common.pt
-    copied). The newest input's byte entries are copied when it is a DCP checkpoint. Returns (files
-    written, relative to ``tmp``; tensor bytes; seconds in fsync). ``output`` (the published path) must
-    name a folder."""
-    if output is not None and Path(output).suffix in WEIGHT_SUFFIXES:
-        raise CheckpointError(f"{output}: format {fmt} writes a folder; give a folder name, not a file")
-    src = _template_source(template)
-    folder, prefix, files = tmp, "", []
-    if fmt == "megatron":
-        step = template.step if template is not None and template.step is not None else 0
-        prefix = megatron_iteration(step) + "/"
-        folder = tmp / prefix
-        folder.mkdir()
-        (tmp / MEGATRON_TRACKER).write_text(f"{step}\n")
-        files.append(MEGATRON_TRACKER)
-    plan = plan_dcp(infos, file_bytes=file_bytes)
-    objects = [(n, src.object_bytes(n)) for n in src.objects] if src is not None else []
+    as a DCP folder into the staging folder ``tmp``, in one process: format 'dcp' there, 'megatron' as a
+    run root with a tracker file and one iteration folder (the newest input's step; its metadata.json and
+    common.pt copied). The newest input's byte entries are copied when it is a DCP checkpoint. Returns
+    (files written, relative to ``tmp``; tensor bytes; seconds in fsync). ``output`` (the published path)
+    must name a folder. Several processes write the same output with ``plan_output``, ``write_files``
+    (each its own files) and ``finish_output`` (one of them)."""
+    layout = plan_output(infos, template, fmt=fmt, file_bytes=file_bytes, output=output)
     data = chunk_feed(stream.pieces, infos)
-    stored, written, t_sync = [], 0, 0.0
-    for k, chunks in enumerate(plan):
-        got, nbytes, dt = write_distcp(folder, k, chunks, data, objects if k == 0 else (), fsync=fsync)
-        stored += got
-        written += nbytes
-        t_sync += dt
-        files.append(prefix + distcp_name(k))
-    planner = src.index.planner_data if src is not None else None
-    t_sync += write_metadata(folder, infos, plan, stored, planner, fsync=fsync)
-    files.append(prefix + DCP_METADATA)
-    if fmt == "megatron":
-        files += [prefix + f for f in _copy_megatron_files(template, folder)]
-    return files, written, t_sync
+    stored, written, t_sync = write_files(tmp, layout, range(len(layout.files)), data, template, fsync=fsync)
+    files, t_fin = finish_output(tmp, layout, infos, template, stored, fsync=fsync)
+    return files, written, t_sync + t_fin
 
 
 def _copy_megatron_files(template: Checkpoint | None, folder: Path) -> list[str]:

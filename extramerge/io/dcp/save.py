@@ -2,10 +2,11 @@
 (``torch.distributed.checkpoint.load``), streamed with bounded memory.
 
 The layout is a pure function of the tensors and two sizes (``plan_dcp``): a tensor larger than
-``chunk_bytes`` is cut into dim-0 row blocks, each its own DCP chunk; chunks go, in order, into files of
-at most about ``file_bytes`` each. Each file is written on its own (``write_distcp``: a chunk at a time,
-each a ``torch.save`` archive, as torch's FileSystemWriter stores them), so different processes may write
-different files; ``write_metadata`` then builds ``.metadata`` from the gathered storage entries with
+``chunk_bytes`` (256 MiB, or the file size if smaller) is cut into dim-0 row blocks, each its own DCP
+chunk; chunks go, in order, into files of at most about ``file_bytes`` each. Each file is written on its
+own (``write_distcp``: a chunk at a time, each a ``torch.save`` archive, as torch's FileSystemWriter
+stores them), so different processes may write different files; ``write_metadata`` then builds
+``.metadata`` from the gathered storage entries (sent between processes as JSON: ``written_json``) with
 torch's own metadata classes and pickles it as ``FileSystemWriter.finish`` does. Byte entries (pickled
 objects a trainer stored: train state, data loader state, Megatron's common state) are copied as raw bytes
 from the newest input, never unpickled.
@@ -13,6 +14,7 @@ from the newest input, never unpickled.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -25,7 +27,7 @@ from ..dtypes import TensorInfo, is_torch, to_torch
 from ..layout import DCP_METADATA
 
 __all__ = ["CHUNK_BYTES", "FILE_BYTES", "OutChunk", "Written", "plan_dcp", "distcp_name", "write_distcp",
-           "write_metadata", "chunk_feed"]  # fmt: skip
+           "write_metadata", "chunk_feed", "written_json", "written_from_json"]  # fmt: skip
 
 CHUNK_BYTES = 256 * 2**20  # a larger tensor is stored as dim-0 row blocks of at most this size
 FILE_BYTES = 5 * 2**30
@@ -81,8 +83,9 @@ def plan_dcp(
     infos: Mapping[str, TensorInfo], *, file_bytes: int = FILE_BYTES, chunk_bytes: int | None = None
 ) -> list[list[OutChunk]]:
     """The chunks of each output file, in order (file k is ``distcp_name(k)``): a deterministic function
-    of the tensors (names, shapes, dtypes, order) and the two sizes (``chunk_bytes``: CHUNK_BYTES)."""
-    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    of the tensors (names, shapes, dtypes, order) and the two sizes (``chunk_bytes``: CHUNK_BYTES or
+    ``file_bytes`` if smaller, so a file exceeds ``file_bytes`` only by a row wider than it)."""
+    chunk_bytes = min(CHUNK_BYTES, file_bytes) if chunk_bytes is None else chunk_bytes
     files: list[list[OutChunk]] = [[]]
     used = 0
     for info in infos.values():
@@ -94,6 +97,26 @@ def plan_dcp(
             files[-1].append(c)
             used += nbytes
     return files
+
+
+def written_json(stored: Iterable[Written]) -> bytes:
+    """Storage entries as JSON bytes (what one process sends the process that writes ``.metadata``)."""
+    rows = [
+        [s.name, None if s.offsets is None else list(s.offsets), s.file, s.offset, s.length] for s in stored
+    ]
+    return json.dumps(rows, separators=(",", ":")).encode()
+
+
+def written_from_json(raw: bytes) -> list[Written]:
+    """The entries ``written_json`` encoded (ValueError if ``raw`` is not such a list)."""
+    try:
+        rows = json.loads(raw)
+        return [
+            Written(str(n), None if o is None else tuple(int(x) for x in o), str(f), int(at), int(size))
+            for n, o, f, at, size in rows
+        ]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"malformed DCP storage entries from another process: {e}") from None
 
 
 def chunk_feed(pieces: Callable[[str], Iterable], infos: Mapping[str, TensorInfo]) -> Callable:
@@ -182,8 +205,15 @@ def write_metadata(
     from torch.distributed.checkpoint import metadata as md
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
+    # One object per distinct string: pickle writes a repeated object once and refers back to it, so the
+    # bytes must not depend on where each string came from (this process, or JSON from another).
+    strings: dict[str, str] = {}
+
+    def one(x: str) -> str:
+        return strings.setdefault(x, x)
+
     sdm: dict = {
-        name: md.TensorStorageMetadata(md.TensorProperties(dtype=info.dtype), torch.Size(info.shape), [])
+        one(name): md.TensorStorageMetadata(md.TensorProperties(dtype=info.dtype), torch.Size(info.shape), [])
         for name, info in infos.items()
     }
     chunk_no: dict = {}
@@ -193,12 +223,12 @@ def write_metadata(
     storage: dict = {}
     for s in stored:
         if s.offsets is None:
-            sdm[s.name] = md.BytesStorageMetadata()
-            key = md.MetadataIndex(s.name)
+            sdm[one(s.name)] = md.BytesStorageMetadata()
+            key = md.MetadataIndex(one(s.name))
         else:
-            key = md.MetadataIndex(s.name, s.offsets, chunk_no[(s.name, s.offsets)])
-        storage[key] = _StorageInfo(s.file, s.offset, s.length)
-    planner = {name: tuple((planner_data or {}).get(name, (name,))) for name in sdm}
+            key = md.MetadataIndex(one(s.name), s.offsets, chunk_no[(s.name, s.offsets)])
+        storage[key] = _StorageInfo(one(s.file), s.offset, s.length)
+    planner = {name: tuple(map(one, (planner_data or {}).get(name, (name,)))) for name in sdm}
     meta = md.Metadata(sdm, planner_data=planner, storage_data=storage, storage_meta=md.StorageMeta())
     meta.version = _dcp_version()
     with open(folder / DCP_METADATA, "wb") as f:
