@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DIRECT_BLOCK", "DIRECT_IO_MIN_BYTES", "FileWriter", "madvise", "start_writeback"]
+__all__ = ["DIRECT_ALIGN", "DIRECT_BLOCK", "DIRECT_IO_MIN_BYTES", "FileWriter", "madvise", "start_writeback"]
 
 _LIBC = None
 _MADV = {
@@ -61,7 +61,7 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
 
 DIRECT_BLOCK = 8 * 2**20  # bytes per direct write: large, page-aligned
-_DIRECT_ALIGN = 4096  # O_DIRECT needs offsets, lengths and addresses aligned to the logical block size
+DIRECT_ALIGN = 4096  # O_DIRECT needs offsets, lengths and addresses aligned to the logical block size
 DIRECT_IO_MIN_BYTES = 64 * 2**20  # smaller files are written through the page cache
 
 
@@ -124,7 +124,7 @@ class FileWriter:
             self.synced = self.pos
 
     def _write_block(self, length: int) -> None:
-        """Hand the gathered block (``length``: a multiple of _DIRECT_ALIGN, the tail padded) to the I/O
+        """Hand the gathered block (``length``: a multiple of DIRECT_ALIGN, the tail padded) to the I/O
         thread and switch to the other block once its previous write is done."""
         block = self._blocks[0]
         fut = self._io.submit(_pwrite_direct, self.fd, memoryview(block)[:length], self.pos, self.fill)
@@ -146,7 +146,7 @@ class FileWriter:
             if self.direct:
                 size = self.pos + self.fill
                 if self.fill:
-                    padded = -(-self.fill // _DIRECT_ALIGN) * _DIRECT_ALIGN
+                    padded = -(-self.fill // DIRECT_ALIGN) * DIRECT_ALIGN
                     self._arr[self.fill : padded] = 0
                     self._write_block(padded)
                 self._wait()
