@@ -108,6 +108,48 @@ def bench(preset: str, batch: int, repeats: int, e2e: int) -> dict:
     if e2e:
         out["e2e"] = _end_to_end(model, opt, batch_, e2e)
     out["sma_strategy"] = _sma_strategy(model)
+    out["measured_memory"] = _measured_memory(preset)
+    return out
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_of(preset: str, spec: str) -> dict:
+    """In this (fresh) process: resident memory added by one variant's stores once full (K + d + 2
+    updates), against what ``nbytes`` says they hold. ``spec`` 'AveragedModel' for swa_utils'."""
+    import gc
+
+    torch.manual_seed(0)
+    model = build_model("gpt2", preset, seq_len=resolve_size(preset).seq_len)
+    gc.collect()
+    before = _rss()
+    if spec == "AveragedModel":
+        m = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.999))
+        for _ in range(3):
+            m.update_parameters(model)
+        held = _module_bytes(m.module)
+    else:
+        m = OnlineMerger(model, spec)
+        for step in range(1, 16):
+            m.update(step)
+        held = sum(m.nbytes().values())
+    gc.collect()
+    return {"measured_bytes": _rss() - before, "held_bytes": held}
+
+
+def _measured_memory(preset: str) -> dict:
+    """``rss_of`` for every variant, each in its own process (a fresh allocator)."""
+    import subprocess
+
+    out = {}
+    variants = [(n, spec) for n, (spec, every) in VARIANTS.items() if every == 1]  # every k: same stores
+    for name, spec in [*variants, ("AveragedModel.update_parameters", "AveragedModel")]:
+        cmd = [sys.executable, "-m", "benchmarks.bench_online", "--preset", preset, "--rss-of", spec]
+        row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        out[name] = {"spec": spec, **row}
     return out
 
 
@@ -207,7 +249,14 @@ def report(res: dict, meta: dict) -> str:
         f"ms/update (plus the same ring copy), max error {s['max_abs_error_running_sum']:.1e}",
         "extra memory: the stores only (ring of K + d snapshots, one copy per EMA, d more for an EMA's "
         "Extra-Merge); AveragedModel: a deep copy of the module (parameters and buffers).",
+        "",
+        "resident memory added, measured (each variant alone in a fresh process, stores full):",
     ]
+    for name, row in res["measured_memory"].items():
+        lines.append(
+            f"  {name:34s} {row['measured_bytes'] / 2**20:8.1f} MiB measured, "
+            f"{row['held_bytes'] / 2**20:8.1f} MiB held: {row['measured_bytes'] / row['held_bytes']:.2f}x"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -223,7 +272,12 @@ def main(argv=None) -> int:
     p.add_argument("--e2e", type=int, default=0, help="also time N whole steps with and without EMA")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--out", default="results/benchmarks", help="folder for online.txt and online.json")
+    p.add_argument("--rss-of", default=None, help=argparse.SUPPRESS)  # internal: one variant's memory
     args = p.parse_args(argv)
+    if args.rss_of:
+        torch.set_num_threads(1)
+        print(json.dumps(rss_of(args.preset, args.rss_of)))
+        return 0
     threads = args.threads or available_cores()
     torch.set_num_threads(threads)
     meta = {
