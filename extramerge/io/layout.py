@@ -17,6 +17,10 @@ __all__ = [
     "MEGATRON_CONFIG",
     "MEGATRON_COMMON",
     "MEGATRON_TRACKER",
+    "TRAINING_STATE_KEYS",
+    "COPIED_STATE_KEYS",
+    "GAMMA_KEY",
+    "STEP_KEY",
     "parse_step",
     "record_path",
     "is_training_state",
@@ -29,12 +33,18 @@ DCP_METADATA = ".metadata"
 MEGATRON_CONFIG = "metadata.json"  # {"sharded_backend": "torch_dist", ...}: marks a Megatron iteration
 MEGATRON_COMMON = "common.pt"  # Megatron's non-sharded state (argparse args: a pickle, never loaded)
 MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
-# First component of a DCP key that holds training state rather than model weights: optimizer moments,
-# schedulers, data loader and RNG state (torchtitan, Megatron, plain FSDP2 loops).
-_STATE_ROOTS = frozenset({
-    "optimizer", "optimizers", "optim", "optimizer_state", "optim_state", "lr_scheduler", "lr_schedulers",
-    "scheduler", "dataloader", "rng_state", "rng_states", "scaler", "grad_scaler", "train_state",
+# Top-level names of training state rather than model weights: optimizer moments, schedulers, loss scaler,
+# data loader and RNG state (nanoGPT, Lightning, torchtitan, Megatron, plain FSDP2 loops). A merged
+# checkpoint leaves them out: the first component of a DCP key (``is_training_state``), a top-level entry
+# of a PyTorch training checkpoint (``io.torchfile``).
+TRAINING_STATE_KEYS = frozenset({
+    "optimizer", "optimizers", "optimizer_states", "optim", "optimizer_state", "optim_state",
+    "lr_scheduler", "lr_schedulers", "scheduler", "dataloader", "rng_state", "rng_states", "scaler",
+    "grad_scaler", "train_state",
 })  # fmt: skip
+# ... of which these are copied from the newest checkpoint rather than dropped (counters and data position,
+# not tensors to merge): a torch file's top-level entries, a DCP checkpoint's byte entries.
+COPIED_STATE_KEYS = frozenset({"dataloader", "train_state"})
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 
@@ -60,7 +70,7 @@ def parse_step(name: str) -> int | None:
 
 def is_training_state(key: str) -> bool:
     """Whether a DCP key is training state (``optimizer.state.…``, ``lr_scheduler``, ...), not a weight."""
-    return key.split(".", 1)[0].split("/", 1)[0] in _STATE_ROOTS
+    return key.split(".", 1)[0].split("/", 1)[0] in TRAINING_STATE_KEYS
 
 
 def megatron_iteration(step: int) -> str:

@@ -22,12 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .raw import DIRECT_ALIGN, DIRECT_BLOCK, DIRECT_IO_MIN_BYTES, start_writeback
+from .raw import DIRECT_ALIGN, DIRECT_BLOCK, DIRECT_IO_MIN_BYTES, WRITEBACK_EVERY, start_writeback
 from .shards import FileLayout
 
 __all__ = ["create_files", "RangedWriter"]
-
-_WRITEBACK_EVERY = 64 * 2**20
 
 
 def create_files(folder: Path, files: Sequence[FileLayout]) -> None:
@@ -68,7 +66,6 @@ class RangedWriter:
         self.writeback = writeback
         self.fds: dict[str, int] = {}
         self.pending: dict[int, list[int]] = {}  # fd → [lo, hi) written since writeback was last started
-        self.written = 0
 
     def _fd(self, fname: str) -> int:
         fd = self.fds.get(fname)
@@ -82,7 +79,6 @@ class RangedWriter:
         if start < 0 or pos + len(data) > hi:
             raise ValueError(f"bytes [{start}, {start + len(data)}) are outside tensor '{name}' in {f.name}")
         fd = self._fd(f.name)
-        self.written += len(data)
         if self.direct.get(f.name):
             for other in [k for k in self.streams if k != f.name]:  # on to the next file: finish the last
                 self.streams.pop(other).finish()
@@ -104,7 +100,7 @@ class RangedWriter:
             self._flush(fd, span)
             span[0] = pos
         span[1] = pos + len(data)
-        if span[1] - span[0] >= _WRITEBACK_EVERY:
+        if span[1] - span[0] >= WRITEBACK_EVERY:
             self._flush(fd, span)
 
     @staticmethod

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DIRECT_ALIGN", "DIRECT_BLOCK", "DIRECT_IO_MIN_BYTES", "FileWriter", "madvise", "start_writeback"]
+__all__ = [
+    "DIRECT_ALIGN",
+    "DIRECT_BLOCK",
+    "DIRECT_IO_MIN_BYTES",
+    "WRITEBACK_EVERY",
+    "FileWriter",
+    "madvise",
+    "start_writeback",
+]
 
 _LIBC = None
 _MADV = {
@@ -40,7 +48,7 @@ def madvise(addr: int, length: int, advice: str) -> None:
         _LIBC.madvise(addr, length, _MADV["willneed"])  # kernels before 5.14: asynchronous read-ahead
 
 
-_WRITEBACK_EVERY = 64 * 2**20
+WRITEBACK_EVERY = 64 * 2**20
 _SYNC_FILE_RANGE = None
 
 
@@ -67,7 +75,7 @@ DIRECT_IO_MIN_BYTES = 64 * 2**20  # smaller files are written through the page c
 
 class FileWriter:
     """Appends bytes to a new file, either through the page cache (starting writeback every
-    _WRITEBACK_EVERY bytes, so the final fsync is short) or with direct I/O.
+    WRITEBACK_EVERY bytes, so the final fsync is short) or with direct I/O.
 
     Direct I/O (O_DIRECT) gathers the bytes into page-aligned blocks and writes whole blocks straight to
     the device from a background thread, while the next block fills: no page-cache copy to make and
@@ -119,7 +127,7 @@ class FileWriter:
         while done < len(data):
             done += os.pwrite(self.fd, data[done:], self.pos + done)
         self.pos += len(data)
-        if self.writeback and self.pos - self.synced >= _WRITEBACK_EVERY:
+        if self.writeback and self.pos - self.synced >= WRITEBACK_EVERY:
             start_writeback(self.fd, self.synced, self.pos - self.synced)
             self.synced = self.pos
 

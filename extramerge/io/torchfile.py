@@ -12,13 +12,13 @@ from pathlib import Path
 from . import safety
 from .dtypes import TensorInfo, to_numpy
 from .errors import CheckpointError
+from .layout import COPIED_STATE_KEYS, TRAINING_STATE_KEYS
 
 __all__ = ["TorchFile"]
 
-# Top-level entries of a training checkpoint that are dropped from a merged checkpoint (optimizer state is
-# meaningless for a merged model); other non-tensor entries (iter_num, config, model_args, ...) are kept.
-_DROP_KEYS = ("optimizer", "optimizers", "optimizer_states", "optim", "lr_scheduler", "lr_schedulers",
-              "scheduler", "scaler", "grad_scaler", "rng_state", "rng_states")  # fmt: skip
+# Top-level entries of a training checkpoint named in layout.TRAINING_STATE_KEYS (optimizer state, ...) are
+# dropped from a merged checkpoint, except layout.COPIED_STATE_KEYS; other non-tensor entries (iter_num,
+# config, model_args, ...) are kept.
 _KEEP_TENSOR_BYTES = 2**20  # extras holding more tensor bytes than this are dropped too
 _PREFIXES = ("_orig_mod.", "module.")
 
@@ -53,7 +53,7 @@ class TorchFile:
             for k, v in obj.items():
                 if k == nest:
                     continue
-                if str(k) in _DROP_KEYS or _tensor_bytes(v) > _KEEP_TENSOR_BYTES:
+                if str(k) in TRAINING_STATE_KEYS - COPIED_STATE_KEYS or _tensor_bytes(v) > _KEEP_TENSOR_BYTES:
                     self.dropped.append(k)
                 else:
                     self.extras[k] = v
