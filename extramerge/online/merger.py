@@ -180,8 +180,7 @@ class OnlineMerger:
         if a.kind in WINDOWED:
             w = self.windows[name]
         elif a.kind == "extra" and self.base_of[name] in self.windows:
-            b, d, alpha = self.windows[self.base_of[name]], a.offset, a.value
-            w = (1 + alpha) * np.concatenate([np.zeros(d), b]) - alpha * np.concatenate([b, np.zeros(d)])
+            w = rvw.extrapolate(self.windows[self.base_of[name]], a.offset, a.value)
         else:
             return None
         return self.ring.steps[-len(w) :], w

@@ -9,7 +9,8 @@ checkpoints with the very same numbers.
 Every builder returns a float64 numpy array of length ``n`` whose last entry weighs the newest checkpoint;
 bad arguments raise a ValueError naming the parameter.
 
-    core      sma, ema, wma, extra, trend, optimal, custom, apply, lag, correlation_matrix, merge_matrix
+    core      sma, ema, wma, extra, extrapolate (Extra-Merge of any window), trend, optimal, custom,
+              apply, lag, correlation_matrix, merge_matrix
     schedule  decay (a learning-rate decay shape over the last K checkpoints, WSM / Megatron
               weighted_merge) and emulated_decay (the decay any weight vector emulates)
     posthoc   posthoc_ema (Karras et al. 2024 power-function EMA profiles fitted by least squares to

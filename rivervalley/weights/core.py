@@ -21,6 +21,7 @@ __all__ = [
     "ema",
     "wma",
     "extra",
+    "extrapolate",
     "trend",
     "optimal",
     "custom",
@@ -100,10 +101,19 @@ def extra(n: int, window: int, offset: int, alpha: float) -> np.ndarray:
     window, offset = _check_int("window", window, 1), _check_int("offset", offset, 0)
     alpha = _check_finite("alpha", alpha)
     _need(n, window + offset, f"extra(window={window}, offset={offset})")
-    now = sma(n, window)
-    before = np.zeros(n)
-    before[: n - offset] = sma(n - offset, window)
-    return (1.0 + alpha) * now - alpha * before
+    out = np.zeros(n)
+    out[n - window - offset :] = extrapolate(sma(window, window), offset, alpha)
+    return out
+
+
+def extrapolate(base, offset: int, alpha: float) -> np.ndarray:
+    """Extra-Merge of any windowed merge: with M_t = Σ_j b_j θ_{t−K+j} (``base``, length K, oldest first),
+    E = M_t + α (M_t − M_{t−d}) as one vector over the last K + d checkpoints, oldest first."""
+    b = np.asarray(base, dtype=np.float64).reshape(-1)
+    offset, alpha = _check_int("offset", offset, 0), _check_finite("alpha", alpha)
+    return (1.0 + alpha) * np.concatenate([np.zeros(offset), b]) - alpha * np.concatenate(
+        [b, np.zeros(offset)]
+    )
 
 
 def trend(n: int, window: int, ahead: float = 0.0, steps: Sequence[float] | None = None) -> np.ndarray:
