@@ -1,4 +1,4 @@
-"""Benchmark: held-out evaluation (``extramerge.evaluate``) vs a plain ``model(..., labels=)`` loop.
+"""Benchmark: held-out evaluation (``extramerge.eval``) vs a plain ``model(..., labels=)`` loop.
 
     python -m benchmarks.bench_eval                   # writes results/benchmarks/eval.{txt,json}
     python -m benchmarks.bench_eval --quick           # smaller token budget, prints only
@@ -91,7 +91,7 @@ def run(args) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
-    from extramerge import evaluate as E
+    from extramerge import eval as E
     from extramerge.lm.models import resolve_size
     from extramerge.lm.tokenizer import EOS_ID, build_tokenizer
 
@@ -191,7 +191,7 @@ def run(args) -> dict:
 def report(record: dict) -> str:
     m = record["machine"]
     lines = [
-        f"extramerge.evaluate throughput; device {m['device']}, {m['cpus']} CPUs, {m['torch_threads']} torch "
+        f"extramerge.eval throughput; device {m['device']}, {m['cpus']} CPUs, {m['torch_threads']} torch "
         f"thread(s), torch {m['torch']}; load average {m['load_before']:.2f} -> {m['load_after']:.2f} "
         "(shared machine)",
         f"GPT-2, random init, byte vocabulary 257, float32; batch {record['batch_size']} blocks; best of "

@@ -32,9 +32,8 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from extramerge.lm.models import build_model, resolve_size
-from extramerge.lm.train import available_cores
 from extramerge.online import OnlineMerger
-from rivervalley.compute import flush_denormals
+from rivervalley.common.resources import available_cores, flush_denormals
 
 VARIANTS = {  # name: (spec, every)
     "ema (every step)": ("ema:0.999", 1),

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from rivervalley import _native
-from rivervalley.compute import flush_denormals
+from rivervalley.common.resources import flush_denormals
 from rivervalley.landscapes import QuadraticRiverValley
 from rivervalley.simulate import simulate
 from rivervalley.simulate.noise import NoiseSource

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from extramerge.lm import data as lmdata
 from extramerge.lm.config import TrainConfig
 from extramerge.lm.models import build_model, preset_param_count, resolve_size
-from extramerge.lm.train import available_cores as _available_cores
 from extramerge.lm.train import train
-from rivervalley.compute import flush_denormals
+from rivervalley.common.resources import available_cores as _available_cores
+from rivervalley.common.resources import flush_denormals
 
 DEFAULT_STEPS = {"tiny": 40, "small": 8}
 LR = 3e-3

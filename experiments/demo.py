@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from experiments import toy_study
-from rivervalley.publish import claim_folder, mark_folder
+from rivervalley.common.publish import claim_folder, mark_folder
 
 
 @dataclass
@@ -59,12 +59,14 @@ LM_DEMO_FAST = {
 
 
 def _lm(out: Path, fast: bool) -> bool:
-    from experiments.lm import study, train
+    from experiments.lm import study
+    from extramerge.lm.config import TrainConfig
+    from extramerge.lm.train import train
 
     run = out / "run"
     if run.exists():  # the demo's own run from an earlier call: train afresh
         shutil.rmtree(run)
-    train.train(train.TrainConfig(out=str(run), **(LM_DEMO_FAST if fast else LM_DEMO), progress=True))
+    train(TrainConfig(out=str(run), **(LM_DEMO_FAST if fast else LM_DEMO), progress=True))
     argv = ["--run", str(run), "-o", str(out / "study"), "--force", "--quiet"]
     if fast:
         argv += ["--threads", "1"]

@@ -23,9 +23,9 @@ import torch
 
 from rivervalley import theory, validate
 from rivervalley import weights as W
+from rivervalley.common.publish import write_file
 from rivervalley.figures import run_all
 from rivervalley.landscapes import QuadraticRiverValley
-from rivervalley.publish import write_file
 from rivervalley.simulate import simulate
 
 # One scenario for stage 1: c, η, s and a power-law valley λ_i = 2/i, i = 1..16 (ηλ from 1.0 down to 0.06).

@@ -15,7 +15,6 @@ Where each concern lives (imports run one way: extramerge uses rivervalley, neve
     study/         predicted versus measured gain and the recommendation, `extramerge study`
     online/        SMA/EMA/power-EMA/Extra-Merge kept during training, swap-in, saving, HF callback
     lm/            the LM trainer (extra [lm]); cli: `extramerge`
-Old paths (extramerge.checkpoints, .safety, .st_header, .outputs, .evaluate, .lmeval) re-export.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ import os
 import sys
 from collections import Counter
 
-from rivervalley import commandline
+from rivervalley.common import cli as commandline
+from rivervalley.common.formatting import format_bytes
 
 from . import distributed, methods
 from .argtypes import floats, ints
@@ -36,13 +37,6 @@ __all__ = ["main", "build_parser"]
 
 PROG = "extramerge"
 
-
-def _human(nbytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(nbytes) < 1000 or unit == "TB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
-        nbytes /= 1000
-    return f"{nbytes:.2f} TB"  # pragma: no cover
 
 
 def _count(n: int) -> str:
@@ -95,13 +89,13 @@ def _inspect(args) -> int:
             step = "-" if r["step"] is None else r["step"]
             print(
                 f"{i:>3} {step:>8} {r['format']:<15} {r['tensors']:>7} {_count(r['parameters']):>9} "
-                f"{_human(r['bytes']):>10}  {dt}  {r['path']}"
+                f"{format_bytes(r['bytes']):>10}  {dt}  {r['path']}"
             )
             if r["aliases"]:
                 pairs = (f"{shown(a)} -> {shown(b)}" for a, b in r["aliases"].items())  # names from the file
                 print(f"{'':>4}tied/aliased: " + ", ".join(pairs))
             if r["state_tensors"]:
-                n, size = r["state_tensors"], _human(r["state_bytes"])
+                n, size = r["state_tensors"], format_bytes(r["state_bytes"])
                 print(
                     f"{'':>4}{n} training-state tensor{'s' * (n != 1)} ({size}: optimizer, scheduler ...) "
                     "left out: never merged, absent from a merged checkpoint"
@@ -377,7 +371,7 @@ def _one_process(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `extramerge` console script; returns the exit status (rivervalley.commandline).
+    """Entry point of the `extramerge` console script; returns the exit status (rivervalley.common.cli).
 
     Under torchrun/srun (``distributed.launch_from_env``) every process runs the command; only rank 0
     prints (summary, progress, the one-line error of a failure on any rank), and no rank returns before

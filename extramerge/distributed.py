@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rivervalley.common.resources import available_cores
+
 from .io.errors import error_bytes, rebuild_error
 
 __all__ = [
@@ -324,8 +326,4 @@ def workers_per_rank(workers: int, group: Group | None = None) -> int:
     group = group or current()
     if group is None:
         return workers
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(workers, cores // group.local_world))
+    return max(1, min(workers, available_cores() // group.local_world))

@@ -1,5 +1,5 @@
 """Figures of a trajectory analysis (matplotlib's Agg canvas: no display, no pyplot), drawn in the
-repository's one style (``rivervalley.style``).
+repository's one style (``rivervalley.common.plotting``).
 
 The functions draw what they are given (the report dict, PC scores) and compute no analysis themselves.
 matplotlib is imported on first use (it costs ~0.4 s, more than a small analysis itself; ``warm_up``
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rivervalley import style
+from rivervalley.common import plotting
 
 __all__ = ["spectrum", "trajectory", "per_layer", "warm_up"]
 
@@ -36,21 +36,21 @@ def _figure(width: float, height: float, *, left=0.12, right=0.97, bottom=0.12, 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=style.DPI)
+    fig = Figure(figsize=(width, height), dpi=plotting.DPI)
     FigureCanvasAgg(fig)
     fig.subplots_adjust(left=left, right=right, bottom=bottom, top=top)
     return fig, fig.add_subplot()
 
 
 def _save(fig, path) -> None:
-    fig.savefig(path, dpi=style.DPI, pil_kwargs={"compress_level": 1})  # zlib level 6 took 40 ms a figure
+    fig.savefig(path, dpi=plotting.DPI, pil_kwargs={"compress_level": 1})  # zlib level 6 took 40 ms a figure
 
 
 def spectrum(report: dict, path) -> None:
     """Explained-variance fraction per principal component: raw checkpoints vs SMA-merged (log scale)."""
     from matplotlib.ticker import MaxNLocator
 
-    with style.applied(**_FAST):
+    with plotting.applied(**_FAST):
         fig, ax = _figure(6, 4, left=0.13, bottom=0.12)
         series = [("raw", report["raw"])] + [
             (f"SMA K={k}", g) for k, g in report["merged"].items() if k != "1"
@@ -79,7 +79,7 @@ def trajectory(raw: np.ndarray, merged: dict, path) -> None:
     (k ≤ 2, see extramerge.trajectory.project_scores)."""
     n = len(raw)
     raw = _plane(raw)
-    with style.applied(**_FAST):
+    with plotting.applied(**_FAST):
         fig, ax = _figure(6, 4.5, left=0.14, bottom=0.11)
         ax.plot(raw[:, 0], raw[:, 1], "-o", color="0.6", ms=4, label="raw checkpoints")
         ax.annotate("newest", raw[-1], textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -107,7 +107,7 @@ def per_layer(report: dict, path) -> None:
     plot_in, bar_in = 0.8 * len(cols), 1.3
     width = label_in + plot_in + bar_in
     height = 1.0 + 0.18 * max(len(names), 1)
-    with style.applied(**_FAST, **{"axes.grid": False}):  # no grid lines across the heatmap's cells
+    with plotting.applied(**_FAST, **{"axes.grid": False}):  # no grid lines across the heatmap's cells
         fig, ax = _figure(
             width, height, left=label_in / width, right=(label_in + plot_in) / width, bottom=0.5 / height,
             top=1 - 0.45 / height,

@@ -1,6 +1,7 @@
 """Choosing α for Extra-Merge E(α) = M_N + α (M_N − M_{N−d}) (THEORY.md §d).
 
-Three estimates, each optimising something different. Be clear which one you use:
+Two estimates from the checkpoints, each optimising something different, and the loss-optimal α that
+needs the landscape. Be clear which one you use:
 
 ``alpha_match(K, d) = (K−1)/(2d)``
     Zero lag: on a straight river the merge's expected position equals the newest checkpoint's
@@ -16,13 +17,13 @@ Three estimates, each optimising something different. Be clear which one you use
     quadratic in α, minimised in closed form. With V = 0 it returns α_match. It asks "where is the
     de-noised river now?", which is a proxy, not the loss.
 
-``alpha_loss_optimal(P, W)`` = (P − 2W)/(4W)
+α* = (P − 2W)/(4W) (``rivervalley.theory``)
     The loss-optimal α on a linear river (THEORY.md §d). P = c²ηs·d and W = Σ_i ω_i (G_i − C_{d,i}) need
     the river slope c and the valley curvatures λ_i, which checkpoints alone do not reveal: parameter
     geometry cannot tell a flat noisy direction from a steep one. The loss rewards moving *further* along a
     descending river (P enters linearly), so α* is not α_geometric in general. Supply P and W from a model
     of the landscape (``rivervalley.theory.optimal_alpha`` computes α* from slope, learning rate, checkpoint
-    interval and curvatures), or fall back on measuring held-out loss with ``select_alpha_by_eval``.
+    interval and curvatures), or measure held-out loss over an α grid (``extramerge study``).
 
 All data-driven quantities come from the N×N Gram matrix (one streaming pass; see extramerge.trajectory):
 no second read of the checkpoints is needed.
@@ -31,7 +32,6 @@ no second read of the checkpoints is needed.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -44,10 +44,6 @@ __all__ = [
     "estimate_river",
     "alpha_match",
     "alpha_geometric",
-    "alpha_loss_optimal",
-    "expected_sq_error",
-    "EvalResult",
-    "select_alpha_by_eval",
 ]
 
 
@@ -124,13 +120,6 @@ def alpha_match(window: int, offset: int) -> float:
     return (window - 1) / (2.0 * offset)
 
 
-def expected_sq_error(w, estimate: RiverEstimate) -> float:
-    """E‖wᵀθ − T‖² = ‖b‖² lag(w)² + V wᵀΓ(ρ)w, T the river-line point at the newest checkpoint."""
-    w = np.asarray(w, dtype=float)
-    lag = _weights.lag(w)
-    gamma = _weights.correlation_matrix(estimate.rho, w.size)
-    return float(estimate.drift**2 * lag**2 + estimate.noise_var * w @ gamma @ w)
-
 
 def alpha_geometric(estimate: RiverEstimate, window: int, offset: int) -> float:
     """Noise-aware α: argmin_α E‖E(α) − T‖² (see the module docstring). Closed form of a quadratic.
@@ -149,35 +138,3 @@ def alpha_geometric(estimate: RiverEstimate, window: int, offset: int) -> float:
     if denom <= 0:
         return 0.0
     return float((D2 * lag_m * dlag - V * float(delta @ Gam @ m)) / denom)
-
-
-def alpha_loss_optimal(P: float, W: float) -> float:
-    """Loss-optimal α* = (P − 2W)/(4W) on a linear river (THEORY.md §d).
-
-    P = c²ηs·d and W = Σ_i ω_i (G_i − C_{d,i}) come from the landscape, not from the checkpoints.
-    """
-    if W <= 0:
-        raise ValueError("alpha_loss_optimal needs W > 0 (with no valley noise the optimum is unbounded)")
-    return (P - 2.0 * W) / (4.0 * W)
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    """Grid search outcome: the best α, its loss, and every (α, loss) pair evaluated."""
-
-    best_alpha: float
-    best_loss: float
-    table: list[tuple[float, float]]
-
-
-def select_alpha_by_eval(alphas: Iterable[float], evaluate_fn: Callable[[float], float]) -> EvalResult:
-    """Evaluate held-out loss at each α (``evaluate_fn(alpha) -> loss``) and return the smallest.
-
-    Non-finite losses (a diverged merge) are recorded but never chosen; ties go to the earliest α.
-    """
-    table = [(float(a), float(evaluate_fn(float(a)))) for a in alphas]
-    finite = [(a, loss) for a, loss in table if math.isfinite(loss)]
-    if not finite:
-        raise ValueError("select_alpha_by_eval: no α gave a finite loss")
-    best = min(finite, key=lambda x: x[1])
-    return EvalResult(best[0], best[1], table)

@@ -12,8 +12,9 @@ Where each concern lives (nothing is imported here; import the module you need):
     optimizers     SGD, Adam, Muon on batched seeds; schedules: constant, cosine, WSD
     simulate/      the batched simulator (+ _native, its compiled noise kernel)
     validate/      formula versus simulation, the validation grid
-    figures/       one function per paper figure; plots + style: the one plotting style
-    publish        atomic outputs, markers, locks, signal clean-up (shared with extramerge)
-    memory, compute  resource guards; commandline: the CLI error scheme; cli: `rivervalley`
+    figures/       one module per paper figure (`rivervalley figures`, `python -m rivervalley.figures.NAME`)
+    common/        plumbing shared with extramerge: publish (atomic outputs, markers, locks, signals), cli
+                   (the CLI error scheme), resources (memory, cores), plotting (the one style), formatting
+    cli            the `rivervalley` command
     testing/       property-testing kit for merge code (hypothesis strategies, pytest plugin)
 """

@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from rivervalley import commandline
-from rivervalley.publish import claim_file, claim_folder, mark_folder, write_file
+from rivervalley.common import cli as commandline
+from rivervalley.common.publish import claim_file, claim_folder, mark_folder, write_file
 
 __all__ = ["main", "build_parser"]
 
@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Entry point of the `rivervalley` console script; returns the exit status (rivervalley.commandline)."""
+    """Entry point of the `rivervalley` console script; returns the exit status (rivervalley.common.cli)."""
     return commandline.run("rivervalley", build_parser(), argv)
 
 

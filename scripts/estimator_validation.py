@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rivervalley import estimate_validation as V  # noqa: E402
-from rivervalley.compute import single_thread  # noqa: E402
+from rivervalley.common.resources import single_thread  # noqa: E402
 
 
 def main() -> int:

@@ -222,7 +222,7 @@ def train_briefly(
     """Train ``model`` in place for ``steps`` AdamW steps on random ``block``-token windows (drawn with a
     generator seeded by ``seed``) of the texts' token stream; returns the model in eval mode. Dropout draws
     from torch's global generator, so the result also depends on its state on entry."""
-    from extramerge import evaluate as E
+    from extramerge import eval as E
 
     stream = E.token_blocks(texts, tok, 1 << 16).ids[0]
     stream = stream[stream != E.PAD]

@@ -14,11 +14,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ("rivervalley", "extramerge")
-SCRIPTS = ("experiments", "paper_figures", "benchmarks", "scripts", "examples", "tests")
+SCRIPTS = ("experiments", "benchmarks", "scripts", "examples", "tests")
 STDLIB_PRIVATE = {"os._exit"}  # private-looking names the standard library documents
 MAX_LINES = 500  # "about 500 lines at most": a module a person can read in one sitting
 
@@ -296,71 +294,3 @@ def test_the_wheel_installs_only_the_two_packages(tmp_path):
     expected = {str(p.relative_to(ROOT)) for p in FILES.values()}
     assert expected <= set(names), sorted(expected - set(names))
     assert "rivervalley/_native/noise.c" in names  # the kernel's source, compiled on first use
-
-
-# What each split module exported before the layout of issue 11 (its __all__ then): still importable there.
-OLD_API = {
-    "extramerge.checkpoints": (
-        "Checkpoint CheckpointError FORMATS TensorInfo WriteResult check_compatible "
-        "check_merge_output check_output default_format load_checkpoints numpy_dtype "
-        "open_checkpoint output_layout parse_step publish safetensors_order staging_dir to_numpy "
-        "to_torch write_checkpoint"
-    ),
-    "extramerge.engine": (
-        "DEFAULT_CHUNK_BYTES MERGE_CHUNK_BYTES MergeSummary iter_aligned iter_chunks iter_reads "
-        "merge_weights output_dtype weighted_sum"
-    ),
-    "extramerge.trajectory": (
-        "DEFAULT_WINDOWS GramData analyze gram_pass load_gram project_scores summarize"
-    ),
-    "extramerge.evaluate": (
-        "ClozeItem ClozeResult LossResult PAD TokenBlocks build_cloze check_model_folder "
-        "cloze_accuracy evaluate_loss evaluate_model load_cloze load_model load_texts max_positions "
-        "save_cloze token_blocks tokenizer_fingerprint document_index"
-    ),
-    "extramerge.lmeval": ("require_lm_eval run_lm_eval write_task"),
-    "extramerge.outputs": (
-        "MARKER Terminated check_file check_output clean_stale discard interruptible locked mark "
-        "marked overlap publish refuse_special staging_dir write_file"
-    ),
-    "extramerge.safety": (
-        "distinct folder_files inside jsonl load_json member open_regular parse_json read_text regular shown"
-    ),
-    "extramerge.st_header": ("Entry Header parse_header"),
-    "extramerge.api": ("merge analyze plan execute Plan METHODS parse_size open_all"),
-    "extramerge.cli": ("main build_parser"),
-    "extramerge": ("merge analyze"),
-    "rivervalley.theory": (
-        "average_gain curved_expected_loss curved_optimal_alpha curved_weights_delta_loss "
-        "decay_average_advance decay_gain ema_gain ema_lag ema_response extrapolation_delta_loss "
-        "optimal_alpha optimal_weights rank1_fraction sma_cross sma_gain sma_lag sma_response "
-        "stationary_variance valley_factor weights_delta_loss"
-    ),
-    "rivervalley.landscapes": (
-        "HyperbolaRiver Landscape MatrixLeastSquares QuadraticRiverValley SineRiver flat_then_steep"
-    ),
-    "rivervalley.simulate": ("SimResult checkpoint_steps exact_transition simulate"),
-    "rivervalley.validate": ("Report Row Study Z_MAX format_table plan run"),
-    "rivervalley.cli": ("main build_parser"),
-    "experiments.lm.train": (
-        "Batches Interrupted TrainConfig build_optimizers build_schedule checkpoint_steps main "
-        "param_groups resolve train"
-    ),
-    "experiments.lm.data": (
-        "CORPORA DEFAULT_FRACTIONS Document SPLITS assign_splits gcide_path load_corpus load_meta "
-        "load_split prepare split_pieces"
-    ),
-    "experiments.lm.models": (
-        "ARCHS PRESETS Preset build_config build_model count_params preset_param_count resolve_size"
-    ),
-    "rivervalley.figures": ("FIGURES run_all"),  # was paper_figures (scripts, no longer installed)
-}
-
-
-@pytest.mark.parametrize("module", sorted(OLD_API))
-def test_old_import_paths_keep_working(module):
-    import importlib
-
-    mod = importlib.import_module(module)
-    missing = [n for n in OLD_API[module].split() if not hasattr(mod, n)]
-    assert not missing, f"{module} lost {missing}"

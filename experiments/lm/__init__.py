@@ -1,4 +1,3 @@
 """Language-model pretraining study, as runnable scripts: ``python -m experiments.lm.train`` and
 ``python -m experiments.lm.study``. The code is the library's ``extramerge.lm`` (tokenizer, data, models,
-trainer; the ``lm`` extra) and ``extramerge.study``; ``tokenizer``, ``data``, ``models`` and ``train`` here
-re-export it for older imports."""
+trainer; the ``lm`` extra) and ``extramerge.study``."""

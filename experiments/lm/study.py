@@ -17,7 +17,7 @@ from pathlib import Path
 from extramerge.study import StudyConfig, StudyError, study
 from extramerge.study.cli import add_arguments, config_from_args
 from extramerge.study.report import summary_lines
-from rivervalley.publish import interruptible
+from rivervalley.common.publish import interruptible
 
 __all__ = ["run_config", "main", "print_table", "StudyError"]
 

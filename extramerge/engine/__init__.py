@@ -16,25 +16,12 @@ read at all. Integer and bool tensors (step counters, masks) are not averaged: t
 newest checkpoint.
 
 Modules: ``units`` (cutting the tensors into work units, mapping a unit's data), ``parallel`` (ordered
-thread map, forked workers), ``reads`` (``iter_aligned``/``iter_chunks``/``iter_reads``), ``arith`` (the
-blocked weighted sum), ``summary`` (``MergeSummary``, memory probes, progress), ``merge``
-(``merge_weights``) and ``ranked`` (the write phase when several processes share a merge; see
-``extramerge.distributed``).
+thread map, forked workers), ``arith`` (the blocked weighted sum), ``summary`` (``MergeSummary``, memory
+probes, progress), ``merge`` (``merge_weights``) and ``ranked`` (the write phase when several processes
+share a merge; see ``extramerge.distributed``).
 """
 
-from .arith import output_dtype, weighted_sum
 from .merge import MERGE_CHUNK_BYTES, merge_weights
-from .reads import DEFAULT_CHUNK_BYTES, iter_aligned, iter_chunks, iter_reads
 from .summary import MergeSummary
 
-__all__ = [
-    "DEFAULT_CHUNK_BYTES",
-    "MERGE_CHUNK_BYTES",
-    "MergeSummary",
-    "iter_aligned",
-    "iter_chunks",
-    "iter_reads",
-    "weighted_sum",
-    "merge_weights",
-    "output_dtype",
-]
+__all__ = ["MERGE_CHUNK_BYTES", "MergeSummary", "merge_weights"]

@@ -4,14 +4,12 @@ dtype names of outputs and accumulators, and finiteness checks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
-from ..io import TensorInfo, to_numpy, to_torch
+from ..io import TensorInfo
 from .units import Scratch
 
-__all__ = ["weighted_sum", "output_dtype"]
+__all__ = ["BLOCK", "all_finite", "output_code", "accumulate_name", "weighted_into"]
 
 BLOCK = 64 * 2**10  # elements per arithmetic block: acc and tmp (float32) take 512 KiB of L2
 _DTYPES = {
@@ -22,40 +20,12 @@ _DTYPES = {
 }  # fmt: skip
 
 
-def _is_float_array(a: np.ndarray) -> bool:
-    return a.dtype.kind == "f" or a.dtype.name in ("bfloat16", "float8_e5m2", "float8_e4m3fn")
-
 
 def all_finite(a: np.ndarray) -> bool:
     if a.dtype.kind != "f":  # bfloat16 / float8 (ml_dtypes): check in float32
         a = a.astype(np.float32)
     return bool(np.isfinite(a).all())
 
-
-def weighted_sum(tensors: Sequence, weights, *, accumulate="float32"):
-    """Σ_j w_j t_j accumulated in ``accumulate`` (float32 by default; a name or a numpy/torch dtype)
-    whatever the input dtype; returned in the accumulation dtype, as a torch tensor when the inputs are
-    torch tensors, else a numpy array. Integer/bool tensors are not averaged: the last (newest) one is
-    returned."""
-    w = np.asarray(weights, dtype=np.float64).reshape(-1)
-    if len(tensors) != w.size:
-        raise ValueError(f"got {w.size} weights for {len(tensors)} tensors")
-    if not tensors:
-        raise ValueError("weighted_sum of no tensors")
-    torch_in = not isinstance(tensors[-1], np.ndarray)
-    arrays = [to_numpy(t) for t in tensors]
-    if not _is_float_array(arrays[-1]):
-        out = arrays[-1].copy()
-    else:
-        acc = np.dtype(accumulate_name(accumulate))
-        out = np.zeros(arrays[0].shape, dtype=acc)
-        tmp = np.empty_like(out)
-        for a, wj in zip(arrays, w, strict=True):
-            if wj != 0.0:
-                np.copyto(tmp, a)
-                tmp *= acc.type(wj)
-                out += tmp
-    return to_torch(out) if torch_in else out
 
 
 def output_code(info: TensorInfo, dtype: str) -> str:
@@ -68,11 +38,6 @@ def output_code(info: TensorInfo, dtype: str) -> str:
             f"unknown dtype {dtype!r}; choose same, float32, bfloat16, float16 or float64"
         ) from None
 
-
-def output_dtype(info: TensorInfo, dtype: str):
-    """The (torch) dtype a tensor is written in: 'same' keeps it; otherwise floating tensors are cast to
-    ``dtype`` and integer/bool tensors keep theirs. The engine itself uses the safetensors code."""
-    return TensorInfo(info.name, info.shape, output_code(info, dtype)).dtype
 
 
 def accumulate_name(accumulate) -> str:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rivervalley.memory import require_memory
+from rivervalley.common.formatting import format_bytes
+from rivervalley.common.resources import require_memory
 
 from .. import distributed
 from ..io import (
@@ -35,7 +36,7 @@ from ..io.raw import DIRECT_BLOCK
 from . import ranked, units
 from .arith import BLOCK, accumulate_name, all_finite, output_code, weighted_into
 from .parallel import ordered_map
-from .summary import MergeSummary, fmt_bytes, progress_bar, rss_now, rss_peak
+from .summary import MergeSummary, progress_bar, rss_now, rss_peak
 
 __all__ = ["MERGE_CHUNK_BYTES", "merge_weights"]
 
@@ -198,7 +199,7 @@ def merge_weights(
         free_disk = shutil.disk_usage(_first_existing(out_path.parent)).free
         if leader and bytes_written > free_disk:
             raise CheckpointError(
-                f"output {output}: needs {fmt_bytes(bytes_written)} but only {fmt_bytes(free_disk)} "
+                f"output {output}: needs {format_bytes(bytes_written)} but only {format_bytes(free_disk)} "
                 "is free there"
             )
         anon = projected - rss_now() - (bytes_read if n_torch else 0)  # mapped input pages can be reclaimed

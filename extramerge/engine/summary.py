@@ -1,5 +1,5 @@
 """What a merge did (``MergeSummary``) and the measurements behind it: resident memory now and at its
-peak, byte sizes for people, and the progress bar.
+peak, and the progress bar.
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ import resource
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["MergeSummary", "rss_now", "rss_peak", "fmt_bytes", "progress_bar"]
+from rivervalley.common.formatting import format_bytes
+
+__all__ = ["MergeSummary", "rss_now", "rss_peak", "progress_bar"]
 
 
 def rss_now() -> int:
@@ -33,13 +35,6 @@ def rss_peak() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if os.uname().sysname == "Darwin" else peak * 1024
 
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n}"
 
 
 class _NoBar:
@@ -105,9 +100,9 @@ class MergeSummary:
         ]
         if self.dry_run:
             lines += [
-                f"  would read    {fmt_bytes(self.bytes_read)}",
-                f"  would write   {fmt_bytes(self.bytes_written)}",
-                f"  peak memory   ~{fmt_bytes(self.projected_peak_rss_bytes)} projected",
+                f"  would read    {format_bytes(self.bytes_read)}",
+                f"  would write   {format_bytes(self.bytes_written)}",
+                f"  peak memory   ~{format_bytes(self.projected_peak_rss_bytes)} projected",
             ]
         else:
             t = self.timings
@@ -118,15 +113,15 @@ class MergeSummary:
             work = ", ".join(f"{k} {t[k]:.2f}s" for k in ("read_wait", "compute") if k in t)
             io = ", ".join(f"{k} {t[k]:.2f}s" for k in ("write", "fsync", "publish") if k in t)
             lines += [
-                f"  read          {fmt_bytes(self.bytes_read)} at {fmt_bytes(self.read_bandwidth)}/s",
-                f"  written       {fmt_bytes(self.bytes_written)} in {len(self.files)} file(s)",
+                f"  read          {format_bytes(self.bytes_read)} at {format_bytes(self.read_bandwidth)}/s",
+                f"  written       {format_bytes(self.bytes_written)} in {len(self.files)} file(s)",
                 f"  time          {self.seconds:.2f}s ({work} {threads}; overlapped with {io})",
-                f"  peak memory   {fmt_bytes(self.merge_rss_bytes)} during the merge "
-                f"(process high-water mark {fmt_bytes(self.peak_rss_bytes)}; "
-                f"projected {fmt_bytes(self.projected_peak_rss_bytes)})",
+                f"  peak memory   {format_bytes(self.merge_rss_bytes)} during the merge "
+                f"(process high-water mark {format_bytes(self.peak_rss_bytes)}; "
+                f"projected {format_bytes(self.projected_peak_rss_bytes)})",
             ]
             if self.rank_peak_rss_bytes:
-                peaks = ", ".join(fmt_bytes(x) for x in self.rank_peak_rss_bytes)
+                peaks = ", ".join(format_bytes(x) for x in self.rank_peak_rss_bytes)
                 lines.append(f"  per rank      peak memory during the merge: {peaks}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)

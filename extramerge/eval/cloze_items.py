@@ -193,7 +193,7 @@ def save_cloze(
 ) -> Path:
     """Write items as JSONL ({"context", "target", "candidates", "label"} per line), atomically. An
     existing file is replaced only with ``force`` and only if it is a cloze item file; ``inputs`` (data,
-    model folders) are never written onto (see extramerge.outputs.check_file)."""
+    model folders) are never written onto (see extramerge.io.outputs.check_file)."""
     text = "".join(json.dumps(it.to_dict(), ensure_ascii=False) + "\n" for it in items)
     return outputs.write_file(path, text, force=force, own=is_cloze_file, inputs=inputs)
 

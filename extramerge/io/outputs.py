@@ -4,16 +4,16 @@ place, and never destroys what it did not write.
 * ``check_output``: an output that is, lies inside or contains an input is refused, compared by device
   and inode (links, bind mounts and '..' spellings cannot hide it) as well as by path;
 * a special file (FIFO, device, socket) at the destination is never replaced, not even with force;
-* ``staging_dir`` / ``publish`` / ``clean_stale`` (from ``rivervalley.publish``, shared with rivervalley's
-  own outputs): build in ``.NAME.tmp-PID@HOST-*`` beside the output, rename into place (an existing output
-  renamed aside first, deleted once the new one is in); leftovers of a killed run on the same output are
-  cleaned by the next one;
+* ``staging_dir`` / ``publish`` / ``clean_stale`` (from ``rivervalley.common.publish``, shared with
+  rivervalley's own outputs): build in ``.NAME.tmp-PID@HOST-*`` beside the output, rename into place
+  (an existing output renamed aside first, deleted once the new one is in); leftovers of a killed run on the
+  same output are cleaned by the next one;
 * ``check_merge_output``: what ``--force`` may replace of a merge's output: only extramerge's own earlier
   merge (recognised by its merge.json record), never a user's file or folder that merely has the name;
 * ``mark`` / ``marked``: a marker file in every folder this package writes for analyze, so only such a
   folder is ever replaced; ``check_file`` / ``write_file``: a single file (eval's JSON, cloze items)
   replaced only with force and only when ``own`` recognises it as this package's earlier output;
-* ``interruptible`` (also from ``rivervalley.publish``): SIGTERM and SIGHUP raise ``Terminated`` (a
+* ``interruptible`` (also from ``rivervalley.common.publish``): SIGTERM and SIGHUP raise ``Terminated`` (a
   KeyboardInterrupt), so they take the same clean-up path as Ctrl-C and leave no staging folder behind.
 """
 
@@ -24,8 +24,8 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from rivervalley import publish as _shared
-from rivervalley.publish import Terminated, clean_stale, discard, interruptible, locked, staging_dir
+from rivervalley.common import publish as _shared
+from rivervalley.common.publish import Terminated, clean_stale, discard, interruptible, locked, staging_dir
 
 from .errors import CheckpointError
 from .layout import WEIGHT_SUFFIXES, record_path
@@ -134,7 +134,7 @@ def check_output(output, inputs: Iterable = (), *, force=False, what="input chec
 
 
 def publish(src: Path, dst: Path, force: bool) -> None:
-    """``rivervalley.publish.publish`` (rename into place, an existing ``dst`` renamed aside first and
+    """``rivervalley.common.publish.publish`` (rename into place, an existing ``dst`` renamed aside first and
     deleted once the new one is in), refusing a special file at ``dst`` even with force."""
     refuse_special(dst)
     try:

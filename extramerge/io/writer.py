@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rivervalley.common.formatting import jsonable
+
 from . import outputs, safety
 from .checkpoint import Checkpoint
 from .dcp import write_output as write_dcp_output
@@ -332,7 +334,7 @@ def publish_checkpoint(
         files += _copy_hf_files(template, tmp, infos)
     rec_name = "merge.json" if folder_out else record_path(out).name
     if record is not None:
-        (tmp / rec_name).write_text(json.dumps(dict(record), indent=1, default=_jsonable) + "\n")
+        (tmp / rec_name).write_text(json.dumps(jsonable(dict(record)), indent=1) + "\n")
         files.append(rec_name)
     if fsync:
         t0 = time.perf_counter()
@@ -438,9 +440,3 @@ def write_checkpoint(
         raise
     return WriteResult(written, published, time.perf_counter() - t_start, t_sync, t_publish)
 
-
-def _jsonable(o):
-    """numpy arrays/scalars and tensors as numbers, Paths and the rest as strings."""
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    return str(o)

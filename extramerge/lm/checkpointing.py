@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from extramerge.io import publish, staging_dir
-from rivervalley.publish import write_file
+from rivervalley.common.publish import write_file
 
 from .config import RESUME_FREE
 

@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from rivervalley.publish import interruptible
+from rivervalley.common.publish import interruptible
 
 from .config import DEFAULT_ADAM_LR, DEFAULT_LR, OPTIMIZERS, RESUME_FREE, SCHEDULE_NAMES, TrainConfig
 from .models import ARCHS

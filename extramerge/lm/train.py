@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import signal
 import time
@@ -52,8 +51,8 @@ import torch.nn.functional as F
 
 from extramerge.io import open_checkpoint
 from extramerge.online import OnlineMerger, parse_spec
-from rivervalley.compute import flush_denormals
-from rivervalley.publish import deferred, write_file
+from rivervalley.common.publish import deferred, write_file
+from rivervalley.common.resources import available_cores, flush_denormals
 
 from . import data as lmdata
 from .batches import Batches, eval_windows
@@ -70,7 +69,7 @@ from .models import build_model, count_params
 from .optimizers import build_optimizers
 from .tokenizer import build_tokenizer
 
-__all__ = ["Run", "train", "Interrupted", "available_cores", "ONLINE_FILE"]
+__all__ = ["Run", "train", "Interrupted", "ONLINE_FILE"]
 
 ONLINE_FILE = "online.pt"  # RUN/resume/online.pt: the online merges' state
 
@@ -383,13 +382,6 @@ def _cpu_settings(device: str, threads: int | None):
     finally:
         torch.set_num_threads(old_threads)
 
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return max(len(os.sched_getaffinity(0)), 1)
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 class Interrupted(KeyboardInterrupt):

@@ -49,8 +49,9 @@ def study(cfg: StudyConfig) -> dict:
         raise StudyError(
             "extramerge study evaluates merges with transformers: pip install 'rivervalley-extramerge[lm]'"
         ) from None
-    from rivervalley.compute import flush_denormals
-    from rivervalley.publish import staging_dir
+    from rivervalley.common.formatting import jsonable
+    from rivervalley.common.publish import staging_dir
+    from rivervalley.common.resources import flush_denormals
 
     from ..io import outputs
     from . import report as R
@@ -65,7 +66,7 @@ def study(cfg: StudyConfig) -> dict:
         fig = R.alpha_figure(rep, tmp / "alpha.png")
         rep["figures"] = ["alpha.png"] if fig else []
         outputs.mark(tmp, "study")
-        (tmp / "study.json").write_text(json.dumps(rep, indent=1, default=_json_default))
+        (tmp / "study.json").write_text(json.dumps(jsonable(rep), indent=1))
         (tmp / "study.md").write_text(R.markdown(rep))
         outputs.publish(tmp, out, force=True)  # an earlier study, checked above, is replaced only now
     except BaseException:
@@ -74,12 +75,3 @@ def study(cfg: StudyConfig) -> dict:
     rep["out"] = str(out)
     return rep
 
-
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(type(o))

@@ -43,7 +43,7 @@ def paired_delta(a: DocLosses, base: DocLosses) -> tuple[float, float]:
 
 
 def _check_memory(ckpts, names) -> None:
-    from rivervalley.memory import require_memory
+    from rivervalley.common.resources import require_memory
 
     infos = ckpts[-1].infos
     sizes = [infos[n].numel for n in names if n in infos and infos[n].dtype_str.startswith(("F", "BF"))]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import safety
+from ..io import safety
 
 __all__ = [
     "StudyError",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from rivervalley import style
+from rivervalley.common import plotting
 
 __all__ = ["markdown", "summary_lines", "alpha_figure"]
 
@@ -87,8 +87,8 @@ def alpha_figure(r: dict, path) -> str | None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    with style.applied():  # the one plotting style of both packages
-        fig = Figure(figsize=(6.4, 4.2), dpi=style.DPI)
+    with plotting.applied():  # the one plotting style of both packages
+        fig = Figure(figsize=(6.4, 4.2), dpi=plotting.DPI)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         K = r["extra"]["window"]

@@ -25,7 +25,7 @@ from extramerge.trajectory.data import GramData
 from extramerge.trajectory.gram import gram_pass
 from extramerge.trajectory.report import DEFAULT_WINDOWS, project_scores, summarize
 from rivervalley import weights as _weights
-from rivervalley.publish import claim_folder
+from rivervalley.common.publish import claim_folder
 
 __all__ = ["analyze", "write_outputs"]
 
@@ -41,7 +41,7 @@ _FILES = {
 def _check_output_dir(output: Path, inputs: Sequence, force: bool) -> None:
     """Refuse an output overlapping an input (by inode) or that is not a folder; replace a non-empty
     folder only with ``force`` and only if an earlier analysis wrote it (its marker file, see
-    extramerge.outputs): force never replaces a folder this package did not write."""
+    extramerge.io.outputs): force never replaces a folder this package did not write."""
     check_output(output, inputs, force=True)  # overlap with the inputs, special files
     try:
         claim_folder(

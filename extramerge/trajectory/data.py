@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from extramerge import safety
-from extramerge.io import CheckpointError
+from extramerge.io import CheckpointError, safety
 
 __all__ = ["GramData", "load_gram"]
 

@@ -1,7 +1,7 @@
 """The paper figures, one module per figure; each writes a PNG and the data behind it (JSON) into one folder.
 
     rivervalley figures -o DIR                      # all of them
-    python -m paper_figures.NAME --out DIR [--quick] [--seed S]
+    python -m rivervalley.figures.NAME --out DIR [--quick] [--seed S]
 
 Every figure module exposes ``make(out, *, quick=False, seed=0) -> list[Path]`` (the files it wrote).
 Figure modules import matplotlib, so they are loaded only when a figure is made.

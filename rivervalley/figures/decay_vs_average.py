@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rivervalley import plots, theory
+from rivervalley import theory
+from rivervalley.common import plotting
 from rivervalley.validate import decay_average_samples
 
 NAME = "decay_vs_average"
@@ -26,20 +27,22 @@ def make(out, *, quick: bool = False, seed: int = 0):
         decay_average_samples(xv, lr=LR, curvature=CURVATURE, m=m, seeds=seeds, seed=seed * 100 + i)
         for i, xv in enumerate(xs)
     ]
-    dec = np.array([plots.mean_se(s["decay"]) for s in sims])
-    avg = np.array([plots.mean_se(s["average"]) for s in sims])
+    dec = np.array([plotting.mean_se(s["decay"]) for s in sims])
+    avg = np.array([plotting.mean_se(s["average"]) for s in sims])
 
-    fig, ax = plots.figure(1, width=5.2, height=3.6)
-    ax.plot(x, g_dec, color=plots.COLORS["decay"], lw=1.6, label="LR decay to 0: G_dec(x)")
-    ax.plot(x, g_avg, color=plots.COLORS["average"], lw=1.6, label="uniform average: G_avg(x)")
+    fig, ax = plotting.figure(1, width=5.2, height=3.6)
+    ax.plot(x, g_dec, color=plotting.COLORS["decay"], lw=1.6, label="LR decay to 0: G_dec(x)")
+    ax.plot(x, g_avg, color=plotting.COLORS["average"], lw=1.6, label="uniform average: G_avg(x)")
     ax.plot(
-        x[x > 1], 0.5 * np.sqrt(np.pi / x[x > 1]), ":", color=plots.COLORS["decay"], lw=1, label="0.886/√x"
+        x[x > 1], 0.5 * np.sqrt(np.pi / x[x > 1]), ":", color=plotting.COLORS["decay"], lw=1, label="0.886/√x"
     )
-    ax.plot(x[x > 2], 2 / x[x > 2], ":", color=plots.COLORS["average"], lw=1, label="2/x")
-    plots.errorbars(
-        ax, xs, dec[:, 0], dec[:, 1], color=plots.COLORS["decay"], marker="s", label="simulated decay"
+    ax.plot(x[x > 2], 2 / x[x > 2], ":", color=plotting.COLORS["average"], lw=1, label="2/x")
+    plotting.errorbars(
+        ax, xs, dec[:, 0], dec[:, 1], color=plotting.COLORS["decay"], marker="s", label="simulated decay"
     )
-    plots.errorbars(ax, xs, avg[:, 0], avg[:, 1], color=plots.COLORS["average"], label="simulated average")
+    plotting.errorbars(
+        ax, xs, avg[:, 0], avg[:, 1], color=plotting.COLORS["average"], label="simulated average"
+    )
     ax.set(
         xscale="log",
         yscale="log",
@@ -65,4 +68,12 @@ def make(out, *, quick: bool = False, seed: int = 0):
             "average_z_vs_continuous": (avg[:, 0] - theory.average_gain(np.array(xs))) / avg[:, 1],
         },
     }
-    return [plots.save_figure(fig, out, NAME), plots.save_data(data, out, NAME)]
+    return [plotting.save_figure(fig, out, NAME), plotting.save_data(data, out, NAME)]
+
+
+if __name__ == "__main__":  # python -m rivervalley.figures.NAME --out DIR [--quick] [--seed S]
+    import sys
+
+    from rivervalley.figures import script_main
+
+    script_main(sys.modules[__name__])

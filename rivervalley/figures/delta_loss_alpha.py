@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rivervalley import plots, theory
+from rivervalley import theory
+from rivervalley.common import plotting
 from rivervalley.validate import delta_loss_samples
 
 NAME = "delta_loss_alpha"
@@ -25,15 +26,15 @@ def make(out, *, quick: bool = False, seed: int = 0):
     alphas = np.array(sorted({*np.round(np.linspace(-1.5, 3.0, 10), 3), 0.0, a_star, a_match}))
     seeds = 60 if quick else 300
     vals = delta_loss_samples(alphas, seeds=seeds, seed=seed, n_ckpts=400 if quick else 1000, **SCENARIO)
-    mean, se = plots.mean_se(vals)
+    mean, se = plotting.mean_se(vals)
     predicted = theory.extrapolation_delta_loss(alphas, **SCENARIO)
 
-    fig, ax = plots.figure(1, width=5.2, height=3.6)
-    ax.plot(grid, curve, color=plots.COLORS["theory"], lw=1.5, label="theory ΔL(α)")
-    plots.errorbars(
-        ax, alphas, mean, se, color=plots.COLORS["extra"], label=f"simulated ({seeds} seeds, ± se)"
+    fig, ax = plotting.figure(1, width=5.2, height=3.6)
+    ax.plot(grid, curve, color=plotting.COLORS["theory"], lw=1.5, label="theory ΔL(α)")
+    plotting.errorbars(
+        ax, alphas, mean, se, color=plotting.COLORS["extra"], label=f"simulated ({seeds} seeds, ± se)"
     )
-    ax.axhline(0, color=plots.COLORS["raw"], lw=1, ls="--", label="last checkpoint")
+    ax.axhline(0, color=plotting.COLORS["raw"], lw=1, ls="--", label="last checkpoint")
     marks = (
         (0.0, "plain SMA (α=0)", -0.75, 0.08),
         (a_star, f"α*={a_star:.2f}", -0.2, -0.1),
@@ -65,4 +66,12 @@ def make(out, *, quick: bool = False, seed: int = 0):
             "z": z,
         },
     }
-    return [plots.save_figure(fig, out, NAME), plots.save_data(data, out, NAME)]
+    return [plotting.save_figure(fig, out, NAME), plotting.save_data(data, out, NAME)]
+
+
+if __name__ == "__main__":  # python -m rivervalley.figures.NAME --out DIR [--quick] [--seed S]
+    import sys
+
+    from rivervalley.figures import script_main
+
+    script_main(sys.modules[__name__])

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rivervalley import plots, theory
+from rivervalley import theory
+from rivervalley.common import plotting
 from rivervalley.validate import fve_samples
 
 NAME = "fve_vs_window"
@@ -24,20 +25,22 @@ def make(out, *, quick: bool = False, seed: int = 0):
     seeds = 40 if quick else 200
     got = fve_samples(windows=sim_ks, seeds=seeds, seed=seed, n_ckpts=400 if quick else 800, **SCENARIO)
     mean = np.array([got[K]["fve"].mean() for K in sim_ks])
-    se = np.array([plots.mean_se(got[K]["fve"])[1] for K in sim_ks])
+    se = np.array([plotting.mean_se(got[K]["fve"])[1] for K in sim_ks])
 
-    fig, ax = plots.figure(1, width=5.2, height=3.6)
-    ax.plot(ks, theory_vals[:, 0], color=plots.COLORS["theory"], lw=1.5, label="theory ≈ (S+ΣN∥)/(S+ΣN)")
-    ax.plot(ks, theory_vals[:, 1], "--", color=plots.COLORS["bound"], lw=1.3, label="rigorous bound S/(S+ΣN)")
-    plots.errorbars(
-        ax, sim_ks[1:], mean[1:], se[1:], color=plots.COLORS["sma"], label="simulated, merged (SMA)"
+    fig, ax = plotting.figure(1, width=5.2, height=3.6)
+    ax.plot(ks, theory_vals[:, 0], color=plotting.COLORS["theory"], lw=1.5, label="theory ≈ (S+ΣN∥)/(S+ΣN)")
+    ax.plot(
+        ks, theory_vals[:, 1], "--", color=plotting.COLORS["bound"], lw=1.3, label="rigorous bound S/(S+ΣN)"
     )
-    plots.errorbars(
+    plotting.errorbars(
+        ax, sim_ks[1:], mean[1:], se[1:], color=plotting.COLORS["sma"], label="simulated, merged (SMA)"
+    )
+    plotting.errorbars(
         ax,
         sim_ks[:1],
         mean[:1],
         se[:1],
-        color=plots.COLORS["raw"],
+        color=plotting.COLORS["raw"],
         marker="s",
         label="simulated, raw checkpoints",
     )
@@ -56,4 +59,12 @@ def make(out, *, quick: bool = False, seed: int = 0):
         "simulated": {"K": list(sim_ks), "mean": mean, "se": se, "seeds": seeds},
         "approx_bias_at_simulated_K": mean - theory_vals[np.array(sim_ks) - 1, 0],
     }
-    return [plots.save_figure(fig, out, NAME), plots.save_data(data, out, NAME)]
+    return [plotting.save_figure(fig, out, NAME), plotting.save_data(data, out, NAME)]
+
+
+if __name__ == "__main__":  # python -m rivervalley.figures.NAME --out DIR [--quick] [--seed S]
+    import sys
+
+    from rivervalley.figures import script_main
+
+    script_main(sys.modules[__name__])

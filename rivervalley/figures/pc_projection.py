@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from rivervalley import analysis, plots
+from rivervalley import analysis
 from rivervalley import weights as W
+from rivervalley.common import plotting
 from rivervalley.landscapes import QuadraticRiverValley
 from rivervalley.simulate import simulate
 
@@ -45,10 +46,10 @@ def make(out, *, quick: bool = False, seed: int = 0):
     (s_raw, _), (s_merged, _) = analysis.pc_scores(G_raw[0]), analysis.pc_scores(G_merged[0])
     # pc_scores orients PC1 along the direction of travel, so both panels read left to right
 
-    fig, axes = plots.figure(3, width=3.6, height=3.3)
+    fig, axes = plotting.figure(3, width=3.6, height=3.3)
     for ax, s, ev, title, color in (
-        (axes[0], s_raw, ev_raw[0], "raw checkpoints", plots.COLORS["raw"]),
-        (axes[1], s_merged, ev_merged[0], f"merged, SMA K={WINDOW}", plots.COLORS["sma"]),
+        (axes[0], s_raw, ev_raw[0], "raw checkpoints", plotting.COLORS["raw"]),
+        (axes[1], s_merged, ev_merged[0], f"merged, SMA K={WINDOW}", plotting.COLORS["sma"]),
     ):
         ax.plot(s[:, 0], s[:, 1], "-", color=color, lw=0.8, alpha=0.6)
         sc = ax.scatter(s[:, 0], s[:, 1], c=np.arange(len(s)), cmap="viridis", s=14, zorder=3)
@@ -60,10 +61,10 @@ def make(out, *, quick: bool = False, seed: int = 0):
         ax.set_aspect("equal", adjustable="datalim")
     fig.colorbar(sc, ax=axes[1], label="checkpoint index", shrink=0.8)
     k = np.arange(1, 6)
-    m_raw, se_raw = plots.mean_se(ev_raw[:, :5])
-    m_mer, se_mer = plots.mean_se(ev_merged[:, :5])
-    axes[2].bar(k - 0.2, m_raw, 0.4, yerr=se_raw, color=plots.COLORS["raw"], label="raw")
-    axes[2].bar(k + 0.2, m_mer, 0.4, yerr=se_mer, color=plots.COLORS["sma"], label=f"merged K={WINDOW}")
+    m_raw, se_raw = plotting.mean_se(ev_raw[:, :5])
+    m_mer, se_mer = plotting.mean_se(ev_merged[:, :5])
+    axes[2].bar(k - 0.2, m_raw, 0.4, yerr=se_raw, color=plotting.COLORS["raw"], label="raw")
+    axes[2].bar(k + 0.2, m_mer, 0.4, yerr=se_mer, color=plotting.COLORS["sma"], label=f"merged K={WINDOW}")
     axes[2].set(
         xlabel="principal component",
         ylabel="explained variance fraction",
@@ -86,4 +87,12 @@ def make(out, *, quick: bool = False, seed: int = 0):
         "explained_variance_mean": {"raw": m_raw, "merged": m_mer},
         "explained_variance_se": {"raw": se_raw, "merged": se_mer},
     }
-    return [plots.save_figure(fig, out, NAME), plots.save_data(data, out, NAME)]
+    return [plotting.save_figure(fig, out, NAME), plotting.save_data(data, out, NAME)]
+
+
+if __name__ == "__main__":  # python -m rivervalley.figures.NAME --out DIR [--quick] [--seed S]
+    import sys
+
+    from rivervalley.figures import script_main
+
+    script_main(sys.modules[__name__])

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rivervalley import plots, theory
+from rivervalley import theory
+from rivervalley.common import plotting
 
 NAME = "sma_ema_response"
 WINDOWS = (4, 16)
@@ -40,7 +41,7 @@ def make(out, *, quick: bool = False, seed: int = 0):
         "gain_integral": {},
         "rho": rhos,
     }
-    fig, (ax, bx) = plots.figure(2, width=4.6)
+    fig, (ax, bx) = plotting.figure(2, width=4.6)
     for rho, ls in zip(MODES, (":", "--", "-."), strict=True):
         s = _spectrum(rho, omega)
         data["spectra"][f"rho={rho:g}"] = s[::10]
@@ -51,9 +52,9 @@ def make(out, *, quick: bool = False, seed: int = 0):
         h_ema = theory.ema_response(beta, omega) ** 2
         key_s, key_e = f"SMA K={K}", f"EMA β={beta:.3g}"
         data["response2"][key_s], data["response2"][key_e] = h_sma[::10], h_ema[::10]
-        ax.plot(omega, h_sma, color=plots.COLORS["sma"], alpha=shade, lw=1.4, label=f"|H|² {key_s}")
+        ax.plot(omega, h_sma, color=plotting.COLORS["sma"], alpha=shade, lw=1.4, label=f"|H|² {key_s}")
         ax.plot(
-            omega, h_ema, color=plots.COLORS["ema"], alpha=shade, lw=1.4, label=f"|H|² {key_e} (same lag)"
+            omega, h_ema, color=plotting.COLORS["ema"], alpha=shade, lw=1.4, label=f"|H|² {key_e} (same lag)"
         )
         closed_s = np.array([theory.sma_gain(K, r) for r in rhos])
         closed_e = np.array([theory.ema_gain(beta, r) for r in rhos])
@@ -61,10 +62,10 @@ def make(out, *, quick: bool = False, seed: int = 0):
         integ_e = np.array([_integral_gain(h_ema, r, omega) for r in rhos])
         data["gain_closed_form"][key_s], data["gain_closed_form"][key_e] = closed_s, closed_e
         data["gain_integral"][key_s], data["gain_integral"][key_e] = integ_s, integ_e
-        bx.plot(rhos, closed_s, color=plots.COLORS["sma"], alpha=shade, lw=1.4, label=f"G {key_s}")
-        bx.plot(rhos, closed_e, color=plots.COLORS["ema"], alpha=shade, lw=1.4, label=f"G {key_e}")
-        bx.plot(rhos[::3], integ_s[::3], "o", ms=3.5, mfc="none", color=plots.COLORS["sma"], alpha=shade)
-        bx.plot(rhos[::3], integ_e[::3], "s", ms=3.5, mfc="none", color=plots.COLORS["ema"], alpha=shade)
+        bx.plot(rhos, closed_s, color=plotting.COLORS["sma"], alpha=shade, lw=1.4, label=f"G {key_s}")
+        bx.plot(rhos, closed_e, color=plotting.COLORS["ema"], alpha=shade, lw=1.4, label=f"G {key_e}")
+        bx.plot(rhos[::3], integ_s[::3], "o", ms=3.5, mfc="none", color=plotting.COLORS["sma"], alpha=shade)
+        bx.plot(rhos[::3], integ_e[::3], "s", ms=3.5, mfc="none", color=plotting.COLORS["ema"], alpha=shade)
     bx.plot([], [], "o", mfc="none", color="0.3", label="(1/2π)∫|H|²S/V dω (numerical)")
     data["max_abs_gap_closed_vs_integral"] = max(
         float(np.max(np.abs(np.asarray(data["gain_closed_form"][k]) - np.asarray(data["gain_integral"][k]))))
@@ -88,4 +89,12 @@ def make(out, *, quick: bool = False, seed: int = 0):
     )
     bx.axvline(0, color="0.8", lw=0.8)
     bx.legend(loc="upper left", fontsize=6.5)
-    return [plots.save_figure(fig, out, NAME), plots.save_data(data, out, NAME)]
+    return [plotting.save_figure(fig, out, NAME), plotting.save_data(data, out, NAME)]
+
+
+if __name__ == "__main__":  # python -m rivervalley.figures.NAME --out DIR [--quick] [--seed S]
+    import sys
+
+    from rivervalley.figures import script_main
+
+    script_main(sys.modules[__name__])

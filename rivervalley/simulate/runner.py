@@ -8,9 +8,8 @@ from collections.abc import Callable
 
 import torch
 
-from rivervalley.compute import flush_denormals
+from rivervalley.common.resources import flush_denormals, require_memory
 from rivervalley.landscapes import EigenQuadratic, Landscape
-from rivervalley.memory import require_memory
 from rivervalley.optimizers import SGD
 from rivervalley.simulate.exact import check_exact, run_exact
 from rivervalley.simulate.noise import NoiseSource, resolve_backend

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rivervalley import weights as _weights
-from rivervalley.compute import single_thread
+from rivervalley.common.resources import single_thread
 
 from .affine import check_affine_merge, fmt_weights
 from .params import RiverValley
@@ -111,7 +111,7 @@ def check_expected_gain(
         n = w.size
     if isinstance(seeds, bool) or int(seeds) < 2:
         raise ValueError(f"seeds must be an integer >= 2, got {seeds!r}")
-    with single_thread():  # small batches: see rivervalley.compute.single_thread
+    with single_thread():  # small batches: see rivervalley.common.resources.single_thread
         sim = params.simulate(n, seeds=int(seeds), seed=seed, start=start)
         dl = merged_losses(weights if callable(weights) else w, sim, backend)
     measured, se = float(dl.mean()), float(dl.std(ddof=1) / math.sqrt(dl.size))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rivervalley import weights as _weights
-from rivervalley.compute import single_thread
+from rivervalley.common.resources import single_thread
 
 from .bending import BendingRiver
 from .gain import as_river_valley, merged_losses, require_affine
@@ -219,7 +219,7 @@ def check_extrapolation_limits(
         raise ValueError(f"seeds must be an integer >= 2, got {seeds!r}")
     seeds = int(seeds)
     if isinstance(params, BendingRiver):
-        with single_thread():  # small batches: see rivervalley.compute.single_thread
+        with single_thread():  # small batches: see rivervalley.common.resources.single_thread
             measured, se, theory, label, at = _bending(ws, params, seeds, seed, alpha)
         tolerance = lambda x, s: max(z * s, rtol * max(abs(x), 0.05))  # noqa: E731 - an estimate
     else:

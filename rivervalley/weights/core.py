@@ -29,7 +29,6 @@ __all__ = [
     "lag",
     "correlation_matrix",
     "merge_matrix",
-    "required_checkpoints",
 ]
 
 AFFINE_TOL = 1e-9
@@ -86,10 +85,6 @@ def wma(n: int, window: int) -> np.ndarray:
     w[n - window :] = ramp / ramp.sum()
     return w
 
-
-def required_checkpoints(window: int, offset: int) -> int:
-    """Extra-Merge over SMA windows K whose ends are d apart reads K + d checkpoints."""
-    return _check_int("window", window, 1) + _check_int("offset", offset, 0)
 
 
 def extra(n: int, window: int, offset: int, alpha: float) -> np.ndarray:
