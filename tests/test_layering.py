@@ -1,6 +1,6 @@
 """The shape of the library, checked from its source: imports run one way, private names stay home, no
-import cycles (not even hidden behind function-local imports), modules stay readable, and the wheel holds
-only ``rivervalley`` and ``extramerge``.
+import cycles (not even hidden behind function-local imports or ``if TYPE_CHECKING:``), modules stay
+readable, and the wheel holds only ``rivervalley`` and ``extramerge``.
 
 Everything is read with ``ast`` (nothing is imported), so a violation anywhere in a function body counts.
 """
@@ -47,28 +47,35 @@ def _private(part: str) -> bool:
     return part.startswith("_") and not (part.startswith("__") and part.endswith("__"))
 
 
-def _type_checking_nodes(tree: ast.AST) -> set[int]:
-    """ids of nodes under ``if TYPE_CHECKING:`` (imports for annotations only)."""
-    skip = set()
+def _contexts(tree: ast.AST) -> dict[int, str]:
+    """Where each import node sits, by id: "under TYPE_CHECKING" (an import for annotations only) or "inside
+    a function"; module-level imports are absent. Both kinds count: an import a type checker or a call
+    follows is still an edge of the graph, and a cycle through one is a cycle."""
+    out = {}
     for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Import | ast.ImportFrom):
+                    out.setdefault(id(sub), "inside a function")
+    for node in ast.walk(tree):  # TYPE_CHECKING wins: it names why the import is hidden
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             for sub in node.body:
-                skip.update(id(n) for n in ast.walk(sub))
-    return skip
+                out.update({id(n): "under TYPE_CHECKING" for n in ast.walk(sub)})
+    return out
 
 
 def _imports(name: str, path: Path):
-    """(line, target module, imported name or None, bound alias) for every import in the file."""
+    """(line, target module, imported name or None, bound alias, context) for every import in the file,
+    context as in ``_contexts`` ("" at module level)."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    skip = _type_checking_nodes(tree)
+    contexts = _contexts(tree)
     package = name if _is_package(name) else name.rpartition(".")[0]
     out = []
     for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
+        context = contexts.get(id(node), "")
         if isinstance(node, ast.Import):
             for a in node.names:
-                out.append((node.lineno, a.name, None, a.asname or a.name.split(".")[0]))
+                out.append((node.lineno, a.name, None, a.asname or a.name.split(".")[0], context))
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
@@ -77,7 +84,7 @@ def _imports(name: str, path: Path):
             else:
                 module = node.module or ""
             for a in node.names:
-                out.append((node.lineno, module, a.name, a.asname or a.name))
+                out.append((node.lineno, module, a.name, a.asname or a.name, context))
     return tree, out
 
 
@@ -100,12 +107,14 @@ def _allowed_private_module(importer: str, target: str) -> bool:
 
 
 def _violations():
+    """(upward imports, private names crossing a module, import graph): the graph maps each library module
+    to the modules it imports, each edge to where it is first made (``path:line``, and the context)."""
     upward, private, edges = [], [], {}
     for name, path in FILES.items():
         tree, imports = _imports(name, path)
         top = name.split(".")[0]
         module_aliases = {}
-        for line, module, attr, alias in imports:
+        for line, module, attr, alias, context in imports:
             where = f"{path.relative_to(ROOT)}:{line}"
             root = module.split(".")[0]
             if root in SCRIPTS or (top == "rivervalley" and root == "extramerge"):
@@ -123,7 +132,8 @@ def _violations():
             if taken is None:
                 module_aliases[alias] = target
             if target != name and target in FILES:
-                edges.setdefault(name, set()).add(target)
+                made = f"{where} ({context})" if context else where
+                edges.setdefault(name, {}).setdefault(target, made)
         for node in ast.walk(tree):  # mod._name through a module alias
             if (
                 isinstance(node, ast.Attribute)
@@ -170,7 +180,7 @@ def _defined(tree: ast.AST) -> set[str]:
 UPWARD, PRIVATE, EDGES = _violations()
 
 
-def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+def _cycles(edges: dict[str, dict[str, str]]) -> list[list[str]]:
     """Strongly connected components with more than one module (Tarjan)."""
     index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
 
@@ -216,9 +226,17 @@ def test_no_private_name_crosses_a_module():
     assert not PRIVATE, "\n".join(PRIVATE)
 
 
-def test_no_import_cycles_even_inside_functions():
+def _describe(cycle: list[str], edges: dict[str, dict[str, str]]) -> str:
+    """The modules of a cycle and each import that closes it, with where it is made."""
+    made = [
+        f"    {a} imports {b}: {edges[a][b]}" for a in cycle for b in sorted(edges.get(a, {})) if b in cycle
+    ]
+    return " <-> ".join(cycle) + "\n" + "\n".join(made)
+
+
+def test_no_import_cycles_even_inside_functions_or_under_type_checking():
     cycles = _cycles(EDGES)
-    assert not cycles, "\n".join(" <-> ".join(c) for c in cycles)
+    assert not cycles, "\n".join(_describe(c, EDGES) for c in cycles)
 
 
 def test_weights_is_the_leaf():
@@ -261,6 +279,45 @@ def test_the_checker_catches_what_it_should(tmp_path, monkeypatch):
     assert any("private name extramerge.b._x" in p for p in private)
     assert any("obj._method" in p for p in private)
     assert _cycles(edges) == [["extramerge.b", "extramerge.c"]]
+
+
+def test_a_cycle_hidden_under_type_checking_is_found(tmp_path, monkeypatch):
+    # the kind that hid in extramerge.online: one module imports the other for annotations only (under
+    # TYPE_CHECKING), the other imports it back inside a function; neither import runs at module level
+    pkg = tmp_path / "extramerge" / "online"
+    pkg.mkdir(parents=True)
+    (tmp_path / "rivervalley").mkdir()
+    (tmp_path / "rivervalley" / "__init__.py").write_text("")
+    (tmp_path / "extramerge" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "merger.py").write_text(
+        "class OnlineMerger:\n    def save(self):\n        from .save import save_merge\n\n"
+        "        return save_merge(self)\n"
+    )
+    (pkg / "save.py").write_text(
+        "from __future__ import annotations\n\nfrom typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n"
+        "    from .merger import OnlineMerger\n\n\ndef save_merge(merger: OnlineMerger):\n    return merger\n"
+    )
+    (pkg / "plain.py").write_text("import typing\n\nif typing.TYPE_CHECKING:\n    from . import save\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "FILES", _library_files())
+    _, _, edges = _violations()
+    cycle = ["extramerge.online.merger", "extramerge.online.save"]
+    assert _cycles(edges) == [cycle]  # plain.py's one-way TYPE_CHECKING import is an edge, not a cycle
+    assert edges["extramerge.online.save"] == {
+        "extramerge.online.merger": "extramerge/online/save.py:6 (under TYPE_CHECKING)"
+    }
+    assert edges["extramerge.online.merger"] == {
+        "extramerge.online.save": "extramerge/online/merger.py:3 (inside a function)"
+    }
+    assert "extramerge.online.save" in edges["extramerge.online.plain"]
+    assert _describe(cycle, edges).splitlines() == [
+        "extramerge.online.merger <-> extramerge.online.save",
+        "    extramerge.online.merger imports extramerge.online.save: "
+        "extramerge/online/merger.py:3 (inside a function)",
+        "    extramerge.online.save imports extramerge.online.merger: "
+        "extramerge/online/save.py:6 (under TYPE_CHECKING)",
+    ]
 
 
 def _setuptools_major() -> int:
