@@ -89,7 +89,7 @@ def save_checkpoint(run, factor: float) -> None:
         {
             "step": run.step,
             "path": name,
-            "lr": run.r["lr"] * factor,
+            "lr": run.resolved.lr * factor,
             "lr_factor": float(factor),
             "train_loss": run.last_train_loss,
             "val_loss": run.last_val_loss,
@@ -181,24 +181,24 @@ def write_run_json(run, status: str) -> None:
     """Write ``RUN/run.json``: config, resolved defaults, model, schedule, data, checkpoints, timings."""
     import transformers
 
-    r, given = run.r, asdict(run.config)
+    r, given = run.resolved, asdict(run.config)
     record = {
         "status": status,
         "config": asdict(run.config),
-        "resolved": {k: v for k, v in r.items() if k not in given or given[k] != v},
+        "resolved": {k: v for k, v in r.to_dict().items() if k not in given or given[k] != v},
         "model": {
-            "arch": r["arch"],
-            "size": r["size"],
-            "shape": r["preset"],
+            "arch": r.arch,
+            "size": r.size,
+            "shape": asdict(r.preset),
             "params": run.n_params,
             "class": type(run.model).__name__,
         },
         "schedule": {
-            "name": r["schedule"],
+            "name": r.schedule,
             "factory": run.schedule.name,
             "params": run.schedule.params,
         },
-        "tokens_per_step": r["tokens_per_step"],
+        "tokens_per_step": r.tokens_per_step,
         "step": run.step,
         "data_dir": "data",
         "data": {k: run.meta[k] for k in ("corpus", "tokens", "bytes", "fractions", "content_hash")},

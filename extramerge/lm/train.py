@@ -87,10 +87,10 @@ class Run:
     def __init__(self, config: TrainConfig):
         self.t0 = time.perf_counter()
         self.config = config
-        self.r = resolve(config)
+        self.resolved = resolve(config)
         self.dir = Path(config.out)
         check_run_folder(self.dir, config.resume)
-        self.device = torch.device(self.r["device"])
+        self.device = torch.device(self.resolved.device)
         self.cuda = self.device.type == "cuda"
         self.timings = {"train_s": 0.0, "eval_s": 0.0, "ckpt_s": 0.0, "resume_s": 0.0, "setup_s": 0.0}
         self.elapsed0 = 0.0  # wall time of earlier segments (before a resume)
@@ -118,32 +118,28 @@ class Run:
             raise
 
     def _setup(self) -> None:
-        r = self.r
-        data_dir = lmdata.prepare(r["corpus"], self.dir / "data", min_tokens=r["seq_len"] + 1)
+        r = self.resolved
+        data_dir = lmdata.prepare(r.corpus, self.dir / "data", min_tokens=r.seq_len + 1)
         self.meta = lmdata.load_meta(data_dir)
         self.train_tokens = lmdata.load_split(data_dir, "train")
         self.val_tokens = lmdata.load_split(data_dir, "val")
-        torch.manual_seed(r["seed"])
+        torch.manual_seed(r.seed)
         self.model = build_model(
-            r["arch"], r["size"], **{k: r[k] for k in ("n_layer", "d_model", "n_head")}, seq_len=r["seq_len"]
+            r.arch, r.size, n_layer=r.n_layer, d_model=r.d_model, n_head=r.n_head, seq_len=r.seq_len
         ).to(self.device)
         self.model.train()
         self.n_params = count_params(self.model)
         self.optimizers = build_optimizers(self.model, r)
-        if r["online_merge"]:
-            spec = parse_spec(r["online_merge"], "--online-merge")
-            self.online = OnlineMerger(self.model, spec, every=r["online_every"], device=r["online_device"])
+        if r.online_merge:
+            spec = parse_spec(r.online_merge, "--online-merge")
+            self.online = OnlineMerger(self.model, spec, every=r.online_every, device=r.online_device)
         self.schedule = build_schedule(r)
-        self.lr_factor = (
-            np.asarray(self.schedule(np.arange(r["steps"])), dtype=np.float64) / self.schedule.peak
-        )
-        self.batches = Batches(self.train_tokens, r["batch_size"], r["seq_len"], r["seed"])
-        self.eval_starts = eval_windows(
-            len(self.val_tokens), r["seq_len"], r["eval_batches"] * r["batch_size"]
-        )
-        self.ckpt_steps = checkpoint_steps_with_final(r["steps"], r["ckpt_every"], r["ckpt_from"])
+        self.lr_factor = np.asarray(self.schedule(np.arange(r.steps)), dtype=np.float64) / self.schedule.peak
+        self.batches = Batches(self.train_tokens, r.batch_size, r.seq_len, r.seed)
+        self.eval_starts = eval_windows(len(self.val_tokens), r.seq_len, r.eval_batches * r.batch_size)
+        self.ckpt_steps = checkpoint_steps_with_final(r.steps, r.ckpt_every, r.ckpt_from)
         self.tokenizer = build_tokenizer()
-        self.forward = torch.compile(self.model) if r["compile"] else self.model
+        self.forward = torch.compile(self.model) if r.compile else self.model
         if self.config.resume:
             load_resume(self)
             self._load_online()
@@ -160,15 +156,15 @@ class Run:
 
     # ----------------------------------------------------------------------------------------- loop
     def run(self) -> None:
-        r = self.r
+        r = self.resolved
         from tqdm.auto import tqdm
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [g for opt in self.optimizers for g in opt.param_groups]
-        ckpts, log_every, clip = set(self.ckpt_steps), r["log_every"], r["grad_clip"]
-        eval_every, save_every, tps = r["eval_every"], r["save_every"], r["tokens_per_step"]
+        ckpts, log_every, clip = set(self.ckpt_steps), r.log_every, r.grad_clip
+        eval_every, save_every, tps = r.eval_every, r.save_every, r.tokens_per_step
         bar = tqdm(
-            total=r["steps"],
+            total=r.steps,
             initial=self.step,
             disable=not self.config.progress,
             unit="step",
@@ -178,7 +174,7 @@ class Run:
         t_loop, first = time.perf_counter(), self.step
         side = 0.0  # time spent in evaluation / checkpoints / resume saves (not the step path)
         grad_norm = torch.zeros(())
-        last = min(r["steps"], r["stop_at"] or r["steps"])
+        last = min(r.steps, r.stop_at or r.steps)
         try:
             while self.step < last:
                 factor = self.lr_factor[self.step]
@@ -201,7 +197,7 @@ class Run:
                 if self.online is not None:
                     self.online.update(step)
                 bar.update(1)
-                if step % log_every == 0 or step == r["steps"]:
+                if step % log_every == 0 or step == r.steps:
                     train_loss = float(self.loss_sum) / self.loss_n
                     self.loss_sum.zero_()
                     self.loss_n = 0
@@ -209,7 +205,7 @@ class Run:
                     now = time.perf_counter()
                     self._log(
                         step=step,
-                        lr=r["lr"] * factor,
+                        lr=r.lr * factor,
                         train_loss=train_loss,
                         grad_norm=float(grad_norm) if clip > 0 else None,
                         tokens=step * tps,
@@ -241,9 +237,7 @@ class Run:
             raise
         bar.close()
         self.timings["train_s"] += time.perf_counter() - t_loop - side
-        if self.step < r["steps"] and not (
-            self.step in ckpts or (save_every and self.step % save_every == 0)
-        ):
+        if self.step < r.steps and not (self.step in ckpts or (save_every and self.step % save_every == 0)):
             save_resume(self)  # paused by --stop-at
             self._save_online_state()
 
@@ -269,7 +263,7 @@ class Run:
     def _val_loss(self) -> float:
         """Mean loss over the fixed validation windows."""
         self.model.eval()
-        bs, offsets = self.r["batch_size"], np.arange(self.r["seq_len"] + 1)
+        bs, offsets = self.resolved.batch_size, np.arange(self.resolved.seq_len + 1)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for i in range(0, len(self.eval_starts), bs):
             starts = self.eval_starts[i : i + bs]
@@ -288,7 +282,7 @@ class Run:
         if self.online is None:
             return
         self.checkpoints[-1].update(self.last_online)
-        if not self.r["online_save"]:
+        if not self.resolved.online_save:
             return
         t = time.perf_counter()
         name = f"step_{self.step:06d}"
@@ -322,19 +316,19 @@ class Run:
 
     def tokens_per_s(self) -> float:
         return (
-            self.step * self.r["tokens_per_step"] / self.timings["train_s"]
+            self.step * self.resolved.tokens_per_step / self.timings["train_s"]
             if self.timings["train_s"]
             else 0.0
         )
 
     def finish(self) -> None:
         self.log.close()
-        write_run_json(self, "finished" if self.step >= self.r["steps"] else "stopped")
+        write_run_json(self, "finished" if self.step >= self.resolved.steps else "stopped")
         if self.config.progress:
             print(self.summary())
 
     def summary(self) -> str:
-        r = self.r
+        r = self.resolved
         steps = ", ".join(str(c["step"]) for c in self.checkpoints)
         val = f"{self.last_val_loss:.4f}" if self.last_val_loss is not None else "-"
         train = f"{self.last_train_loss:.4f}" if self.last_train_loss is not None else "-"
@@ -342,8 +336,8 @@ class Run:
         return "\n".join(
             [
                 f"run       {self.dir}",
-                f"model     {r['arch']} {r['size']} ({self.n_params / 1e6:.2f} M params), {r['optimizer']}, "
-                f"{r['schedule']} lr {r['lr']:g}, {r['steps']} steps x {r['tokens_per_step']} tokens",
+                f"model     {r.arch} {r.size} ({self.n_params / 1e6:.2f} M params), {r.optimizer}, "
+                f"{r.schedule} lr {r.lr:g}, {r.steps} steps x {r.tokens_per_step} tokens",
                 f"speed     {self.tokens_per_s():,.0f} tokens/s "
                 f"({self.step / max(t['train_s'], 1e-9):.2f} steps/s; "
                 f"train {t['train_s']:.1f} s, eval {t['eval_s']:.1f} s, checkpoints {t['ckpt_s']:.1f} s)",
@@ -383,7 +377,6 @@ def _cpu_settings(device: str, threads: int | None):
         torch.set_num_threads(old_threads)
 
 
-
 class Interrupted(KeyboardInterrupt):
     """A signal (``signum``) stopped training at ``step``; ``saved`` is the step that ``--resume`` continues
     from (None: no resume state; a new run's folder is then removed, so the same command starts it again)."""
@@ -399,9 +392,9 @@ def train(config: TrainConfig) -> Path:
     published whole (never a partial folder), so the run continues with ``--resume``."""
     run = Run(config)
     try:
-        with _cpu_settings(run.r["device"], config.threads):
+        with _cpu_settings(run.resolved.device, config.threads):
             run.setup()
-            if run.step < run.r["steps"]:
+            if run.step < run.resolved.steps:
                 run.run()
             run.finish()
     except KeyboardInterrupt as e:

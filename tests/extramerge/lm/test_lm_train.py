@@ -126,9 +126,35 @@ def test_muon_gets_only_hidden_matrices(arch):
     assert {g["base_lr"] for g in opts[1].param_groups} == {lmconfig.DEFAULT_ADAM_LR}
 
 
+def test_the_resolved_config_is_frozen_and_records_as_before():
+    cfg = TrainConfig(optimizer="muon", steps=200, ckpt_every=30, lr=1, device="cpu", extra={"note": [1]})
+    r = lmconfig.resolve(cfg)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.lr = 0.5
+    # run.json's "resolved" entry and a resume compare this dict: the given fields in TrainConfig's order with
+    # the derived values in place, then the model shape and tokens per step (the dict runs recorded before
+    # the config became a dataclass)
+    expected = {
+        **dataclasses.asdict(cfg),
+        "seq_len": 128,
+        "lr": 1.0,
+        "adam_lr": lmconfig.DEFAULT_ADAM_LR,
+        "warmup": 10,
+        "ckpt_from": 140,  # 200 - 30 · floor(0.3 · 200 / 30)
+        "online_every": 1,
+        "online_save": False,
+        "preset": {"n_layer": 4, "d_model": 128, "n_head": 4, "seq_len": 128, "intermediate": None},
+        "tokens_per_step": 32 * 128,
+    }
+    assert list(r.to_dict().items()) == list(expected.items())
+    assert json.dumps(r.to_dict()) == json.dumps(expected)
+    assert isinstance(r.lr, float) and r.preset == resolve_size("tiny")
+    assert lmconfig.resolve(dataclasses.replace(cfg, optimizer="adamw")).adam_lr is None
+
+
 def test_checkpoint_grid_covers_the_last_30_percent():
     r = lmconfig.resolve(TrainConfig(steps=1000, ckpt_every=100))
-    assert lmconfig.checkpoint_steps_with_final(1000, 100, r["ckpt_from"]) == [700, 800, 900, 1000]
+    assert lmconfig.checkpoint_steps_with_final(1000, 100, r.ckpt_from) == [700, 800, 900, 1000]
     assert lmconfig.checkpoint_steps_with_final(95, 10, 63) == [63, 73, 83, 93, 95]
     assert lmconfig.checkpoint_steps_with_final(10, 50, 10) == [10]
 
