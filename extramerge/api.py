@@ -1,17 +1,19 @@
 """Python API: ``merge`` (a weight vector applied to real checkpoints) and ``analyze`` (diagnostics).
 
 ``merge`` = open the checkpoints → ``plan`` (method and knobs → one affine weight vector, built by the
-method's entry in ``extramerge.methods.REGISTRY``, whose docstring lists the defaults) → ``execute`` (the
-streaming engine reads each checkpoint once).
+method's entry in ``extramerge.methods.REGISTRY``, whose docstring lists the defaults; the API hands it the
+Gram matrix where the entry says it needs one: ``gram_for``) → ``execute`` (the streaming engine reads each
+checkpoint once).
 
-A knob that does not apply to the chosen method is an error, not silently ignored.
+The knobs (``window=``, ``alpha=``, ...) are the parameters the methods declare (``methods.Param``), passed
+through as keywords. A knob that does not apply to the chosen method is an error, not silently ignored.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -19,9 +21,9 @@ from rivervalley import weights as _weights
 
 from . import distributed, methods
 from .io import open_all
-from .trajectory import analyze
+from .trajectory import GramData, analyze, gram_pass, load_gram
 
-__all__ = ["merge", "analyze", "plan", "execute", "Plan", "METHODS", "parse_size", "open_all"]
+__all__ = ["merge", "analyze", "plan", "execute", "Plan", "METHODS", "parse_size", "open_all", "gram_for"]
 
 METHODS = methods.NAMES
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -63,40 +65,46 @@ class Plan:
         }
 
 
-def _undeclared_gram(name: str):
-    raise RuntimeError(f"method {name!r} reads the Gram matrix but its registry entry says it does not")
+def gram_for(ckpts, gram, progress: bool) -> tuple[GramData, str]:
+    """Gram matrices: from ``gram`` (a GramData or a gram.npz path) if given, else one streaming pass."""
+    if gram is None:
+        return gram_pass(ckpts, progress=progress), "computed by an extra read pass"
+    data = gram if isinstance(gram, GramData) else load_gram(gram)
+    mine = [str(Path(c.path).resolve()) for c in ckpts]
+    theirs = [str(Path(p).resolve()) for p in data.paths]
+    if data.n != len(ckpts) or (theirs and theirs != mine):
+        raise ValueError(
+            f"the Gram matrix {gram} was computed for other checkpoints than the {len(ckpts)} given"
+        )
+    return data, f"read from {gram}" if not isinstance(gram, GramData) else "given"
 
 
-def plan(
-    ckpts,
-    method: str = "sma",
-    *,
-    window: int | None = None,
-    offset: int | None = None,
-    alpha: float | str | None = None,
-    decay: float | None = None,
-    weights: Sequence[float] | None = None,
-    ahead: float | None = 0.0,
-    gram=None,
-    shape=None,
-    sigma_rel: float | None = None,
-    gamma: float | None = None,
-    progress: bool = True,
-) -> Plan:
-    """Resolve a method and its knobs into a weight vector over the opened checkpoints ``ckpts``."""
+def plan(ckpts, method: str = "sma", *, progress: bool = True, **knobs) -> Plan:
+    """Resolve a method and its knobs into a weight vector over the opened checkpoints ``ckpts``.
+
+    ``knobs`` are the method's parameters (``extramerge.methods``: window, offset, alpha, decay, weights,
+    ahead, gram, shape, sigma_rel, gamma, ...); one left out takes its declared default.
+    """
     entry = methods.get(method)
-    knobs = dict(window=window, offset=offset, alpha=alpha, decay=decay, weights=weights, gram=gram)
-    knobs |= dict(shape=shape, sigma_rel=sigma_rel, gamma=gamma)
-    methods.reject_unused(entry, knobs | {"ahead": ahead or None})  # ahead=0 is the default everywhere
-    knobs["ahead"] = ahead
+    methods.reject_unused(entry, knobs)
     n = len(ckpts)
     if n < 1:
         raise ValueError("no checkpoints given")
-    if entry.needs_gram(knobs):
-        gram_data = lambda: methods.gram_for(ckpts, gram, progress)
-    else:  # a builder that reads the Gram matrix must declare it in its registry entry
-        gram_data = lambda: _undeclared_gram(entry.name)
-    w, params, notes = entry.build(n, knobs, ckpts, gram_data)
+    mine = {p.name: knobs.get(p.name, p.default) for p in entry.params}
+    cache: dict = {}
+
+    def gram() -> np.ndarray:  # the N×N matrix, fetched once, for an entry that declares it needs it
+        if not entry.needs_gram(mine):
+            raise RuntimeError(
+                f"method {entry.name!r} reads the Gram matrix but its registry entry says it does not"
+            )
+        if not cache:
+            data, how = gram_for(ckpts, mine.get("gram"), progress)
+            cache.update(matrix=data.gram, note=f"Gram matrix {how}")
+        return cache["matrix"]
+
+    w, params, notes = entry.build(n, mine, ckpts, gram)
+    notes = [cache.get("note"), *notes]
     return Plan(entry.name, np.asarray(w, dtype=float), params, [x for x in notes if x])
 
 
@@ -136,16 +144,6 @@ def merge(
     checkpoints,
     *,
     method: str = "sma",
-    window: int | None = None,
-    offset: int | None = None,
-    alpha: float | str | None = None,
-    decay: float | None = None,
-    weights: Sequence[float] | None = None,
-    ahead: float | None = 0.0,
-    gram=None,
-    shape=None,
-    sigma_rel: float | None = None,
-    gamma: float | None = None,
     output,
     dtype: str = "same",
     accumulate: str = "float32",
@@ -154,30 +152,18 @@ def merge(
     force: bool = False,
     progress: bool = True,
     allow_nonfinite: bool = False,
+    **knobs,
 ):
     """Merge checkpoints (oldest first) with one method into ``output``; returns the engine's MergeSummary.
 
-    See the module docstring for methods and defaults. ``dry_run`` validates every input and projects
-    bytes and peak memory without writing anything.
+    ``knobs`` are the method's parameters, as for :func:`plan` (extramerge.methods lists methods and
+    defaults). ``dry_run`` validates every input and projects bytes and peak memory without writing
+    anything.
     """
     with distributed.agreed():  # several processes (distributed.process_group): a checkpoint one cannot open
         ckpts, opened_here = open_all(checkpoints)  # fails them all here
     try:
-        the_plan = plan(
-            ckpts,
-            method,
-            window=window,
-            offset=offset,
-            alpha=alpha,
-            decay=decay,
-            weights=weights,
-            ahead=ahead,
-            gram=gram,
-            shape=shape,
-            sigma_rel=sigma_rel,
-            gamma=gamma,
-            progress=progress,
-        )
+        the_plan = plan(ckpts, method, progress=progress, **knobs)
         return execute(
             ckpts,
             the_plan,

@@ -28,7 +28,7 @@ from rivervalley.common import cli as commandline
 from rivervalley.common.formatting import format_bytes
 
 from . import distributed, methods
-from .argtypes import floats, ints
+from .argtypes import ints
 from .eval import cli as eval_cli
 from .io import CheckpointError
 from .study import cli as study_cli
@@ -36,7 +36,6 @@ from .study import cli as study_cli
 __all__ = ["main", "build_parser"]
 
 PROG = "extramerge"
-
 
 
 def _count(n: int) -> str:
@@ -174,21 +173,8 @@ def _merge(args) -> int:
     with distributed.agreed():  # a checkpoint one process cannot open fails them all, here
         ckpts, _ = api.open_all(args.checkpoints)
     try:
-        plan = api.plan(
-            ckpts,
-            args.method,
-            window=args.window,
-            offset=args.offset,
-            alpha=args.alpha,
-            decay=args.decay,
-            weights=args.weights,
-            ahead=args.ahead,
-            gram=args.gram,
-            shape=args.shape,
-            sigma_rel=args.sigma_rel,
-            gamma=args.gamma,
-            progress=not args.quiet,
-        )
+        given = {name: getattr(args, name) for name in methods.all_params()}
+        plan = api.plan(ckpts, args.method, progress=not args.quiet, **given)
         knobs = ", ".join(f"{k}={v}" for k, v in plan.params.items() if not isinstance(v, dict))
         print(f"method {plan.method}" + (f" ({knobs})" if knobs else ""))
         print(f"weights (oldest first, sum {plan.weights.sum():.6g}):")
@@ -261,52 +247,15 @@ def build_parser(ranks: bool = False) -> argparse.ArgumentParser:
         choices=list(methods.REGISTRY),
         help=methods.cli_help(),
     )
-    m.add_argument(
-        "--window", type=int, metavar="K", help="checkpoints per window (default: all N; extra: N//2)"
-    )
-    m.add_argument(
-        "--offset",
-        type=int,
-        metavar="D",
-        help="extra: distance d between the two windows' ends (default N − K)",
-    )
-    m.add_argument(
-        "--alpha",
-        metavar="A",
-        help="extra: a number, 'match' ((K−1)/(2d): zero lag, the default) or 'geometric' "
-        "(noise-aware estimate from a Gram pass)",
-    )
-    m.add_argument("--decay", type=float, metavar="B", help="ema: decay β in [0,1) (default 1 − 2/(N+1))")
-    m.add_argument(
-        "--weights",
-        type=floats,
-        metavar="W1,W2,...",
-        help="custom: one weight per checkpoint, oldest first (a leading minus needs --weights=-0.5,1.5)",
-    )
-    m.add_argument(
-        "--ahead",
-        type=float,
-        default=0.0,
-        metavar="H",
-        help="trend/pc1: evaluate the line H checkpoints past the newest (default 0)",
-    )
-    m.add_argument(
-        "--gram",
-        metavar="NPZ",
-        help="pc1 / --alpha geometric: reuse gram.npz from `extramerge analyze` (no extra pass)",
-    )
-    m.add_argument(
-        "--shape",
-        metavar="S",
-        help="decay: the learning-rate decay the merge emulates: linear (default), minus_sqrt, cosine",
-    )
-    m.add_argument(
-        "--sigma-rel",
-        type=float,
-        metavar="S",
-        help="posthoc-ema: the target EMA's relative width σ_rel in (0, 0.2887], e.g. 0.05",
-    )
-    m.add_argument("--gamma", type=float, metavar="G", help="posthoc-ema: the target EMA's exponent γ >= 0")
+    for knob in methods.all_params().values():  # each method's parameters: one flag per knob
+        m.add_argument(
+            knob.flag,
+            dest=knob.name,
+            type=knob.type,
+            default=knob.default,
+            metavar=knob.metavar,
+            help=knob.help,
+        )
     m.add_argument(
         "--dtype",
         default="same",

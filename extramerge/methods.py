@@ -1,16 +1,19 @@
-"""The registry of merge methods: name, knobs, builder and whether it needs the Gram matrix.
+"""The registry of merge methods: name, parameters, builder and whether it needs the Gram matrix.
 
 Every merge is an affine weight vector over the checkpoints (oldest first). A method is one
-:class:`Method` entry in :data:`REGISTRY`; the Python API's checks (``extramerge.api.plan``) and the CLI's
-``--method`` choices and help are derived from it, so adding a method is one entry here. Defaults, with N
-the number of checkpoints:
+:class:`Method` entry in :data:`REGISTRY` that declares its parameters (:class:`Param`: name, type, default,
+help); the Python API's keywords and checks (``extramerge.api.plan``/``merge``) and the CLI's ``--method``
+choices, help and knob flags are derived from it, so adding a method, with new knobs or not, is one entry
+here. Builders get what they need handed to them (the knobs, the opened checkpoints, the Gram matrix where
+the entry says so): this module computes nothing from the checkpoints' tensors. Defaults, with N the number
+of checkpoints:
 
     sma     window K = N                       uniform average of the last K
     wma     window K = N                       weights ∝ 1..K, newest heaviest
     ema     decay β = 1 − 2/(N+1)              same centre of mass as SMA over all N
     extra   K = ⌊N/2⌋, d = N − K, α = α_match  needs K + d ≤ N; α may be a number, 'match' = (K−1)/(2d)
                                                (zero lag on a straight river) or 'geometric' (noise-aware,
-                                               one extra Gram pass; see extramerge.select)
+                                               one extra Gram pass; see rivervalley.theory.alpha)
     trend   window K = N, ahead = 0            least-squares line through the last K, evaluated ``ahead``
                                                checkpoints past the newest
     pc1     window K = N, ahead = 0            SMA of the last K moved onto the PC1 trend line ``ahead``
@@ -34,33 +37,95 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from rivervalley import analysis as _analysis
 from rivervalley import weights as _weights
+from rivervalley.theory import alpha as _alpha
 
-from . import select
+from .argtypes import floats
 from .io.layout import GAMMA_KEY, STEP_KEY
 from .io.safety import shown
-from .trajectory import GramData, gram_pass, load_gram
 
 __all__ = [
+    "Param",
     "Method",
     "REGISTRY",
     "NAMES",
-    "KNOBS",
     "GAMMA_KEY",
     "STEP_KEY",
     "get",
+    "all_params",
     "reject_unused",
-    "gram_for",
     "cli_help",
 ]
 
-KNOBS = ("window", "offset", "alpha", "decay", "weights", "ahead", "gram", "shape", "sigma_rel", "gamma")
 POOR_FIT = 0.1  # a post-hoc EMA whose relative profile residual exceeds this gets a note
+
+
+@dataclass(frozen=True)
+class Param:
+    """One knob of a merge method: the keyword ``name`` of ``extramerge.merge``/``api.plan`` and the CLI
+    flag ``--name`` (underscores as dashes), with its help text and metavar.
+
+    ``type`` parses the flag's text (None: the text as given; Python callers pass values). ``default`` is
+    the value when the knob is not given (None: the builder derives it, usually from N); a knob equal to
+    its default counts as not given. Methods sharing a knob declare the same Param (the CLI has one flag).
+    """
+
+    name: str
+    type: Callable[[str], object] | None = None
+    default: object = None
+    help: str = ""
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+WINDOW = Param("window", int, help="checkpoints per window (default: all N; extra: N//2)", metavar="K")
+OFFSET = Param(
+    "offset", int, help="extra: distance d between the two windows' ends (default N − K)", metavar="D"
+)
+ALPHA = Param(
+    "alpha",
+    help="extra: a number, 'match' ((K−1)/(2d): zero lag, the default) or 'geometric' "
+    "(noise-aware estimate from a Gram pass)",
+    metavar="A",
+)
+DECAY = Param("decay", float, help="ema: decay β in [0,1) (default 1 − 2/(N+1))", metavar="B")
+WEIGHTS = Param(
+    "weights",
+    floats,
+    help="custom: one weight per checkpoint, oldest first (a leading minus needs --weights=-0.5,1.5)",
+    metavar="W1,W2,...",
+)
+AHEAD = Param(
+    "ahead",
+    float,
+    0.0,
+    help="trend/pc1: evaluate the line H checkpoints past the newest (default 0)",
+    metavar="H",
+)
+GRAM = Param(  # where the Gram matrix comes from (gram.npz, or GramData in Python): read by the API
+    "gram",
+    help="pc1 / --alpha geometric: reuse gram.npz from `extramerge analyze` (no extra pass)",
+    metavar="NPZ",
+)
+SHAPE = Param(
+    "shape",
+    help="decay: the learning-rate decay the merge emulates: linear (default), minus_sqrt, cosine",
+    metavar="S",
+)
+SIGMA_REL = Param(
+    "sigma_rel",
+    float,
+    help="posthoc-ema: the target EMA's relative width σ_rel in (0, 0.2887], e.g. 0.05",
+    metavar="S",
+)
+GAMMA = Param("gamma", float, help="posthoc-ema: the target EMA's exponent γ >= 0", metavar="G")
 
 
 @dataclass(frozen=True)
@@ -68,15 +133,21 @@ class Method:
     """One merge method.
 
     ``build(n, knobs, ckpts, gram)`` returns (weights, params, notes) for ``n`` checkpoints; ``knobs`` maps
-    each of ``self.knobs`` to the user's value or None; ``gram`` is a zero-argument function returning the
-    trajectory's GramData (computed or read on first call), given only where ``needs_gram(knobs)``.
+    each of ``self.params`` to the caller's value, or its default when not given. Where ``needs_gram(knobs)``
+    (the entry's ``gram`` rule) ``gram`` is a zero-argument function returning the trajectory's N×N Gram
+    matrix, which the API computes by one streaming pass or reads from the ``gram`` knob on the first call
+    (validate the knobs before calling it: the pass is long); otherwise calling it raises RuntimeError.
     """
 
     name: str
-    knobs: frozenset[str]
+    params: tuple[Param, ...]
     build: Callable[..., tuple[np.ndarray, dict, list]]
     summary: str  # one line for the CLI's help
     gram: Callable[[dict], bool] = lambda knobs: False  # does this choice of knobs need the Gram matrix?
+
+    @property
+    def knobs(self) -> frozenset[str]:
+        return frozenset(p.name for p in self.params)
 
     def needs_gram(self, knobs: dict) -> bool:
         return bool(self.gram(knobs))
@@ -156,15 +227,12 @@ def _extra(n, knobs, ckpts, gram):
     params = {"window": window, "offset": offset}
     if offset == 0 and (alpha is None or isinstance(alpha, str)):
         raise ValueError("method 'extra' with offset d=0 cannot extrapolate: give --offset >= 1")
-    estimates = {"alpha_match": select.alpha_match(window, offset)} if offset else {}
+    estimates = {"alpha_match": _alpha.alpha_match(window, offset)} if offset else {}
     rule = _alpha_rule(alpha)
-    notes = []
     if rule == "geometric":
-        data, how = gram()
-        river = select.estimate_river(data.gram)
-        estimates["alpha_geometric"] = select.alpha_geometric(river, window, offset)
+        river = _alpha.estimate_river(gram())
+        estimates["alpha_geometric"] = _alpha.alpha_geometric(river, window, offset)
         params["river"] = river.to_dict()
-        notes.append(f"Gram matrix {how}")
     if isinstance(rule, str):
         params["alpha_rule"] = rule
         alpha = estimates[f"alpha_{rule}"]
@@ -173,7 +241,7 @@ def _extra(n, knobs, ckpts, gram):
         alpha = float(rule)
     params["alpha"] = alpha
     params["alpha_estimates"] = estimates
-    return _weights.extra(n, window, offset, alpha), params, notes
+    return _weights.extra(n, window, offset, alpha), params, []
 
 
 def _trend(n, knobs, ckpts, gram):
@@ -184,10 +252,10 @@ def _trend(n, knobs, ckpts, gram):
 def _pc1(n, knobs, ckpts, gram):
     K, h = _window(n, knobs), _ahead(knobs)
     _weights.sma(n, K)  # validate the window before a long pass
-    data, how = gram()
-    w = _analysis.pc1_trend_weights(data.gram, K, ahead=h)
-    params = {"window": int(K), "ahead": float(h), "fve1": float(_analysis.fve1(data.gram))}
-    return w, params, [f"Gram matrix {how}", _uneven_steps(ckpts)]
+    G = gram()
+    w = _analysis.pc1_trend_weights(G, K, ahead=h)
+    params = {"window": int(K), "ahead": float(h), "fve1": float(_analysis.fve1(G))}
+    return w, params, [_uneven_steps(ckpts)]
 
 
 def _custom(n, knobs, ckpts, gram):
@@ -277,29 +345,21 @@ def _posthoc(n, knobs, ckpts, gram):
 REGISTRY: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("sma", frozenset({"window"}), _sma, "mean of the last K"),
-        Method("ema", frozenset({"decay"}), _ema, "exponential (decay B)"),
-        Method("wma", frozenset({"window"}), _wma, "linear ramp"),
+        Method("sma", (WINDOW,), _sma, "mean of the last K"),
+        Method("ema", (DECAY,), _ema, "exponential (decay B)"),
+        Method("wma", (WINDOW,), _wma, "linear ramp"),
         Method(
             "extra",
-            frozenset({"window", "offset", "alpha", "gram"}),
+            (WINDOW, OFFSET, ALPHA, GRAM),
             _extra,
             "Extra-Merge M_N + α(M_N − M_{N−d})",
             gram=lambda knobs: _alpha_rule(knobs.get("alpha")) == "geometric",
         ),
-        Method("trend", frozenset({"window", "ahead"}), _trend, "least-squares line"),
-        Method(
-            "pc1",
-            frozenset({"window", "ahead", "gram"}),
-            _pc1,
-            "SMA moved onto the PC1 trend",
-            gram=lambda knobs: True,
-        ),
-        Method("decay", frozenset({"window", "shape"}), _decay, "emulated LR decay (--shape)"),
-        Method(
-            "posthoc-ema", frozenset({"sigma_rel", "gamma"}), _posthoc, "post-hoc power EMA (--sigma-rel)"
-        ),
-        Method("custom", frozenset({"weights"}), _custom, "--weights"),
+        Method("trend", (WINDOW, AHEAD), _trend, "least-squares line"),
+        Method("pc1", (WINDOW, AHEAD, GRAM), _pc1, "SMA moved onto the PC1 trend", gram=lambda knobs: True),
+        Method("decay", (WINDOW, SHAPE), _decay, "emulated LR decay (--shape)"),
+        Method("posthoc-ema", (SIGMA_REL, GAMMA), _posthoc, "post-hoc power EMA (--sigma-rel)"),
+        Method("custom", (WEIGHTS,), _custom, "--weights"),
     )
 }
 NAMES = tuple(REGISTRY)
@@ -313,29 +373,38 @@ def get(name: str) -> Method:
     return method
 
 
+def all_params() -> dict[str, Param]:
+    """Every knob of the registry by name, in the order methods first declare them (one CLI flag each).
+
+    ValueError where two methods declare one name differently: the flag would mean two things."""
+    out: dict[str, Param] = {}
+    for m in REGISTRY.values():
+        for p in m.params:
+            if out.setdefault(p.name, p) != p:
+                raise ValueError(f"method '{m.name}' declares knob {p.name!r} unlike another method: {p}")
+    return out
+
+
+def _given(value, default) -> bool:
+    """Whether a knob's value counts as given: not None and not its declared default."""
+    if value is None:
+        return False
+    return default is None or not isinstance(value, int | float) or value != default
+
+
 def reject_unused(method: Method, given: dict) -> None:
-    """ValueError for a knob given (not None) that ``method`` does not take, naming its flag."""
+    """ValueError for a knob given (not None, not its default) that ``method`` does not take, naming its
+    flag; TypeError for a name that is no method's knob."""
+    known = all_params()
     for knob, value in given.items():
-        if value is not None and knob not in method.knobs:
-            flag = "--" + knob.replace("_", "-")
+        if knob not in known:
+            raise TypeError(f"unknown merge knob {knob!r}: the knobs are {', '.join(known)}")
+        if knob not in method.knobs and _given(value, known[knob].default):
             allowed = sorted(m.name for m in REGISTRY.values() if knob in m.knobs)
             raise ValueError(
-                f"{flag} ({knob}) does not apply to method '{method.name}' (only to {', '.join(allowed)})"
+                f"{known[knob].flag} ({knob}) does not apply to method '{method.name}' "
+                f"(only to {', '.join(allowed)})"
             )
-
-
-def gram_for(ckpts, gram, progress: bool) -> tuple[GramData, str]:
-    """Gram matrices: from ``gram`` (a GramData or a gram.npz path) if given, else one streaming pass."""
-    if gram is None:
-        return gram_pass(ckpts, progress=progress), "computed by an extra read pass"
-    data = gram if isinstance(gram, GramData) else load_gram(gram)
-    mine = [str(Path(c.path).resolve()) for c in ckpts]
-    theirs = [str(Path(p).resolve()) for p in data.paths]
-    if data.n != len(ckpts) or (theirs and theirs != mine):
-        raise ValueError(
-            f"the Gram matrix {gram} was computed for other checkpoints than the {len(ckpts)} given"
-        )
-    return data, f"read from {gram}" if not isinstance(gram, GramData) else "given"
 
 
 def cli_help() -> str:

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from extramerge import select as _select
 from extramerge.trajectory.data import GramData
 from rivervalley import analysis as _analysis
 from rivervalley import weights as _weights
+from rivervalley.theory import alpha as _alpha
 
 __all__ = ["DEFAULT_WINDOWS", "project_scores", "summarize"]
 
@@ -93,15 +93,15 @@ def summarize(data: GramData, windows: Sequence[int] = DEFAULT_WINDOWS) -> dict:
         report["merged"][str(K)] = _geometry(
             _analysis.merged_gram(data.gram, _weights.merge_matrix(n, K)), ref_norm
         )
-    river = _select.estimate_river(data.gram)
+    river = _alpha.estimate_river(data.gram)
     report["river"] = river.to_dict()
     if n >= 3:
         K, d = n // 2 if n // 2 >= 1 else 1, n - n // 2
         report["extra_suggestion"] = {
             "window": K,
             "offset": d,
-            "alpha_match": _select.alpha_match(K, d),
-            "alpha_geometric": _select.alpha_geometric(river, K, d),
+            "alpha_match": _alpha.alpha_match(K, d),
+            "alpha_geometric": _alpha.alpha_geometric(river, K, d),
         }
     report["per_tensor"] = _per_tensor(data, usable)
     return report

@@ -8,16 +8,22 @@ the last iterate ω = λV/2 = ησ² / (2(2 − ηλ)).
 Every function validates its input (ValueError naming the parameter and its allowed range), broadcasts
 over array arguments where that makes sense, and returns a Python float for scalar input. The identities
 are re-derived in :mod:`rivervalley.symbolic` and checked against brute-force sums in the tests.
+
+Every rule for Extra-Merge's α lives in :mod:`rivervalley.theory.alpha`: α_match, α_geometric from a
+trajectory's Gram matrix (``estimate_river``), and the loss-optimal α* with its one edge rule.
 """
 
-from rivervalley.theory.decay import average_gain, decay_average_advance, decay_gain
-from rivervalley.theory.extrapolation import (
-    curved_expected_loss,
+from rivervalley.theory.alpha import (
+    RiverEstimate,
+    alpha_geometric,
+    alpha_match,
     curved_optimal_alpha,
-    extrapolation_delta_loss,
+    estimate_river,
+    loss_optimal_alpha,
     optimal_alpha,
-    valley_factor,
 )
+from rivervalley.theory.decay import average_gain, decay_average_advance, decay_gain
+from rivervalley.theory.extrapolation import curved_expected_loss, extrapolation_delta_loss, valley_factor
 from rivervalley.theory.filters import (
     ema_gain,
     ema_lag,
@@ -43,6 +49,11 @@ __all__ = [
     "valley_factor",
     "extrapolation_delta_loss",
     "optimal_alpha",
+    "loss_optimal_alpha",
+    "alpha_match",
+    "alpha_geometric",
+    "estimate_river",
+    "RiverEstimate",
     "weights_delta_loss",
     "optimal_weights",
     "rank1_fraction",

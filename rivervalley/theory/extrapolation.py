@@ -1,5 +1,6 @@
-"""§d of THEORY.md: Extra-Merge E_k(α) = M_k + α(M_k − M_{k−d}) on a linear and on a curved river (expected
-loss, valley factor and the optimal α).
+"""§d of THEORY.md: Extra-Merge E_k(α) = M_k + α(M_k − M_{k−d}) on a linear and on a curved river: expected
+loss and valley factor, and the terms of both losses (``linear_river_terms``, ``curved_terms``) from which
+:mod:`rivervalley.theory.alpha` takes the optimal α.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from rivervalley.theory.kernels import gain_gap, geometric_sum, valley_terms, wi
 __all__ = [
     "valley_factor",
     "extrapolation_delta_loss",
-    "optimal_alpha",
     "curved_expected_loss",
-    "curved_optimal_alpha",
+    "linear_river_terms",
+    "curved_terms",
 ]
 
 
-def _linear_river_terms(slope, lr, interval, window, offset, curvatures, noise):
+def linear_river_terms(slope, lr, interval, window, offset, curvatures, noise):
     """R, P, B, W of THEORY.md §d, validated and broadcast over all scalar arguments."""
     slope = as_real("slope", slope)
     lr = as_positive("lr", lr)
@@ -64,28 +65,14 @@ def extrapolation_delta_loss(alpha, *, slope, lr, interval, window, offset, curv
     except ``curvatures``, the 1-D array of valley curvatures λ_i that is summed over.
     """
     alpha = as_real("alpha", alpha)
-    R, P, B, W = _linear_river_terms(slope, lr, interval, window, offset, curvatures, noise)
+    R, P, B, W = linear_river_terms(slope, lr, interval, window, offset, curvatures, noise)
     return to_output(R - P * alpha - B + 2 * W * alpha * (1 + alpha))
-
-
-def optimal_alpha(*, slope, lr, interval, window, offset, curvatures, noise=1.0):
-    """Minimiser of the §d quadratic: α* = (P − 2W)/(4W)  (THEORY.md §d).
-
-    Where W = 0 (no valley noise, d = 0 or only flat valleys) ΔL is linear in α: returns +inf if P > 0
-    and NaN if P = 0 (every α gives the same loss).
-    """
-    _, P, _, W = _linear_river_terms(slope, lr, interval, window, offset, curvatures, noise)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        alpha = (P - 2 * W) / (4 * W)
-    return to_output(np.where(W > 0, alpha, np.where(P > 0, np.inf, np.nan)))
 
 
 # §d, curved river
 
 
-def _curved_terms(
-    slope, river_curvature, lr, interval, window, offset, curvatures, e0, k, noise, river_noise
-):
+def curved_terms(slope, river_curvature, lr, interval, window, offset, curvatures, e0, k, noise, river_noise):
     """Returns (μ, m_k, Δm = m_{k−d} − m_k, river+valley variance at α = 0, Ŵ), broadcast."""
     as_real("slope", slope)  # only sets u* = c/μ; the loss above L* does not depend on it
     mu = as_positive("river_curvature", river_curvature)
@@ -139,24 +126,7 @@ def curved_expected_loss(
     Implemented as (μ/2)(m_k − α(m_{k−d} − m_k))², identical to the above and finite at r = 0.
     """
     alpha = as_real("alpha", alpha)
-    mu, m_now, dm, base, w_hat = _curved_terms(
+    mu, m_now, dm, base, w_hat = curved_terms(
         slope, river_curvature, lr, interval, window, offset, curvatures, e0, k, noise, river_noise
     )
     return to_output(mu / 2 * (m_now - alpha * dm) ** 2 + base + 2 * w_hat * alpha * (1 + alpha))
-
-
-def curved_optimal_alpha(
-    *, slope, river_curvature, lr, interval, window, offset, curvatures, e0, k, noise=1.0, river_noise=0.0
-):
-    """Minimiser of :func:`curved_expected_loss`: α* = (μ m_k² δ − 2Ŵ)/(μ m_k² δ² + 4Ŵ)  (THEORY.md §d).
-
-    Noise-free (Ŵ = 0) it is α* = 1/δ = 1/(r^{−d} − 1), which lands exactly on u*. NaN where the loss does
-    not depend on α (Ŵ = 0 and m_k δ = 0).
-    """
-    mu, m_now, dm, _, w_hat = _curved_terms(
-        slope, river_curvature, lr, interval, window, offset, curvatures, e0, k, noise, river_noise
-    )
-    denominator = mu * dm**2 + 4 * w_hat
-    with np.errstate(divide="ignore", invalid="ignore"):
-        alpha = (mu * m_now * dm - 2 * w_hat) / denominator
-    return to_output(np.where(denominator > 0, alpha, np.nan))

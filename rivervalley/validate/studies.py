@@ -158,7 +158,7 @@ def delta_loss_study(
     """§d linear river: ΔL(α) = E L(E_k(α)) − E L(θ_last), σ_u = 0, step path from θ_0 = 0 with a burn-in."""
     kw = dict(slope=slope, lr=lr, interval=interval, window=window, offset=offset, curvatures=curvatures)
     a_star = float(T.optimal_alpha(**kw))
-    a_match = (window - 1) / (2 * offset)
+    a_match = float(T.alpha_match(window, offset))
     rho = (1 - lr * np.asarray(curvatures)) ** interval
     scen = (
         f"c={slope:g} η={lr:g} s={interval} K={window} d={offset} ρ=["

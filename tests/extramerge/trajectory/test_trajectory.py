@@ -1,4 +1,4 @@
-"""Trajectory diagnostics (extramerge.trajectory) and α selection (extramerge.select) on known geometry."""
+"""Trajectory diagnostics (extramerge.trajectory) on known geometry."""
 
 import math
 
@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from extramerge import select as S
 from extramerge import trajectory as T
 from extramerge.trajectory import gram as TG
 from rivervalley import analysis as A
@@ -103,66 +102,6 @@ def test_gram_save_load_roundtrip(tmp_path):
     back = T.load_gram(tmp_path / "gram.npz")
     np.testing.assert_array_equal(back.per_tensor, data.per_tensor)
     assert (back.paths, back.steps, back.skipped, back.names) == (data.paths, data.steps, ["ids"], ["w"])
-
-
-# ------------------------------------------------------------------------------------------------ select
-
-
-def _ar1_noise(n, p, V, rho, rng):
-    """Stationary AR(1) valley noise: Σ_i Var v_ij = V, lag-1 correlation ρ."""
-    sd = math.sqrt(V / p)
-    v = np.empty((n, p))
-    v[0] = sd * rng.normal(size=p)
-    for j in range(1, n):
-        v[j] = rho * v[j - 1] + math.sqrt(1 - rho**2) * sd * rng.normal(size=p)
-    return v
-
-
-def _ar1_trajectory(n, p, drift, V, rho, rng):
-    """θ_j = a + b j + v_j with ‖b‖ = drift."""
-    b = rng.normal(size=p)
-    b *= drift / np.linalg.norm(b)
-    return rng.normal(size=p) + np.arange(1, n + 1)[:, None] * b + _ar1_noise(n, p, V, rho, rng)
-
-
-def test_estimate_river_recovers_drift_noise_and_rho():
-    rng = np.random.default_rng(6)
-    est = S.estimate_river(A.gram(_ar1_trajectory(40, 3000, drift=2.0, V=9.0, rho=0.5, rng=rng)))
-    assert est.drift == pytest.approx(2.0, rel=0.05)
-    assert est.noise_var == pytest.approx(9.0, rel=0.1)
-    assert est.rho == pytest.approx(0.5, abs=0.08)
-    exact = S.estimate_river(A.gram(_line(5, 4, rng)))
-    assert exact.noise_var < 1e-12 and exact.drift == pytest.approx(exact.drift_pc1)
-
-
-def _expected_sq_error(w, estimate) -> float:
-    """E‖wᵀθ − T‖² = ‖b‖² lag(w)² + V wᵀΓ(ρ)w: what alpha_geometric minimises (select's docstring)."""
-    w = np.asarray(w, dtype=float)
-    gamma = W.correlation_matrix(estimate.rho, w.size)
-    return float(estimate.drift**2 * W.lag(w) ** 2 + estimate.noise_var * w @ gamma @ w)
-
-
-def test_alpha_geometric_reduces_to_match_without_noise_and_minimises_error():
-    est = S.RiverEstimate(drift=1.0, drift_pc1=1.0, noise_var=0.0, noise_std=0.0, rho=0.0, n=8)
-    for K, d in [(4, 4), (5, 3), (1, 2)]:
-        assert S.alpha_geometric(est, K, d) == pytest.approx(S.alpha_match(K, d))
-    noisy = S.RiverEstimate(1.0, 1.0, 4.0, 2.0, 0.3, 8)
-    a = S.alpha_geometric(noisy, 4, 4)
-    assert 0 <= a < S.alpha_match(4, 4)  # noise pulls the estimate towards less extrapolation
-    grid = np.linspace(-1, 2, 3001)
-    errs = [_expected_sq_error(W.extra(8, 4, 4, x), noisy) for x in grid]
-    assert a == pytest.approx(grid[int(np.argmin(errs))], abs=2e-3)
-
-
-def test_the_expected_error_alpha_geometric_minimises_matches_monte_carlo():
-    rng = np.random.default_rng(7)
-    n, p, reps = 6, 20, 500
-    est = S.RiverEstimate(0.5, 0.5, 2.0, math.sqrt(2.0), 0.4, n)
-    w = W.extra(n, 3, 3, 0.5)
-    a, b = rng.normal(size=p), np.full(p, 0.5 / math.sqrt(p))
-    line = a + np.arange(1, n + 1)[:, None] * b
-    sq = [np.sum((w @ (line + _ar1_noise(n, p, 2.0, 0.4, rng)) - line[-1]) ** 2) for _ in range(reps)]
-    assert np.mean(sq) == pytest.approx(_expected_sq_error(w, est), rel=0.1)
 
 
 def test_gram_pass_agrees_on_processes_threads_and_inline(tmp_path, monkeypatch):
