@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from experiments import toy_study
-from rivervalley.common.publish import claim_folder, mark_folder
+from rivervalley.common.publish import claim_folder, mark
 
 
 @dataclass
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     try:  # the demo replaces its own earlier output, and never writes into a folder of someone else's
         claim_folder(out, True, "the demo")
         out.mkdir(parents=True, exist_ok=True)
-        mark_folder(out, "demo")
+        mark(out, {"tool": "rivervalley", "command": "demo"})
     except (ValueError, OSError) as e:
         print(f"experiments.demo: error: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from rivervalley.common import cli as commandline
-from rivervalley.common.publish import claim_file, claim_folder, mark_folder, write_file
+from rivervalley.common.publish import claim_file, claim_folder, mark, write_file
 
 __all__ = ["main", "build_parser"]
 
@@ -202,7 +202,7 @@ def _cmd_simulate(args) -> int:
     config = dict(res.config, steps=res.steps, ckpt_every=args.ckpt_every, wall_s=round(wall, 3))
     text = json.dumps(config, indent=1, default=str)
     write_file(out / "config.json", lambda p: p.write_text(text))
-    mark_folder(out, "simulate")
+    mark(out, {"tool": "rivervalley", "command": "simulate"})
     s, n, p = res.checkpoints.shape
     path = "exact path" if args.exact else "step path"
     final = float(res.ckpt_loss[:, -1].mean())
@@ -232,7 +232,7 @@ def _cmd_figures(args) -> int:
         seed=args.seed,
         progress=lambda s: print(s, file=sys.stderr, flush=True),
     )
-    mark_folder(args.out, "figures")
+    mark(args.out, {"tool": "rivervalley", "command": "figures"})
     for name, paths in made.items():
         print(f"{name}: " + ", ".join(str(p) for p in paths))
     return 0

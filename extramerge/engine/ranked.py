@@ -17,6 +17,7 @@ rank 0 removes the staging folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from rivervalley.common.publish import publishing
 
 from .. import distributed
 from ..io import DCP_FORMATS, Checkpoint, TensorInfo, WriteResult, output_layout
@@ -36,7 +39,6 @@ from ..io.dcp import (
     written_from_json,
     written_json,
 )
-from ..io.outputs import discard, staging_dir
 from ..io.ranged import RangedWriter, create_files
 from ..io.shards import FileLayout, safetensors_files, write_safetensors_index
 from ..io.writer import PieceStream, output_aliases, prepare_output, publish_checkpoint
@@ -95,20 +97,17 @@ def _checked(units: Segments, pieces: Iterator[tuple[str, np.ndarray]]):
         yield name, a, arr
 
 
-def _staging(group, output, fmt, template, inputs, force, files: Sequence[FileLayout] = ()):
-    """Rank 0 checks the output and creates the staging folder (with ``files`` preallocated); every rank
-    learns its path. Returns (published path, staging folder: both on rank 0 only, the folder's path)."""
+def _staging(group, stage, output, fmt, template, inputs, force, files: Sequence[FileLayout] = ()):
+    """Rank 0 checks the output and creates the staging folder (with ``files`` preallocated), held by the
+    ExitStack ``stage``: closing it removes the folder (rank 0 publishes it before, through
+    ``publish_checkpoint``). Every rank learns the folder's path. Returns (published path, staging folder:
+    both on rank 0 only, the folder's path)."""
     out = tmp = None
-    try:
-        with distributed.agreed(group):
-            if group.leader:
-                out, _ = prepare_output(output, fmt, template, inputs, force)
-                tmp = staging_dir(out)
-                create_files(tmp, files)
-    except BaseException:
-        if tmp is not None:
-            discard(tmp)
-        raise
+    with distributed.agreed(group):
+        if group.leader:
+            out, _ = prepare_output(output, fmt, template, inputs, force)
+            tmp = stage.enter_context(publishing(out, commit=None))
+            create_files(tmp, files)
     folder = Path(os.fsdecode(group.broadcast_bytes(os.fsencode(tmp) if tmp is not None else None)))
     return out, tmp, folder
 
@@ -169,10 +168,10 @@ def write_ranked(
         files = safetensors_files(
             infos, fmt, fname, shard_size=shard_size, metadata=metadata, aliases=aliases
         )
-    out, tmp, folder = _staging(group, output, fmt, template, inputs, force, files)
-    published: list[Path] = []
-    t_publish = 0.0
-    try:
+    with contextlib.ExitStack() as stage:  # rank 0 only: the staging folder, removed when it closes
+        out, tmp, folder = _staging(group, stage, output, fmt, template, inputs, force, files)
+        published: list[Path] = []
+        t_publish = 0.0
         with distributed.agreed(group):
             if dcp:
                 entries, t_sync = _dcp_part(folder, share, units, pieces, infos, template, fsync)
@@ -191,9 +190,5 @@ def write_ranked(
                     force=force, fsync=fsync,
                 )  # fmt: skip
                 t_sync += t_fin + t_more
-    except BaseException:
-        if tmp is not None:
-            discard(tmp)
-        raise
     written = sum(i.nbytes for i in infos.values())
     return WriteResult(written, published, time.perf_counter() - t_start, t_sync, t_publish)

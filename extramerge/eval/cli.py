@@ -8,9 +8,11 @@ import json
 import time
 from pathlib import Path
 
+from rivervalley.common.publish import own_json
+
 from .. import eval as E
 from ..io import load_checkpoints, parse_step
-from ..io.outputs import check_file, own_json, write_file
+from ..io.outputs import check_file, write_file
 from . import lmeval
 
 __all__ = ["add_arguments", "run_command"]

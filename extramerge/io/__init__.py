@@ -38,7 +38,7 @@ from .discovery import load_checkpoints, open_all, open_checkpoint
 from .dtypes import TensorInfo, numpy_dtype, to_numpy, to_torch
 from .errors import CheckpointError
 from .layout import DCP_FORMATS, FORMATS, TORCH_SUFFIXES, WEIGHT_SUFFIXES, parse_step
-from .outputs import check_merge_output, check_output, publish, staging_dir
+from .outputs import check_merge_output, check_output, publish
 from .writer import WriteResult, default_format, output_layout, safetensors_order, write_checkpoint
 
 __all__ = [
@@ -58,7 +58,6 @@ __all__ = [
     "check_output",
     "check_merge_output",
     "publish",
-    "staging_dir",
     "output_layout",
     "default_format",
     "safetensors_order",

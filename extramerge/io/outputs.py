@@ -1,55 +1,45 @@
 """Output policy: every file or folder extramerge writes is built beside its destination and renamed into
-place, and never destroys what it did not write.
+place (``rivervalley.common.publish.publishing``), and never destroys what it did not write (the one rule
+of ``rivervalley.common.publish.refusal``, applied here to extramerge's outputs).
 
 * ``check_output``: an output that is, lies inside or contains an input is refused, compared by device
-  and inode (links, bind mounts and '..' spellings cannot hide it) as well as by path;
-* a special file (FIFO, device, socket) at the destination is never replaced, not even with force;
-* ``staging_dir`` / ``publish`` / ``clean_stale`` (from ``rivervalley.common.publish``, shared with
-  rivervalley's own outputs): build in ``.NAME.tmp-PID@HOST-*`` beside the output, rename into place
-  (an existing output renamed aside first, deleted once the new one is in); leftovers of a killed run on the
-  same output are cleaned by the next one;
-* ``check_merge_output``: what ``--force`` may replace of a merge's output: only extramerge's own earlier
-  merge (recognised by its merge.json record), never a user's file or folder that merely has the name;
-* ``mark`` / ``marked``: a marker file in every folder this package writes for analyze, so only such a
-  folder is ever replaced; ``check_file`` / ``write_file``: a single file (eval's JSON, cloze items)
-  replaced only with force and only when ``own`` recognises it as this package's earlier output;
-* ``interruptible`` (also from ``rivervalley.common.publish``): SIGTERM and SIGHUP raise ``Terminated`` (a
-  KeyboardInterrupt), so they take the same clean-up path as Ctrl-C and leave no staging folder behind.
+  and inode (links, bind mounts and '..' spellings cannot hide it) as well as by path; an existing
+  non-empty output only with force; what a killed run left beside it is cleaned (or put back) first;
+* a special file (FIFO, device, socket) at the destination is never replaced, not even with force
+  (``refuse_special``, and ``publish``: the shared rename into place that refuses one);
+* ``check_merge_output``: the merge's policy on top of the rule: what ``--force`` may replace is only
+  extramerge's own earlier merge (recognised by its merge.json record), never a user's file or folder that
+  merely has the name;
+* ``MARKER``: the marker file (``rivervalley.common.publish.mark`` / ``marked``) in every folder analyze
+  and study write, so only such a folder is ever replaced; ``check_file`` / ``write_file``: a single file
+  (eval's JSON, cloze items) replaced only with force and only when ``own`` recognises it as this
+  package's earlier output.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from rivervalley.common import publish as _shared
-from rivervalley.common.publish import Terminated, clean_stale, discard, interruptible, locked, staging_dir
+from rivervalley.common.publish import clean_stale, locked, own_json, publishing, refusal
 
 from .errors import CheckpointError
 from .layout import WEIGHT_SUFFIXES, record_path
-from .safety import kind, load_json
+from .safety import kind
 
 __all__ = [
     "MARKER",
-    "Terminated",
     "check_output",
     "check_merge_output",
     "check_record_path",
     "overlap",
     "refuse_special",
-    "staging_dir",
-    "discard",
     "locked",
     "publish",
-    "clean_stale",
-    "mark",
-    "marked",
-    "own_json",
     "check_file",
     "write_file",
-    "interruptible",
 ]
 
 MARKER = ".extramerge-output"  # JSON {"tool": "extramerge", "kind": ...} in folders analyze writes
@@ -120,17 +110,16 @@ def check_output(output, inputs: Iterable = (), *, force=False, what="input chec
     if clean:
         clean_stale(out)  # a killed run's aside copy may be the output itself: put it back before checking
     refuse_special(out, output)
-    if out.exists() and not force:
-        if out.is_file() or out.is_symlink() or any(out.iterdir()):
-            raise CheckpointError(
-                f"output {output} exists and is not empty; pass force=True (--force) to replace it"
-            )
+    if refusal(out, force, None) == "force":  # whose output it is: check_merge_output, once laid out
+        raise CheckpointError(
+            f"output {output} exists and is not empty; pass force=True (--force) to replace it"
+        )
     if out.is_file() and out.suffix not in WEIGHT_SUFFIXES:
         raise CheckpointError(f"output {output} is an existing file, not a checkpoint; choose another output")
     return out
 
 
-# ------------------------------------------------------------------------------------ staging and publishing
+# ------------------------------------------------------------------------------------------ publishing
 
 
 def publish(src: Path, dst: Path, force: bool) -> None:
@@ -150,7 +139,7 @@ def check_record_path(output: Path) -> None:
     """X.merge.json beside an output file X.safetensors is replaced only when it is our own record."""
     rec = record_path(output)
     refuse_special(rec)
-    if (rec.exists() or rec.is_symlink()) and (rec.is_symlink() or not _is_record(rec)):
+    if refusal(rec, True, _is_record) is not None:  # ours is replaced with the output, with or without force
         raise CheckpointError(
             f"{rec} exists and is not an extramerge record; refusing to replace it (move it, or choose "
             "another output)"
@@ -160,15 +149,15 @@ def check_record_path(output: Path) -> None:
 def check_merge_output(out: Path) -> None:
     """What ``--force`` may replace: an existing output only when it is extramerge's own earlier merge (a
     folder holding an extramerge merge.json, or a file with its extramerge X.merge.json beside it), never
-    a user's folder or file that merely has the name; and X.merge.json only when it is our own record."""
+    a user's folder or file that merely has the name; and X.merge.json only when it is our own record.
+    Whether force was given is ``check_output``'s to decide."""
     if out.suffix in WEIGHT_SUFFIXES:
         check_record_path(out)
-    if not (out.exists() or out.is_symlink()):
-        return
-    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-        return  # an empty folder holds nothing to lose
     rec = record_path(out)
-    if out.is_symlink() or not _is_record(rec):
+    why = refusal(out, True, lambda p: _is_record(rec))
+    if why == "special":
+        refuse_special(out)
+    if why is not None:
         raise CheckpointError(
             f"output {out} exists and was not written by an extramerge merge (it has no extramerge "
             f"record {rec.name}); refusing to replace it, even with --force"
@@ -179,26 +168,7 @@ def _is_record(path: Path) -> bool:
     return own_json(path, "tool", "extramerge")
 
 
-# ---------------------------------------------------------------------------------------- ownership
-
-
-def mark(folder: Path, kind_: str) -> None:
-    """Write the marker that tells a later run this folder is extramerge's own ``kind_`` output."""
-    (folder / MARKER).write_text(json.dumps({"tool": "extramerge", "kind": kind_}) + "\n")
-
-
-def own_json(path: Path, key: str, value: str) -> bool:
-    """Whether ``path`` is a small regular file holding a JSON object with ``key`` = ``value``."""
-    try:
-        doc = load_json(path, limit=2**20) if os.stat(path).st_size <= 2**20 else None
-    except (OSError, ValueError):
-        return False
-    return isinstance(doc, dict) and doc.get(key) == value
-
-
-def marked(folder: Path, kind_: str) -> bool:
-    """Whether ``folder`` (not a link) carries this package's marker for ``kind_``."""
-    return folder.is_dir() and not folder.is_symlink() and own_json(folder / MARKER, "kind", kind_)
+# ---------------------------------------------------------------------------------------- single files
 
 
 def check_file(
@@ -222,15 +192,11 @@ def check_file(
 
 
 def write_file(path, text: str, **policy) -> Path:
-    """Write ``text`` to the file ``path`` atomically (staging_dir + publish), after ``check_file(path,
+    """Write ``text`` to the file ``path`` atomically (``publishing``), after ``check_file(path,
     **policy)``."""
     out = check_file(path, **policy)
-    tmp = staging_dir(out)
-    try:
+    with publishing(out, force=True, file=True, commit=publish) as tmp:  # force: vetted by check_file
         (tmp / out.name).write_text(text, encoding="utf-8")
         with open(tmp / out.name, "rb") as f:
             os.fsync(f.fileno())
-        publish(tmp / out.name, out, force=True)  # vetted by check_file
-    finally:
-        discard(tmp)
     return out

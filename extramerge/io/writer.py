@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from rivervalley.common.formatting import jsonable
+from rivervalley.common.publish import publishing
 
 from . import outputs, safety
 from .checkpoint import Checkpoint
@@ -31,7 +32,7 @@ from .discovery import side_files
 from .dtypes import ST_RANK, TensorInfo, dtype_code, is_torch, to_numpy, to_torch
 from .errors import CheckpointError
 from .layout import DCP_FORMATS, FORMATS, TORCH_SUFFIXES, WEIGHT_SUFFIXES, parse_step, record_path
-from .outputs import check_merge_output, check_output, publish, staging_dir
+from .outputs import check_merge_output, check_output, publish
 from .raw import DIRECT_IO_MIN_BYTES, FileWriter
 from .shards import (
     FileLayout,
@@ -326,7 +327,7 @@ def publish_checkpoint(
     """Finish an output whose weight ``files`` are written in the staging folder ``tmp``: copy an HF
     template's side files, write the merge.json ``record``, fsync, and publish to ``out`` under the
     output lock (re-checking what may be replaced). Returns (published paths, fsync seconds, publish
-    seconds); the caller discards ``tmp`` on failure."""
+    seconds); the caller's ``publishing`` block removes ``tmp`` afterwards."""
     files = list(files)
     t_sync = 0.0
     folder_out = fmt.startswith("hf-") or not fname or out.suffix not in WEIGHT_SUFFIXES
@@ -395,10 +396,9 @@ def write_checkpoint(
     out, fname = prepare_output(output, fmt, template, inputs, force)
     infos = dict(infos)
     aliases = output_aliases(template, infos)
-    tmp = staging_dir(out)
-    stream = PieceStream(tensors, infos)
-    files: list[str] = []
-    try:
+    with publishing(out, commit=None) as tmp:  # publish_checkpoint publishes, under the output lock
+        stream = PieceStream(tensors, infos)
+        files: list[str] = []
         written, t_sync = 0, 0.0
         if fmt in DCP_FORMATS:  # a DCP folder, or a Megatron run root (see io.dcp)
             files, written, t_sync = write_dcp_output(
@@ -435,8 +435,5 @@ def write_checkpoint(
             force=force, fsync=fsync,
         )  # fmt: skip
         t_sync += t_fin
-    except BaseException:
-        outputs.discard(tmp)
-        raise
     return WriteResult(written, published, time.perf_counter() - t_start, t_sync, t_publish)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from extramerge.io import publish, staging_dir
-from rivervalley.common.publish import write_file
+from extramerge.io import publish
+from rivervalley.common.publish import publishing, write_file
 
 from .config import RESUME_FREE
 
@@ -75,15 +75,10 @@ def save_checkpoint(run, factor: float) -> None:
     t = time.perf_counter()
     name = f"step_{run.step:06d}"
     final = run.dir / name
-    tmp = staging_dir(final)  # a killed run's leftovers beside it are cleaned first
-    try:
+    with publishing(final, force=True, commit=publish) as tmp:  # a killed run's leftovers are cleaned first
         with quiet_transformers():
             run.model.save_pretrained(tmp)
             run.tokenizer.save_pretrained(tmp)
-        publish(tmp, final, force=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     run.checkpoints = [c for c in run.checkpoints if c["step"] != run.step]
     run.checkpoints.append(
         {

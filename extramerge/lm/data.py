@@ -35,14 +35,14 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from extramerge.io import publish, safety, staging_dir
+from extramerge.io import publish, safety
+from rivervalley.common.publish import publishing
 
 from .tokenizer import EOS_ID, encode
 
@@ -396,8 +396,7 @@ def _join(pieces: list[str]) -> np.ndarray:
 
 
 def _write_atomic(out_dir: Path, arrays: dict, by_split: dict, meta: dict) -> None:
-    tmp = staging_dir(out_dir)
-    try:
+    with publishing(out_dir, force=True, commit=publish) as tmp:
         for s in SPLITS:
             np.save(tmp / f"{s}.npy", arrays[s])
         for s in ("val", "test"):
@@ -405,10 +404,6 @@ def _write_atomic(out_dir: Path, arrays: dict, by_split: dict, meta: dict) -> No
                 for p in by_split[s]:
                     f.write(json.dumps({"text": p}, ensure_ascii=False) + "\n")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        publish(tmp, out_dir, force=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_split(data_dir: str | os.PathLike, split: str = "train") -> np.ndarray:

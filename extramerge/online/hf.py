@@ -29,7 +29,7 @@ import torch
 from transformers import TrainerCallback
 
 from extramerge.io import CheckpointError, open_checkpoint
-from extramerge.io.outputs import own_json
+from rivervalley.common.publish import own_json
 
 from .merger import OnlineMerger
 

@@ -143,7 +143,7 @@ class OnlineMerger:
         self.updates += 1
         self.last_step = step
         if self.snapshot_every and step % self.snapshot_every == 0:
-            from .save import save_snapshots
+            from .save import save_snapshots  # on first use: saving loads the checkpoint writers
 
             save_snapshots(self, step)
         return True
@@ -265,7 +265,7 @@ class OnlineMerger:
     def save(self, name: str, output, *, fmt: str | None = None, template=None, force: bool = False):
         """Write the merge ``name`` to ``output`` atomically, with its merge.json record (see
         ``extramerge.online.save.save_merge``)."""
-        from .save import save_merge
+        from .save import save_merge  # on first use: saving loads the checkpoint writers
 
         return save_merge(self, name, output, fmt=fmt or self.fmt, template=template, force=force)
 

@@ -5,14 +5,19 @@ passed through: safetensors, hf-safetensors with a ``template``, hf-bin, torch, 
 learns). DTensor shards (FSDP2) are saved with ``torch.distributed.checkpoint.save``, each rank its shard,
 into a staging folder that rank 0 publishes after a barrier. Power-EMA snapshots (``save_snapshots``) carry
 γ, step and update count in their record and safetensors metadata, for a post-hoc EMA fit.
+
+The merges are read through the ``Merges`` protocol (``OnlineMerger`` is one), so imports run one way: the
+merger imports this module, never the reverse.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
@@ -22,20 +27,34 @@ from extramerge.io import (
     check_output,
     outputs,
     publish,
-    staging_dir,
     write_checkpoint,
 )
 from extramerge.io.layout import GAMMA_KEY, STEP_KEY
+from rivervalley.common.publish import publishing
 
 from .averages import DTensor
+from .spec import Average
 
-if TYPE_CHECKING:
-    from .merger import OnlineMerger
-
-__all__ = ["save_merge", "save_snapshots", "record_of"]
+__all__ = ["Merges", "save_merge", "save_snapshots", "record_of"]
 
 
-def record_of(merger: OnlineMerger, name: str, fmt: str | None) -> dict:
+class Merges(Protocol):
+    """What saving reads of the merges kept online (``OnlineMerger`` is one): the parameters, each merge
+    tensor by tensor or as a state dict, and what its record says. Saving never imports the merger."""
+
+    named: list[tuple[str, torch.Tensor]]
+    items: Mapping[str, Average]
+    snapshot_dir: object
+    fmt: str | None
+
+    def describe(self, name: str) -> dict: ...
+
+    def merged(self, name: str) -> Iterable[tuple[str, torch.Tensor]]: ...
+
+    def state_dict_of(self, name: str) -> dict[str, torch.Tensor]: ...
+
+
+def record_of(merger: Merges, name: str, fmt: str | None) -> dict:
     return {
         "tool": "extramerge",
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -44,7 +63,7 @@ def record_of(merger: OnlineMerger, name: str, fmt: str | None) -> dict:
     }
 
 
-def _sharded(merger: OnlineMerger) -> bool:
+def _sharded(merger: Merges) -> bool:
     return DTensor is not None and any(isinstance(p, DTensor) for _, p in merger.named)
 
 
@@ -53,9 +72,7 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def save_merge(
-    merger: OnlineMerger, name: str, output, *, fmt=None, template=None, force=False, metadata=None
-):
+def save_merge(merger: Merges, name: str, output, *, fmt=None, template=None, force=False, metadata=None):
     """Write the merge ``name`` to ``output``: a DCP folder when the parameters are DTensors (collective:
     every rank calls it), else a checkpoint in ``fmt`` (None: from the output's suffix or ``template``;
     under torch.distributed only rank 0 writes). Returns the published path (None on other ranks)."""
@@ -80,44 +97,41 @@ def save_merge(
     return Path(output)
 
 
-def _save_dcp(merger: OnlineMerger, name: str, out: Path, record: dict, force: bool) -> Path:
+def _save_dcp(merger: Merges, name: str, out: Path, record: dict, force: bool) -> Path:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
     state = merger.state_dict_of(name)
     group = dist.is_available() and dist.is_initialized()
+    leader = _rank() == 0
     box: list = [None]
-    if _rank() == 0:
-        try:
-            out = check_output(out, force=force)
-            check_merge_output(out)
-            box[0] = str(staging_dir(out))
-        except Exception as e:  # every rank must learn of it, or the others wait forever
-            box[0] = e
-    if group:
-        dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], Exception):
-        raise box[0]
-    tmp = Path(box[0])
-    try:
+    with contextlib.ExitStack() as stage:  # rank 0's staging folder, removed with its parents on failure
+        if leader:
+            try:
+                out = check_output(out, force=force)
+                check_merge_output(out)
+                box[0] = str(stage.enter_context(publishing(out, commit=None)))  # published below, locked
+            except Exception as e:  # every rank must learn of it, or the others wait forever
+                box[0] = e
+        if group:
+            dist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], Exception):
+            raise box[0]
+        tmp = Path(box[0])
         dcp.save(state, checkpoint_id=str(tmp))
         if group:
             dist.barrier()
-        if _rank() == 0:
+        if leader:
             (tmp / "merge.json").write_text(json.dumps(record, indent=1) + "\n")
             with outputs.locked(out):
                 check_merge_output(out)
                 publish(tmp, out, force)
         if group:
             dist.barrier()
-    except BaseException:
-        if _rank() == 0:
-            outputs.discard(tmp)
-        raise
     return out
 
 
-def save_snapshots(merger: OnlineMerger, step: int) -> list:
+def save_snapshots(merger: Merges, step: int) -> list:
     """Save every power-EMA (pema) as ``snapshot_dir/NAME/step_XXXXXX`` (its record holds γ, the step and
     the update count: what a post-hoc EMA fit needs)."""
     out = []

@@ -11,7 +11,6 @@ Needs transformers (``pip install 'rivervalley-extramerge[lm]'``). The method: :
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from .core import CANDIDATE_ALPHAS, StudyConfig, run_study
@@ -20,9 +19,14 @@ from .inputs import StudyError
 __all__ = ["StudyConfig", "StudyError", "study", "CANDIDATE_ALPHAS", "check_output"]
 
 
+_OURS = {"tool": "extramerge", "kind": "study"}  # the marker of a study folder
+
+
 def check_output(out: Path, inputs, force: bool) -> Path:
-    """Refuse an output that is or holds an input, a special file, or an existing folder that is not an
-    earlier study (its marker), and that one without ``force``."""
+    """Refuse an output that is or holds an input, a special file, or an existing non-empty folder that is
+    not an earlier study (its marker), and that one without ``force`` (``publish.refusal``'s rule)."""
+    from rivervalley.common.publish import marked, refusal
+
     from ..io import outputs
 
     out = Path(out)
@@ -31,13 +35,13 @@ def check_output(out: Path, inputs, force: bool) -> Path:
         if rel in ("is", "contains") or (rel == "lies inside" and (p / "config.json").is_file()):
             raise StudyError(f"{out}: the output folder {rel} the input {p} (pick another -o)")
     outputs.refuse_special(out)
-    if out.exists():
-        if not force:
-            raise StudyError(f"{out}: output exists (pass --force to replace it)")
-        if not outputs.marked(out, "study"):
-            raise StudyError(
-                f"{out}: exists and is not an earlier study (no {outputs.MARKER} marker); not replacing it"
-            )
+    why = refusal(out, force, lambda p: marked(p, "kind", _OURS["kind"], outputs.MARKER))
+    if why == "force":
+        raise StudyError(f"{out}: output exists (pass --force to replace it)")
+    if why == "foreign":
+        raise StudyError(
+            f"{out}: exists and is not an earlier study (no {outputs.MARKER} marker); not replacing it"
+        )
     return out
 
 
@@ -50,7 +54,7 @@ def study(cfg: StudyConfig) -> dict:
             "extramerge study evaluates merges with transformers: pip install 'rivervalley-extramerge[lm]'"
         ) from None
     from rivervalley.common.formatting import jsonable
-    from rivervalley.common.publish import staging_dir
+    from rivervalley.common.publish import mark, publishing
     from rivervalley.common.resources import flush_denormals
 
     from ..io import outputs
@@ -59,19 +63,14 @@ def study(cfg: StudyConfig) -> dict:
     out = check_output(
         Path(cfg.out), cfg.checkpoints + list(cfg.data) + [p for p in (cfg.calib, cfg.test) if p], cfg.force
     )
-    tmp = staging_dir(out)
-    try:
+    # force: an earlier study, checked above, is replaced only once the new one is complete
+    with publishing(out, force=True, commit=outputs.publish) as tmp:
         with flush_denormals():
             rep = run_study(cfg, tmp)
         fig = R.alpha_figure(rep, tmp / "alpha.png")
         rep["figures"] = ["alpha.png"] if fig else []
-        outputs.mark(tmp, "study")
+        mark(tmp, _OURS, outputs.MARKER)
         (tmp / "study.json").write_text(json.dumps(jsonable(rep), indent=1))
         (tmp / "study.md").write_text(R.markdown(rep))
-        outputs.publish(tmp, out, force=True)  # an earlier study, checked above, is replaced only now
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     rep["out"] = str(out)
     return rep
-

@@ -13,22 +13,17 @@ import numpy as np
 
 from extramerge import distributed, plots
 from extramerge.engine.parallel import can_fork, run_forked
-from extramerge.io import (
-    CheckpointError,
-    check_output,
-    open_all,
-    publish,
-    staging_dir,
-)
-from extramerge.io.outputs import MARKER, discard, mark, marked
+from extramerge.io import CheckpointError, check_output, open_all, publish
+from extramerge.io.outputs import MARKER
 from extramerge.trajectory.data import GramData
 from extramerge.trajectory.gram import gram_pass
 from extramerge.trajectory.report import DEFAULT_WINDOWS, project_scores, summarize
 from rivervalley import weights as _weights
-from rivervalley.common.publish import claim_folder
+from rivervalley.common.publish import claim_folder, mark, marked, publishing
 
 __all__ = ["analyze", "write_outputs"]
 
+_OURS = {"tool": "extramerge", "kind": "analysis"}  # the marker of an analysis folder
 _FILES = {
     "analysis": "analysis.json",
     "gram": "gram.npz",
@@ -45,8 +40,8 @@ def _check_output_dir(output: Path, inputs: Sequence, force: bool) -> None:
     check_output(output, inputs, force=True)  # overlap with the inputs, special files
     try:
         claim_folder(
-            output, force, "analyze", marked=lambda p: marked(p, "analysis"), owner="extramerge analyze",
-            marker=MARKER,
+            output, force, "analyze", ours=lambda p: marked(p, "kind", _OURS["kind"], MARKER),
+            owner="extramerge analyze", marker=MARKER,
         )  # fmt: skip
     except ValueError as e:
         raise CheckpointError(str(e)) from None
@@ -79,11 +74,11 @@ def write_outputs(data: GramData, report: dict, output, *, inputs=(), force: boo
     """Write analysis.json, gram.npz and the PNG figures into ``output`` (temp folder, then rename)."""
     output = Path(output)
     _check_output_dir(output, list(inputs), force)
-    tmp = staging_dir(output)
-    try:
+    report = _with_files(report, output)
+    # force: _check_output_dir has vetted an existing output
+    with publishing(output, force=True, commit=publish) as tmp:
         files = _FILES
-        report = _with_files(report, output)
-        mark(tmp, "analysis")
+        mark(tmp, _OURS, MARKER)
         data.save(tmp / files["gram"])
         with open(tmp / files["analysis"], "w") as f:
             json.dump(report, f, indent=1)
@@ -96,10 +91,6 @@ def write_outputs(data: GramData, report: dict, output, *, inputs=(), force: boo
                 ),
             ]
         )
-        publish(tmp, output, force=True)  # _check_output_dir has vetted an existing output
-    except BaseException:
-        discard(tmp)
-        raise
     return report
 
 

@@ -1,22 +1,28 @@
 """Publishing outputs atomically, shared by rivervalley and extramerge (extramerge.io.outputs adds its output
-policy on top: overlap with inputs, --force, ownership markers).
+policy on top: overlap with inputs, the merge's record rule).
 
-* ``staging_dir(out)``: a fresh folder ``.NAME.tmp-PID@HOST-*`` beside ``out`` to build it in;
-  ``discard(tmp)`` removes it, and the parent folders ``staging_dir`` created if they are still empty
-  (a failed run leaves nothing behind, not even the folders it made for its output);
+* ``publishing(out, force=...)``: the one way an output is written: ``with publishing(out) as stage:``
+  yields a fresh staging folder ``.NAME.tmp-PID@HOST-*`` beside ``out``; when the block ends the folder (or,
+  with ``file=True``, the file ``stage / out.name``) is renamed into place; on any exception
+  (KeyboardInterrupt and ``Terminated`` included) nothing is published, and the staging folder is removed
+  with the parent folders it created (a failed run leaves nothing behind, not even the folders it made
+  for its output);
 * ``locked(out)``: holds an exclusive lock on ``out``'s parent folder, so that two runs publishing to the
   same output (an output file and its side record) publish one after the other, never interleaved;
 * ``publish(src, dst, force)``: rename into place; an existing ``dst`` is renamed aside to
   ``.NAME.old-PID@HOST-*`` first and deleted once the new one is in;
 * ``clean_stale(out)``: what a killed run (kill -9) left beside ``out`` is removed, or put back;
-* ``write_file(path, write)``: one file through a staging folder (``write(tmp_path)``, then publish);
+* ``write_file(path, write)``: one file through ``publishing`` (``write(tmp_path)``, then publish);
 * ``interruptible()``: SIGTERM and SIGHUP raise ``Terminated`` (a KeyboardInterrupt), so they unwind
   through the same clean-up code as Ctrl-C;
 * ``deferred()``: SIGINT, SIGTERM and SIGHUP wait until a block ends (a unit of outputs saved whole);
-* ``claim_folder(out, force, command)`` / ``mark_folder(out, command)``: what the rivervalley commands may
-  replace: a non-empty output folder only with ``force`` and only when it carries the marker an earlier
-  rivervalley command wrote there; ``claim_file(path, force, ours)`` the same for a single file,
-  recognised by its content.
+* ``refusal(path, force, ours)``: the one rule for what an output may replace: an absent path or an
+  empty folder always; anything else only with ``force`` and only when ``ours`` recognises it as the same
+  command's earlier output; never a link, FIFO, device or socket. ``claim_folder`` / ``claim_file`` apply
+  it to rivervalley's folders and files, extramerge's policies (``extramerge.io.outputs``, study) too;
+* ``mark(folder, doc)`` / ``marked(folder, key, value)``: the marker file (``.rivervalley-output``, or
+  extramerge's ``.extramerge-output``) that tells a later run a folder is an earlier output, written
+  atomically and read by ``own_json`` alone.
 """
 
 from __future__ import annotations
@@ -33,12 +39,11 @@ import stat
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 
 __all__ = [
-    "staging_dir",
-    "discard",
+    "publishing",
     "locked",
     "publish",
     "clean_stale",
@@ -47,9 +52,12 @@ __all__ = [
     "interruptible",
     "deferred",
     "MARKER",
+    "refusal",
     "claim_folder",
-    "mark_folder",
     "claim_file",
+    "mark",
+    "marked",
+    "own_json",
     "special_mode",
 ]
 
@@ -93,32 +101,16 @@ def clean_stale(out: Path) -> list[Path]:
     return cleaned
 
 
-def staging_dir(out: Path) -> Path:
-    """A fresh temporary folder next to ``out`` (parents created) in which to build an output before
-    renaming it into place. mkdtemp makes it 0700; it gets the usual mode (0777 & ~umask), as the
-    published folder should. Leftovers of killed runs on the same output are cleaned first."""
-    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_tag()}-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
-    _CREATED[tmp] = created  # deepest first
-    return tmp
-
-
-_CREATED: dict[Path, list[Path]] = {}
-
-
-def discard(tmp: Path) -> None:
-    """Remove the staging folder ``tmp`` (if still there) and then each parent folder ``staging_dir``
-    created for it that is now empty, deepest first. Safe after a successful publish too: a parent that
-    holds the output is not empty and stays."""
-    shutil.rmtree(tmp, ignore_errors=True)
-    for folder in _CREATED.pop(tmp, []):
+def _remove_created(folders: list[Path]) -> None:
+    """Remove the folders a run created for its output (deepest first) that are empty now: a folder that
+    holds something (the output, someone else's file) stays, and so do its parents."""
+    for folder in folders:
         try:
             folder.rmdir()
+        except FileNotFoundError:
+            continue  # never made (mkdir failed deeper up), or removed by someone else
         except OSError:
-            break  # not empty (the output, or someone else's file), or gone: its parents stay too
+            break
 
 
 @contextlib.contextmanager
@@ -177,21 +169,51 @@ def publish(src: Path, dst: Path, force: bool) -> None:
             aside.unlink()
 
 
+@contextlib.contextmanager
+def publishing(
+    out,
+    *,
+    force: bool = False,
+    file: bool = False,
+    commit: Callable[[Path, Path, bool], None] | None = publish,
+) -> Iterator[Path]:
+    """Build the output ``out`` in a fresh staging folder beside it (parents created; what a killed run
+    left beside ``out`` is cleaned first): yields that folder.
+
+    When the block ends normally the staging folder, or with ``file`` the file ``stage / out.name`` in it,
+    is renamed to ``out`` by ``commit(src, out, force)`` (``publish``: an existing ``out`` is replaced
+    only with ``force``, renamed aside first). ``commit=None``: the block publishes the staged files itself
+    (several files, under a lock), and the end of the block only cleans up. On any
+    exception, KeyboardInterrupt and ``Terminated`` included, nothing more is published; in every case the
+    staging folder is then removed, with each parent folder it created that is left empty."""
+    out = Path(out)
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
+    tmp = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_tag()}-", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the output gets the usual mode
+        yield tmp
+        if commit is not None:
+            commit(tmp / out.name if file else tmp, out, force)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was published
+        _remove_created(created)
+
+
 def write_file(path, write: Callable[[Path], None]) -> Path:
-    """Write the file ``path`` through a staging folder beside it: ``write(tmp)`` creates the file ``tmp``
-    (same name), which then replaces ``path``. A special file (FIFO, device, socket) or folder at ``path``
-    is refused (ValueError); on any exception nothing is published and the staging folder is removed."""
+    """Write the file ``path`` through ``publishing``: ``write(tmp)`` creates the file ``tmp`` (same name)
+    in the staging folder, which then replaces ``path``. A special file (FIFO, device, socket) or folder
+    at ``path`` is refused (ValueError); on any exception nothing is published and nothing is left."""
     path = Path(path)
     with contextlib.suppress(FileNotFoundError):
         mode = os.lstat(path).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
             raise ValueError(f"{path}: exists and is not a regular file; refusing to replace it")
-    tmp = staging_dir(path)
-    try:
+    with publishing(path, force=True, file=True) as tmp:
         write(tmp / path.name)
-        publish(tmp / path.name, path, force=True)
-    finally:
-        discard(tmp)
     return path
 
 
@@ -260,61 +282,98 @@ def special_mode(path: Path) -> int | None:
     return None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode) else mode
 
 
-def _refuse_special(path: Path) -> None:
+def refusal(
+    path, force: bool, ours: Callable[[Path], bool] | None, *, ignore: Collection[str] = ()
+) -> str | None:
+    """The one rule for what writing the output ``path`` may replace. None when it may be written: it is
+    absent, or an empty folder (entries named in ``ignore`` aside), or, with ``force``, an output that
+    ``ours(path)`` recognises as the same command's earlier output (a link never is). Otherwise why not:
+    "special" (a FIFO, device or socket: never), "force" (something is there: only with force) or
+    "foreign" (not ours: not even with force). ``ours=None``: whose output it is is decided later (the
+    merge's record, once its layout is known); only "special" and "force" are answered."""
+    path = Path(path)
     if special_mode(path) is not None:
-        raise ValueError(f"{path}: exists and is not a regular file or folder; refusing to replace it")
+        return "special"
+    if not (path.exists() or path.is_symlink()):
+        return None
+    if path.is_dir() and not path.is_symlink() and all(p.name in ignore for p in path.iterdir()):
+        return None
+    if not force:
+        return "force"
+    if ours is not None and (path.is_symlink() or not ours(path)):
+        return "foreign"
+    return None
 
 
-def _marked(folder: Path) -> bool:
+def own_json(path, key: str, value: str, *, limit: int = 2**20) -> bool:
+    """Whether ``path`` is a regular file of at most ``limit`` bytes holding a JSON object with ``key`` =
+    ``value`` (how an output marker, a merge record or a report is recognised as this package's own).
+    Opened without blocking: a FIFO is not waited on, and anything but a regular file is not ours."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        with open(folder / MARKER, "rb") as f:
-            doc = json.loads(f.read(4096))
-    except (OSError, ValueError):
+        fd = os.open(path, flags)
+    except OSError:
         return False
-    return isinstance(doc, dict) and doc.get("tool") == "rivervalley"
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return False
+            raw = f.read(limit + 1)
+        doc = json.loads(raw) if len(raw) <= limit else None
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and doc.get(key) == value
+
+
+def mark(folder, doc: Mapping[str, str], marker: str = MARKER) -> None:
+    """Record in ``folder`` whose output it is: the JSON object ``doc`` (e.g. ``{"tool": "rivervalley",
+    "command": "simulate"}``) in the file ``marker``, written atomically."""
+    text = json.dumps(dict(doc)) + "\n"
+    write_file(Path(folder) / marker, lambda p: p.write_text(text))
+
+
+def marked(folder, key: str = "tool", value: str = "rivervalley", marker: str = MARKER) -> bool:
+    """Whether ``folder`` (a folder, not a link) carries the ``marker`` file with ``key`` = ``value``."""
+    folder = Path(folder)
+    return folder.is_dir() and not folder.is_symlink() and own_json(folder / marker, key, value)
 
 
 def claim_folder(
-    out, force: bool, command: str, *, marked: Callable[[Path], bool] = _marked, owner: str = "rivervalley",
+    out, force: bool, command: str, *, ours: Callable[[Path], bool] = marked, owner: str = "rivervalley",
     marker: str = MARKER,
 ) -> Path:  # fmt: skip
-    """Check that ``command`` may write its files into the folder ``out`` (ValueError otherwise): a new or
-    empty folder, or with ``force`` a folder that ``marked`` recognises as an earlier output of ``owner``
-    (by default the ``marker`` file a rivervalley command writes; extramerge passes its own)."""
+    """Check that ``command`` may write its files into the folder ``out`` (ValueError otherwise): the rule
+    of ``refusal`` for a folder, the ``marker`` file itself not counting as content; ``ours`` recognises
+    an earlier output of ``owner`` (by default the marker a rivervalley command writes; extramerge passes
+    its own)."""
     out = Path(out)
-    _refuse_special(out)
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
+    if special_mode(out) is None and (out.is_symlink() or (out.exists() and not out.is_dir())):
         raise ValueError(f"output {out} exists and is not a folder; choose another output")
-    if out.is_dir() and any(p.name != marker for p in out.iterdir()):
-        if not force:
-            raise ValueError(
-                f"output {out} exists and is not empty; pass --force to replace {command}'s files"
-            )
-        if not marked(out):
-            raise ValueError(
-                f"output {out} was not written by {owner} (no {marker} marker); refusing to write into "
-                "it, even with --force"
-            )
+    why = refusal(out, force, ours, ignore=(marker,))
+    if why == "special":
+        raise ValueError(f"{out}: exists and is not a regular file or folder; refusing to replace it")
+    if why == "force":
+        raise ValueError(f"output {out} exists and is not empty; pass --force to replace {command}'s files")
+    if why == "foreign":
+        raise ValueError(
+            f"output {out} was not written by {owner} (no {marker} marker); refusing to write into "
+            "it, even with --force"
+        )
     return out
 
 
-def mark_folder(out, command: str) -> None:
-    """Record in ``out`` that rivervalley ``command`` wrote it (what a later ``--force`` may replace)."""
-    text = json.dumps({"tool": "rivervalley", "command": command}) + "\n"
-    write_file(Path(out) / MARKER, lambda p: p.write_text(text))
-
-
 def claim_file(path, force: bool, ours: Callable[[Path], bool], tool: str = "rivervalley") -> Path:
-    """Check that a command may write the file ``path``: new, or with ``force`` one that ``ours(path)``
-    recognises (by its content) as this command's earlier output; never a folder or special file.
-    ``tool`` names the package in the message."""
+    """Check that a command may write the file ``path``: the rule of ``refusal`` for a file (new, or with
+    ``force`` one that ``ours(path)`` recognises by its content as this command's earlier output); never a
+    folder or special file. ``tool`` names the package in the message."""
     path = Path(path)
-    _refuse_special(path)
-    if path.is_dir():
+    if special_mode(path) is None and path.is_dir():
         raise ValueError(f"output {path} is a folder (a file name is expected)")
-    if path.exists() or path.is_symlink():
-        if not force:
-            raise ValueError(f"output {path} exists; pass --force to replace it")
-        if path.is_symlink() or not ours(path):
-            raise ValueError(f"output {path} exists and was not written by {tool}; refusing to replace it")
+    why = refusal(path, force, ours)
+    if why == "special":
+        raise ValueError(f"{path}: exists and is not a regular file or folder; refusing to replace it")
+    if why == "force":
+        raise ValueError(f"output {path} exists; pass --force to replace it")
+    if why == "foreign":
+        raise ValueError(f"output {path} exists and was not written by {tool}; refusing to replace it")
     return path

@@ -133,7 +133,7 @@ def test_analyze_replaces_only_a_folder_it_wrote(tmp_path, capsys):
     assert (out / "thesis.tex").read_text() == "years of work"
     fresh = tmp_path / "fresh"
     assert _run(capsys, "analyze", *run, "-o", fresh, "--quiet")[0] == 0
-    assert outputs.marked(fresh, "analysis")
+    assert publish.marked(fresh, "kind", "analysis", outputs.MARKER)
     _refused(capsys, "analyze", *run, "-o", fresh, "--quiet", needle="pass --force")  # ours, but no --force
     assert _run(capsys, "analyze", *run, "-o", fresh, "--quiet", "--force")[0] == 0  # an earlier analysis
     assert _leftovers(tmp_path) == []
@@ -221,9 +221,10 @@ def test_leftovers_of_a_killed_run_are_cleaned_by_the_next(tmp_path, capsys):
     out = tmp_path / "merged"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     code = (
-        "import os, sys; from pathlib import Path; from extramerge.io.outputs import staging_dir\n"
-        "t = staging_dir(Path(sys.argv[1])); (t / 'model.safetensors').write_bytes(b'half')\n"
-        "os.kill(os.getpid(), 9)\n"
+        "import os, sys; from pathlib import Path; from rivervalley.common.publish import publishing\n"
+        "with publishing(Path(sys.argv[1])) as t:\n"
+        "    (t / 'model.safetensors').write_bytes(b'half')\n"
+        "    os.kill(os.getpid(), 9)\n"
     )
     p = subprocess.run([sys.executable, "-c", code, str(out)], env=env, timeout=60)
     assert p.returncode == -9 and len(_leftovers(tmp_path)) == 1  # what kill -9 leaves
@@ -294,7 +295,7 @@ def test_study_replaces_only_a_folder_marked_as_a_study(tmp_path):
     (out / "study.json").write_text("{}")  # looks like a study, but no marker
     with pytest.raises(StudyError, match="not an earlier study"):
         check_output(out, [run], force=True)
-    outputs.mark(out, "study")
+    publish.mark(out, {"tool": "extramerge", "kind": "study"}, outputs.MARKER)
     assert check_output(out, [run], force=True) == out
     with pytest.raises(StudyError, match="exists"):
         check_output(out, [run], force=False)

@@ -4,10 +4,14 @@ merge that cannot fit in memory is refused before it starts."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
 from _ckpt_factory import make_safetensors_files
 from safetensors import safe_open
@@ -95,3 +99,179 @@ def test_a_merge_that_cannot_fit_in_memory_is_refused_before_it_starts(tmp_path,
     rc, err = _run(capsys, "merge", *run, "--method", "sma", "-o", out, "--quiet")
     assert rc == 2 and err.startswith("extramerge: error: merge to") and "of memory is available" in err
     assert not out.exists()
+
+
+# ----------------------------------------------------- a failed write leaves nothing behind, parents included
+
+
+class _Boom(RuntimeError):
+    """The failure planted in a writer after it has staged part of its output."""
+
+
+def _boom(*args, **kwargs):
+    raise _Boom("planted failure")
+
+
+@contextlib.contextmanager
+def _one_rank():
+    """A torch.distributed group of this process alone (gloo), as torchrun with one process makes."""
+    import torch.distributed as dist
+
+    from extramerge import distributed
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield distributed.Group(0, 1)
+    finally:
+        dist.destroy_process_group()
+
+
+def _fail_analyze(tmp_path, out, monkeypatch):
+    from extramerge.trajectory import analyze
+    from extramerge.trajectory.data import GramData
+
+    run = make_safetensors_files(tmp_path / "run", n=4)
+    real = GramData.save
+
+    def save(self, path):
+        real(self, path)  # gram.npz is staged
+        raise _Boom("after gram.npz")
+
+    monkeypatch.setattr(GramData, "save", save)
+    analyze(run, output=out, progress=False)
+
+
+def _fail_ranked(tmp_path, out, monkeypatch):
+    import numpy as np
+
+    from extramerge.engine.ranked import write_ranked
+    from extramerge.io import TensorInfo
+
+    infos = {"a": TensorInfo("a", (4,), "F32"), "b": TensorInfo("b", (4,), "F32")}
+
+    def pieces():
+        yield "a", np.ones(4, np.float32)  # written at its offset in the preallocated, staged file
+        raise _Boom("after tensor a")
+
+    with _one_rank() as group:
+        write_ranked(
+            group, [[("a", 0, 4), ("b", 0, 4)]], pieces(), output=out.with_suffix(".safetensors"),
+            fmt="safetensors", template=None, infos=infos, shard_size=2**30, metadata=None, record=None,
+            force=False, inputs=(), fsync=False,
+        )  # fmt: skip
+
+
+def _fail_lm_checkpoint(tmp_path, out, monkeypatch):
+    from extramerge.lm.checkpointing import save_checkpoint
+
+    class Saver:
+        def save_pretrained(self, folder):
+            (Path(folder) / "model.safetensors").write_bytes(b"half")
+            raise _Boom("after model.safetensors")
+
+    run = SimpleNamespace(step=7, dir=out.parent, model=Saver(), tokenizer=Saver())
+    save_checkpoint(run, 1.0)  # publishes out.parent / "step_000007"
+
+
+def _fail_lm_data(tmp_path, out, monkeypatch):
+    import numpy as np
+
+    from extramerge.lm import data
+
+    real = np.save
+
+    def save(path, arr, *a, **k):
+        real(path, arr, *a, **k)  # train.npy is staged
+        raise _Boom("after train.npy")
+
+    monkeypatch.setattr(np, "save", save)
+    data.prepare("pydoc", out)
+
+
+def _fail_online_dcp(tmp_path, out, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from extramerge.online import OnlineMerger
+
+    def save(state, checkpoint_id):
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"half")
+        raise _Boom("after one .distcp file")
+
+    monkeypatch.setattr(dcp, "save", save)
+    with _one_rank():
+        w = distribute_tensor(torch.ones(4, 3), init_device_mesh("cpu", (1,)), [Shard(0)])
+        merger = OnlineMerger([("w", w)], "ema:0.5")
+        merger.update(1)
+        merger.save("ema", out)
+
+
+def _fail_extramerge_file(tmp_path, out, monkeypatch):
+    import os
+
+    from extramerge.io import outputs
+
+    monkeypatch.setattr(os, "fsync", _boom)  # after the text is in the staged file
+    outputs.write_file(out.with_suffix(".json"), "{}")
+
+
+def _fail_merge_writer(tmp_path, out, monkeypatch):
+    from extramerge.io import TensorInfo, write_checkpoint
+
+    infos = {"a": TensorInfo("a", (4,), "F32"), "b": TensorInfo("b", (4,), "F32")}
+
+    def tensors():
+        yield "a", torch.ones(4)
+        raise _Boom("after tensor a")
+
+    write_checkpoint(out, tensors(), infos=infos, fmt="safetensors", fsync=False)
+
+
+def _fail_study(tmp_path, out, monkeypatch):
+    import extramerge.study as study_mod
+
+    def run_study(cfg, folder):
+        (Path(folder) / "alpha.png").write_bytes(b"half")
+        raise _Boom("after alpha.png")
+
+    monkeypatch.setattr(study_mod, "run_study", run_study)
+    study_mod.study(study_mod.StudyConfig(checkpoints=[tmp_path / "run"], data=[], out=out))
+
+
+def _fail_rivervalley_file(tmp_path, out, monkeypatch):
+    from rivervalley.common.publish import write_file
+
+    def write(path):
+        path.write_text("half")
+        raise _Boom("after the staged file")
+
+    write_file(out / "config.json", write)
+
+
+WRITERS = {
+    "trajectory.analyze": _fail_analyze,
+    "engine.ranked": _fail_ranked,
+    "lm.checkpointing": _fail_lm_checkpoint,
+    "lm.data": _fail_lm_data,
+    "online.save (DCP)": _fail_online_dcp,
+    "io.outputs.write_file": _fail_extramerge_file,
+    "io.writer": _fail_merge_writer,
+    "study": _fail_study,
+    "rivervalley write_file": _fail_rivervalley_file,
+}
+
+
+@pytest.mark.parametrize("writer_name", list(WRITERS))
+def test_a_failed_write_leaves_nothing_behind_parents_included(writer_name, tmp_path, monkeypatch):
+    """Each writer that stages its output fails after staging part of it, with the output under parent
+    folders that did not exist: neither the staging folder nor those parents remain."""
+    if writer_name in ("engine.ranked", "online.save (DCP)"):
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            pytest.skip("torch without distributed")
+    out = tmp_path / "a" / "b" / "out"
+    with pytest.raises(_Boom):
+        WRITERS[writer_name](tmp_path, out, monkeypatch)
+    assert not (tmp_path / "a").exists(), sorted(map(str, (tmp_path / "a").rglob("*")))
