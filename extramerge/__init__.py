@@ -5,12 +5,13 @@ Python API (the CLI `extramerge` is a thin layer over these):
     extramerge.analyze(checkpoints, windows=(1, 2, 4, 8), output="report/")    -> report dict
 
 Where each concern lives (imports run one way: extramerge uses rivervalley, never the reverse):
-    methods        the registry of merge methods (name, knobs, builder, needs-Gram)
+    methods        the registry of merge methods (name, declared parameters, builder, needs-Gram)
     io/            readers per format (safetensors, torch files, io/dcp: DCP and Megatron torch_dist),
                    discovery, raw I/O, the writers (streamed, or byte ranges per rank), input/output policy
     distributed    torchrun/srun process groups: ranks, the byte split, agreement on failure
     engine/        the streaming weighted sum; trajectory/: the one-pass Gram matrix and `analyze`
-    select         choosing α; api: merge/plan/execute; plots: the analysis figures
+    api            merge/plan/execute (the Gram matrix for methods that need one); plots: analysis figures
+                   (every α rule lives in rivervalley.theory.alpha)
     eval/          held-out loss, cloze, the lm-evaluation-harness bridge, `extramerge eval`
     study/         predicted versus measured gain and the recommendation, `extramerge study`
     online/        SMA/EMA/power-EMA/Extra-Merge kept during training, swap-in, saving, HF callback

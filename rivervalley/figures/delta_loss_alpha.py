@@ -22,7 +22,7 @@ def make(out, *, quick: bool = False, seed: int = 0):
     grid = np.linspace(-1.5, 3.0, 301)
     curve = theory.extrapolation_delta_loss(grid, **SCENARIO)
     a_star = float(theory.optimal_alpha(**SCENARIO))
-    a_match = (SCENARIO["window"] - 1) / (2 * SCENARIO["offset"])
+    a_match = theory.alpha_match(SCENARIO["window"], SCENARIO["offset"])
     alphas = np.array(sorted({*np.round(np.linspace(-1.5, 3.0, 10), 3), 0.0, a_star, a_match}))
     seeds = 60 if quick else 300
     vals = delta_loss_samples(alphas, seeds=seeds, seed=seed, n_ckpts=400 if quick else 1000, **SCENARIO)
