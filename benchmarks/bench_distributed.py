@@ -98,7 +98,7 @@ def generate(workdir: Path, n: int, size_mb: int, dtype: str, seed: int = 0) -> 
     code = "F32" if dtype == "float32" else "BF16"
     specs = gpt2_shapes(size_mb * 10**6, np.dtype(np_dtype).itemsize)
     infos = {name: TensorInfo(name, shape, code) for name, shape in specs}
-    (layout,) = safetensors_files(infos, "safetensors", "x", shard_size=2**62, metadata=None, aliases={})
+    (layout,) = safetensors_files(infos, "x", shard_size=2**62, metadata=None, aliases={})
     folder = workdir / f"gpt2-{size_mb}MB-{dtype}"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -21,7 +21,6 @@ from rivervalley.common.resources import require_memory
 
 from .. import distributed
 from ..io import (
-    DCP_FORMATS,
     Checkpoint,
     CheckpointError,
     TensorInfo,
@@ -29,6 +28,7 @@ from ..io import (
     check_merge_output,
     check_output,
     default_format,
+    formats,
     output_layout,
     write_checkpoint,
 )
@@ -143,7 +143,8 @@ def merge_weights(
         template = ckpts[-1]
         fmt = fmt or default_format(output, template)
         out_infos = {n: TensorInfo(n, i.shape, output_code(i, dtype)) for n, i in infos.items()}
-        if group is not None and fmt not in ranked.RANKED_FORMATS:
+        spec = formats.REGISTRY.get(fmt)  # None: unknown, refused by output_layout below
+        if group is not None and (spec is None or not spec.ranked):
             raise ValueError(ranked.one_process_only(fmt))
         if leader:  # rank 0 alone checks (and cleans up beside) the output
             out_path = check_output(
@@ -151,7 +152,7 @@ def merge_weights(
             )  # a dry run changes nothing
         else:
             out_path = Path(os.path.abspath(output))
-        out_path, _ = output_layout(out_path, fmt, template)
+        out_path, _ = output_layout(out_path, fmt, template)  # refuses an unknown format
         if leader:
             check_merge_output(out_path)  # what --force may replace: refused now, not after the merge
 
@@ -163,16 +164,14 @@ def merge_weights(
         if abs(w.sum() - 1.0) > 1e-6:
             notes.append(f"weights sum to {w.sum():.6g}, not 1: the result is not an affine merge")
         copied = [n for n, i in infos.items() if not i.is_float]
-        n_torch = sum(1 for j in active if ckpts[j].format in ("torch", "hf-bin"))
+        resident = any(formats.get(ckpts[j].format).resident_reads for j in active)
         bytes_read = sum(i.nbytes * (len(active) if i.is_float else 1) for i in infos.values())
         bytes_written = sum(i.nbytes for i in out_infos.values())
         chunk = max(1, chunk_bytes // 4)
         plan = units.plan_units(infos, chunk)
         share = None
-        if group is not None and fmt in DCP_FORMATS:  # each rank writes whole .distcp files
-            share = ranked.dcp_share(
-                out_infos, template, fmt=fmt, shard_size=shard_size, output=out_path, group=group
-            )
+        if group is not None and spec.whole_files_per_rank:  # each rank writes whole .distcp files
+            share = ranked.dcp_share(out_infos, template, fmt=fmt, shard_size=shard_size, group=group)
         in_itemsize = max((i.itemsize for i in infos.values()), default=1)
         unit_bytes = max(
             (sum(units.align((b - a) * out_infos[n].itemsize) for n, a, b in u) for u in plan), default=1
@@ -180,7 +179,7 @@ def merge_weights(
         read_bytes = max(
             (sum(units.align((b - a) * infos[n].itemsize) for n, a, b in u) for u in plan), default=1
         )
-        collects = fmt in ("torch", "hf-bin")
+        collects = spec.collects
         n_workers = max(workers, 1)
         projected = (
             rss_now()
@@ -192,9 +191,7 @@ def merge_weights(
             + n_workers * 2 * BLOCK * acc.itemsize
             + (2 * DIRECT_BLOCK if not collects else 0)  # the direct-I/O blocks
             + (bytes_written if collects else 0)
-            + (
-                bytes_read if n_torch else 0
-            )  # torch-file inputs are memory-mapped: touched pages count as RSS
+            + (bytes_read if resident else 0)  # e.g. torch-file inputs: pages read stay resident
         )
         free_disk = shutil.disk_usage(_first_existing(out_path.parent)).free
         if leader and bytes_written > free_disk:
@@ -202,7 +199,7 @@ def merge_weights(
                 f"output {output}: needs {format_bytes(bytes_written)} but only {format_bytes(free_disk)} "
                 "is free there"
             )
-        anon = projected - rss_now() - (bytes_read if n_torch else 0)  # mapped input pages can be reclaimed
+        anon = projected - rss_now() - (bytes_read if resident else 0)  # mapped input pages can be reclaimed
         require_memory(
             anon, f"merge to {output} ({'buffers and the collected output' if collects else 'buffers'})"
         )

@@ -29,7 +29,7 @@ import numpy as np
 from rivervalley.common.publish import publishing
 
 from .. import distributed
-from ..io import DCP_FORMATS, Checkpoint, TensorInfo, WriteResult, output_layout
+from ..io import Checkpoint, TensorInfo, WriteResult, formats, output_layout
 from ..io.dcp import (
     DcpOutput,
     chunk_feed,
@@ -43,9 +43,7 @@ from ..io.ranged import RangedWriter, create_files
 from ..io.shards import FileLayout, safetensors_files, write_safetensors_index
 from ..io.writer import PieceStream, output_aliases, prepare_output, publish_checkpoint
 
-__all__ = ["RANKED_FORMATS", "DcpShare", "dcp_share", "one_process_only", "write_ranked"]
-
-RANKED_FORMATS = ("safetensors", "hf-safetensors", *DCP_FORMATS)
+__all__ = ["DcpShare", "dcp_share", "one_process_only", "write_ranked"]
 
 Segments = Sequence[list[tuple[str, int, int]]]
 
@@ -74,12 +72,11 @@ def dcp_share(
     *,
     fmt: str,
     shard_size: int,
-    output: Path,
     group: distributed.Group | None = None,
 ) -> DcpShare:
     """This rank's whole files of the DCP output of ``infos`` (files of at most about ``shard_size``
     bytes), a contiguous block balanced by bytes (``distributed.rank_block``)."""
-    layout = plan_output(infos, template, fmt=fmt, file_bytes=shard_size, output=output)
+    layout = plan_output(infos, template, run_root=formats.get(fmt).run_root, file_bytes=shard_size)
     files = distributed.rank_block(layout.file_bytes(infos), group)
     extent: dict[str, tuple[int, int]] = {}
     for c in (c for k in files for c in layout.files[k]):
@@ -155,9 +152,10 @@ def write_ranked(
     array per segment, in order) into the output every rank writes a part of; collective. A DCP or
     Megatron output needs this rank's ``share`` (``dcp_share``), from which ``units`` were cut. Returns
     the whole output's bytes and, on rank 0, the published files."""
-    if fmt not in RANKED_FORMATS:
+    spec = formats.REGISTRY.get(fmt)
+    if spec is None or not spec.ranked:
         raise ValueError(one_process_only(fmt))
-    dcp = fmt in DCP_FORMATS
+    dcp = spec.whole_files_per_rank
     if dcp and share is None:
         raise ValueError(f"a {fmt} output written by several processes needs each rank's share")
     t_start = time.perf_counter()
@@ -166,7 +164,7 @@ def write_ranked(
     if not dcp:
         aliases = output_aliases(template, infos)
         files = safetensors_files(
-            infos, fmt, fname, shard_size=shard_size, metadata=metadata, aliases=aliases
+            infos, fname, shard_stem=spec.hf_stem, shard_size=shard_size, metadata=metadata, aliases=aliases
         )
     with contextlib.ExitStack() as stage:  # rank 0 only: the staging folder, removed when it closes
         out, tmp, folder = _staging(group, stage, output, fmt, template, inputs, force, files)

@@ -5,7 +5,7 @@ Readers never load tensor data up front: opening a checkpoint parses headers onl
 headers, validated against the file size; PyTorch files memory-mapped with ``torch.load(mmap=True)``),
 so a malformed input fails in milliseconds, before any merge work starts.
 
-Formats (``Checkpoint.format``):
+Formats (``Checkpoint.format``; each an entry of ``formats.REGISTRY``):
     hf-safetensors  folder with model.safetensors, or model-0000k-of-0000K.safetensors + index json
     hf-bin          folder with pytorch_model.bin, or sharded pytorch_model-*.bin + index json
     safetensors     a single .safetensors file
@@ -23,12 +23,13 @@ torch is imported only when a PyTorch file is read or written, or when a caller 
 are held as safetensors codes (``TensorInfo.dtype_str``: 'F32', 'BF16', ...).
 
 Modules, one concern each: ``errors`` (CheckpointError), ``safety`` (input policy), ``layout`` (names on
-disk), ``dtypes``, ``raw`` (madvise, direct I/O), ``mapped`` (a memory-mapped input file),
-``safetensors`` and ``torchfile`` (the two file readers), ``dcp/`` (DCP and Megatron folders: reader and
-writer), ``checkpoint`` (Checkpoint), ``discovery`` (open/load checkpoints), ``outputs`` (output policy,
-staging and publishing), ``shards`` (the safetensors file layout: shards, headers, offsets, index),
-``writer`` (write_checkpoint) and ``ranged`` (preallocated outputs written at byte offsets by several
-processes).
+disk), ``formats`` (the format registry: each format's suffixes, reader, writer and what a merge writing
+it plans for), ``dtypes``, ``raw`` (madvise, direct I/O), ``mapped`` (a memory-mapped input file),
+``safetensors`` and ``torchfile`` (the two file formats: readers, and the torch writer), ``dcp/`` (DCP and
+Megatron folders: reader and writer), ``checkpoint`` (Checkpoint), ``discovery`` (open/load
+checkpoints), ``outputs`` (output policy, staging and publishing), ``shards`` (the safetensors file
+layout: shards, headers, offsets, index; the streaming safetensors writer), ``writer`` (write_checkpoint)
+and ``ranged`` (preallocated outputs written at byte offsets by several processes).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from .checkpoint import Checkpoint, check_compatible
 from .discovery import load_checkpoints, open_all, open_checkpoint
 from .dtypes import TensorInfo, numpy_dtype, to_numpy, to_torch
 from .errors import CheckpointError
-from .layout import DCP_FORMATS, FORMATS, TORCH_SUFFIXES, WEIGHT_SUFFIXES, parse_step
+from .formats import FORMATS
+from .layout import TORCH_SUFFIXES, WEIGHT_SUFFIXES, parse_step
 from .outputs import check_merge_output, check_output, publish
 from .writer import WriteResult, default_format, output_layout, safetensors_order, write_checkpoint
 
@@ -47,7 +49,6 @@ __all__ = [
     "Checkpoint",
     "WriteResult",
     "FORMATS",
-    "DCP_FORMATS",
     "TORCH_SUFFIXES",
     "WEIGHT_SUFFIXES",
     "parse_step",

@@ -107,7 +107,7 @@ def _ops(src) -> Source:
 class Checkpoint:
     """One checkpoint (file or folder), opened lazily: tensor metadata now, tensor data on ``read``.
 
-    Attributes: ``path`` (what was opened), ``name`` (for messages), ``format`` (see FORMATS), ``step``
+    Attributes: ``path`` (what was opened), ``name`` (for messages), ``format`` (see ``formats``), ``step``
     (from the name, or None), ``infos`` (name -> TensorInfo of the distinct tensors, in stored order),
     ``aliases`` (tied/shared tensor name -> canonical name in ``infos``), ``extras`` (non-tensor entries of
     a training checkpoint, kept for the writer), ``metadata`` (safetensors ``__metadata__``), ``files``

@@ -10,29 +10,31 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import safety
+from . import formats, safety
 from .checkpoint import Checkpoint
 from .dcp import is_dcp_folder, open_dcp
 from .errors import CheckpointError
 from .layout import WEIGHT_SUFFIXES, parse_step, record_path
-from .safetensors import SafetensorsFile
-from .torchfile import TorchFile
 
 __all__ = ["open_checkpoint", "load_checkpoints", "open_all", "side_files"]
 
 # Files in a checkpoint folder or run folder that hold training state, not weights.
 _STATE_STEMS = ("optim", "optimizer", "scheduler", "rng_state", "scaler", "training_args", "meta")
-_INDEXES = {"hf-safetensors": "model.safetensors.index.json", "hf-bin": "pytorch_model.bin.index.json"}
 
 
-def _hf_weights(folder: Path, root: Path | None = None) -> tuple[str, list[Path], dict | None] | None:
+def _hf_formats() -> list[formats.Format]:
+    """The HF folder formats, in the order a folder is tried against them."""
+    return [f for f in formats.REGISTRY.values() if f.hf_stem is not None]
+
+
+def _hf_weights(
+    folder: Path, root: Path | None = None
+) -> tuple[formats.Format, list[Path], dict | None] | None:
     """(format, weight files, index weight map or None) of an HF-style folder, or None. Every file named
     by the index must be a plain name whose real path stays inside ``root`` (default: the folder)."""
     root = folder if root is None else root
-    for fmt, single, index in (
-        ("hf-safetensors", "model.safetensors", "model.safetensors.index.json"),
-        ("hf-bin", "pytorch_model.bin", "pytorch_model.bin.index.json"),
-    ):
+    for hf in _hf_formats():
+        single, index = hf.weights_file, hf.index_file
         if (folder / index).is_file() or (folder / index).is_symlink():
             weight_map = _weight_map(folder / index, root)
             files = [safety.member(folder, f, index) for f in sorted(set(weight_map.values()))]
@@ -42,9 +44,9 @@ def _hf_weights(folder: Path, root: Path | None = None) -> tuple[str, list[Path]
                         f"{folder}: shard {safety.shown(f.name)} listed in {index} is missing"
                     )
                 safety.regular(f, root=root)
-            return fmt, files, weight_map
+            return hf, files, weight_map
         if (folder / single).is_file():
-            return fmt, [folder / single], None
+            return hf, [folder / single], None
     return None
 
 
@@ -102,12 +104,11 @@ def open_checkpoint(
         hf = _hf_weights(path, root)
         if hf is not None:
             fmt, files, weight_map = hf
-            opener = SafetensorsFile if fmt == "hf-safetensors" else TorchFile
-            sources = [opener(f, root) for f in files]
-            if fmt == "hf-safetensors" and weight_map is not None:
+            sources = [fmt.reader(f, root) for f in files]
+            if fmt.checks_index and weight_map is not None:
                 sources = _restrict_to_index(path, sources, weight_map)
             _check_side_files(path, root)
-            return Checkpoint(path, fmt, sources, name=name, step=step, root=root)
+            return Checkpoint(path, fmt.name, sources, name=name, step=step, root=root)
         files = _folder_weight_files(path)
         if len(files) != 1:
             what = "no weight files" if not files else f"{len(files)} weight files"
@@ -124,9 +125,9 @@ def open_checkpoint(
         raise CheckpointError(
             f"{path}: not a checkpoint (expected a .safetensors, .pt, .pth, .bin or .ckpt file, or a folder)"
         )
-    if path.name.endswith(".safetensors"):
-        return Checkpoint(path, "safetensors", [SafetensorsFile(path, root)], name=name, step=step)
-    return Checkpoint(path, "torch", [TorchFile(path, root)], name=name, step=step)
+    # A weight file by its suffix; odd-case ones (.PT, .Safetensors) are read as torch files
+    fmt = formats.by_suffix(path.suffix) or formats.get("torch")
+    return Checkpoint(path, fmt.name, [fmt.reader(path, root)], name=name, step=step)
 
 
 def _restrict_to_index(folder: Path, sources: list, weight_map: Mapping[str, str]) -> list:
@@ -147,7 +148,7 @@ def _restrict_to_index(folder: Path, sources: list, weight_map: Mapping[str, str
 def side_files(folder: Path) -> list[Path]:
     """Config, generation config, tokenizer files ... of an HF folder: everything but weights, indexes,
     records and training state (what a merged HF folder gets a copy of)."""
-    skip = {"trainer_state.json", "merge.json", _INDEXES["hf-safetensors"], _INDEXES["hf-bin"]}
+    skip = {"trainer_state.json", "merge.json", *(f.index_file for f in _hf_formats())}
     out = []
     for p in sorted(folder.iterdir()):
         n = p.name

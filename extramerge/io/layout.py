@@ -1,7 +1,7 @@
-"""Checkpoint names on disk: the format names, weight-file suffixes, the training step carried by a
-checkpoint's name, where a merge's record (merge.json) lies beside its output, and the names of
-torch.distributed.checkpoint (DCP) and Megatron ``torch_dist`` checkpoints: their metadata files, the
-iteration folders and tracker file of a Megatron run, and which stored keys are training state."""
+"""Checkpoint names on disk: weight-file suffixes, the training step carried by a checkpoint's name,
+where a merge's record (merge.json) lies beside its output, and the names of torch.distributed.checkpoint
+(DCP) and Megatron ``torch_dist`` checkpoints: their metadata files, the iteration folders and tracker
+file of a Megatron run, and which stored keys are training state. (Format names: ``formats``.)"""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import re
 from pathlib import Path
 
 __all__ = [
-    "FORMATS",
-    "DCP_FORMATS",
     "TORCH_SUFFIXES",
     "WEIGHT_SUFFIXES",
     "DCP_METADATA",
@@ -27,8 +25,6 @@ __all__ = [
     "megatron_iteration",
 ]
 
-FORMATS = ("hf-safetensors", "hf-bin", "safetensors", "torch", "dcp", "megatron")
-DCP_FORMATS = ("dcp", "megatron")  # folders of .metadata + __R_I.distcp files
 DCP_METADATA = ".metadata"
 MEGATRON_CONFIG = "metadata.json"  # {"sharded_backend": "torch_dist", ...}: marks a Megatron iteration
 MEGATRON_COMMON = "common.pt"  # Megatron's non-sharded state (argparse args: a pickle, never loaded)

@@ -1,6 +1,7 @@
 """Where every byte of a sharded output goes: the shard split and names, safetensors headers and the
-offset of each tensor's data (``safetensors_files``), and the HF index json. The streaming writer and the
-ranks of a distributed merge use the same plan, so both produce the same bytes.
+offset of each tensor's data (``safetensors_files``), and the HF index json. The streaming writer
+(``write_safetensors``) and the ranks of a distributed merge use the same plan, so both produce the same
+bytes.
 """
 
 from __future__ import annotations
@@ -11,14 +12,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .dtypes import ST_DTYPES, TensorInfo
+import numpy as np
+
+from .dtypes import ST_DTYPES, TensorInfo, is_torch, to_numpy
 from .errors import CheckpointError
+from .raw import DIRECT_IO_MIN_BYTES, FileWriter
 
 __all__ = [
     "FileLayout",
     "shard_plan",
     "shard_names",
     "safetensors_files",
+    "write_safetensors",
     "write_index",
     "write_safetensors_index",
 ]
@@ -79,21 +84,22 @@ class FileLayout:
 
 def safetensors_files(
     infos: Mapping[str, TensorInfo],
-    fmt: str,
     fname: str,
     *,
+    shard_stem: str | None = None,
     shard_size: int,
     metadata: Mapping[str, str] | None,
     aliases: Mapping[str, str],
 ) -> list[FileLayout]:
-    """The files of a safetensors (``fname``) or hf-safetensors (shards above ``shard_size``) output of
-    ``infos`` in order: the one layout both the streaming writer and the ranks of a distributed merge
-    (``io.ranged``) write, so their outputs are byte-identical."""
+    """The files of a safetensors output of ``infos`` in order: one file ``fname`` (tied ``aliases`` in its
+    metadata), or with a ``shard_stem`` an HF folder's STEM.safetensors, or STEM-0000k-of-0000K.safetensors
+    shards above ``shard_size``. The one layout both the streaming writer and the ranks of a distributed
+    merge (``io.ranged``) write, so their outputs are byte-identical."""
     meta = dict(metadata or {})
-    if fmt == "hf-safetensors":
+    if shard_stem is not None:
         meta = {"format": "pt", **meta}
         shards = shard_plan(infos, shard_size)
-        names = shard_names("model", ".safetensors", len(shards))
+        names = shard_names(shard_stem, ".safetensors", len(shards))
     else:
         shards, names = [list(infos)], [fname]
         if aliases:
@@ -108,6 +114,39 @@ def safetensors_files(
             at += infos[n].nbytes
         files.append(FileLayout(name, header, shard, offsets, at))
     return files
+
+
+def _byte_view(t) -> memoryview:
+    """The bytes of a numpy array or CPU tensor, flattened (a copy only if it is not contiguous)."""
+    if is_torch(t):
+        t = t.contiguous().reshape(-1)
+        return memoryview(to_numpy(t).view(np.uint8)) if t.numel() else memoryview(b"")
+    return memoryview(np.ascontiguousarray(t).reshape(-1).view(np.uint8))
+
+
+def write_safetensors(
+    folder: Path, stream, files: Sequence[FileLayout], *, fsync: bool, direct_io: bool | None
+) -> tuple[int, float]:
+    """Stream ``files`` (``safetensors_files``) into ``folder``: each header, then the pieces of each of its
+    tensors as ``stream.pieces(name)`` yields them. ``direct_io`` writes with O_DIRECT (None: when fsync is
+    on and the file has at least DIRECT_IO_MIN_BYTES). Returns (tensor bytes written, seconds in fsync)."""
+    written, t_sync = 0, 0.0
+    for layout in files:
+        size = layout.size - len(layout.header)
+        direct = fsync and size >= DIRECT_IO_MIN_BYTES if direct_io is None else direct_io
+        f = FileWriter(folder / layout.name, direct=direct, writeback=fsync)
+        try:
+            f.write(memoryview(layout.header))
+            for name in layout.tensors:
+                for piece in stream.pieces(name):
+                    data = _byte_view(piece)
+                    f.write(data)
+                    written += len(data)
+        except BaseException:
+            f.abort()
+            raise
+        t_sync += f.close(fsync)
+    return written, t_sync
 
 
 def write_safetensors_index(folder: Path, files: Sequence[FileLayout], infos) -> list[str]:

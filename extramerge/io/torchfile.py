@@ -1,20 +1,24 @@
 """PyTorch checkpoint files (.pt/.pth/.bin/.ckpt), read safely: ``TorchFile`` memory-maps a file with
 ``torch.load(weights_only=True, mmap=True)`` and finds its state dict, nested or not (nanoGPT/nanochat's
 ``{'model': ...}``, ``{'state_dict': ...}``, ...), stripping torch.compile and DDP name prefixes, keeping
-small non-tensor entries for the writer and recognising tied weights."""
+small non-tensor entries for the writer and recognising tied weights. ``write_torch`` writes them: the
+whole state dict collected in memory (``torch.save`` needs it), one file or HF .bin shards."""
 
 from __future__ import annotations
 
+import os
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
 from . import safety
-from .dtypes import TensorInfo, to_numpy
+from .dtypes import TensorInfo, is_torch, to_numpy, to_torch
 from .errors import CheckpointError
 from .layout import COPIED_STATE_KEYS, TRAINING_STATE_KEYS
+from .shards import shard_names, shard_plan, write_index
 
-__all__ = ["TorchFile"]
+__all__ = ["TorchFile", "write_torch"]
 
 # Top-level entries of a training checkpoint named in layout.TRAINING_STATE_KEYS (optimizer state, ...) are
 # dropped from a merged checkpoint, except layout.COPIED_STATE_KEYS; other non-tensor entries (iter_num,
@@ -155,3 +159,96 @@ def _strip_prefixes(name: str, found: set) -> str:
                 name, changed = name[len(p) :], True
                 found.add(p)
     return name
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def write_torch(
+    folder: Path,
+    stream,
+    infos: Mapping[str, TensorInfo],
+    *,
+    fname: str,
+    shard_stem: str | None = None,
+    template=None,
+    aliases: Mapping[str, str],
+    shard_size: int,
+    fsync: bool,
+) -> tuple[list[str], int, float]:
+    """Collect the tensors of ``infos`` (``stream.pieces(name)``, in order) and ``torch.save`` them into
+    ``folder``: as ``fname`` inside the ``template``'s nesting and with its non-tensor entries, or with a
+    ``shard_stem`` as an HF folder's STEM.bin, or STEM-0000k-of-0000K.bin shards above ``shard_size`` and
+    their index. Tied ``aliases`` share storage again. Returns (files, tensor bytes, seconds in fsync)."""
+    state = _collect(stream, infos)
+    written = sum(i.nbytes for i in infos.values())
+    t_sync = 0.0
+    if shard_stem is None:
+        t_sync += _torch_save(_torch_object(template, state, aliases), folder / fname, fsync)
+        return [fname], written, t_sync
+    shards = shard_plan(infos, shard_size)
+    files = shard_names(shard_stem, ".bin", len(shards))
+    extra_names: dict[str, list[str]] = {}
+    for shard, f in zip(shards, files, strict=True):
+        part = {n: state[n] for n in shard}
+        part_aliases = {a: c for a, c in aliases.items() if c in part}
+        extra_names[f] = list(part_aliases)
+        t_sync += _torch_save(_torch_object(None, part, part_aliases), folder / f, fsync)
+    if len(shards) > 1:
+        full = [shard + extra_names[f] for shard, f in zip(shards, files, strict=True)]
+        files.append(write_index(folder, f"{shard_stem}.bin.index.json", infos, full, files, {}))
+    return files, written, t_sync
+
+
+def _collect(stream, infos) -> dict:
+    """PyTorch-file output: the whole state dict must be in memory for torch.save."""
+    import torch
+
+    out = {}
+    for name, info in infos.items():
+        t = torch.empty(info.shape, dtype=info.dtype)
+        flat, pos = t.view(-1), 0
+        for piece in stream.pieces(name):
+            piece = piece if is_torch(piece) else to_torch(piece)
+            flat[pos : pos + piece.numel()].copy_(piece)
+            pos += piece.numel()
+        out[name] = t
+    return out
+
+
+def _torch_save(obj, path: Path, fsync: bool) -> float:
+    import torch
+
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        if not fsync:
+            return 0.0
+        t0 = time.perf_counter()
+        os.fsync(f.fileno())
+        return time.perf_counter() - t0
+
+
+def _torch_object(template, state: dict, aliases: Mapping[str, str]):
+    """Rebuild the template's nesting around the merged state dict; aliases share storage again."""
+    sd: dict = {}
+    canon_to_alias: dict[str, list[str]] = {}
+    for a, c in aliases.items():
+        canon_to_alias.setdefault(c, []).append(a)
+    layout = template.torch_layout if template is not None else {"nest": None, "inner_extras": {}}
+    for name, t in state.items():
+        sd[name] = t
+        for a in canon_to_alias.get(name, []):
+            sd[a] = t
+    for k, v in layout.get("inner_extras", {}).items():
+        sd.setdefault(k, v)
+    nest = layout.get("nest")
+    if nest is None:
+        return sd
+    obj = {}
+    for k in layout["top_keys"]:
+        if k == nest:
+            obj[k] = sd
+        elif k in template.extras:
+            obj[k] = template.extras[k]
+    return obj

@@ -25,23 +25,13 @@ import numpy as np
 from rivervalley.common.formatting import jsonable
 from rivervalley.common.publish import publishing
 
-from . import outputs, safety
+from . import formats, outputs, safety
 from .checkpoint import Checkpoint
-from .dcp import write_output as write_dcp_output
 from .discovery import side_files
-from .dtypes import ST_RANK, TensorInfo, dtype_code, is_torch, to_numpy, to_torch
+from .dtypes import ST_RANK, TensorInfo, dtype_code, is_torch
 from .errors import CheckpointError
-from .layout import DCP_FORMATS, FORMATS, TORCH_SUFFIXES, WEIGHT_SUFFIXES, parse_step, record_path
+from .layout import WEIGHT_SUFFIXES, parse_step, record_path
 from .outputs import check_merge_output, check_output, publish
-from .raw import DIRECT_IO_MIN_BYTES, FileWriter
-from .shards import (
-    FileLayout,
-    safetensors_files,
-    shard_names,
-    shard_plan,
-    write_index,
-    write_safetensors_index,
-)
 
 __all__ = [
     "WriteResult",
@@ -77,44 +67,34 @@ def safetensors_order(infos: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
 def default_format(output: str | os.PathLike, template: Checkpoint | None) -> str:
     """The output format when none is asked for: a .safetensors file name means one safetensors file,
     .pt/.pth/.bin/.ckpt a PyTorch file; otherwise the template's (newest input's) format family."""
-    suffix = Path(output).suffix
-    if suffix == ".safetensors":
-        return "safetensors"
-    if suffix in TORCH_SUFFIXES:
-        return "torch"
+    fmt = formats.by_suffix(Path(output).suffix)
+    if fmt is not None:
+        return fmt.name
     return template.format if template is not None else "safetensors"
 
 
 def output_layout(
     output: str | os.PathLike, fmt: str, template: Checkpoint | None = None
 ) -> tuple[Path, str]:
-    """(published path, file name) of an output: HF formats are folders; ``safetensors``/``torch`` go to the
-    given file when it ends in .safetensors/.pt/.pth/.bin/.ckpt, else into that folder as model.safetensors
-    / model.pt, or under the template's file name when that carries no step (nanoGPT's ckpt.pt)."""
+    """(published path, file name) of an output: HF, DCP and Megatron formats are folders (file name '');
+    ``safetensors``/``torch`` go to the given file when it ends in .safetensors/.pt/.pth/.bin/.ckpt, else
+    into that folder as model.safetensors / model.pt, or under the template's file name when that carries
+    no step (nanoGPT's ckpt.pt)."""
     output = Path(output)
-    if fmt not in FORMATS:
-        raise CheckpointError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if fmt.startswith("hf-"):
+    spec = formats.get(fmt)
+    if spec.folder:
         if output.suffix in WEIGHT_SUFFIXES:
             raise CheckpointError(f"{output}: format {fmt} writes a folder; give a folder name, not a file")
         return output, ""
     if output.suffix in WEIGHT_SUFFIXES:
         return output, output.name
-    ext = ".safetensors" if fmt == "safetensors" else ".pt"
-    keep = template is not None and template.format == fmt and template.files
+    ext = spec.suffixes[0]
+    keep = template is not None and spec.name == template.format and template.files
     # nanoGPT's out_dir/ckpt.pt stays ckpt.pt; a step-named file (step_000400.pt) is not reused, so the
     # merged file is not mistaken for that training checkpoint.
     name = template.files[0].name if keep else ""
     fname = name if name and parse_step(name) is None else f"model{ext}"
     return output, fname
-
-
-def _byte_view(t) -> memoryview:
-    """The bytes of a numpy array or CPU tensor, flattened (a copy only if it is not contiguous)."""
-    if is_torch(t):
-        t = t.contiguous().reshape(-1)
-        return memoryview(to_numpy(t).view(np.uint8)) if t.numel() else memoryview(b"")
-    return memoryview(np.ascontiguousarray(t).reshape(-1).view(np.uint8))
 
 
 class PieceStream:
@@ -182,60 +162,11 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _write_safetensors_shards(folder, stream, files: list[FileLayout], fsync, direct_io) -> tuple[int, float]:
-    written, t_sync = 0, 0.0
-    for layout in files:
-        size = layout.size - len(layout.header)
-        direct = fsync and size >= DIRECT_IO_MIN_BYTES if direct_io is None else direct_io
-        f = FileWriter(folder / layout.name, direct=direct, writeback=fsync)
-        try:
-            f.write(memoryview(layout.header))
-            for name in layout.tensors:
-                for piece in stream.pieces(name):
-                    data = _byte_view(piece)
-                    f.write(data)
-                    written += len(data)
-        except BaseException:
-            f.abort()
-            raise
-        t_sync += f.close(fsync)
-    return written, t_sync
-
-
-def _collect(stream, infos) -> dict:
-    """PyTorch-file output: the whole state dict must be in memory for torch.save."""
-    import torch
-
-    out = {}
-    for name, info in infos.items():
-        t = torch.empty(info.shape, dtype=info.dtype)
-        flat, pos = t.view(-1), 0
-        for piece in stream.pieces(name):
-            piece = piece if is_torch(piece) else to_torch(piece)
-            flat[pos : pos + piece.numel()].copy_(piece)
-            pos += piece.numel()
-        out[name] = t
-    return out
-
-
-def _torch_save(obj, path: Path, fsync: bool) -> float:
-    import torch
-
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        if not fsync:
-            return 0.0
-        t0 = time.perf_counter()
-        os.fsync(f.fileno())
-        return time.perf_counter() - t0
-
-
 def _copy_hf_files(template: Checkpoint, folder: Path, infos: Mapping[str, TensorInfo]) -> list[str]:
     """Copy config, generation config, tokenizer files ... (everything but weights and training state);
     only regular files inside the template's folder are read."""
     copied = []
-    if not template.path.is_dir() or template.format not in ("hf-safetensors", "hf-bin"):
+    if not template.path.is_dir() or formats.get(template.format).hf_stem is None:
         return copied
     for p in side_files(template.path):
         if not p.is_file():
@@ -264,31 +195,6 @@ def _set_config_dtype(path: Path, infos: Mapping[str, TensorInfo]) -> None:
     for k in keys:
         config[k] = name
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _torch_object(template: Checkpoint | None, state: dict, aliases: Mapping[str, str]):
-    """Rebuild the template's nesting around the merged state dict; aliases share storage again."""
-    sd: dict = {}
-    canon_to_alias: dict[str, list[str]] = {}
-    for a, c in aliases.items():
-        canon_to_alias.setdefault(c, []).append(a)
-    layout = template.torch_layout if template is not None else {"nest": None, "inner_extras": {}}
-    for name, t in state.items():
-        sd[name] = t
-        for a in canon_to_alias.get(name, []):
-            sd[a] = t
-    for k, v in layout.get("inner_extras", {}).items():
-        sd.setdefault(k, v)
-    nest = layout.get("nest")
-    if nest is None:
-        return sd
-    obj = {}
-    for k in layout["top_keys"]:
-        if k == nest:
-            obj[k] = sd
-        elif k in template.extras:
-            obj[k] = template.extras[k]
-    return obj
 
 
 def prepare_output(
@@ -330,8 +236,8 @@ def publish_checkpoint(
     seconds); the caller's ``publishing`` block removes ``tmp`` afterwards."""
     files = list(files)
     t_sync = 0.0
-    folder_out = fmt.startswith("hf-") or not fname or out.suffix not in WEIGHT_SUFFIXES
-    if fmt.startswith("hf-") and template is not None:
+    folder_out = not fname or out.suffix not in WEIGHT_SUFFIXES  # HF, DCP and Megatron: fname ''
+    if formats.get(fmt).hf_stem is not None and template is not None:
         files += _copy_hf_files(template, tmp, infos)
     rec_name = "merge.json" if folder_out else record_path(out).name
     if record is not None:
@@ -398,37 +304,8 @@ def write_checkpoint(
     aliases = output_aliases(template, infos)
     with publishing(out, commit=None) as tmp:  # publish_checkpoint publishes, under the output lock
         stream = PieceStream(tensors, infos)
-        files: list[str] = []
-        written, t_sync = 0, 0.0
-        if fmt in DCP_FORMATS:  # a DCP folder, or a Megatron run root (see io.dcp)
-            files, written, t_sync = write_dcp_output(
-                tmp, stream, infos, template, fmt=fmt, fsync=fsync, file_bytes=shard_size, output=out
-            )
-        elif fmt in ("hf-safetensors", "safetensors"):
-            layouts = safetensors_files(
-                infos, fmt, fname, shard_size=shard_size, metadata=metadata, aliases=aliases
-            )
-            written, t_sync = _write_safetensors_shards(tmp, stream, layouts, fsync, direct_io)
-            files = [f.name for f in layouts] + write_safetensors_index(tmp, layouts, infos)
-        else:
-            state = _collect(stream, infos)
-            written = sum(i.nbytes for i in infos.values())
-            if fmt == "hf-bin":
-                shards = shard_plan(infos, shard_size)
-                files = shard_names("pytorch_model", ".bin", len(shards))
-                extra_names: dict[str, list[str]] = {}
-                for shard, f in zip(shards, files, strict=True):
-                    part = {n: state[n] for n in shard}
-                    part_aliases = {a: c for a, c in aliases.items() if c in part}
-                    extra_names[f] = list(part_aliases)
-                    t_sync += _torch_save(_torch_object(None, part, part_aliases), tmp / f, fsync)
-                if len(shards) > 1:
-                    full = [shard + extra_names[f] for shard, f in zip(shards, files, strict=True)]
-                    files.append(write_index(tmp, "pytorch_model.bin.index.json", infos, full, files, {}))
-            else:
-                t_sync += _torch_save(_torch_object(template, state, aliases), tmp / fname, fsync)
-                files = [fname]
-            del state
+        target = formats.Target(fname, template, aliases, shard_size, metadata, fsync, direct_io)
+        files, written, t_sync = formats.get(fmt).write(tmp, stream, infos, target)
         stream.finish()
         published, t_fin, t_publish = publish_checkpoint(
             tmp, out, files, fmt=fmt, fname=fname, template=template, infos=infos, record=record,

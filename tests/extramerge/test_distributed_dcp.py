@@ -23,7 +23,7 @@ from test_dcp_io import make_dcp_run
 from test_megatron_io import make_megatron_run
 
 from extramerge import distributed
-from extramerge.io import load_checkpoints
+from extramerge.io import formats, load_checkpoints
 from extramerge.io.dcp import plan_output, read_index
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -37,7 +37,8 @@ def _split(run: Path, shard: str) -> list[set[str]]:
     cks = load_checkpoints([run])
     try:
         infos, template = dict(cks[-1].infos), cks[-1]
-        layout = plan_output(infos, template, fmt=template.format, file_bytes=int(shard[:-1]))
+        run_root = formats.get(template.format).run_root
+        layout = plan_output(infos, template, run_root=run_root, file_bytes=int(shard[:-1]))
     finally:
         for c in cks:
             c.close()

@@ -25,7 +25,6 @@ from ..layout import (
     MEGATRON_COMMON,
     MEGATRON_CONFIG,
     MEGATRON_TRACKER,
-    WEIGHT_SUFFIXES,
     is_training_state,
     megatron_iteration,
 )
@@ -94,11 +93,11 @@ def _template_source(template: Checkpoint | None) -> DcpSource | None:
 
 @dataclass(frozen=True)
 class DcpOutput:
-    """The layout of a merged DCP output inside its staging folder: ``prefix`` ('' for format 'dcp', the
-    Megatron iteration folder 'iter_XXXXXXX/' for 'megatron'), that iteration's ``step``, and the chunks
-    of each ``.distcp`` file (``plan_dcp``)."""
+    """The layout of a merged DCP output inside its staging folder: ``run_root`` (a Megatron run root), the
+    folder of the DCP files (``prefix``: '' for a DCP folder, the iteration folder 'iter_XXXXXXX/' in a run
+    root), that iteration's ``step``, and the chunks of each ``.distcp`` file (``plan_dcp``)."""
 
-    fmt: str
+    run_root: bool
     prefix: str
     step: int
     files: list[list[OutChunk]]
@@ -112,17 +111,14 @@ def plan_output(
     infos: Mapping[str, TensorInfo],
     template: Checkpoint | None,
     *,
-    fmt: str,
+    run_root: bool = False,
     file_bytes: int = FILE_BYTES,
-    output: Path | None = None,
 ) -> DcpOutput:
-    """The layout of a merge written as format ``fmt`` ('dcp' or 'megatron'; the iteration is the newest
-    input's step). ``output`` (the published path) must name a folder."""
-    if output is not None and Path(output).suffix in WEIGHT_SUFFIXES:
-        raise CheckpointError(f"{output}: format {fmt} writes a folder; give a folder name, not a file")
+    """The layout of a merge written as a DCP folder, or with ``run_root`` as a Megatron run root whose
+    iteration is the newest input's step."""
     step = template.step if template is not None and template.step is not None else 0
-    prefix = megatron_iteration(step) + "/" if fmt == "megatron" else ""
-    return DcpOutput(fmt, prefix, step, plan_dcp(infos, file_bytes=file_bytes))
+    prefix = megatron_iteration(step) + "/" if run_root else ""
+    return DcpOutput(run_root, prefix, step, plan_dcp(infos, file_bytes=file_bytes))
 
 
 def write_files(
@@ -161,7 +157,7 @@ def finish_output(
     fsync: bool,
 ) -> tuple[list[str], float]:
     """After every file of ``layout`` is written (``stored``: the storage entries of all of them, in file
-    order): write ``.metadata`` and, for 'megatron', the tracker file and the newest input's metadata.json
+    order): write ``.metadata`` and, in a run root, the tracker file and the newest input's metadata.json
     and common.pt. Returns (every file of the output, relative to ``tmp``; seconds in fsync)."""
     folder = tmp / layout.prefix
     folder.mkdir(exist_ok=True)
@@ -171,7 +167,7 @@ def finish_output(
     files = [layout.prefix + distcp_name(k) for k in range(len(layout.files))] + [
         layout.prefix + DCP_METADATA
     ]
-    if layout.fmt == "megatron":
+    if layout.run_root:
         (tmp / MEGATRON_TRACKER).write_text(f"{layout.step}\n")
         files = [
             MEGATRON_TRACKER,
@@ -187,19 +183,18 @@ def write_output(
     infos: Mapping[str, TensorInfo],
     template: Checkpoint | None,
     *,
-    fmt: str,
+    run_root: bool = False,
     fsync: bool,
     file_bytes: int = FILE_BYTES,
-    output: Path | None = None,
 ) -> tuple[list[str], int, float]:
     """Write the merged tensors (``stream.pieces(name)``: each tensor's flat pieces, in ``infos`` order)
-    as a DCP folder into the staging folder ``tmp``, in one process: format 'dcp' there, 'megatron' as a
-    run root with a tracker file and one iteration folder (the newest input's step; its metadata.json and
-    common.pt copied). The newest input's byte entries are copied when it is a DCP checkpoint. Returns
-    (files written, relative to ``tmp``; tensor bytes; seconds in fsync). ``output`` (the published path)
-    must name a folder. Several processes write the same output with ``plan_output``, ``write_files``
-    (each its own files) and ``finish_output`` (one of them)."""
-    layout = plan_output(infos, template, fmt=fmt, file_bytes=file_bytes, output=output)
+    as a DCP folder into the staging folder ``tmp``, in one process: there, or with ``run_root`` as a
+    Megatron run root with a tracker file and one iteration folder (the newest input's step; its
+    metadata.json and common.pt copied). The newest input's byte entries are copied when it is a DCP
+    checkpoint. Returns (files written, relative to ``tmp``; tensor bytes; seconds in fsync). Several
+    processes write the same output with ``plan_output``, ``write_files`` (each its own files) and
+    ``finish_output`` (one of them)."""
+    layout = plan_output(infos, template, run_root=run_root, file_bytes=file_bytes)
     data = chunk_feed(stream.pieces, infos)
     stored, written, t_sync = write_files(tmp, layout, range(len(layout.files)), data, template, fsync=fsync)
     files, t_fin = finish_output(tmp, layout, infos, template, stored, fsync=fsync)
@@ -207,9 +202,11 @@ def write_output(
 
 
 def _copy_megatron_files(template: Checkpoint | None, folder: Path) -> list[str]:
-    """metadata.json (or a torch_dist one) and common.pt of the newest input, byte for byte."""
+    """metadata.json (or a torch_dist one) and common.pt of the newest input when it is a Megatron
+    iteration (a DCP folder with metadata.json, as ``open_dcp`` tells them apart), byte for byte."""
     copied = []
-    src = template.path if template is not None and template.format == "megatron" else None
+    dcp_in = _template_source(template) is not None
+    src = template.path if dcp_in and (template.path / MEGATRON_CONFIG).is_file() else None
     for fname in (MEGATRON_CONFIG, MEGATRON_COMMON):
         if src is not None and (src / fname).is_file():
             safety.regular(src / fname, root=template.root)

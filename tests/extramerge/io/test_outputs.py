@@ -184,14 +184,14 @@ def test_output_inside_an_input_is_caught_by_inode(tmp_path, capsys):
 
 _SELF_SIGNAL = """
 import os, signal, sys
-from extramerge.io import writer
+from extramerge.io import formats
 from extramerge.cli import main
 
-real = writer._write_safetensors_shards
+real = formats.write_safetensors
 def interrupted(*a, **k):
     os.kill(os.getpid(), signal.{sig})  # arrives while the staging folder holds a half-written output
     return real(*a, **k)
-writer._write_safetensors_shards = interrupted
+formats.write_safetensors = interrupted
 sys.exit(main(sys.argv[1:]))
 """
 
