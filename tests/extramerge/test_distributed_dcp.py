@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from _dcp_factory import make_dcp_run, make_megatron_run
 from _procs import leftovers, run_one, run_ranks, run_torchrun, same_tree
 from safetensors.torch import load_file
-from test_dcp_io import make_dcp_run
-from test_megatron_io import make_megatron_run
 
 from extramerge import distributed
 from extramerge.io import formats, load_checkpoints

@@ -9,15 +9,15 @@ import io
 import os
 import pickle
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from _ckpt_factory import toy_state, trajectory
-from safetensors.torch import load_file, save_file
+from _dcp_factory import OPT, STEPS, make_dcp_run
+from _dcp_factory import dcp_load as _dcp_load
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.api import CheckpointException
 
 import extramerge
@@ -27,47 +27,6 @@ from extramerge.io.dcp import plan_dcp, read_index, save
 from extramerge.trajectory import gram_pass
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # dcp: "assuming ... a single process"
-
-STEPS = (100, 200, 300)
-OPT = "optimizer.state.transformer.wte.weight.exp_avg"
-
-
-def _dcp_save(state: dict, folder: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.save(state, checkpoint_id=str(folder), no_dist=True)
-
-
-def _dcp_load(state: dict, folder: Path, **kw) -> dict:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load(state, checkpoint_id=str(folder), no_dist=True, **kw)
-    return state
-
-
-def make_dcp_run(root: Path, nan_in: str | None = None, more: dict | None = None) -> list[dict]:
-    """The same trajectory as a torchtitan-style DCP run root/dcp/step-100/ ... (with optimizer state, a
-    train state and a transposed tensor) and as safetensors files root/st/step_000100.safetensors ...;
-    returns the states. ``nan_in`` puts a NaN at the end of that tensor of the newest checkpoint; ``more``
-    (name → shape) adds float tensors after the others."""
-    base = toy_state(with_int=True)
-    base["transformer.h.0.attn.c_proj.weight"] = torch.randn(6, 8).t()  # stored transposed (strided)
-    g = torch.Generator().manual_seed(7)
-    base |= {name: torch.randn(shape, generator=g) for name, shape in (more or {}).items()}
-    states = trajectory(base, len(STEPS), steps=STEPS)
-    if nan_in is not None:
-        t = states[-1][nan_in]
-        t[(-1,) * t.dim()] = float("nan")  # its last element, whatever its strides
-    for step, state in zip(STEPS, states, strict=True):
-        sd = dict(state)
-        sd[OPT] = torch.full((16, 8), float(step))
-        sd["train_state"] = io.BytesIO(f"step={step}".encode())
-        _dcp_save(sd, root / "dcp" / f"step-{step}")
-        flat = {k: v.contiguous() for k, v in state.items()}
-        (root / "st").mkdir(exist_ok=True)
-        save_file(flat, root / "st" / f"step_{step:06d}.safetensors")
-    return states
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

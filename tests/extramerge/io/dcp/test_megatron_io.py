@@ -6,17 +6,15 @@ parallelism along a later dimension) are read exactly."""
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import save_file
+from _dcp_factory import ITERS, OBJECTS, OPTIMIZER, SHAPES, make_megatron_run
+from _dcp_factory import quiet as _quiet
 
 import extramerge
 from extramerge.cli import main
@@ -25,59 +23,6 @@ from extramerge.io.dcp import OutChunk, write_distcp, write_metadata
 from extramerge.trajectory import gram_pass
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-ITERS = (100, 200, 300)
-L, H, F, V = 2, 4, 8, 11
-SHAPES = {
-    "embedding.word_embeddings.weight": (V, H),
-    "decoder.layers.self_attention.linear_qkv.weight": (L, 3 * H, H),
-    "decoder.layers.mlp.linear_fc2.weight": (L, H, F),
-    "decoder.final_layernorm.weight": (H,),
-    "output_layer.weight": (V, H),
-}
-OPTIMIZER = (
-    "optimizer.state.exp_avg.decoder.layers.self_attention.linear_qkv.weight",
-    "optimizer.state.fp32_param.embedding.word_embeddings.weight",
-)
-OBJECTS = ("common_state/shard_0_1", "decoder.layers.self_attention.linear_qkv._extra_state/shard_0.0_1.2")
-
-
-def _quiet(fn, *a, **kw):
-    """fn(*a, **kw) without dcp's single-process warning; returns the state dict dcp.load filled in."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fn(*a, **kw)
-    return a[0]
-
-
-def _states() -> list[dict]:
-    g = torch.Generator().manual_seed(3)
-    base = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
-    step = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
-    return [{k: (base[k] + 0.1 * i * step[k]).to(torch.bfloat16) for k in SHAPES} for i in range(len(ITERS))]
-
-
-def make_megatron_run(root: Path) -> list[dict]:
-    """A Megatron run root root/ckpt (iter_0000100/ ... with optimizer state, byte entries, metadata.json,
-    common.pt; the tracker file) and the same states as root/st_0000100.safetensors ...; returns them."""
-    states = _states()
-    for it, state in zip(ITERS, states, strict=True):
-        folder = root / "ckpt" / f"iter_{it:07d}"
-        sd = dict(state)
-        sd[OPTIMIZER[0]] = torch.full(SHAPES["decoder.layers.self_attention.linear_qkv.weight"], float(it))
-        sd[OPTIMIZER[1]] = torch.zeros(SHAPES["embedding.word_embeddings.weight"])
-        sd[OBJECTS[0]] = io.BytesIO(f"common {it}".encode())
-        sd[OBJECTS[1]] = io.BytesIO(b"")
-        _quiet(dcp.save, sd, checkpoint_id=str(folder), no_dist=True)
-        (folder / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "iteration": it}))
-        torch.save(
-            {"args": argparse.Namespace(lr=3e-4, iteration=it), "checkpoint_version": 3.0},
-            folder / "common.pt",
-        )
-        save_file(state, root / f"st_{it:07d}.safetensors")
-    (root / "ckpt" / "latest_checkpointed_iteration.txt").write_text(f"{ITERS[-1]}")
-    return states
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
