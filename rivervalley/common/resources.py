@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 
+from .formatting import format_bytes
+
 __all__ = ["available_memory", "require_memory", "available_cores", "flush_denormals", "single_thread"]
 
 
@@ -42,7 +44,7 @@ def require_memory(nbytes: int, what: str) -> None:
     have = available_memory()
     if have is not None and nbytes > have:
         raise ValueError(
-            f"{what} needs about {nbytes / 1e9:.3g} GB but only {have / 1e9:.3g} GB of memory is available"
+            f"{what} needs about {format_bytes(nbytes)} but only {format_bytes(have)} of memory is available"
         )
 
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 
+from rivervalley.common.formatting import format_bytes
 from rivervalley.common.resources import flush_denormals, require_memory
 from rivervalley.landscapes import EigenQuadratic, Landscape
 from rivervalley.optimizers import SGD
@@ -196,5 +197,5 @@ def _check_memory(ckpt_shape: tuple[int, int, int], dtype: torch.dtype) -> None:
     require_memory(
         need,
         f"simulate with {s} seeds x {n} checkpoints x {p} parameters ({dtype}, checkpoints "
-        f"{item * s * n * p / 1e9:.3g} GB; fewer seeds or checkpoints need less)",
+        f"{format_bytes(item * s * n * p)}; fewer seeds or checkpoints need less)",
     )

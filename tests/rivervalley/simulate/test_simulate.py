@@ -377,7 +377,8 @@ def test_simulate_refuses_an_allocation_larger_than_available_memory(monkeypatch
 
     monkeypatch.setattr(resources, "available_memory", lambda: 10**6)
     land = QuadraticRiverValley(slope=1.0, m=9)
-    with pytest.raises(ValueError, match=r"1000 seeds x 101 checkpoints x 10 parameters .* 0\.00872 GB"):
+    need = r"1000 seeds x 101 checkpoints x 10 parameters .* needs about 8\.32 MiB"  # 8 B x 1000 x 10 x 109
+    with pytest.raises(ValueError, match=need):
         simulate(land, lr=0.1, steps=100, seeds=1000, ckpt_every=1)
     simulate(land, lr=0.1, steps=100, seeds=10, ckpt_every=10)  # 10 x 11 x 10 doubles fit
     assert cli.main(["simulate", "--m", "9", "--seeds", "1000", "--steps", "100", "--ckpt-every", "1"]) == 2
