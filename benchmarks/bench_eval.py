@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "benchmarks"
 
-MODELS = {  # preset of experiments.lm.models (the shapes): (loss tokens, cloze items)
+MODELS = {  # preset of extramerge.lm.models (the shapes): (loss tokens, cloze items)
     "tiny": (1 << 17, 64),
     "small": (1 << 16, 32),
 }

@@ -199,7 +199,7 @@ CYCLE_WORDS = "black crown dream fight gloss happy jewel vapor".split()  # disti
 
 def byte_gpt2(seed: int = 0, n_positions: int = 64, n_embd: int = 32):
     """A freshly initialised 2-layer GPT-2 over the byte vocabulary (257 tokens, bos = eos = EOS_ID), seeded,
-    in eval mode. transformers' default dropout stays on (unlike experiments.lm.models.build_config)."""
+    in eval mode. transformers' default dropout stays on (unlike extramerge.lm.models.build_config)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from extramerge.lm.tokenizer import EOS_ID

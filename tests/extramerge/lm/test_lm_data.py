@@ -1,4 +1,4 @@
-"""experiments.lm.data: corpora, the deterministic split, prepared files; experiments.lm.models: presets."""
+"""extramerge.lm.data: corpora, the deterministic split, prepared files; extramerge.lm.models: presets."""
 
 import importlib.util
 import json
