@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import special
 
 from rivervalley.checks import as_integer, as_nonnegative, as_positive, as_real, to_output
 
@@ -20,6 +19,8 @@ def decay_gain(x):
     x = as_nonnegative("x", x)
     small = x < 1e-3
     with np.errstate(all="ignore"):
+        from scipy import special  # here, not at the top: `extramerge merge` loads rivervalley.theory
+
         closed = 0.5 * np.sqrt(np.pi / x) * special.erf(np.sqrt(x))
     series = sum((-x) ** j / (math.factorial(j) * (2 * j + 1)) for j in range(6))
     return to_output(np.where(small, series, closed))

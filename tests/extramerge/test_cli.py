@@ -282,7 +282,8 @@ def test_console_entry_point_in_a_subprocess(run6, tmp_path):
 
 def test_safetensors_commands_never_import_torch(tmp_path):
     """inspect, analyze and merge (safetensors files and HF folders, bfloat16 through ml_dtypes, every
-    output dtype, sharded output, a reused gram.npz) run in a fresh interpreter without importing torch."""
+    output dtype, sharded output, a reused gram.npz) run in a fresh interpreter without importing torch
+    (or scipy)."""
     from _ckpt_factory import make_hf_run
 
     make_safetensors_files(tmp_path / "bf16", n=4, dtype=torch.bfloat16)
@@ -305,11 +306,13 @@ runs = [
 for argv in runs:
     assert main(argv) == 0, argv
 print("TORCH:", sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+print("SCIPY:", sorted(m for m in sys.modules if m == "scipy" or m.startswith("scipy.")))
 """
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "TORCH: []" in p.stdout
+    assert "SCIPY: []" in p.stdout  # scipy costs a merge 0.4 s and 20 MB at start-up
     assert (out / "m3" / "model.safetensors.index.json").is_file()
     got = load_state(out / "m1.safetensors")
     assert got["transformer.wte.weight"].dtype == torch.float32
