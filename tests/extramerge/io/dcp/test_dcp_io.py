@@ -28,6 +28,7 @@ from extramerge.trajectory import gram_pass
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # dcp: "assuming ... a single process"
 
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")

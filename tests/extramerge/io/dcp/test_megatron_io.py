@@ -24,6 +24,7 @@ from extramerge.trajectory import gram_pass
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("megatron")
