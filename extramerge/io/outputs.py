@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from rivervalley.common import publish as _shared
-from rivervalley.common.publish import clean_stale, locked, own_json, publishing, refusal
+from rivervalley.common.publish import clean_stale, own_json, publishing, refusal
 
 from .errors import CheckpointError
 from .layout import WEIGHT_SUFFIXES, record_path
@@ -36,7 +36,6 @@ __all__ = [
     "check_record_path",
     "overlap",
     "refuse_special",
-    "locked",
     "publish",
     "check_file",
     "write_file",

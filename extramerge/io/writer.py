@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from rivervalley.common.formatting import jsonable
-from rivervalley.common.publish import publishing
+from rivervalley.common.publish import locked, publishing
 
-from . import formats, outputs, safety
+from . import formats, safety
 from .checkpoint import Checkpoint
 from .discovery import side_files
 from .dtypes import ST_RANK, TensorInfo, dtype_code, is_torch
@@ -248,7 +248,7 @@ def publish_checkpoint(
         _fsync_path(tmp)
         t_sync += time.perf_counter() - t0
     t_publish = time.perf_counter()
-    with outputs.locked(out):  # a concurrent merge to the same output publishes before or after us
+    with locked(out):  # a concurrent merge to the same output publishes before or after us
         check_merge_output(out)  # again: another run may have published there while we merged
         if folder_out:
             publish(tmp, out, force)

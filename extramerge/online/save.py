@@ -25,12 +25,11 @@ from extramerge.io import (
     TensorInfo,
     check_merge_output,
     check_output,
-    outputs,
     publish,
     write_checkpoint,
 )
 from extramerge.io.layout import GAMMA_KEY, STEP_KEY
-from rivervalley.common.publish import publishing
+from rivervalley.common.publish import locked, publishing
 
 from .averages import DTensor
 from .spec import Average
@@ -123,7 +122,7 @@ def _save_dcp(merger: Merges, name: str, out: Path, record: dict, force: bool) -
             dist.barrier()
         if leader:
             (tmp / "merge.json").write_text(json.dumps(record, indent=1) + "\n")
-            with outputs.locked(out):
+            with locked(out):
                 check_merge_output(out)
                 publish(tmp, out, force)
         if group:
