@@ -150,6 +150,10 @@ def test_merge_file_output_keeps_an_unrelated_record_file(tmp_path, capsys):
     )  # up front
     assert mine.read_text() == '{"my": "notes"}' and not out.exists()
     mine.unlink()
+    mine.mkdir()  # a folder where the record goes, even an empty one, is not replaced by the record file
+    _refused(capsys, "merge", *run, "--method", "sma", "-o", out, "--force", "--quiet", needle="X.merge.json")
+    assert mine.is_dir() and not out.exists()
+    mine.rmdir()
     assert _run(capsys, "merge", *run, "--method", "sma", "-o", out, "--quiet")[0] == 0
     assert json.loads(mine.read_text())["tool"] == "extramerge"
     assert (
