@@ -10,7 +10,8 @@ of ``rivervalley.common.publish.refusal``, applied here to extramerge's outputs)
 * ``check_merge_output``: the merge's policy on top of the rule: what ``--force`` may replace is only
   extramerge's own earlier merge (recognised by its merge.json record), never a user's file or folder that
   merely has the name;
-* ``MARKER``: the marker file (``rivervalley.common.publish.mark`` / ``marked``) in every folder analyze
+* ``MARKER``, ``mark_output`` / ``is_output``: the marker file (``rivervalley.common.publish.mark`` /
+  ``marked``, with extramerge's record ``{"tool": "extramerge", "kind": KIND}``) in every folder analyze
   and study write, so only such a folder is ever replaced; ``check_file`` / ``write_file``: a single file
   (eval's JSON, cloze items) replaced only with force and only when ``own`` recognises it as this
   package's earlier output.
@@ -23,7 +24,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from rivervalley.common import publish as _shared
-from rivervalley.common.publish import clean_stale, own_json, publishing, refusal
+from rivervalley.common.publish import clean_stale, mark, marked, own_json, publishing, refusal
 
 from .errors import CheckpointError
 from .layout import WEIGHT_SUFFIXES, record_path
@@ -31,6 +32,8 @@ from .safety import kind
 
 __all__ = [
     "MARKER",
+    "mark_output",
+    "is_output",
     "check_output",
     "check_merge_output",
     "check_record_path",
@@ -42,6 +45,17 @@ __all__ = [
 ]
 
 MARKER = ".extramerge-output"  # JSON {"tool": "extramerge", "kind": ...} in folders analyze writes
+
+
+def mark_output(folder, kind_: str) -> None:
+    """Record in ``folder`` that it is extramerge's ``kind_`` output ("analysis", "study"): what a later
+    run may replace."""
+    mark(folder, {"tool": "extramerge", "kind": kind_}, MARKER)
+
+
+def is_output(folder, kind_: str) -> bool:
+    """Whether ``folder`` (a folder, not a link) carries extramerge's marker for ``kind_``."""
+    return marked(folder, "kind", kind_, MARKER)
 
 
 # ----------------------------------------------------------------------------------------- inputs vs output

@@ -19,13 +19,10 @@ from .inputs import StudyError
 __all__ = ["StudyConfig", "StudyError", "study", "CANDIDATE_ALPHAS", "check_output"]
 
 
-_OURS = {"tool": "extramerge", "kind": "study"}  # the marker of a study folder
-
-
 def check_output(out: Path, inputs, force: bool) -> Path:
     """Refuse an output that is or holds an input, a special file, or an existing non-empty folder that is
     not an earlier study (its marker), and that one without ``force`` (``publish.refusal``'s rule)."""
-    from rivervalley.common.publish import marked, refusal
+    from rivervalley.common.publish import refusal
 
     from ..io import outputs
 
@@ -35,7 +32,7 @@ def check_output(out: Path, inputs, force: bool) -> Path:
         if rel in ("is", "contains") or (rel == "lies inside" and (p / "config.json").is_file()):
             raise StudyError(f"{out}: the output folder {rel} the input {p} (pick another -o)")
     outputs.refuse_special(out)
-    why = refusal(out, force, lambda p: marked(p, "kind", _OURS["kind"], outputs.MARKER))
+    why = refusal(out, force, lambda p: outputs.is_output(p, "study"))
     if why == "force":
         raise StudyError(f"{out}: output exists (pass --force to replace it)")
     if why == "foreign":
@@ -54,7 +51,7 @@ def study(cfg: StudyConfig) -> dict:
             "extramerge study evaluates merges with transformers: pip install 'rivervalley-extramerge[lm]'"
         ) from None
     from rivervalley.common.formatting import jsonable
-    from rivervalley.common.publish import mark, publishing
+    from rivervalley.common.publish import publishing
     from rivervalley.common.resources import flush_denormals
 
     from ..io import outputs
@@ -69,7 +66,7 @@ def study(cfg: StudyConfig) -> dict:
             rep = run_study(cfg, tmp)
         fig = R.alpha_figure(rep, tmp / "alpha.png")
         rep["figures"] = ["alpha.png"] if fig else []
-        mark(tmp, _OURS, outputs.MARKER)
+        outputs.mark_output(tmp, "study")
         (tmp / "study.json").write_text(json.dumps(jsonable(rep), indent=1))
         (tmp / "study.md").write_text(R.markdown(rep))
     rep["out"] = str(out)

@@ -14,16 +14,15 @@ import numpy as np
 from extramerge import distributed, plots
 from extramerge.engine.parallel import can_fork, run_forked
 from extramerge.io import CheckpointError, check_output, open_all, publish
-from extramerge.io.outputs import MARKER
+from extramerge.io.outputs import MARKER, is_output, mark_output
 from extramerge.trajectory.data import GramData
 from extramerge.trajectory.gram import gram_pass
 from extramerge.trajectory.report import DEFAULT_WINDOWS, project_scores, summarize
 from rivervalley import weights as _weights
-from rivervalley.common.publish import claim_folder, mark, marked, publishing
+from rivervalley.common.publish import claim_folder, publishing
 
 __all__ = ["analyze", "write_outputs"]
 
-_OURS = {"tool": "extramerge", "kind": "analysis"}  # the marker of an analysis folder
 _FILES = {
     "analysis": "analysis.json",
     "gram": "gram.npz",
@@ -40,7 +39,7 @@ def _check_output_dir(output: Path, inputs: Sequence, force: bool) -> None:
     check_output(output, inputs, force=True)  # overlap with the inputs, special files
     try:
         claim_folder(
-            output, force, "analyze", ours=lambda p: marked(p, "kind", _OURS["kind"], MARKER),
+            output, force, "analyze", ours=lambda p: is_output(p, "analysis"),
             owner="extramerge analyze", marker=MARKER,
         )  # fmt: skip
     except ValueError as e:
@@ -78,7 +77,7 @@ def write_outputs(data: GramData, report: dict, output, *, inputs=(), force: boo
     # force: _check_output_dir has vetted an existing output
     with publishing(output, force=True, commit=publish) as tmp:
         files = _FILES
-        mark(tmp, _OURS, MARKER)
+        mark_output(tmp, "analysis")
         data.save(tmp / files["gram"])
         with open(tmp / files["analysis"], "w") as f:
             json.dump(report, f, indent=1)
