@@ -323,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `extramerge` console script; returns the exit status (rivervalley.common.cli).
 
     Under torchrun/srun (``distributed.launch_from_env``) every process runs the command; only rank 0
-    prints (summary, progress, the one-line error of a failure on any rank), and no rank returns before
-    rank 0 has printed."""
+    prints (summary, progress, the one-line error of a failure on any rank), no rank ends before rank 0
+    has printed, and each ends its process itself (``distributed.end_process``) instead of returning."""
     try:
         launch = distributed.launch_from_env()
     except ValueError:
@@ -337,9 +337,10 @@ def main(argv: list[str] | None = None) -> int:
             quiet.enter_context(contextlib.redirect_stdout(null))
             quiet.enter_context(contextlib.redirect_stderr(null))
         try:
-            return commandline.run(PROG, build_parser(ranks=True), argv, errors=(CheckpointError,))
+            code = commandline.run(PROG, build_parser(ranks=True), argv, errors=(CheckpointError,))
         finally:
             distributed.leave()
+    distributed.end_process(code)  # no interpreter teardown: gloo can abort there (see end_process)
 
 
 if __name__ == "__main__":  # pragma: no cover

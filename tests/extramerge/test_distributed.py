@@ -242,3 +242,33 @@ def test_ranged_writer_pieces_from_several_ranks_make_the_exact_file(tmp_path, d
         w.close(fsync=True)
     got = (tmp_path / "f.bin").read_bytes()
     assert got == header + want["a"].tobytes() + want["b"].tobytes()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_launched_rank_ends_its_process_after_leaving(monkeypatch, capsys, rank):
+    """Under a launcher main() leaves the group (barrier, destroy), flushes, then ends the process with
+    the command's status through os._exit: gloo can abort in the interpreter's teardown (SIGABRT) after
+    the work is done (scripts/gloo_exit_abort.py)."""
+    from extramerge import cli
+
+    calls = []
+
+    class Ended(Exception):
+        pass
+
+    def fake_exit(code):
+        calls.append(("exit", code))
+        raise Ended
+
+    def fake_run(prog, parser, argv, errors=()):
+        print("summary")
+        return 3
+
+    monkeypatch.setattr(distributed, "launch_from_env", lambda: distributed.Launch(rank, 2, "127.0.0.1", 1))
+    monkeypatch.setattr(distributed, "leave", lambda: calls.append(("leave",)))
+    monkeypatch.setattr(cli.commandline, "run", fake_run)
+    monkeypatch.setattr(distributed.os, "_exit", fake_exit)
+    with pytest.raises(Ended):
+        cli.main(["analyze", "x"])
+    assert calls == [("leave",), ("exit", 3)]
+    assert capsys.readouterr().out == ("summary\n" if rank == 0 else "")  # other ranks print nothing
