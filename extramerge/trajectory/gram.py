@@ -17,7 +17,7 @@ from extramerge.engine import units
 from extramerge.engine.arith import all_finite
 from extramerge.engine.parallel import can_fork, ordered_map, run_forked
 from extramerge.engine.summary import progress_bar
-from extramerge.io import CheckpointError, check_compatible, to_numpy
+from extramerge.io import CheckpointError, check_compatible
 from extramerge.trajectory.data import GramData
 
 __all__ = ["gram_pass"]
@@ -82,15 +82,6 @@ def _embed(G: np.ndarray, ref: int) -> np.ndarray:
     full = np.zeros((n, n))
     full[np.ix_(others, others)] = G[:, : n - 1]
     return (full + full.T) / 2
-
-
-def _tensor_gram(tensors, ref: int) -> tuple[np.ndarray, float]:
-    """Gram of differences from tensor ``ref`` (N × N, float64) and ‖θ_ref‖² of whole in-memory tensors
-    (numpy arrays or torch tensors)."""
-    flat = [to_numpy(t).reshape(-1) for t in tensors]
-    with np.errstate(over="ignore", invalid="ignore"):
-        G, r2 = _segment_gram(flat, ref, units.Scratch())
-    return _embed(G, ref), r2
 
 
 def _nonfinite(ckpts, name, pieces) -> Exception:
