@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from rivervalley.common import cli as commandline
+from rivervalley.common.formatting import jsonable
 from rivervalley.common.publish import claim_file, claim_folder, mark, write_file
 
 __all__ = ["main", "build_parser"]
@@ -200,7 +201,7 @@ def _cmd_simulate(args) -> int:
     csv = "step,mean_loss\n" + "".join(rows)
     write_file(out / "loss_curve.csv", lambda p: p.write_text(csv))
     config = dict(res.config, steps=res.steps, ckpt_every=args.ckpt_every, wall_s=round(wall, 3))
-    text = json.dumps(config, indent=1, default=str)
+    text = json.dumps(jsonable(config), indent=1)
     write_file(out / "config.json", lambda p: p.write_text(text))
     mark(out, {"tool": "rivervalley", "command": "simulate"})
     s, n, p = res.checkpoints.shape

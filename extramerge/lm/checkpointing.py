@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from extramerge.io import publish
+from rivervalley.common.formatting import jsonable
 from rivervalley.common.publish import publishing, write_file
 
 from .config import RESUME_FREE
@@ -117,7 +118,7 @@ def save_resume(run) -> None:
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if run.cuda else None,
         "loss_sum": run.loss_sum.detach().cpu(),
-        "meta": json.dumps(meta, default=str),
+        "meta": json.dumps(jsonable(meta)),
     }
     write_file(folder / RESUME_FILE, lambda p: torch.save(state, p))
     run.saved_step = run.step
@@ -143,7 +144,7 @@ def load_resume(run) -> None:
     state, meta = read_resume(run.dir / "resume" / RESUME_FILE)
     saved = meta["config"]
     for k, v in asdict(run.config).items():
-        if k not in RESUME_FREE and saved.get(k) != json.loads(json.dumps(v, default=str)):
+        if k not in RESUME_FREE and saved.get(k) != jsonable(v):
             raise ValueError(
                 f"{run.dir}: --resume with a different {k} ({v!r}; the run has {saved.get(k)!r})"
             )
