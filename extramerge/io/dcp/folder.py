@@ -203,10 +203,11 @@ def write_output(
 
 def _copy_megatron_files(template: Checkpoint | None, folder: Path) -> list[str]:
     """metadata.json (or a torch_dist one) and common.pt of the newest input when it is a Megatron
-    iteration (a DCP folder with metadata.json, as ``open_dcp`` tells them apart), byte for byte."""
+    iteration (``megatron_backend``, the rule ``open_dcp`` names the format by), byte for byte."""
     copied = []
     dcp_in = _template_source(template) is not None
-    src = template.path if dcp_in and (template.path / MEGATRON_CONFIG).is_file() else None
+    megatron_in = dcp_in and megatron_backend(template.path, template.root) is not None  # open_dcp's rule
+    src = template.path if megatron_in else None
     for fname in (MEGATRON_CONFIG, MEGATRON_COMMON):
         if src is not None and (src / fname).is_file():
             safety.regular(src / fname, root=template.root)
