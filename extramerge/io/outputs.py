@@ -152,9 +152,8 @@ def check_record_path(output: Path) -> None:
     """X.merge.json beside an output file X.safetensors is replaced only when it is our own record."""
     rec = record_path(output)
     refuse_special(rec)
-    # ours is replaced with the output, with or without force; a folder there, even an empty one, is not
-    # a record: a file never replaces it
-    if (rec.is_dir() and not rec.is_symlink()) or refusal(rec, True, _is_record) is not None:
+    # ours is replaced with the output, with or without force; a folder there is not a record
+    if refusal(rec, True, _is_record, file=True) is not None:
         raise CheckpointError(
             f"{rec} exists and is not an extramerge record; refusing to replace it (move it, or choose "
             "another output)"

@@ -283,17 +283,25 @@ def special_mode(path: Path) -> int | None:
 
 
 def refusal(
-    path, force: bool, ours: Callable[[Path], bool] | None, *, ignore: Collection[str] = ()
+    path,
+    force: bool,
+    ours: Callable[[Path], bool] | None,
+    *,
+    ignore: Collection[str] = (),
+    file: bool = False,
 ) -> str | None:
     """The one rule for what writing the output ``path`` may replace. None when it may be written: it is
     absent, or an empty folder (entries named in ``ignore`` aside), or, with ``force``, an output that
     ``ours(path)`` recognises as the same command's earlier output (a link never is). Otherwise why not:
-    "special" (a FIFO, device or socket: never), "force" (something is there: only with force) or
-    "foreign" (not ours: not even with force). ``ours=None``: whose output it is is decided later (the
-    merge's record, once its layout is known); only "special" and "force" are answered."""
+    "special" (a FIFO, device or socket: never), "folder" (``file``: the output is a file, and a file never
+    replaces a folder, even an empty one or a link to one), "force" (something is there: only with force)
+    or "foreign" (not ours: not even with force). ``ours=None``: whose output it is is decided later (the
+    merge's record, once its layout is known); only "special", "folder" and "force" are answered."""
     path = Path(path)
     if special_mode(path) is not None:
         return "special"
+    if file and path.is_dir():
+        return "folder"
     if not (path.exists() or path.is_symlink()):
         return None
     if path.is_dir() and not path.is_symlink() and all(p.name in ignore for p in path.iterdir()):
@@ -367,9 +375,9 @@ def claim_file(path, force: bool, ours: Callable[[Path], bool], tool: str = "riv
     ``force`` one that ``ours(path)`` recognises by its content as this command's earlier output); never a
     folder or special file. ``tool`` names the package in the message."""
     path = Path(path)
-    if special_mode(path) is None and path.is_dir():
+    why = refusal(path, force, ours, file=True)
+    if why == "folder":
         raise ValueError(f"output {path} is a folder (a file name is expected)")
-    why = refusal(path, force, ours)
     if why == "special":
         raise ValueError(f"{path}: exists and is not a regular file or folder; refusing to replace it")
     if why == "force":
