@@ -332,6 +332,18 @@ class Fit:
         """ΔL(w) relative to the newest checkpoint, with its 90% interval (over ρ's confidence set)."""
         return self._interval(lambda at: _contrast(w, self.grid, at.rho))
 
+    def predict_between(self, w, base) -> Interval:
+        """ΔL(w) − ΔL(base), with its 90% interval (over ρ's confidence set): two merges compared through
+        the model, so what they share (the newest checkpoint's own misfit, the anchor's noise) cancels."""
+
+        def contrast(at):
+            X = design(
+                np.stack([np.asarray(w, dtype=float), np.asarray(base, dtype=float)]), self.grid, at.rho
+            )
+            return X[0] - X[1]
+
+        return self._interval(contrast)
+
     def delta_at(self, w, at: _AtRho) -> float:
         return float(_contrast(w, self.grid, at.rho) @ at.beta)
 

@@ -52,6 +52,14 @@ def add_arguments(p: argparse.ArgumentParser, *, checkpoints: bool = True) -> No
         action="store_true",
         help="only the recommendation: no measurement half, a short candidate list",
     )
+    p.add_argument(
+        "--forecast-from",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="also choose the merge from the checkpoints up to STEP only, and measure that choice at the "
+        "newest checkpoint (the choice an online merge faces)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
@@ -91,6 +99,7 @@ def config_from_args(a, *, checkpoints=None, out=None, run=None, calib=None, tes
         offsets=tuple(a.offsets),
         alphas=tuple(a.alphas),
         quick=a.quick,
+        forecast_from=a.forecast_from,
         device=a.device,
         batch_size=a.batch_size,
         threads=a.threads,

@@ -1,13 +1,16 @@
 """The study: which merge of a run's checkpoints to ship, its predicted gain, and the gain measured.
 
 1. Held-out text is split by document into a *calibration* half and a *measurement* half.
-2. On the calibration half: the loss of every calibration merge (``rivervalley.estimate.calibration_weights``:
-   checkpoints, pair averages and windows, all inside the data) fits the river-valley model with the
-   learning rate at each checkpoint (``rivervalley.estimate``); the candidates (newest checkpoint, SMA, EMA,
-   Extra-Merge over an α grid) are evaluated and the best is *recommended* (empirical selection), with the
-   theory's prediction and 90% interval beside it, or "not identified" when the fit is degenerate.
-3. On the measurement half (skipped by ``quick``): every candidate, α = 3, the theory's α* and its optimal
-   weight vector; ΔL relative to the newest checkpoint with a paired standard error clustered by document.
+2. On the calibration half (:mod:`.choose`): the loss of every calibration merge
+   (``rivervalley.estimate.calibration_weights``: checkpoints, pair averages and windows, all inside the
+   data) fits the river-valley model with the learning rate at each checkpoint (:mod:`.theory`); every
+   candidate of the menu (:mod:`.menu`: the plain ones, and the theory's own where its gate lets them
+   through) is evaluated and the lowest calibration ΔL is *recommended*, with the theory's prediction
+   relative to the best plain merge and its 90% interval, or "not identified".
+3. Optionally (:mod:`.forecast`) the same decision from the checkpoints up to a step only.
+4. On the measurement half (skipped by ``quick``): every candidate, α = 3, the theory's diagnostics; ΔL
+   relative to the newest checkpoint and to the best plain merge, paired standard errors clustered by
+   document, and the ablation ``theory_vs_plain``: the theory's best offered merge minus the best plain one.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from rivervalley import estimate as est
-from rivervalley import weights as W
 
+from .choose import Choice, choose, predict_candidate
 from .evaluator import Evaluator, paired_delta
+from .forecast import forecast
 from .inputs import (
     StudyError,
     check_half,
@@ -32,11 +36,12 @@ from .inputs import (
     split_documents,
     tokenizer_of,
 )
+from .menu import extra
+from .theory import sign_class
 
 __all__ = ["StudyConfig", "run_study", "CANDIDATE_ALPHAS"]
 
 CANDIDATE_ALPHAS = (-0.5, -0.25, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
-SIGN_TOL = 0.125  # |α| below this counts as α ≈ 0 (half the α grid's step)
 
 
 @dataclass
@@ -52,170 +57,16 @@ class StudyConfig:
     window: int = 4  # K of Extra-Merge
     offsets: tuple = (2, 4, 8)
     alphas: tuple = CANDIDATE_ALPHAS
-    sma_windows: tuple = (2, 4, 8)
+    sma_windows: tuple = (2, 4, 8)  # SMA and WMA (and every checkpoint)
+    trend_windows: tuple = (4, 8)  # the least-squares trend (and every checkpoint)
     ema_decays: tuple = (0.5, 0.8, 0.9)
     quick: bool = False
+    forecast_from: int | None = None  # a step: also choose from the checkpoints up to it only
     device: str = "cpu"
     batch_size: int = 16
     threads: int | None = None
     force: bool = False
     progress: bool = True
-
-
-# ---------------------------------------------------------------------------------------------- menu
-
-
-def candidates(n: int, cfg: StudyConfig) -> tuple[list[dict], list[int]]:
-    """The merges the recommendation chooses from: name, method, knobs, weights (oldest first)."""
-    K = cfg.window
-    if n < K + 1:
-        raise StudyError(f"{n} checkpoints: Extra-Merge with --window {K} needs at least {K + 1}")
-    offsets = [d for d in cfg.offsets if 1 <= d and K + d <= n]
-    if not offsets:
-        raise StudyError(f"--offsets {list(cfg.offsets)}: none fits K + d <= {n} checkpoints (K = {K})")
-    out = [{"name": "last", "method": "last", "weights": np.eye(n)[-1]}]
-    for k in cfg.sma_windows:
-        if 2 <= k <= n:
-            out.append({"name": f"SMA K={k}", "method": "sma", "window": k, "weights": W.sma(n, k)})
-    for b in cfg.ema_decays:
-        out.append({"name": f"EMA beta={b:g}", "method": "ema", "decay": b, "weights": W.ema(n, b)})
-    for d in offsets:
-        for a in cfg.alphas:
-            if a != 0:
-                out.append(_extra(n, K, d, a))
-    return out, offsets
-
-
-def _extra(n, K, d, a) -> dict:
-    return {
-        "name": f"Extra K={K} d={d} alpha={a:g}",
-        "method": "extra",
-        "window": K,
-        "offset": d,
-        "alpha": float(a),
-        "weights": W.extra(n, K, d, a),
-    }
-
-
-# -------------------------------------------------------------------------------------------- theory
-
-
-class Theory:
-    """The fitted §g model (``main``) and the same model with a bend term (``alt``, κ ≥ 0: the loss of
-    leaving a curved path). Calibration inside the data cannot tell how fast the loss grows far off the
-    path, so every prediction is the main model's value with an interval spanning both models' intervals,
-    and α* counts as identified only where both models agree on its sign."""
-
-    def __init__(self, main: est.Fit, alt: est.Fit):
-        self.main, self.alt = main, alt
-        self.grid, self.rho, self.best = main.grid, main.rho, main.best
-
-    def predict(self, w) -> est.Interval:
-        a, b = self.main.predict(w), self.alt.predict(w)
-        return est.Interval(a.value, min(a.lo, b.lo), max(a.hi, b.hi))
-
-    @property
-    def slope(self) -> est.Interval:
-        return self.main.slope
-
-    @property
-    def valley_loss(self) -> est.Interval:
-        return self.main.valley_loss
-
-    def optimal_weights(self):
-        return self.main.optimal_weights()
-
-    def to_dict(self) -> dict:
-        return {**self.main.to_dict(), "with_bend": self.alt.to_dict()}
-
-
-def calibrate(ev: Evaluator, grid: est.Grid, n: int, bar, lean: bool = False) -> tuple[Theory, dict, dict]:
-    """Evaluate the calibration merges on the calibration half and fit; ``lean`` (quick mode): pairs 1 and
-    4 apart only."""
-    cal = est.calibration_weights(n, distances=(1, 4), windows=()) if lean else est.calibration_weights(n)
-    losses, docs = {}, []
-    for name, w in cal.items():
-        dl = ev.measure(w, "calib")
-        losses[name] = dl.loss
-        docs.append(dl.nll)
-        bar()
-    args = (list(cal.values()), list(losses.values()), grid)
-    doc = (np.stack(docs), dl.tokens)
-    f = Theory(est.fit(*args, docs=doc), est.fit(*args, docs=doc, bend=True))
-    return (
-        f,
-        losses,
-        {"weights": {k: w.tolist() for k, w in cal.items()}, "doc_nll": [d.tolist() for d in docs]},
-    )
-
-
-def fit_checks(fit: Theory, calib_losses: dict) -> list[str]:
-    """Reasons the fit cannot be trusted (empty: it can)."""
-    out = []
-    newest = calib_losses[f"ckpt {fit.grid.n}"]
-    vl = fit.valley_loss
-    if vl.value > newest:
-        out.append(
-            f"the fitted valley loss ({vl.value:.3g} nats) exceeds the newest checkpoint's loss "
-            f"({newest:.3g})"
-        )
-    if fit.slope.value <= 0:
-        out.append(f"the fitted river does not descend (slope {fit.slope.value:.3g} per checkpoint)")
-    # a valley that changes faster than the learning rate explains: pair-average residuals drift
-    res = _pair_residuals(fit, calib_losses)
-    if res is not None:
-        drift, se = res
-        if abs(drift) > 3 * se and abs(drift) > 0.5 * abs(fit.best.beta[3] + fit.best.beta[4]) * 0.5:
-            out.append(
-                f"the valley is not stationary beyond the learning rate's account: the gain of averaging "
-                f"neighbours drifts by {drift:+.3g} nats across the window ({abs(drift) / se:.1f} s.e.)"
-            )
-    return out
-
-
-def _pair_residuals(fit: Theory, losses: dict):
-    """Mean residual of the first-half minus the last-half neighbour pairs, and its standard error."""
-    n = fit.grid.n
-    rows = []
-    for j in range(n - 1):
-        key = f"pair {j + 1}+{j + 2}"
-        if key in losses:
-            w = np.zeros(n)
-            w[j] = w[j + 1] = 0.5
-            r = losses[key] - float(est.design(w, fit.grid, fit.rho)[0] @ fit.best.beta)
-            rows.append((j, r))
-    if len(rows) < 6:
-        return None
-    h = len(rows) // 2
-    a = np.array([r for _, r in rows[:h]])
-    b = np.array([r for _, r in rows[-h:]])
-    se = math.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size) + 1e-12
-    return float(b.mean() - a.mean()), se
-
-
-def alpha_theory(fit: Theory, n: int, K: int, d: int, trusted: bool) -> dict:
-    """α* of the main model; identified when the fit is trusted and its sign class (α ≈ 0 within
-    ±SIGN_TOL, or its sign) is the same over ρ's confidence set, every leave-one-checkpoint-out refit, and
-    the model with a bend term."""
-    f = lambda a: W.extra(n, K, d, a)  # noqa: E731
-    a = fit.main.alpha_star(f)
-    lo, hi = fit.main.alpha_star_range(f)
-    a_alt = fit.alt.alpha_star(f)
-    lo_alt, hi_alt = fit.alt.alpha_star_range(f)
-    signs = {_sign(x) for x in (a, lo, hi, a_alt, lo_alt, hi_alt)}
-    ident = trusted and math.isfinite(a) and len(signs) == 1
-    return {
-        "alpha_star": a if ident else None,
-        "alpha_star_fit": a,
-        "alpha_star_range": [min(lo, lo_alt), max(hi, hi_alt)],
-        "alpha_star_with_bend": a_alt,
-        "identified": ident,
-        "sign": _sign(a) if ident else None,
-    }
-
-
-def _sign(a: float) -> int:
-    return 0 if abs(a) < SIGN_TOL else (1 if a > 0 else -1)
 
 
 # ---------------------------------------------------------------------------------------------- study
@@ -251,17 +102,24 @@ def _halves(cfg: StudyConfig) -> tuple[list[str], list[str], dict]:
     )
 
 
+def _grid_of(lr):
+    def grid(steps) -> est.Grid:
+        try:
+            return est.Grid.from_schedule(steps, lr) if lr is not None else _steps_grid(steps)
+        except ValueError as e:
+            raise StudyError(f"--lr-schedule: {e}") from None
+
+    return grid
+
+
 def _study(cfg: StudyConfig, ckpts, names, tmp: Path, t0: float) -> dict:
     n = len(ckpts)
     steps = [int(c.step) for c in ckpts]
-    menu, offsets = candidates(n, cfg)
     calib_docs, test_docs, source = _halves(cfg)
     tok = tokenizer_of(ckpts, cfg.tokenizer)
     lr = read_lr_schedule(cfg.lr_schedule, steps, cfg.run)
-    try:
-        grid = est.Grid.from_schedule(steps, lr) if lr is not None else _steps_grid(steps)
-    except ValueError as e:
-        raise StudyError(f"--lr-schedule: {e}") from None
+    grid_of = _grid_of(lr)
+    grid = grid_of(steps)
 
     if cfg.threads and not str(cfg.device).startswith("cuda"):
         import torch
@@ -271,47 +129,20 @@ def _study(cfg: StudyConfig, ckpts, names, tmp: Path, t0: float) -> dict:
     ev.add_half("calib", calib_docs)
     ev.add_half("test", test_docs)
     bar = _Bar(cfg.progress)
+    fc_block = fc_merge = None
     try:
-        fit, cal_losses, cal_detail = calibrate(ev, grid, n, bar, lean=cfg.quick)
-        problems = fit_checks(fit, cal_losses)
-        trusted = not problems
-        K = cfg.window
-        theory = {d: alpha_theory(fit, n, K, d, trusted) for d in offsets}
-        # the theory's own merges join the candidates where it is trusted: Extra-Merge at an identified α*,
-        # the theory-optimal weight vector; elsewhere they are only measured (diagnostics)
-        own, diag = _theory_merges(fit, theory, n, K, trusted)
-        menu = menu + own
-
-        # the recommendation: empirical selection on the calibration half
-        base_c = ev.measure(np.eye(n)[-1], "calib")
-        pool = menu if not cfg.quick else _quick_pool(menu, fit, trusted)
-        for c in pool:
-            dl = base_c if c["method"] == "last" else ev.measure(c["weights"], "calib")
-            c["calib_delta"], c["calib_se"] = paired_delta(dl, base_c)
-            bar()
-        for c in menu:
-            p = fit.predict(c["weights"])
-            c["predicted"] = {"delta": p.value, "interval": p.to_list()}
-        best = min(pool, key=lambda c: c["calib_delta"])
-        rec = _recommendation(best, fit, trusted)
-        theory_pick = min(menu, key=lambda c: c["predicted"]["delta"])
-
-        measured = []
+        ch = choose(ev, grid, n, cfg, bar)
+        if cfg.forecast_from is not None:
+            fc_block, fc_merge = forecast(ev, steps, grid_of, cfg, bar)
+        measured, tvp = [], None
         if not cfg.quick:
-            extra = [_extra(n, K, d, 3.0) for d in offsets] + diag
-            for c in extra:
-                p = fit.predict(c["weights"])
-                c["predicted"] = {"delta": p.value, "interval": p.to_list()}
-            base_t = ev.measure(np.eye(n)[-1], "test")
-            for c in menu + extra:
-                dl = base_t if c["method"] == "last" else ev.measure(c["weights"], "test")
-                delta, se = paired_delta(dl, base_t)
-                measured.append(_measured_row(c, delta, se, trusted, len(test_docs)))
-                measured[-1]["doc_nll"] = [float(x) for x in dl.nll]  # paired comparisons between any two
-                bar()
+            measured, tvp = _measure(ev, ch, cfg, len(test_docs), fc_merge, bar)
     finally:
         bar.close()
+    if fc_block is not None and measured:
+        _score_forecast(fc_block, fc_merge, measured)
 
+    rec, pick = ch.recommendation, ch.theory_pick["candidate"]
     report = {
         "mode": "quick" if cfg.quick else "full",
         "checkpoints": {"n": n, "steps": steps, "paths": [str(c.path) for c in ckpts]},
@@ -329,48 +160,69 @@ def _study(cfg: StudyConfig, ckpts, names, tmp: Path, t0: float) -> dict:
             },
         },
         "lr": {"given": lr is not None, "area": grid.area.tolist(), "lr_ratio": grid.lr_ratio.tolist()},
-        "recommendation": rec,
-        "theory_pick": {
-            "name": theory_pick["name"],
-            "weights": _floats(theory_pick["weights"]),
-            "predicted_delta": theory_pick["predicted"]["delta"] if trusted else None,
+        "recommendation": _recommendation(rec, ch),
+        "plain_best": {
+            "name": ch.plain_best["name"],
+            "calib_delta": ch.plain_best["calib_delta"],
+            "calib_se": ch.plain_best["calib_se"],
         },
-        "fit": {**fit.to_dict(), "trusted": trusted, "problems": problems},
-        "extra": {"window": K, "offsets": offsets, "by_offset": {str(d): th for d, th in theory.items()}},
-        "calibration": {"losses": cal_losses, **cal_detail},
-        "candidates": [
-            {
-                "name": c["name"],
-                "weights": _floats(c["weights"]),
-                "calib_delta": c.get("calib_delta"),
-                "calib_se": c.get("calib_se"),
-                "predicted_delta": c["predicted"]["delta"],
-            }
-            for c in menu
-        ],
+        "theory_pick": {
+            "name": pick["name"],
+            "kind": pick["kind"],
+            "weights": _floats(pick["weights"]),
+            "predicted_delta": pick["predicted"]["delta"] if ch.theory_pick["offered"] else None,
+            "offered": ch.theory_pick["offered"],
+            "why_not": ch.theory_pick["why"],
+        },
+        "theory_gate": {"open": not ch.gate, "why_closed": ch.gate},
+        "theory_vs_plain": tvp,
+        "fit": {**ch.fit.to_dict(), "trusted": ch.trusted, "problems": ch.problems},
+        "extra": {
+            "window": cfg.window,
+            "offsets": ch.offsets,
+            "by_offset": {str(d): th for d, th in ch.theory.items()},
+        },
+        "calibration": {"losses": ch.cal_losses, **ch.cal_detail},
+        "candidates": [_candidate(c) for c in ch.menu],
         "measured": measured,
+        "forecast": fc_block,
         "evaluations": ev.calls,
     }
     if measured:
-        _add_alpha_cells(report, measured, offsets)
+        _add_alpha_cells(report, measured, ch.offsets)
     report["seconds"] = time.perf_counter() - t0
     return report
 
 
-def _theory_merges(fit: Theory, theory: dict, n: int, K: int, trusted: bool) -> tuple[list, list]:
-    """(candidates, diagnostics): Extra-Merge at each α* (a candidate where identified and |α*| ≤ 3) and
-    the theory-optimal weights (a candidate where the fit is trusted and no weight exceeds 10)."""
-    own, diag = [], []
-    for d, th in theory.items():
-        a = th["alpha_star_fit"]
-        if math.isfinite(a) and abs(a) <= 10:
-            x = {**_extra(n, K, d, a), "name": f"Extra K={K} d={d} alpha*={a:.3g}", "group": "alpha*"}
-            (own if th["identified"] and abs(a) <= 3 else diag).append(x)
-    w = fit.optimal_weights()
-    if w is not None and np.abs(w).max() < 50:
-        x = {"name": "theory-optimal", "method": "custom", "weights": w, "group": "optimal"}
-        (own if trusted and np.abs(w).max() <= 10 else diag).append(x)
-    return own, diag
+def _measure(ev, ch: Choice, cfg, n_docs: int, fc_merge, bar) -> tuple[list[dict], dict]:
+    """Every candidate, α = 3 and the diagnostics on the measurement half: ΔL against the newest
+    checkpoint and against the best plain calibration merge, and the theory-versus-plain ablation."""
+    n, K = ch.n, cfg.window
+    extra3 = [extra(n, K, d, 3.0) for d in ch.offsets]
+    for c in extra3:
+        c["predicted"] = predict_candidate(ch, c)
+    rows = ch.menu + extra3 + ch.diag
+    if fc_merge is not None and not any(np.array_equal(fc_merge["weights"], c["weights"]) for c in rows):
+        fc_merge = {**fc_merge, "name": f"forecast: {fc_merge['name']}", "group": "forecast"}
+        fc_merge["predicted"] = predict_candidate(ch, fc_merge)
+        rows = rows + [fc_merge]
+    base = ev.measure(np.eye(n)[-1], "test")
+    plain = ev.measure(ch.plain_best["weights"], "test")
+    tokens = [int(x) for x in base.tokens]
+    out, dls = [], {}
+    for c in rows:
+        dl = ev.measure(c["weights"], "test")
+        dls[c["name"]] = dl
+        out.append(_measured_row(c, dl, base, plain, ch.trusted, n_docs, tokens))
+        bar()
+    tb = ch.theory_best
+    if tb is None:
+        why = ch.gate or ["no theory merge passed the gate (see candidates[].not_offered_because)"]
+        tvp = {"delta": None, "se": None, "theory": None, "plain": ch.plain_best["name"], "why": why}
+    else:
+        d, se = paired_delta(dls[tb["name"]], plain)
+        tvp = {"delta": d, "se": se, "theory": tb["name"], "plain": ch.plain_best["name"], "why": []}
+    return out, tvp
 
 
 def _steps_grid(steps) -> est.Grid:
@@ -379,61 +231,109 @@ def _steps_grid(steps) -> est.Grid:
     return est.Grid((s - s[0]) / (s[-1] - s[0]) * (s.size - 1), np.ones(s.size))
 
 
-def _quick_pool(menu, fit, trusted) -> list[dict]:
-    """Quick mode's candidates: the newest checkpoint, SMA K=4, the theory's own merges and the two others
-    it ranks best (or a fixed short list when the fit is not trusted)."""
-    keep = {"last", "SMA K=4"} | {c["name"] for c in menu if c.get("group") in ("alpha*", "optimal")}
-    if trusted:
-        ranked = sorted(menu, key=lambda c: fit.predict(c["weights"]).value)
-        keep |= set([c["name"] for c in ranked if c["name"] not in keep][:2])
-    else:
-        keep |= {"SMA K=2", "EMA beta=0.8", "Extra K=4 d=4 alpha=0.5", "Extra K=4 d=4 alpha=1"}
-    return [c for c in menu if c["name"] in keep]
-
-
-def _recommendation(c: dict, fit: Theory, trusted: bool) -> dict:
-    p = fit.predict(c["weights"])
-    knobs = {k: c[k] for k in ("window", "offset", "alpha", "decay") if k in c}
+def _recommendation(c: dict, ch: Choice) -> dict:
+    p = c["predicted"]
+    knobs = {k: c[k] for k in ("window", "offset", "alpha", "decay", "ahead") if k in c}
     return {
         "name": c["name"],
+        "kind": c["kind"],
         "method": c["method"],
         "knobs": knobs,
         "weights": _floats(c["weights"]),
         "alpha": c.get("alpha", 0.0 if c["method"] == "sma" else None),
         "offset": c.get("offset"),
-        "predicted_delta": p.value if trusted else None,
-        "predicted_interval": p.to_list() if trusted else None,
-        "identified": trusted,
+        "predicted_delta": p["delta"],
+        "predicted_interval": p["interval"],
+        "predicted_vs_plain": p["vs_plain"],
+        "predicted_vs_plain_interval": p["vs_plain_interval"],
+        "identified": p["interval"] is not None,
         "calib_delta": c["calib_delta"],
         "calib_se": c["calib_se"],
-        "selected_by": "lowest loss on the calibration half",
+        "selected_by": "lowest loss on the calibration half (plain and offered theory merges)",
+        "skipped": ch.skipped,
     }
 
 
-def _measured_row(c: dict, delta: float, se: float, trusted: bool, n_docs: int) -> dict:
+def _candidate(c: dict) -> dict:
+    p = c["predicted"]
+    out = {
+        "name": c["name"],
+        "kind": c["kind"],
+        "weights": _floats(c["weights"]),
+        "calib_delta": c.get("calib_delta"),
+        "calib_se": c.get("calib_se"),
+        "predicted_delta": p["delta"],
+        "predicted_interval": p["interval"],
+        "predicted_vs_plain": p["vs_plain"],
+        "predicted_vs_plain_interval": p["vs_plain_interval"],
+    }
+    if c["kind"] == "theory":
+        out["offered"] = c.get("offered", False)
+        out["not_offered_because"] = c.get("not_offered_because", [])
+    return out
+
+
+def _covered(interval, delta: float, se: float, z: float) -> bool | None:
+    """Whether the measured value lies in the predicted interval widened by the measurement's own 90%
+    half-width (the interval is for the expected gain); None for a not-identified interval."""
+    if interval is None or not math.isfinite(se):
+        return None
+    lo, hi = interval
+    return bool(abs(delta - 0.5 * (hi + lo)) <= math.hypot(0.5 * (hi - lo), z * se))
+
+
+def _measured_row(c: dict, dl, base, plain, trusted: bool, n_docs: int, tokens) -> dict:
     from scipy import stats
 
-    lo, hi = c["predicted"]["interval"]
-    z = float(stats.t.ppf(0.95, max(n_docs - 1, 1)))  # the measurement's 90% half-width, in s.e.
+    delta, se = paired_delta(dl, base)
+    d_p, se_p = paired_delta(dl, plain)
+    z = float(stats.t.ppf(0.95, max(n_docs - 1, 1)))  # Student t, documents − 1 degrees of freedom
+    p = c["predicted"]
     row = {
         "name": c["name"],
         "group": c.get("group", c["method"]),
+        "kind": c["kind"],
         "weights": _floats(c["weights"]),
         "delta": delta,
         "se": se,
-        "predicted": c["predicted"]["delta"] if trusted else None,
-        "predicted_interval": [lo, hi] if trusted else None,
+        "predicted": p["delta"] if trusted else None,
+        "predicted_interval": p["interval"] if trusted else None,
+        "delta_vs_plain": d_p,
+        "se_vs_plain": se_p,
+        "predicted_vs_plain": p["vs_plain"],
+        "predicted_vs_plain_interval": p["vs_plain_interval"],
     }
-    if "alpha" in c:
+    if "alpha" in c and c["method"] == "extra":
         row["alpha"] = c["alpha"]
         row["offset"] = c["offset"]
-    if trusted and math.isfinite(se):
-        # the interval is for the expected gain; the measurement adds its own sampling error (Student t
-        # with one degree of freedom fewer than documents, as the clustered s.e. has)
-        half = 0.5 * (hi - lo)
-        mid = 0.5 * (hi + lo)
-        row["covered"] = bool(abs(delta - mid) <= math.hypot(half, z * se))
+    if c["kind"] == "theory":
+        row["offered"] = c.get("offered", False)
+    row["covered"] = _covered(row["predicted_interval"], delta, se, z)
+    row["covered_vs_plain"] = _covered(row["predicted_vs_plain_interval"], d_p, se_p, z)
+    row["doc_nll"] = [float(x) for x in dl.nll]  # paired comparisons between any two, offline
+    row["doc_tokens"] = tokens
     return row
+
+
+def _score_forecast(block: dict, merge: dict, measured: list[dict]) -> None:
+    """The forecast's merge measured at the newest checkpoint, and its gap to the measured best."""
+    row = next(m for m in measured if np.allclose(m["weights"], merge["weights"], atol=1e-12))
+    best = min(measured, key=lambda m: m["delta"])
+    gap, se = paired_delta(_dl(row), _dl(best))
+    block["measured"] = {
+        "delta": row["delta"],
+        "se": row["se"],
+        "best": best["name"],
+        "best_delta": best["delta"],
+        "gap_to_best": gap,
+        "gap_se": se,
+    }
+
+
+def _dl(row):
+    from .evaluator import DocLosses
+
+    return DocLosses(np.asarray(row["doc_nll"]), np.asarray(row["doc_tokens"], dtype=float))
 
 
 def _add_alpha_cells(report: dict, measured: list[dict], offsets) -> None:
@@ -444,7 +344,7 @@ def _add_alpha_cells(report: dict, measured: list[dict], offsets) -> None:
         grid = [
             (m["alpha"], m["delta"], m["se"])
             for m in measured
-            if m.get("offset") == d and m["group"] == "extra"
+            if m.get("offset") == d and m["group"] == "extra" and m["kind"] == "plain"
         ]
         if sma is not None:
             grid.append((0.0, sma["delta"], sma["se"]))
@@ -455,8 +355,8 @@ def _add_alpha_cells(report: dict, measured: list[dict], offsets) -> None:
         cell["measured_best_alpha"] = a
         cell["measured_best_delta"] = delta
         cell["measured_best_se"] = se
-        cell["measured_sign"] = _sign(a)
-        cell["sign_match"] = cell["sign"] == _sign(a) if cell["identified"] else None
+        cell["measured_sign"] = sign_class(a)
+        cell["sign_match"] = cell["sign"] == sign_class(a) if cell["identified"] else None
 
 
 def _floats(w) -> list[float]:

@@ -32,6 +32,7 @@ def summary_lines(r: dict) -> list[str]:
             f"  measured ΔL {meas['delta']:+.4f} ± {meas['se']:.4f} (best measured: {best['name']}, "
             f"{best['delta']:+.4f} ± {best['se']:.4f})"
         )
+    out += _theory_lines(r)
     rho = "identified" if fit["rho_identified"] else "not identified"
     out.append(
         f"fit: slope {fit['slope_per_checkpoint']['value']:.4g}/checkpoint, valley loss "
@@ -44,6 +45,35 @@ def summary_lines(r: dict) -> list[str]:
         line = f"  d={d}: α* {_f(c['alpha_star'], '+.3f')}"
         if "measured_best_alpha" in c:
             line += f", measured best α {c['measured_best_alpha']:+g}"
+        out.append(line)
+    return out
+
+
+def _theory_lines(r: dict) -> list[str]:
+    out = [f"  best plain merge on the calibration half: {r['plain_best']['name']}"]
+    tvp = r.get("theory_vs_plain")
+    if tvp and tvp["delta"] is not None:
+        out.append(
+            f"  theory vs plain (measured): {tvp['theory']} minus {tvp['plain']} = {tvp['delta']:+.4f} "
+            f"± {tvp['se']:.4f} (paired s.e.)"
+        )
+    gate = r["theory_gate"]
+    if not gate["open"]:
+        out.append("  theory merges not offered: " + "; ".join(gate["why_closed"]))
+    tp = r["theory_pick"]
+    out.append(f"  theory's own pick: {tp['name']}" + ("" if tp["offered"] else " (the gate is closed)"))
+    fc = r.get("forecast")
+    if fc:
+        line = (
+            f"forecast from step {fc['from_step']} ({fc['checkpoints']} checkpoints): {fc['chosen']}, "
+            f"predicted ΔL {_f(fc['predicted_delta'])}"
+        )
+        if "measured" in fc:
+            m = fc["measured"]
+            line += (
+                f"; at the newest: {fc['applied']} measured {m['delta']:+.4f} ± {m['se']:.4f}, "
+                f"{m['gap_to_best']:+.4f} ± {m['gap_se']:.4f} from the best ({m['best']})"
+            )
         out.append(line)
     return out
 
@@ -61,20 +91,27 @@ def markdown(r: dict) -> str:
     ]
     if r["measured"]:
         lines += [
-            "| merge | measured ΔL | s.e. | predicted ΔL | 90% interval | covered |",
-            "|---|---|---|---|---|---|",
+            "| merge | kind | measured ΔL | s.e. | predicted ΔL | 90% interval | covered "
+            "| vs best plain: measured | s.e. | predicted | 90% interval | covered |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for m in r["measured"]:
             cov = {True: "yes", False: "**no**"}.get(m.get("covered"), "-")
+            cov_p = {True: "yes", False: "**no**"}.get(m.get("covered_vs_plain"), "-")
             lines.append(
-                f"| {m['name']} | {m['delta']:+.4f} | {m['se']:.4f} | {_f(m['predicted'])} | "
-                f"{_iv(m['predicted_interval'])} | {cov} |"
+                f"| {m['name']} | {m['kind']} | {m['delta']:+.4f} | {m['se']:.4f} | {_f(m['predicted'])} | "
+                f"{_iv(m['predicted_interval'])} | {cov} | {m['delta_vs_plain']:+.4f} | "
+                f"{m['se_vs_plain']:.4f} | "
+                f"{_f(m['predicted_vs_plain'])} | {_iv(m['predicted_vs_plain_interval'])} | {cov_p} |"
             )
         lines.append("")
     lines += [
         "ΔL: loss minus the newest checkpoint's, nats per token, on the measurement half; s.e. paired, "
         "clustered by document. The interval is for the expected gain; 'covered' also allows the "
-        "measurement's own 90% half-width (Student t, documents − 1 degrees of freedom).",
+        "measurement's own 90% half-width (Student t, documents − 1 degrees of freedom). 'vs best plain': "
+        "the same against the plain merge with the lowest calibration ΔL; an interval wider than 0.25 nats "
+        "is 'not identified' and not counted as covered. kind: plain (no theory) or theory (the fit's own "
+        "merges, offered only through the gate).",
         "",
     ]
     return "\n".join(lines)
@@ -111,10 +148,11 @@ def alpha_figure(r: dict, path) -> str | None:
             )
             if rows[0]["predicted"] is not None:
                 ax.plot(a, [m["predicted"] for m in rows], "-", color=color, lw=1, label=f"predicted d={d}")
+                nan = (math.nan, math.nan)  # a not-identified interval leaves a gap in the band
                 ax.fill_between(
                     a,
-                    [m["predicted_interval"][0] for m in rows],
-                    [m["predicted_interval"][1] for m in rows],
+                    [(m["predicted_interval"] or nan)[0] for m in rows],
+                    [(m["predicted_interval"] or nan)[1] for m in rows],
                     color=color,
                     alpha=0.12,
                 )

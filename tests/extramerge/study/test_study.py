@@ -19,6 +19,7 @@ from extramerge.study import evaluator as E
 
 # 2 layers x 32 wide, context 32: trains 60 steps in a few seconds; 8 checkpoints from step 25.
 TINY = dict(size="tiny", n_layer=2, d_model=32, n_head=2, seq_len=32, batch_size=8, threads=1, progress=False)
+FAST_ALPHAS = (-0.5, 0.5, 1)
 FAST = ["--quiet", "--threads", "1", "--offsets", "2,4", "--alphas=-0.5,0.5,1"]
 
 
@@ -115,7 +116,8 @@ def test_quick_mode_gives_only_the_recommendation(run, report, tmp_path):
     assert rc == 0
     q = json.loads((out / "study.json").read_text())
     assert q["mode"] == "quick" and q["measured"] == [] and q["recommendation"]["weights"]
-    assert q["evaluations"] <= len(q["calibration"]["losses"]) + 1 + 6 < report[0]["evaluations"]
+    # the lean calibration, then the short list: 2 SMA, WMA, EMA, 2 trends, the α grid at one offset
+    assert q["evaluations"] <= len(q["calibration"]["losses"]) + 7 + len(FAST_ALPHAS) < report[0]["evaluations"] / 2
 
 
 def _hf_folders(root, run, n=6):
