@@ -214,6 +214,7 @@ def run_lm_eval(
             "pretrained": str(folder.resolve()),
             "tokenizer": str(tokenizer_folder(folder).resolve()),
             "dtype": dtype,
+            "trust_remote_code": False,  # a model folder's own code never runs
         }
         out = lm_eval.simple_evaluate(
             model="hf",

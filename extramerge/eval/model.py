@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..io import safety
+from ..io import formats, open_checkpoint, safety
 
 __all__ = [
     "check_model_folder",
@@ -45,7 +45,11 @@ def tokenizer_folder(folder: Path) -> Path | None:
 
 def check_model_folder(path: str | os.PathLike, *, tokenizer: bool = True) -> Path:
     """Check that ``path`` is a Hugging Face causal-LM folder (config.json + weights + tokenizer files,
-    the tokenizer possibly in the parent folder) without loading it; ValueError naming the path."""
+    the tokenizer possibly in the parent folder) without loading it; ValueError naming the path.
+
+    As the merge reader checks a folder: no entry is a link leaving it or a special file, config.json is
+    bounded, strict JSON, and every weight file (all those the index names, in subfolders too) is a regular
+    file inside the folder, checked by ``extramerge.io.open_checkpoint`` itself."""
     p = Path(path)
     if not p.exists():
         raise ValueError(f"{p}: no such file or folder")
@@ -60,7 +64,19 @@ def check_model_folder(path: str | os.PathLike, *, tokenizer: bool = True) -> Pa
     safety.folder_files(p)  # no links leaving the folder, no FIFOs, before transformers opens anything
     if tokenizer and tokenizer_folder(p) != p:
         safety.folder_files(p.parent, _TOKENIZER_FILES)
+    # transformers parses config.json with the stdlib json (100k nested '[' is a RecursionError there)
+    if not isinstance(safety.load_json(p / "config.json", root=p), dict):
+        raise ValueError(f"{p / 'config.json'}: not a JSON object")
+    _check_weights(p)
     return p
+
+
+def _check_weights(folder: Path) -> None:
+    """The merge reader's own check of the weights: every file the index names (in subfolders too) is a
+    regular file whose real path stays inside the folder, and each opens as a checkpoint (headers only)."""
+    with open_checkpoint(folder) as ckpt:
+        if formats.get(ckpt.format).hf_stem is None:  # e.g. a DCP folder: transformers reads other files
+            raise ValueError(f"{folder}: not a Hugging Face model folder (its weights are {ckpt.format})")
 
 
 def tokenizer_files(path: str | os.PathLike) -> list[Path]:
@@ -93,11 +109,15 @@ def load_model(path: str | os.PathLike, *, device=None, dtype=None):
 
     p = check_model_folder(path)
     hf_logging.disable_progress_bar()
-    kwargs: dict[str, Any] = {"local_files_only": True}
+    # trust_remote_code=False: a folder's own .py (config.json's auto_map) never runs, and transformers
+    # never asks on stdin whether to run it
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     try:
-        tok = AutoTokenizer.from_pretrained(tokenizer_folder(p), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(
+            tokenizer_folder(p), local_files_only=True, trust_remote_code=False
+        )
     except Exception as e:
         raise ValueError(f"{p}: cannot load the tokenizer ({type(e).__name__}: {_first_line(e)})") from None
     try:

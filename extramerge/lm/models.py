@@ -134,7 +134,9 @@ def build_model(arch: str, size: str = "tiny", **overrides) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     config = build_config(arch, size, **overrides)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(
+        config, attn_implementation="sdpa", dtype=torch.float32, trust_remote_code=False
+    )
     return model
 
 

@@ -176,6 +176,6 @@ def _load_tokenizer(path):
     files = tokenizer_files(path)
     folder = files[0].parent if files else path
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as e:
         raise StudyError(f"{path}: cannot load the tokenizer ({type(e).__name__})") from None

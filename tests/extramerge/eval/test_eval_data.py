@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from extramerge import eval as E
@@ -13,14 +14,23 @@ from extramerge.cli import main
 from extramerge.io import CheckpointError
 
 
+def _stub_model(folder: Path, names=("config.json", "model.safetensors", "tokenizer.json")) -> Path:
+    """Enough of a model folder to pass the up-front folder check (the data fails before loading it): the
+    weights a one-tensor safetensors file, since the check opens them as the merge reader does."""
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if name.endswith(".safetensors"):
+            save_file({"w": np.zeros(2, dtype=np.float32)}, str(folder / name))
+        else:
+            (folder / name).write_text("{}")
+    return folder
+
+
 @pytest.fixture
 def model(tmp_path) -> Path:
-    """Enough of a model folder to pass the up-front folder check (the data fails before loading it)."""
-    m = tmp_path / "model"
-    m.mkdir()
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        (m / name).write_text("{}")
-    return m
+    return _stub_model(tmp_path / "model")
 
 
 def _eval_error(capsys, model: Path, *args) -> str:
@@ -85,7 +95,6 @@ def test_cloze_files_get_the_same_treatment(tmp_path, monkeypatch):
 
 
 def test_merge_gram_files_are_validated(tmp_path, capsys):
-    import numpy as np
     from _ckpt_factory import make_safetensors_files
 
     run = make_safetensors_files(tmp_path / "run", n=4)
@@ -133,9 +142,7 @@ def test_eval_model_folders_and_data_folders_stay_inside(tmp_path, capsys, model
     # a tokenizer in the run folder (the model's parent) is held to the same rule
     run = tmp_path / "run"
     step = run / "step_000100"
-    step.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
-        (step / name).write_text("{}")
+    _stub_model(step, ("config.json", "model.safetensors"))
     (run / "tokenizer.json").symlink_to(secret)
     assert "leaves the folder" in _eval_error(capsys, step, "--data", data)
     # a data folder's .txt link leaving it

@@ -82,3 +82,21 @@ def test_run_lm_eval_agrees_with_cloze_accuracy(tmp_path):
     bpb = res["results"]["extramerge_ppl"]["bits_per_byte"]
     mine = E.evaluate_loss(model, tok, held).bits_per_byte
     assert math.isfinite(bpb) and bpb == pytest.approx(mine, rel=0.1)
+
+
+def test_lm_eval_is_told_never_to_run_the_folders_code(tmp_path, monkeypatch):
+    """Issue 21 item 1: lm-eval's ``hf`` model gets ``trust_remote_code=False`` whatever its own default."""
+    lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
+    folder = save_model(byte_gpt2(), build_tokenizer(), tmp_path / "model")
+    L.write_task(["a held-out document"], tmp_path / "tasks")
+    seen = {}
+
+    def fake_evaluate(**kwargs):
+        seen.update(kwargs["model_args"])
+        return {"results": {}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
+    monkeypatch.setattr(L, "_task_manager", lambda cls, task_dir: None)
+    L.run_lm_eval(folder, tmp_path / "tasks")
+    assert seen["trust_remote_code"] is False and seen["pretrained"] == str(folder.resolve())
