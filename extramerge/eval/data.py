@@ -1,5 +1,10 @@
 """Held-out text for evaluation: reading .txt/.jsonl documents and laying them out as packed token blocks
-(``token_blocks``), with the document each scored token belongs to (``document_index``)."""
+(``token_blocks``), with the document each scored token belongs to (``document_index``).
+
+The text readers here (``text_files``, ``read_text_file``, ``jsonl_texts``) are the package's one way to
+read documents from untrusted files and folders; the trainer's corpus reader (``extramerge.lm.data``) uses
+them too: only regular files inside the folder (a link leaving it, a FIFO or a device is refused before
+anything is read), at most ``TEXT_LIMIT`` bytes from a file or a folder, JSON lines bounded and strict."""
 
 from __future__ import annotations
 
@@ -10,11 +15,25 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..io import safety
+from rivervalley.common.formatting import format_bytes
 
-__all__ = ["PAD", "TokenBlocks", "load_texts", "as_texts", "token_blocks", "document_index"]
+from ..io import CheckpointError, safety
+
+__all__ = [
+    "PAD",
+    "TEXT_LIMIT",
+    "TokenBlocks",
+    "load_texts",
+    "as_texts",
+    "text_files",
+    "read_text_file",
+    "jsonl_texts",
+    "token_blocks",
+    "document_index",
+]
 
 PAD = -100  # marks padded positions in TokenBlocks.ids (also cross_entropy's ignore_index)
+TEXT_LIMIT = 2**30  # bytes of text read from one file, or from one folder in all: it is all held in memory
 
 
 # ---------------------------------------------------------------------------------------------- texts
@@ -34,37 +53,79 @@ def load_texts(path: str | os.PathLike) -> list[str]:
     if not p.exists():
         raise ValueError(f"{p}: no such file or folder")
     if p.is_dir():
-        safety.folder_files(p)  # a .txt link leaving the data folder is refused
-        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix == ".txt")
+        files = text_files(p, (".txt",))
         if not files:
             raise ValueError(f"{p}: folder holds no .txt files")
-        texts = [t for f in files for t in _read_text_file(f)]
+        texts = [read_text_file(f) for f in files]
     elif p.suffix == ".jsonl":
-        texts = _read_jsonl(p)
+        texts = [t for _, t in jsonl_texts(p)]
     else:
-        texts = _read_text_file(p)
+        texts = [read_text_file(p)]
+    texts = [t for t in texts if t.strip()]
     if not texts:
         raise ValueError(f"{p}: no text (empty file)")
     return texts
 
 
-def _read(p: Path) -> str:
-    return safety.read_text(p)
+def text_files(
+    folder: str | os.PathLike, suffixes: tuple[str, ...], *, recursive: bool = False
+) -> list[Path]:
+    """The files of ``folder`` (and of its subfolders when ``recursive``) whose names end in one of
+    ``suffixes`` (any case), sorted by path; hidden names are skipped and links to folders not followed.
+
+    Each must be a regular file whose real path stays inside ``folder``, and together they hold at most
+    ``TEXT_LIMIT`` bytes: otherwise CheckpointError naming the file, before any of them is read."""
+    root = Path(folder)
+    found = []
+    for where, dirs, names in os.walk(root, onerror=_walk_error):
+        dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
+        found += [Path(where, n) for n in names if not n.startswith(".") and n.lower().endswith(suffixes)]
+    total = 0
+    for f in sorted(found):
+        if not safety.inside(f, root):
+            raise CheckpointError(f"{f}: a link that leaves the folder {root}; refusing to read it")
+        total += safety.regular(f).st_size  # a FIFO or device is refused here, never opened
+        if total > TEXT_LIMIT:
+            raise CheckpointError(f"{root}: its text files hold more than {format_bytes(TEXT_LIMIT)}")
+    return sorted(found)
 
 
-def _read_text_file(p: Path) -> list[str]:
-    text = _read(p)
-    return [text] if text.strip() else []
+def _walk_error(e: OSError) -> None:
+    raise CheckpointError(f"{e.filename}: cannot read ({e.strerror or type(e).__name__})")
 
 
-def _read_jsonl(p: Path) -> list[str]:
-    texts = []
+def read_text_file(path: str | os.PathLike, *, errors: str = "strict") -> str:
+    """The UTF-8 text of a regular file of at most ``TEXT_LIMIT`` bytes (a FIFO or /dev/zero is refused,
+    never read forever); ``errors="replace"`` replaces bytes that are not UTF-8 instead of refusing."""
+    p = Path(path)
+    too_large = CheckpointError(f"{p}: larger than {format_bytes(TEXT_LIMIT)}; refusing to read it")
+    with os.fdopen(safety.open_regular(p), "rb") as f:
+        if os.fstat(f.fileno()).st_size > TEXT_LIMIT:  # a sparse 3 GiB file is refused unread
+            raise too_large
+        raw = f.read(TEXT_LIMIT + 1)  # a file growing meanwhile is still read no further
+    if len(raw) > TEXT_LIMIT:
+        raise too_large
+    try:
+        return raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{p}: not UTF-8 text (byte {e.start})") from None
+
+
+def jsonl_texts(path: str | os.PathLike) -> list[tuple[int, str]]:
+    """(line number, text) of each line of a .jsonl file whose ``"text"`` is not blank; every line must be
+    a JSON object with a string ``"text"`` (read by ``safety.jsonl``: bounded lines, strict JSON), and the
+    texts hold at most ``TEXT_LIMIT`` characters in all. CheckpointError naming file:line otherwise."""
+    p = Path(path)
+    out, total = [], 0
     for lineno, obj in safety.jsonl(p):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise ValueError(f'{p}:{lineno}: expected an object with a string "text" field')
+            raise CheckpointError(f'{p}:{lineno}: expected an object with a string "text" field')
+        total += len(obj["text"])
+        if total > TEXT_LIMIT:
+            raise CheckpointError(f"{p}:{lineno}: more than {format_bytes(TEXT_LIMIT)} of text; refusing it")
         if obj["text"].strip():
-            texts.append(obj["text"])
-    return texts
+            out.append((lineno, obj["text"]))
+    return out
 
 
 def as_texts(texts: Sequence[str] | str | os.PathLike) -> list[str]:

@@ -8,8 +8,10 @@ Corpora (``load_corpus(spec)``):
 - ``gcide``: the Collaborative International Dictionary of English (Debian's ``dict-gcide``, 40 MB of text).
   Fetch it once with ``scripts/get_gcide.sh [DEST]``; the loader reads ``$RIVERVALLEY_GCIDE`` (a folder
   holding ``gcide.txt``, or the file itself), else ``~/.cache/rivervalley/gcide/gcide.txt``.
-- a PATH: a text file (one document), a ``.jsonl`` file (one document per line, its ``"text"`` field), or a
-  folder (every ``.txt``/``.md``/``.jsonl`` file below it, sorted by relative path).
+- a PATH: a text file (one document), a ``.jsonl`` file (one document per line, its string ``"text"``
+  field), or a folder (every ``.txt``/``.md``/``.jsonl`` file below it, sorted by relative path; hidden
+  names skipped, links to folders not followed). Read as eval reads ``--data`` (``extramerge.eval.data``):
+  regular files inside the folder only (a link leaving it is refused), at most 1 GiB in all, strict JSON.
 
 Split rule (``split_pieces``, ``assign_splits``). Each document is cut into *pieces* at paragraph
 boundaries (blank lines): paragraphs are packed greedily into a piece until it holds at least ``target`` bytes
@@ -41,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from extramerge.eval.data import jsonl_texts, read_text_file, text_files
 from extramerge.io import publish, safety
 from rivervalley.common.publish import publishing
 
@@ -203,21 +206,20 @@ def _gcide() -> list[Document]:
             f"(or set {GCIDE_ENV} to where it was fetched)"
         )
     # A few bytes of the 1913 text are Windows-1252, not UTF-8: replace them rather than fail.
-    text = path.read_bytes().decode("utf-8", errors="replace")
+    text = read_text_file(path, errors="replace")
     start = re.search(r"^ *Begin file \d+ of \d+", text, flags=re.M)  # skip the dictd 00-database header
     return [Document("gcide", text[start.start() :] if start else text)]
 
 
 def _path_corpus(path: Path) -> list[Document]:
+    """Read with eval's text readers: regular files inside the folder only, bounded, strict JSON lines."""
     if not path.exists():
         raise ValueError(
             f"{path}: no such file or folder (a corpus is {', '.join(CORPORA)}, or a path to text files)"
         )
-    if path.is_file():
+    if not path.is_dir():
         return _file_documents(path, path.name)
-    files = sorted(
-        p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (*TEXT_SUFFIXES, ".jsonl")
-    )
+    files = text_files(path, (*TEXT_SUFFIXES, ".jsonl"), recursive=True)
     if not files:
         raise ValueError(f"{path}: corpus folder holds no .txt, .md or .jsonl files")
     docs = []
@@ -227,22 +229,9 @@ def _path_corpus(path: Path) -> list[Document]:
 
 
 def _file_documents(path: Path, name: str) -> list[Document]:
-    try:
-        raw = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from e
     if path.suffix.lower() != ".jsonl":
-        return [Document(name, raw)]
-    docs = []
-    for i, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            text = json.loads(line)["text"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f'{path}:{i}: expected a JSON object with a "text" field') from e
-        docs.append(Document(f"{name}:{i}", str(text)))
-    return docs
+        return [Document(name, read_text_file(path, errors="replace"))]
+    return [Document(f"{name}:{i}", text) for i, text in jsonl_texts(path)]
 
 
 # ------------------------------------------------------------------------------------------------- split

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 
 import numpy as np
 import pytest
@@ -178,3 +179,55 @@ def test_gensim_wiki_corpus():
     assert len(docs) > 50
     text = "".join(d.text for d in docs)
     assert len(text) > 1_000_000 and text.count("{{") < 10 and text.count("[[") < 10
+
+
+# ------------------------------------------------------------- issue 21 item 3: the corpus is untrusted input
+
+
+def test_a_corpus_link_leaving_the_folder_is_refused_and_nothing_is_written(tmp_path, capsys):
+    from extramerge.lm import cli as lmcli
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET-BYTES " * 50)
+    corp = _write_corpus(tmp_path / "corp", n_files=8)
+    (corp / "zz.txt").symlink_to(secret)
+    with pytest.raises(ValueError, match=r"zz\.txt: a link that leaves the folder"):
+        lmdata.load_corpus(str(corp))
+    (corp / "zz.txt").unlink()
+    (corp / "sub").mkdir()
+    (corp / "sub" / "zz.md").symlink_to(secret)  # one folder down: the same rule
+    with pytest.raises(ValueError, match=r"sub/zz\.md: a link that leaves the folder"):
+        lmdata.prepare(str(corp), tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+    run = tmp_path / "run"
+    argv = ["-o", str(run), "--corpus", str(corp), "--size", "tiny", "--steps", "2", "--no-progress"]
+    assert lmcli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "leaves the folder" in err and not run.exists(), err
+    (corp / "sub" / "zz.md").unlink()
+    (corp / "sub" / "inside.md").symlink_to(corp / "doc_000.txt")  # a link that stays inside is read
+    assert "sub/inside.md" in [d.name for d in lmdata.load_corpus(str(corp))]
+
+
+def test_corpus_special_files_huge_files_and_nested_lines_are_one_line_errors(tmp_path, monkeypatch):
+    from extramerge.eval import data as eval_data
+
+    corp = _write_corpus(tmp_path / "corp", n_files=3)
+    (corp / "sub").mkdir()
+    os.mkfifo(corp / "sub" / "pipe.txt")  # skipped silently before; never opened now
+    with pytest.raises(ValueError, match=r"pipe\.txt: is a FIFO"):
+        lmdata.load_corpus(str(corp))
+    os.unlink(corp / "sub" / "pipe.txt")
+    with pytest.raises(ValueError, match="character device"):
+        lmdata.load_corpus("/dev/zero")  # a file given directly, read forever before
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"text": "fine"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ValueError, match=r"deep\.jsonl:2: invalid JSON \(nested too deeply\)"):
+        lmdata.load_corpus(str(deep))  # a RecursionError before
+    monkeypatch.setattr(eval_data, "TEXT_LIMIT", 4096)
+    with open(corp / "big.txt", "wb") as f:
+        f.truncate(8192)  # sparse: refused by its size, not read
+    with pytest.raises(ValueError, match=r"corp: its text files hold more than 4.00 KiB"):
+        lmdata.load_corpus(str(corp))
+    with pytest.raises(ValueError, match=r"big\.txt: larger than 4.00 KiB"):
+        lmdata.load_corpus(str(corp / "big.txt"))
