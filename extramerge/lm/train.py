@@ -27,9 +27,10 @@ written at ``ckpt_from, ckpt_from + ckpt_every, ...`` and at the final step; by 
 ``ckpt_from = steps - ckpt_every · floor(0.3 · steps / ckpt_every)``: a grid that ends on the final step and
 reaches back over the last 30% of training (1000 steps, every 100: 700, 800, 900, 1000). ``--stop-at N``
 pauses after step N (resume state saved); ``--resume`` continues it, as it does after Ctrl-C, SIGTERM or
-SIGHUP (one line names the step the run is saved at and the command; exit 128 + signal). Every param
-group's lr is ``base_lr · schedule(step) / peak``, so the Muon matrices (``--lr``) and the AdamW rest
-(``--adam-lr``) follow the same shape. Batches are random windows of ``seq_len + 1`` tokens of
+SIGHUP (one line names the step the run is saved at and the command; exit 128 + signal); a run started
+ignoring SIGINT or SIGHUP (``cmd &`` in a script, ``nohup``) keeps ignoring it, SIGTERM always stops it.
+Every param group's lr is ``base_lr · schedule(step) / peak``, so the Muon matrices (``--lr``) and the
+AdamW rest (``--adam-lr``) follow the same shape. Batches are random windows of ``seq_len + 1`` tokens of
 train.npy drawn by a numpy Generator seeded from ``--seed`` (model init uses ``torch.manual_seed(seed)``), so
 the same seed gives the same losses, and ``--resume`` reproduces an uninterrupted run exactly.
 """
@@ -38,9 +39,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import shutil
 import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -224,7 +227,7 @@ class Run:
                     t_side = time.perf_counter()
                     if is_ckpt or (eval_every and step % eval_every == 0):
                         self._evaluate()
-                    with deferred():  # a signal waits: a published checkpoint always has its resume state
+                    with _held_signals():  # a signal waits: a published checkpoint has its resume state
                         if is_ckpt:
                             save_checkpoint(self, factor)
                             self._save_online_merges()
@@ -357,6 +360,38 @@ def _bpb(loss: float | None) -> str:
 
 
 @contextlib.contextmanager
+def _held_signals():
+    """``deferred()``, except that a signal this process ignores (SIGINT in a background job of a script,
+    SIGHUP under nohup) stays ignored: not held, so not delivered, nor raised as the second one."""
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    ignored = [s for s in stops if signal.getsignal(s) == signal.SIG_IGN]
+    if threading.current_thread() is not threading.main_thread():
+        ignored = []  # deferred() is a no-op there, and only the main thread may set a handler
+    with deferred():
+        for s in ignored:  # deferred() puts them back to SIG_IGN as it ends
+            signal.signal(s, signal.SIG_IGN)
+        yield
+
+
+class _NotPadded(logging.Filter):
+    """The trainer's windows are packed text, never padded: transformers' warning that input_ids 'may be
+    padded' (EOS is also the pad token, and a window may start or end with it) does not apply."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "may be padded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _no_padding_warning():
+    log, only = logging.getLogger("transformers.modeling_utils"), _NotPadded()
+    log.addFilter(only)
+    try:
+        yield
+    finally:
+        log.removeFilter(only)
+
+
+@contextlib.contextmanager
 def _cpu_settings(device: str, threads: int | None):
     """CPU: flush denormals (AdamW slows down several-fold on them) and use every available core;
     CUDA: TF32 matmuls. Restores the previous settings afterwards."""
@@ -392,7 +427,7 @@ def train(config: TrainConfig) -> Path:
     published whole (never a partial folder), so the run continues with ``--resume``."""
     run = Run(config)
     try:
-        with _cpu_settings(run.resolved.device, config.threads):
+        with _cpu_settings(run.resolved.device, config.threads), _no_padding_warning():
             run.setup()
             if run.step < run.resolved.steps:
                 run.run()
