@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from . import safety
+from . import pickles, safety
 from .dtypes import TensorInfo, is_torch, to_numpy, to_torch
 from .errors import CheckpointError
 from .layout import COPIED_STATE_KEYS, TRAINING_STATE_KEYS
@@ -34,8 +34,13 @@ class TorchFile:
         import torch
 
         self.path = path
-        safety.regular(path, root=root)  # a FIFO/device would block torch.load
-        obj = _torch_load(path)
+        fd = safety.open_regular(path, root=root)  # a FIFO/device would block torch.load
+        try:
+            with os.fdopen(os.dup(fd), "rb") as f:  # its pickle bounded before torch unpickles it
+                pickles.check_torch_file(f, path, os.fstat(fd).st_size)
+            obj = _torch_load(path, f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else path)
+        finally:
+            os.close(fd)
         if not isinstance(obj, Mapping):
             raise CheckpointError(
                 f"{path}: not a checkpoint (torch file holds a {type(obj).__name__}, not a dict)"
@@ -97,16 +102,18 @@ class TorchFile:
     view_range = read_range
 
 
-def _torch_load(path: Path):
+def _torch_load(path: Path, source: Path | str):
+    """torch.load of ``source`` (the file checked, through its descriptor where /proc has it), errors
+    naming ``path``."""
     import torch
 
     try:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+            return torch.load(source, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except CheckpointError:
         raise
     except Exception as e:

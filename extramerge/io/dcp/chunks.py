@@ -15,7 +15,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 
-from .. import safety
+from .. import pickles, safety
 from ..errors import CheckpointError
 from ..mapped import MappedFile
 from .metadata import Blob
@@ -88,6 +88,8 @@ _EDGE = 16 * 2**10
 def _meta_tensor(win: _Window, where: str):
     import torch
 
+    pickles.check_torch_zip(win, where, win.length)  # no compressed records, its data.pkl bounded
+    win.seek(0)
     try:
         t = torch.load(win, map_location="meta", weights_only=True)
     except Exception as e:  # a corrupt or crafted archive: torch's own message, shortened

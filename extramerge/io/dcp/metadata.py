@@ -19,6 +19,7 @@ The result is a plain ``DcpIndex``; nothing of the pickled objects is kept.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import pathlib
@@ -28,14 +29,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import safety
+from .. import pickles, safety
 from ..dtypes import dtype_code
 from ..errors import CheckpointError
 
 __all__ = ["METADATA", "METADATA_LIMIT", "Blob", "Chunk", "TensorEntry", "DcpIndex", "read_index"]
 
 METADATA = ".metadata"
-METADATA_LIMIT = 2 * 2**30  # bytes of a .metadata file unpickled at most
+METADATA_LIMIT = pickles.PICKLE_LIMIT  # bytes of a .metadata file unpickled at most
+_MDM = "torch.distributed.checkpoint.metadata"
+_DATACLASSES = ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                "TensorProperties", "MetadataIndex", "StorageMeta")  # fmt: skip
+# The only objects whose state a .metadata pickle may set (BUILD): the dataclass instances it creates.
+_BUILT = {(_MDM, n) for n in _DATACLASSES} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
 
 
 @dataclass(frozen=True)
@@ -86,11 +92,8 @@ def _allowed() -> dict[tuple[str, str], object]:
     from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
     from torch.serialization import _get_layout
 
-    mdm = "torch.distributed.checkpoint.metadata"
-    names = ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-             "TensorProperties", "MetadataIndex", "StorageMeta")  # fmt: skip
-    allowed: dict[tuple[str, str], object] = {(mdm, n): getattr(md, n) for n in names}
-    allowed[(mdm, "_MEM_FORMAT_ENCODING")] = _MEM_FORMAT_ENCODING
+    allowed: dict[tuple[str, str], object] = {(_MDM, n): getattr(md, n) for n in _DATACLASSES}
+    allowed[(_MDM, "_MEM_FORMAT_ENCODING")] = _MEM_FORMAT_ENCODING
     allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = _StorageInfo
     allowed[("torch.serialization", "_get_layout")] = _get_layout
     allowed[("torch", "Size")] = torch.Size
@@ -132,18 +135,22 @@ class _SafeUnpickler(pickle.Unpickler):
 
 
 def _unpickle(path: Path, root: Path):
+    """The object pickled in ``path``, once ``pickles.scan`` has bounded its memory and refused BUILD on
+    anything but the dataclass instances it creates (a class, a function, an enum member, ...)."""
     fd = safety.open_regular(path, root=root)
     with os.fdopen(fd, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size > METADATA_LIMIT:
             raise CheckpointError(f"{path}: larger than {METADATA_LIMIT} bytes; refusing to unpickle it")
-        try:
-            return _SafeUnpickler(f, path, _allowed()).load()
-        except CheckpointError:
-            raise
-        except Exception as e:  # any failure of a corrupt pickle (RecursionError, MemoryError included)
-            what = safety.shown(str(e).splitlines()[0] if str(e) else "", 120)[1:-1]
-            raise CheckpointError(f"{path}: corrupt DCP metadata ({type(e).__name__}: {what})") from None
+        data = f.read(size + 1)
+    pickles.scan(data, path, build=_BUILT, corrupt="corrupt DCP metadata")
+    try:
+        return _SafeUnpickler(io.BytesIO(data), path, _allowed()).load()
+    except CheckpointError:
+        raise
+    except Exception as e:  # any failure of a corrupt pickle (RecursionError, MemoryError included)
+        what = safety.shown(str(e).splitlines()[0] if str(e) else "", 120)[1:-1]
+        raise CheckpointError(f"{path}: corrupt DCP metadata ({type(e).__name__}: {what})") from None
 
 
 def _ints(x, n: int | None = None) -> tuple[int, ...] | None:
@@ -174,7 +181,7 @@ def _storage(path: Path, raw) -> dict[tuple, Blob]:
             raise CheckpointError(f"{where}: corrupt DCP metadata (storage info is not a _StorageInfo)")
         rel, off, length = (getattr(info, k, None) for k in ("relative_path", "offset", "length"))
         if getattr(info, "transform_descriptors", None):
-            what = safety.shown(str(info.transform_descriptors), 60)
+            what = _names(info.transform_descriptors)
             raise CheckpointError(
                 f"{where} is stored with transforms {what} (compressed or extension DCP storage), which "
                 "extramerge does not read; re-save without storage extensions"
@@ -262,15 +269,40 @@ def _check_files(path: Path, folder: Path, root: Path, blobs) -> tuple[str, ...]
     return tuple(sorted(sizes))
 
 
-def _planner_data(raw, fqns) -> dict[str, tuple]:
-    """The nesting path of each fqn, where it is a plain tuple of strings/ints (else the fqn alone)."""
-    raw = raw if isinstance(raw, dict) else {}
-    out = {}
-    for fqn in fqns:
-        p = raw.get(fqn)
-        ok = isinstance(p, tuple) and 0 < len(p) <= 64 and all(type(x) in (str, int) for x in p)
-        out[fqn] = p if ok else (fqn,)
-    return out
+def _names(x) -> str:
+    """What a list of transform names holds, quoted short; never str() of it (it may nest 10**5 deep)."""
+    items = list(x[:4]) if isinstance(x, list | tuple) else [x]
+    shown = (safety.shown(i, 30) if isinstance(i, str) else type(i).__name__ for i in items)
+    return "[" + ", ".join(shown) + "]"
+
+
+def _planner_data(path: Path, raw, fqns) -> dict[str, tuple]:
+    """The nesting path of each fqn (``planner_data``: None, or {fqn: tuple of strings and ints}); an
+    fqn it does not name nests as itself."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: corrupt DCP metadata (planner_data is a {type(raw).__name__})")
+    for fqn, p in raw.items():
+        if not (isinstance(fqn, str) and isinstance(p, tuple) and 0 < len(p) <= 64):
+            raise CheckpointError(f"{path}: corrupt DCP metadata (planner_data of {safety.shown(fqn)})")
+        if not all(type(x) in (str, int) for x in p):
+            raise CheckpointError(f"{path}: corrupt DCP metadata (planner_data of {safety.shown(fqn)})")
+    return {fqn: raw.get(fqn, (fqn,)) for fqn in fqns}
+
+
+def _check_storage_meta(path: Path, raw) -> None:
+    """``storage_meta``: None, or a StorageMeta of optional strings and a list of module names (kept by
+    nobody; checked so that a crafted object cannot hide there)."""
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    if raw is None:
+        return
+    fields = ("checkpoint_id", "save_id", "load_id")
+    ok = type(raw) is StorageMeta and all(isinstance(getattr(raw, f, None), str | None) for f in fields)
+    modules = getattr(raw, "modules", None)
+    if not (ok and isinstance(modules, list) and all(isinstance(m, str) for m in modules)):
+        raise CheckpointError(f"{path}: corrupt DCP metadata (storage_meta is not a StorageMeta of strings)")
 
 
 def read_index(folder: Path, root: Path | None = None) -> DcpIndex:
@@ -316,10 +348,11 @@ def read_index(folder: Path, root: Path | None = None) -> DcpIndex:
     blobs = [(n, c.blob) for n, t in tensors.items() for c in t.chunks] + list(objects.items())
     files = _check_files(path, folder, root, blobs)
     version = getattr(obj, "version", None)
+    _check_storage_meta(path, getattr(obj, "storage_meta", None))
     return DcpIndex(
         tensors,
         objects,
-        _planner_data(getattr(obj, "planner_data", None), sd),
+        _planner_data(path, getattr(obj, "planner_data", None), sd),
         files,
         version if isinstance(version, str) else None,
     )
