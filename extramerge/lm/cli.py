@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shlex
 import signal
 import sys
 from pathlib import Path
 
+from extramerge.io import safety
 from rivervalley.common.publish import interruptible
 
 from .config import DEFAULT_ADAM_LR, DEFAULT_LR, OPTIMIZERS, RESUME_FREE, SCHEDULE_NAMES, TrainConfig
@@ -136,8 +136,11 @@ def config_from_args(argv=None) -> TrainConfig:
     base: dict = {}
     if given.get("resume"):
         rec = Path(given["out"]) / "run.json"
-        if rec.is_file():
-            saved = json.loads(rec.read_text())["config"]
+        if rec.is_file():  # bounded, strict JSON: a run folder is input like any other
+            doc = safety.load_json(rec)
+            saved = doc.get("config") if isinstance(doc, dict) else None
+            if not isinstance(saved, dict):
+                raise ValueError(f"{rec}: not a run record (no 'config' object)")
             base = {k: v for k, v in saved.items() if k not in RESUME_FREE}
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     merged = {k: v for k, v in {**base, **given}.items() if k in fields}

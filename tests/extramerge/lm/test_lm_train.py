@@ -351,3 +351,15 @@ def test_the_experiments_script_still_runs():
         [sys.executable, "-m", "experiments.lm.train", "--help"], cwd=root, capture_output=True, text=True
     )
     assert p.returncode == 0 and p.stdout.startswith("usage: python -m experiments.lm.train"), p.stderr
+
+
+def test_resume_reads_run_json_as_untrusted_input(tmp_path, capsys):
+    """Issue 21 item 12: a run.json of 100k nested '[' was a RecursionError traceback on --resume."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for text, needle in [("[" * 100_000 + "]" * 100_000, "invalid JSON (nested too deeply)"),
+                         ('{"config": 1}', "not a run record")]:  # fmt: skip
+        (run / "run.json").write_text(text)
+        assert main(["-o", str(run), "--resume", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{run / 'run.json'}: " in err and needle in err, err
