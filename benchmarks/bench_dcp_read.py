@@ -4,6 +4,7 @@ written by torch's dcp.save (one chunk a tensor), by extramerge's DCP writer (FS
 `extramerge analyze`'s Gram pass and merged (sma) into a .safetensors file. Best of 3; seconds and GB/s.
 
     python -m benchmarks.bench_dcp_read [--mb 200] [--n 4] [--dir /tmp/bench_dcp]
+    python -m benchmarks.bench_dcp_read --cover 40000   # only the chunk-cover check (issue 21 item 7)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 import extramerge
 from extramerge.io import load_checkpoints
 from extramerge.io.dcp import save as dcp_save
+from extramerge.io.dcp.cover import uncovered
 from extramerge.trajectory import gram_pass
 
 
@@ -62,12 +64,31 @@ def _time(fn) -> float:
     return best
 
 
+def _cover(n: int) -> None:
+    """The cover check of one tensor in n chunks sharing one dim-0 interval (a 5 MB .metadata at n = 40 000;
+    the pairwise sweep before issue 21 took ~11 minutes), and of an n-chunk 2-D grid."""
+    side = max(1, int(n**0.5))
+    for what, shape, boxes in (
+        ("one dim-0 interval", (4, n), [((0, i), (4, i + 1)) for i in range(n)]),
+        (
+            f"{side}×{side} grid",
+            (side, side),
+            [((i, j), (i + 1, j + 1)) for i in range(side) for j in range(side)],
+        ),
+    ):
+        t = _time(lambda shape=shape, boxes=boxes: uncovered(shape, boxes))
+        print(f"cover check, {len(boxes)} chunks, {what}: {t:.3f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=int, default=200)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--dir", default="/tmp/bench_dcp")
+    ap.add_argument("--cover", type=int, default=None, help="time only the chunk-cover check of N chunks")
     args = ap.parse_args()
+    if args.cover:
+        return _cover(args.cover)
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
     _write(root, args.mb, args.n)

@@ -32,6 +32,7 @@ from pathlib import Path
 from .. import pickles, safety
 from ..dtypes import dtype_code
 from ..errors import CheckpointError
+from . import cover
 
 __all__ = ["METADATA", "METADATA_LIMIT", "Blob", "Chunk", "TensorEntry", "DcpIndex", "read_index"]
 
@@ -228,8 +229,7 @@ def _chunks(path: Path, fqn: str, shape: tuple, raw_chunks, storage: Mapping) ->
 
 
 def _check_cover(where: str, shape: tuple, chunks: list[Chunk]) -> None:
-    """Chunks (inside the tensor) must not overlap and their volumes must add up to the tensor's: then they
-    cover it exactly. A sweep along dim 0 compares only chunks whose dim-0 intervals meet."""
+    """Chunks (inside the tensor) must tile it exactly: no overlap, no gap (``cover``, O(n log n))."""
     total = sum(c.numel for c in chunks)
     if total != math.prod(shape):
         raise CheckpointError(
@@ -240,18 +240,18 @@ def _check_cover(where: str, shape: tuple, chunks: list[Chunk]) -> None:
         if len(chunks) != 1:
             raise CheckpointError(f"{where}: a scalar stored in {len(chunks)} chunks")
         return
-    active: list[Chunk] = []
-    for c in sorted(chunks, key=lambda c: c.offsets):
-        active = [a for a in active if a.offsets[0] + a.sizes[0] > c.offsets[0]]
-        for a in active:
-            if all(
-                ao < co + cs and co < ao + as_
-                for ao, as_, co, cs in zip(a.offsets, a.sizes, c.offsets, c.sizes, strict=True)
-            ):
-                raise CheckpointError(
-                    f"{where}: chunks at offsets {list(a.offsets)} and {list(c.offsets)} overlap"
-                )
-        active.append(c)
+    boxes = [(c.offsets, tuple(o + s for o, s in zip(c.offsets, c.sizes, strict=True))) for c in chunks]
+    try:
+        point = cover.uncovered(shape, boxes)
+    except ValueError:
+        raise CheckpointError(f"{where}: its {len(chunks)} chunks are too irregular to check") from None
+    if point is None:
+        return
+    pair = cover.overlapping(point, boxes)[:2]
+    if pair:
+        a, b = (list(chunks[k].offsets) for k in pair)
+        raise CheckpointError(f"{where}: chunks at offsets {a} and {b} overlap")
+    raise CheckpointError(f"{where}: its chunks overlap or leave a gap at offsets {list(point)}")
 
 
 def _check_files(path: Path, folder: Path, root: Path, blobs) -> tuple[str, ...]:
