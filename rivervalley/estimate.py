@@ -293,6 +293,18 @@ class Fit:
         return self._linear(c)
 
     @property
+    def t90(self) -> float:
+        """The two-sided 90% Student-t quantile of the intervals (the fit's degrees of freedom)."""
+        return _t90(self.dof)
+
+    @property
+    def curvature(self) -> Interval:
+        """F2, the river profile's curvature along the lag (< 0: the river bends away), with its interval."""
+        c = np.zeros(self.best.beta.size)
+        c[2] = 1.0
+        return self._linear(c)
+
+    @property
     def valley_loss(self) -> Interval:
         """Expected valley loss of the newest checkpoint, ω₀·r_N + ω₁·V_N(ρ)."""
         e = np.eye(self.grid.n)[-1]

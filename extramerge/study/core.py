@@ -26,7 +26,7 @@ from rivervalley import estimate as est
 
 from .choose import Choice, choose, predict_candidate
 from .evaluator import Evaluator, paired_delta
-from .forecast import forecast
+from .forecast import forecast, prefix_size
 from .inputs import (
     StudyError,
     check_half,
@@ -120,6 +120,8 @@ def _study(cfg: StudyConfig, ckpts, names, tmp: Path, t0: float) -> dict:
     lr = read_lr_schedule(cfg.lr_schedule, steps, cfg.run)
     grid_of = _grid_of(lr)
     grid = grid_of(steps)
+    if cfg.forecast_from is not None:
+        grid_of(steps[: prefix_size(steps, cfg)])  # a bad --forecast-from fails before any evaluation
 
     if cfg.threads and not str(cfg.device).startswith("cuda"):
         import torch

@@ -14,7 +14,7 @@ from .choose import choose
 from .inputs import StudyError
 from .menu import rebuild
 
-__all__ = ["Prefix", "forecast"]
+__all__ = ["Prefix", "forecast", "prefix_size"]
 
 
 class Prefix:
@@ -30,14 +30,12 @@ class Prefix:
         return self.ev.measure(np.concatenate([w, np.zeros(self.n - self.m)]), half)
 
 
-def forecast(ev, steps: list[int], grid_of, cfg, bar) -> tuple[dict, dict]:
-    """(the forecast block, its merge rebuilt over every checkpoint). ``grid_of(steps)``: the learning-rate
-    grid of a list of checkpoint steps."""
+def prefix_size(steps: list[int], cfg) -> int:
+    """How many checkpoints lie at or before ``--forecast-from``; StudyError when too few or all."""
     upto = int(cfg.forecast_from)
     n = len(steps)
     m = sum(1 for s in steps if s <= upto)
-    need = cfg.window + min(d for d in cfg.offsets if d >= 1) + 1 if cfg.offsets else cfg.window + 2
-    need = max(need, 3)
+    need = max(cfg.window + min([d for d in cfg.offsets if d >= 1], default=1) + 1, 3)
     if m >= n:
         raise StudyError(
             f"--forecast-from {upto}: every checkpoint (the newest is step {steps[-1]}) is at or before it; "
@@ -48,6 +46,15 @@ def forecast(ev, steps: list[int], grid_of, cfg, bar) -> tuple[dict, dict]:
             f"--forecast-from {upto}: {m} checkpoints up to that step, the study needs at least {need} "
             f"(--window {cfg.window} plus the smallest offset plus one)"
         )
+    return m
+
+
+def forecast(ev, steps: list[int], grid_of, cfg, bar) -> tuple[dict, dict]:
+    """(the forecast block, its merge rebuilt over every checkpoint). ``grid_of(steps)``: the learning-rate
+    grid of a list of checkpoint steps."""
+    upto = int(cfg.forecast_from)
+    n = len(steps)
+    m = prefix_size(steps, cfg)
     ch = choose(Prefix(ev, m, n), grid_of(steps[:m]), m, cfg, bar)
     rec = ch.recommendation
     recipe = {**rec["recipe"], "window_all": False}

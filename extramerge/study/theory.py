@@ -5,7 +5,8 @@ The gate exists because the theory left alone can harm: under a decaying learnin
 loss of the newest checkpoint goes to ≈ 0 and the river's curvature F2 < 0, and extrapolation then looks
 free to the model while it costs nats on held-out text. A theory merge is offered only when
 
-- the fit is trusted (:func:`fit_checks`), the river does not bend away (F2 ≥ 0) and the newest
+- the fit is trusted (:func:`fit_checks`), the river does not bend away (F2 is not more than one
+  standard error below 0) and the newest
   checkpoint's valley loss is identified away from zero (its 90% interval above 0): the fit-level gate;
 - it stays inside what the calibration half has measured: its lag (in learning-rate area), its ‖w‖₂ and,
   for Extra-Merge, its α lie within the range of the merges measured there;
@@ -63,9 +64,9 @@ class Theory:
         return self.main.valley_loss
 
     @property
-    def curvature(self) -> float:
+    def curvature(self) -> est.Interval:
         """F2 of the main model: the river's curvature along the lag (< 0: it bends away)."""
-        return float(self.main.best.beta[2])
+        return self.main.curvature
 
     def optimal_weights(self):
         return self.main.optimal_weights()
@@ -193,9 +194,12 @@ def theory_merges(fit: Theory, theory: dict, n: int, K: int, trusted: bool) -> t
 def fit_gate(fit: Theory, problems: list[str]) -> list[str]:
     """Why the theory's own merges and its pick are not offered on this run (empty: they may be)."""
     out = [f"the fit is not trusted: {p}" for p in problems]
-    if fit.curvature < 0:
+    f2 = fit.curvature
+    se = (f2.hi - f2.lo) / (2 * fit.main.t90)  # over ρ's confidence set: conservative
+    if f2.value < -se:  # more than one s.e. below 0: a straight river's F2 = 0 passes 84% of the time
         out.append(
-            f"the river bends away (F2 = {fit.curvature:.3g} < 0): extrapolation looks free to the model"
+            f"the river bends away (F2 = {f2.value:.3g}, {-f2.value / max(se, 1e-300):.1f} s.e. below 0): "
+            "extrapolation looks free to the model"
         )
     vl = fit.valley_loss
     if not vl.lo > 0:
@@ -217,7 +221,7 @@ class Reach:
         norm = np.linalg.norm(W_, axis=1)
         self.lag = (float(-s.max()), float(-s.min()))
         self.norm = float(norm.max())
-        self.alpha = (min(alphas, default=0.0), max(alphas, default=0.0))
+        self.alpha = (min([0.0, *alphas]), max([0.0, *alphas]))  # α = 0 is the window itself (SMA)
 
     def outside(self, c: dict) -> list[str]:
         """How candidate c reaches outside (empty: it stays inside)."""

@@ -62,6 +62,87 @@ def test_report_has_the_promised_fields(report):
         assert "measured_best_alpha" in cell and (cell["alpha_star"] is None) == (not cell["identified"])
 
 
+def test_menu_is_complete_and_every_merge_says_its_kind(report):
+    r, _ = report
+    names = {c["name"] for c in r["candidates"]}
+    for k in ("2", "4", "all"):  # 8 checkpoints: K = 8 is every checkpoint
+        assert f"SMA K={k}" in names and f"WMA K={k}" in names
+    for k in ("4", "all"):
+        for ahead in (0, 1, 2):
+            assert f"trend K={k} ahead={ahead}" in names
+    assert {c["kind"] for c in r["candidates"]} <= {"plain", "theory"}
+    n_docs = r["data"]["test"]["documents"]
+    for m in r["measured"]:
+        assert m["kind"] in ("plain", "theory")
+        assert len(m["doc_tokens"]) == len(m["doc_nll"]) == n_docs
+        assert sum(m["doc_tokens"]) == r["data"]["test"]["tokens"]
+        # ΔL against the newest checkpoint is recomputable offline from the per-document numbers
+        last = next(x for x in r["measured"] if x["name"] == "last")
+        d = (np.sum(m["doc_nll"]) - np.sum(last["doc_nll"])) / np.sum(m["doc_tokens"])
+        assert d == pytest.approx(m["delta"], abs=1e-9)
+    plain = next(m for m in r["measured"] if m["name"] == r["plain_best"]["name"])
+    assert plain["delta_vs_plain"] == 0 and plain["kind"] == "plain"
+
+
+def test_theory_is_offered_only_through_the_gate(report):
+    r, _ = report
+    gate = r["theory_gate"]
+    assert gate["open"] == (not gate["why_closed"])
+    for c in r["candidates"]:
+        if c["kind"] != "theory":
+            continue
+        assert c["offered"] == (not c["not_offered_because"])
+        if c["offered"]:
+            assert gate["open"] and c["calib_delta"] <= 0
+    offered = [c for c in r["candidates"] if c["kind"] == "theory" and c["offered"]]
+    tvp = r["theory_vs_plain"]
+    assert tvp["plain"] == r["plain_best"]["name"]
+    if offered:
+        best = min(offered, key=lambda c: c["calib_delta"])
+        assert tvp["theory"] == best["name"] and tvp["se"] > 0
+        t = next(m for m in r["measured"] if m["name"] == best["name"])
+        assert tvp["delta"] == pytest.approx(t["delta_vs_plain"])
+    else:
+        assert tvp["delta"] is None and tvp["why"]
+    tp = r["theory_pick"]
+    if not tp["offered"]:
+        assert tp["name"] == "last" and tp["why_not"]
+    rec = r["recommendation"]  # never a merge whose own interval says it is worse than the newest
+    assert rec["kind"] == "plain" or any(c["name"] == rec["name"] and c["offered"] for c in offered)
+    if rec["predicted_interval"] is not None and rec["name"] != "last":
+        assert rec["predicted_interval"][0] <= 0
+
+
+def test_forecast_chooses_from_a_prefix_and_measures_at_the_newest(run, tmp_path):
+    out = tmp_path / "fc"
+    halves = ["--calib", str(run / "data/val.jsonl"), "--test", str(run / "data/test.jsonl")]
+    small = ["--quiet", "--threads", "1", "--window", "2", "--offsets", "2", "--alphas=-0.5,0.5"]
+    assert em_main(["study", str(run), *halves, "-o", str(out), "--forecast-from", "50", *small]) == 0
+    r = json.loads((out / "study.json").read_text())
+    fc = r["forecast"]
+    assert fc["from_step"] == 50 and fc["checkpoints"] == 6 and fc["steps"] == [25, 50]
+    n = r["checkpoints"]["n"]
+    assert len(fc["weights"]) == n and sum(fc["weights"]) == pytest.approx(1)
+    w = np.asarray(fc["weights"])
+    if fc["recipe"]["method"] != "last":
+        assert np.all(w[:2] == 0) or fc["recipe"]["method"] in ("ema", "custom")  # built at the newest
+    row = next(m for m in r["measured"] if np.allclose(m["weights"], fc["weights"]))
+    assert fc["measured"]["delta"] == row["delta"]
+    best = min(r["measured"], key=lambda m: m["delta"])
+    assert fc["measured"]["best"] == best["name"] and fc["measured"]["gap_to_best"] >= -1e-12
+    assert "forecast from step 50" in (out / "study.md").read_text()
+
+
+@pytest.mark.parametrize("step, why", [("30", "needs at least"), ("60", "every checkpoint")])
+def test_bad_forecast_step_is_one_line_before_any_evaluation(run, tmp_path, capsys, step, why):
+    out = tmp_path / "fc"
+    halves = ["--calib", str(run / "data/val.jsonl"), "--test", str(run / "data/test.jsonl")]
+    assert em_main(["study", str(run), *halves, "-o", str(out), "--forecast-from", step, *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--forecast-from" in err[0] and why in err[0]
+    assert not out.exists()
+
+
 def test_measured_delta_is_the_loss_of_the_merge(report, run):
     """A merge written by `extramerge merge` and scored by `extramerge.eval` gives the study's ΔL."""
     import torch
@@ -117,7 +198,11 @@ def test_quick_mode_gives_only_the_recommendation(run, report, tmp_path):
     q = json.loads((out / "study.json").read_text())
     assert q["mode"] == "quick" and q["measured"] == [] and q["recommendation"]["weights"]
     # the lean calibration, then the short list: 2 SMA, WMA, EMA, 2 trends, the α grid at one offset
-    assert q["evaluations"] <= len(q["calibration"]["losses"]) + 7 + len(FAST_ALPHAS) < report[0]["evaluations"] / 2
+    assert (
+        q["evaluations"]
+        <= len(q["calibration"]["losses"]) + 7 + len(FAST_ALPHAS)
+        < report[0]["evaluations"] / 2
+    )
 
 
 def _hf_folders(root, run, n=6):
