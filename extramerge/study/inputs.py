@@ -6,7 +6,6 @@ Each reader checks what it is given and raises :class:`StudyError` with one line
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from pathlib import Path
@@ -206,7 +205,7 @@ def _from_run_json(p: Path, steps: list[int]):
     from rivervalley import schedules
 
     try:
-        meta = json.loads(safety.read_text(p))
+        meta = safety.load_json(p)  # bounded, strict: a deeply nested file is one line, not a traceback
         sch = meta["schedule"]
         factory = (
             getattr(schedules, sch["factory"]) if sch["factory"] in ("constant", "cosine", "wsd") else None

@@ -305,6 +305,10 @@ def test_bad_input_one_line_exit_2_nothing_written(run, tmp_path, capsys):
     assert "needs at least 5" in _bad([str(few), *halves], capsys, out)
     # a learning-rate schedule that does not cover the checkpoints
     assert "covers steps 0..30" in _bad([str(run), *halves, "--lr-schedule", "0:1,30:1"], capsys, out)
+    # a run.json nested too deeply for a JSON parser's recursion: one line, not a RecursionError
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    assert "nested too deeply" in _bad([str(run), *halves, "--lr-schedule", str(deep)], capsys, out)
     # mixed architectures
     other = tmp_path / "other"
     train(TrainConfig(out=str(other), steps=10, ckpt_every=10, ckpt_from=10, **{**TINY, "d_model": 48}))
