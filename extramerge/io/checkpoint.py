@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from . import safety
-from .dtypes import TensorInfo
+from .dtypes import ST_METADATA, TensorInfo
 from .errors import CheckpointError
 from .layout import parse_step
 from .safetensors import SafetensorsFile
@@ -133,6 +133,11 @@ class Checkpoint:
         self.metadata: dict[str, str] = {}
         for src in sources:
             for n, info in src.infos.items():
+                if n == ST_METADATA or getattr(src, "aliases", {}).get(ST_METADATA) is not None:
+                    raise CheckpointError(
+                        f"{self.path}: a tensor named {ST_METADATA!r}, the key safetensors reserves for its "
+                        "header's metadata (no safetensors reader could load a file holding it); rename it"
+                    )
                 if n in self._where:
                     what = safety.shown(n)
                     raise CheckpointError(f"{self.path}: tensor {what} is stored twice ({src.path.name})")

@@ -35,6 +35,7 @@ ST_DTYPES = {
 }  # fmt: skip
 ST_RANK = {code: i for i, code in enumerate(ST_DTYPES)}
 ST_ITEMSIZE = {code: nbytes for code, (_, nbytes) in ST_DTYPES.items()}
+ST_METADATA = "__metadata__"  # the safetensors header key of its metadata: no tensor may have this name
 _CODE_OF = {name: code for code, (name, _) in ST_DTYPES.items()}
 _FLOAT_CODES = frozenset({"F8_E5M2", "F8_E4M3", "F16", "BF16", "F32", "F64"})
 _ML_DTYPES = ("bfloat16", "float8_e5m2", "float8_e4m3fn")  # numpy has no such dtypes: ml_dtypes does

@@ -26,6 +26,7 @@ from pathlib import Path
 from rivervalley.common import publish as _shared
 from rivervalley.common.publish import clean_stale, mark, marked, own_json, publishing, refusal
 
+from . import safety
 from .errors import CheckpointError
 from .layout import WEIGHT_SUFFIXES, record_path
 from .safety import kind
@@ -116,6 +117,13 @@ def check_output(output, inputs: Iterable = (), *, force=False, what="input chec
     (non-empty) without force. Returns the absolute output path. ``clean``: first remove (or put back)
     what a killed run left beside it (off for a dry run, which changes nothing)."""
     out = Path(os.path.abspath(output))
+    for name in (out, record_path(out)):  # the record: when the output is a file, X.merge.json beside it
+        long = _shared.too_long(name)
+        if long is not None:
+            raise CheckpointError(
+                f"output {safety.shown(output, 60)}: the name {safety.shown(long, 40)} is "
+                f"{len(long.encode(errors='surrogateescape'))} bytes; a file system allows {_shared.NAME_MAX}"
+            )
     for p in _input_paths(inputs):
         rel = overlap(out, p)
         if rel is not None:

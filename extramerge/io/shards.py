@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dtypes import ST_DTYPES, TensorInfo, is_torch, to_numpy
+from .dtypes import ST_DTYPES, ST_METADATA, TensorInfo, is_torch, to_numpy
 from .errors import CheckpointError
 from .raw import DIRECT_IO_MIN_BYTES, FileWriter
 
@@ -52,9 +52,11 @@ def shard_names(stem: str, ext: str, n: int) -> list[str]:
 def _safetensors_header(infos: Sequence[TensorInfo], metadata: Mapping[str, str] | None) -> bytes:
     header: dict = {}
     if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        header[ST_METADATA] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
     for info in infos:
+        if info.name == ST_METADATA:
+            raise CheckpointError(f"tensor {ST_METADATA!r}: safetensors reserves this name for its metadata")
         if info.dtype_str not in ST_DTYPES:
             raise CheckpointError(
                 f"tensor '{info.name}': dtype {info.dtype_name} cannot be stored in safetensors"

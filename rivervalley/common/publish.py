@@ -28,7 +28,9 @@ policy on top: overlap with inputs, the merge's record rule).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -59,15 +61,50 @@ __all__ = [
     "marked",
     "own_json",
     "special_mode",
+    "too_long",
+    "NAME_MAX",
 ]
 
 MARKER = ".rivervalley-output"  # JSON {"tool": "rivervalley", "command": ...} in folders its commands write
 
-HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32]
+NAME_MAX = 255  # bytes of one file name (Linux, macOS); a longer output name is refused before any work
+
+
+def _host_tag(host: str) -> str:
+    """The host as staging names carry it: its letters and digits (at most 24) and a hash of the whole
+    name, so that hosts differing only in other characters or beyond 24 (``node-1``, ``node1``, long pod
+    names) never share a tag, and one host's clean-up never takes another's staging folder for its own."""
+    return f"{re.sub(r'[^A-Za-z0-9]', '', host)[:24]}_{hashlib.sha256(host.encode()).hexdigest()[:8]}"
+
+
+HOST = _host_tag(socket.gethostname())
+# Staging names written before the hash was added: recognised by clean_stale (hosts that differ only in
+# other characters, or beyond 32, share this tag: such leftovers are cleaned as before, with that risk).
+_LEGACY_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32]
+_NAME_KEPT = NAME_MAX - 64  # bytes of an output name kept whole in its staging names (PID, host, suffix)
 
 
 def _tag() -> str:
     return f"{os.getpid()}@{HOST}"
+
+
+def _short(name: str) -> str:
+    """``name`` as staging names beside it carry it: whole, or where that would make them longer than
+    NAME_MAX, its first 160 bytes and a hash of the whole name."""
+    raw = name.encode(errors="surrogateescape")
+    if len(raw) <= _NAME_KEPT:
+        return name
+    head = raw[:160].decode(errors="ignore")
+    return f"{head}~{hashlib.sha256(raw).hexdigest()[:8]}"
+
+
+def too_long(path) -> str | None:
+    """The first component of ``path`` longer than NAME_MAX bytes (which no file system here can create:
+    'File name too long' only once the work is done), else None."""
+    for part in Path(path).parts:
+        if len(part.encode(errors="surrogateescape")) > NAME_MAX:
+            return part
+    return None
 
 
 def _alive(pid: int) -> bool:
@@ -84,7 +121,8 @@ def clean_stale(out: Path) -> list[Path]:
     """Remove what a killed run (kill -9, power loss) left beside ``out``: its staging folders, and a
     replaced output renamed aside (deleted when a new output is in place, else renamed back). Only
     leftovers of processes of this host that no longer run are touched; returns what was cleaned."""
-    pat = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)@{re.escape(HOST)}-")
+    hosts = "|".join(map(re.escape, (HOST, _LEGACY_HOST)))
+    pat = re.compile(rf"\.{re.escape(_short(out.name))}\.(tmp|old)-(\d+)@(?:{hosts})-")
     cleaned = []
     with contextlib.suppress(OSError):
         for p in out.parent.iterdir():
@@ -154,7 +192,7 @@ def publish(src: Path, dst: Path, force: bool) -> None:
         elif not force:
             raise FileExistsError(f"output {dst} appeared while writing; pass force=True to replace it")
         else:
-            aside = dst.with_name(f".{dst.name}.old-{_tag()}-{uuid.uuid4().hex[:8]}")
+            aside = dst.with_name(f".{_short(dst.name)}.old-{_tag()}-{uuid.uuid4().hex[:8]}")
             os.rename(dst, aside)
     try:
         os.rename(src, dst)
@@ -187,12 +225,14 @@ def publishing(
     exception, KeyboardInterrupt and ``Terminated`` included, nothing more is published; in every case the
     staging folder is then removed, with each parent folder it created that is left empty."""
     out = Path(out)
+    if too_long(out) is not None:  # before any folder is made
+        raise OSError(errno.ENAMETOOLONG, f"file name longer than {NAME_MAX} bytes", too_long(out))
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     tmp = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_tag()}-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{_short(out.name)}.tmp-{_tag()}-", dir=out.parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the output gets the usual mode
         yield tmp
         if commit is not None:

@@ -184,3 +184,47 @@ def test_own_json_reads_only_a_small_regular_file_and_never_waits_on_a_fifo(tmp_
     t.start()
     t.join(10)
     assert result == [False]
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    return int(p.stdout)
+
+
+def test_staging_names_tell_hosts_apart_and_clean_stale_takes_only_its_own(tmp_path, monkeypatch):
+    """Issue 21 item 13: `node-1` and `node1` (and pod names equal in their first 32 letters) used to
+    share a host tag, so one host's clean-up deleted the other's live staging folder on shared storage."""
+    long_a, long_b = "pod-" + "x" * 40 + "-a", "pod-" + "x" * 40 + "-b"
+    assert P._host_tag("node-1") != P._host_tag("node1")
+    assert P._host_tag(long_a) != P._host_tag(long_b)
+    monkeypatch.setattr(P, "HOST", P._host_tag("node1"))
+    monkeypatch.setattr(P, "_LEGACY_HOST", "node1")
+    out, dead = tmp_path / "merged", _dead_pid()
+    other = tmp_path / f".merged.tmp-{dead}@{P._host_tag('node-1')}-abcd"  # another host's, live there
+    mine = tmp_path / f".merged.tmp-{dead}@{P.HOST}-abcd"
+    legacy = tmp_path / f".merged.tmp-{dead}@node1-abcd"  # what this host wrote before the change
+    for p in (other, mine, legacy):
+        p.mkdir()
+    assert sorted(P.clean_stale(out)) == sorted([mine, legacy])
+    assert other.is_dir() and not mine.exists() and not legacy.exists()
+
+
+def test_an_output_name_near_the_limit_is_staged_and_a_longer_one_refused_first(tmp_path):
+    """Issue 21 item 12: a 250-byte output name failed with 'File name too long' (its staging name is
+    longer); one over NAME_MAX is refused before any folder is made."""
+    out = tmp_path / "new" / ("a" * 250)
+    with P.publishing(out, file=True) as stage:
+        assert len(stage.name.encode()) <= P.NAME_MAX
+        (stage / out.name).write_text("x")
+    assert out.read_text() == "x" and _hidden(out.parent) == []
+    other = tmp_path / "new" / ("a" * 249 + "b")  # same first 160 bytes: a different staging name
+    assert P._short(other.name) != P._short(out.name)
+    too = tmp_path / "made" / ("b" * 256)
+    with pytest.raises(OSError, match="longer than 255 bytes"), P.publishing(too, file=True):
+        pass
+    assert not (tmp_path / "made").exists()
