@@ -166,7 +166,8 @@ def merge_weights(
         copied = [n for n, i in infos.items() if not i.is_float]
         resident = any(formats.get(ckpts[j].format).resident_reads for j in active)
         bytes_read = sum(i.nbytes * (len(active) if i.is_float else 1) for i in infos.values())
-        bytes_written = sum(i.nbytes for i in out_infos.values())
+        carried, held = formats.get(fmt).carried(template)  # side files, DCP byte entries: copied whole
+        bytes_written = sum(i.nbytes for i in out_infos.values()) + carried
         chunk = max(1, chunk_bytes // 4)
         plan = units.plan_units(infos, chunk)
         share = None
@@ -190,7 +191,8 @@ def merge_weights(
             + (max(prefetch, n_workers) + 1) * unit_bytes
             + n_workers * 2 * BLOCK * acc.itemsize
             + (2 * DIRECT_BLOCK if not collects else 0)  # the direct-I/O blocks
-            + (bytes_written if collects else 0)
+            + (bytes_written - carried if collects else 0)
+            + held
             + (bytes_read if resident else 0)  # e.g. torch-file inputs: pages read stay resident
         )
         free_disk = shutil.disk_usage(_first_existing(out_path.parent)).free

@@ -121,6 +121,22 @@ def plan_output(
     return DcpOutput(run_root, prefix, step, plan_dcp(infos, file_bytes=file_bytes))
 
 
+def carried_bytes(template: Checkpoint | None, run_root: bool) -> tuple[int, int]:
+    """(bytes written, bytes held in memory) that a DCP output copies from the newest input besides the
+    merged tensors: its byte entries (their lengths, whatever a sparse file stores; read into memory
+    together while file 0 is written) and, in a run root, its metadata.json and common.pt."""
+    src = _template_source(template)
+    if src is None:
+        return 0, 0
+    held = sum(blob.length for blob in src.objects.values())
+    total = held
+    if run_root and megatron_backend(template.path, template.root) is not None:
+        for fname in (MEGATRON_CONFIG, MEGATRON_COMMON):
+            if (template.path / fname).is_file():
+                total += safety.regular(template.path / fname, root=template.root).st_size
+    return total, held
+
+
 def write_files(
     tmp: Path,
     layout: DcpOutput,
