@@ -319,6 +319,9 @@ def misses(results: list[dict]) -> list[str]:
         for key, what in (("coverage_vs_last", "vs newest"), ("coverage_vs_plain", "vs best plain")):
             if not 0.85 <= r[key] <= 0.95:
                 why.append(f"coverage {what} {r[key]:.0%}")
+        ident = r["coverage_vs_last_identified"]
+        if ident is not None and ident > 0.95:  # in the band only because "not identified" counts as a miss
+            why.append(f"identified intervals over-cover ({ident:.0%} vs newest)")
         if r["median_alpha_error"] is not None and r["median_alpha_error"] > 0.25:
             why.append(f"median |α* − α_opt| {r['median_alpha_error']:.2f}")
         if r["theory_pick_harms"]:
