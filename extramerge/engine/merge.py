@@ -33,6 +33,7 @@ from ..io import (
     write_checkpoint,
 )
 from ..io.raw import DIRECT_BLOCK
+from ..io.writer import carried_bytes
 from . import ranked, units
 from .arith import BLOCK, accumulate_name, all_finite, output_code, weighted_into
 from .parallel import ordered_map
@@ -166,7 +167,7 @@ def merge_weights(
         copied = [n for n, i in infos.items() if not i.is_float]
         resident = any(formats.get(ckpts[j].format).resident_reads for j in active)
         bytes_read = sum(i.nbytes * (len(active) if i.is_float else 1) for i in infos.values())
-        carried, held = formats.get(fmt).carried(template)  # side files, DCP byte entries: copied whole
+        carried, held = carried_bytes(template, fmt)  # side files, DCP byte entries: copied whole
         bytes_written = sum(i.nbytes for i in out_infos.values()) + carried
         chunk = max(1, chunk_bytes // 4)
         plan = units.plan_units(infos, chunk)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import safety
 from .dcp import write_output as write_dcp
 from .errors import CheckpointError
 from .layout import TORCH_SUFFIXES
@@ -83,23 +82,6 @@ class Format:
     def index_file(self) -> str | None:
         """An HF folder's shard index (model.safetensors.index.json), None for other formats."""
         return None if self.hf_stem is None else f"{self.weights_file}.index.json"
-
-    def carried(self, template) -> tuple[int, int]:
-        """(bytes written, bytes held in memory at once) that an output in this format copies from the
-        newest input ``template`` besides the merged tensors: an HF folder's side files (config,
-        tokenizer, ...), a DCP checkpoint's byte entries, a Megatron iteration's metadata.json and
-        common.pt. Apparent sizes: a sparse file is written out whole."""
-        from .dcp.folder import carried_bytes
-        from .discovery import side_files
-
-        if template is None:
-            return 0, 0
-        if self.writer is _dcp:
-            return carried_bytes(template, self.run_root)
-        if self.hf_stem is None or not template.path.is_dir() or get(template.format).hf_stem is None:
-            return 0, 0
-        files = [p for p in side_files(template.path) if p.is_file()]  # what writer._copy_hf_files copies
-        return sum(safety.regular(p, root=template.root).st_size for p in files), 0
 
     def write(
         self, tmp: Path, stream, infos: Mapping[str, TensorInfo], target: Target

@@ -27,6 +27,7 @@ from rivervalley.common.publish import locked, publishing
 
 from . import formats, safety
 from .checkpoint import Checkpoint
+from .dcp.folder import carried_bytes as dcp_carried_bytes
 from .discovery import side_files
 from .dtypes import ST_RANK, TensorInfo, dtype_code, is_torch
 from .errors import CheckpointError
@@ -162,15 +163,32 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _hf_side_files(template: Checkpoint | None) -> list[Path]:
+    """The files an HF output copies from the newest input: config, generation config, tokenizer files
+    ... (everything but weights and training state) when it is an HF folder."""
+    if template is None or not template.path.is_dir() or formats.get(template.format).hf_stem is None:
+        return []
+    # a dangling link is left out (one leaving the folder was refused when the checkpoint was opened)
+    return [p for p in side_files(template.path) if p.is_file()]
+
+
+def carried_bytes(template: Checkpoint | None, fmt: str) -> tuple[int, int]:
+    """(bytes written, bytes held in memory at once) that an output in format ``fmt`` copies from the
+    newest input ``template`` besides the merged tensors, for the merge's projection: an HF folder's side
+    files, a DCP checkpoint's byte entries, a Megatron iteration's metadata.json and common.pt. Apparent
+    sizes: a sparse file is written out whole."""
+    spec = formats.get(fmt)
+    if spec.whole_files_per_rank:  # a DCP output
+        return dcp_carried_bytes(template, spec.run_root)
+    files = _hf_side_files(template) if spec.hf_stem is not None else []
+    return sum(safety.regular(p, root=template.root).st_size for p in files), 0
+
+
 def _copy_hf_files(template: Checkpoint, folder: Path, infos: Mapping[str, TensorInfo]) -> list[str]:
-    """Copy config, generation config, tokenizer files ... (everything but weights and training state);
-    only regular files inside the template's folder are read."""
+    """Copy the side files of an HF template (``_hf_side_files``); only regular files inside the
+    template's folder are read."""
     copied = []
-    if not template.path.is_dir() or formats.get(template.format).hf_stem is None:
-        return copied
-    for p in side_files(template.path):
-        if not p.is_file():
-            continue  # a dangling link (one leaving the folder was refused when the checkpoint was opened)
+    for p in _hf_side_files(template):
         safety.regular(p, root=template.root)
         shutil.copyfile(p, folder / p.name)
         copied.append(p.name)
@@ -313,4 +331,3 @@ def write_checkpoint(
         )  # fmt: skip
         t_sync += t_fin
     return WriteResult(written, published, time.perf_counter() - t_start, t_sync, t_publish)
-
