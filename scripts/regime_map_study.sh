@@ -12,8 +12,11 @@ names=("$@"); [ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
 for name in "${names[@]}"; do
   run="$RUNS/$name"
   grep -q '"status": "finished"' "$run/run.json" 2>/dev/null || { echo "$name: not trained yet" >&2; continue; }
+  # the study writes into the run folder (its own output, replaced with --force); the results are copied
   python -m extramerge study "$run" --calib "$run/data/val.jsonl" --test "$run/data/test.jsonl" \
-    --threads 1 --quiet --force -o "results/regime/$name"
+    --threads 1 --quiet --force -o "$run/study"
+  mkdir -p "results/regime/$name"
+  cp "$run/study/study.json" "$run/study/study.md" "$run/study/alpha.png" "results/regime/$name/"
   if [ -z "${NO_QUICK:-}" ]; then  # --quick too: its recommendation and its time
     python -m extramerge study "$run" --calib "$run/data/val.jsonl" --test "$run/data/test.jsonl" \
       --threads 1 --quiet --force --quick -o "$run/study-quick"

@@ -5,10 +5,17 @@ It needs only an evaluator with ``measure(weights, "calib") -> DocLosses``, so t
 checkpoints (:class:`extramerge.study.evaluator.Evaluator`), on a prefix of them (forecast mode) and on
 simulated trajectories (:mod:`extramerge.study.simulated`).
 
-Predictions are made *relative to the best plain calibration merge* P (the plain selector's choice): the
-model predicts ΔL(c) − ΔL(P), where what the two merges share (the newest checkpoint's own misfit) cancels;
-ΔL(c) against the newest checkpoint is P's calibration ΔL plus that difference, so the calibration
-half's sampling noise (P's paired s.e.) and the model's error are each counted once.
+Predictions, each against the newest checkpoint and against the best plain calibration merge P (the plain
+selector's choice):
+
+- a merge measured on the calibration half is predicted by that measurement: its calibration ΔL with a
+  Student-t 90% interval from its paired, document-clustered s.e. (calibration and measurement halves are
+  independent samples of documents). This is the interval the study ships for every menu merge.
+- the model's prediction is kept beside it (``predicted["model"]``): ΔL(c) − ΔL(P) from the fit, where
+  what the two merges share (the newest checkpoint's own misfit) cancels, plus P's calibration ΔL, so the
+  calibration noise (P's paired s.e.) and the model's error are each counted once. It is the prediction
+  of merges never measured on the calibration half (α = 3, the diagnostics, a forecast's merge) and what
+  the theory's own pick ranks by. ``scripts/study_validation.py`` and the regime map score both.
 """
 
 from __future__ import annotations
@@ -63,15 +70,29 @@ def choose(ev, grid: est.Grid, n: int, cfg, bar) -> Choice:
     pool = quick_pool(menu, offsets) if cfg.quick else menu
 
     base = ev.measure(np.eye(n)[-1], "calib")
+    dls = {}
     for c in pool:
-        dl = base if c["method"] == "last" else ev.measure(c["weights"], "calib")
+        dls[id(c)] = dl = base if c["method"] == "last" else ev.measure(c["weights"], "calib")
         c["calib_delta"], c["calib_se"] = paired_delta(dl, base)
         bar()
     plain_pool = [c for c in pool if c["kind"] == "plain"]
     P = min(plain_pool, key=lambda c: c["calib_delta"])
     t = _t90(len(base.tokens) - 1)
     for c in menu + diag:
-        c["predicted"] = _predict(fit, c, P, t) if trusted else _unidentified()
+        model = _predict(fit, c, P, t) if trusted else _unidentified()
+        if id(c) in dls:  # measured on the calibration half: that measurement is the prediction
+            d, se = paired_delta(dls[id(c)], dls[id(P)])
+            c["calib_vs_plain"], c["calib_vs_plain_se"] = d, se
+            c["predicted"] = {
+                "delta": c["calib_delta"],
+                "interval": _iv(c["calib_delta"], t * c["calib_se"]),
+                "vs_plain": d,
+                "vs_plain_interval": _iv(d, t * se),
+                "source": "calibration",
+                "model": model,
+            }
+        else:
+            c["predicted"] = {**model, "source": "model" if trusted else None, "model": model}
 
     gate = fit_gate(fit, problems)
     reach = Reach(
@@ -123,8 +144,10 @@ def choose(ev, grid: est.Grid, n: int, cfg, bar) -> Choice:
 
 
 def predict_candidate(ch: Choice, c: dict) -> dict:
-    """The prediction of a merge outside the menu (α = 3, a forecast's merge) by the same rule."""
-    return _predict(ch.fit, c, ch.plain_best, ch.t90) if ch.trusted else _unidentified()
+    """The prediction of a merge not measured on the calibration half (α = 3, a forecast's merge): the
+    model's, relative to the best plain merge."""
+    model = _predict(ch.fit, c, ch.plain_best, ch.t90) if ch.trusted else _unidentified()
+    return {**model, "source": "model" if ch.trusted else None, "model": model}
 
 
 def _theory_pick(pool, gate, reach, trusted) -> dict:
@@ -136,9 +159,9 @@ def _theory_pick(pool, gate, reach, trusted) -> dict:
     ok = [
         c
         for c in pool
-        if c["calib_delta"] <= 0 and not reach.outside(c) and c["predicted"]["delta"] is not None
+        if c["calib_delta"] <= 0 and not reach.outside(c) and c["predicted"]["model"]["delta"] is not None
     ]
-    best = min(ok, key=lambda c: c["predicted"]["delta"], default=last)
+    best = min(ok, key=lambda c: c["predicted"]["model"]["delta"], default=last)
     return {"candidate": best, "offered": True, "why": []}
 
 
@@ -156,6 +179,13 @@ def _predict(fit: Theory, c: dict, P: dict, t: float) -> dict:
     hi = anchor + rel.value + math.hypot(rel.hi - rel.value, a_half)
     ok = hi - lo <= NOT_IDENTIFIED_WIDTH and math.isfinite(lo) and math.isfinite(hi)
     return {"delta": anchor + rel.value, "interval": [lo, hi] if ok else None, **_rel(rel)}
+
+
+def _iv(value: float, half: float) -> list[float] | None:
+    """value ± half, or None (not identified) when wider than NOT_IDENTIFIED_WIDTH or not finite."""
+    if not (math.isfinite(value) and math.isfinite(half)) or 2 * half > NOT_IDENTIFIED_WIDTH:
+        return None
+    return [value - half, value + half]
 
 
 def _rel(rel: est.Interval) -> dict:

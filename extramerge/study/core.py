@@ -249,6 +249,9 @@ def _recommendation(c: dict, ch: Choice) -> dict:
         "predicted_vs_plain": p["vs_plain"],
         "predicted_vs_plain_interval": p["vs_plain_interval"],
         "identified": p["interval"] is not None,
+        "prediction_source": p.get("source"),
+        "model_predicted_delta": p["model"]["delta"],
+        "model_predicted_interval": p["model"]["interval"],
         "calib_delta": c["calib_delta"],
         "calib_se": c["calib_se"],
         "selected_by": "lowest loss on the calibration half (plain and offered theory merges)",
@@ -268,6 +271,9 @@ def _candidate(c: dict) -> dict:
         "predicted_interval": p["interval"],
         "predicted_vs_plain": p["vs_plain"],
         "predicted_vs_plain_interval": p["vs_plain_interval"],
+        "prediction_source": p.get("source"),
+        "model_predicted_delta": p["model"]["delta"],
+        "model_predicted_interval": p["model"]["interval"],
     }
     if c["kind"] == "theory":
         out["offered"] = c.get("offered", False)
@@ -312,6 +318,16 @@ def _measured_row(c: dict, dl, base, plain, trusted: bool, n_docs: int, tokens) 
         row["offered"] = c.get("offered", False)
     row["covered"] = _covered(row["predicted_interval"], delta, se, z)
     row["covered_vs_plain"] = _covered(row["predicted_vs_plain_interval"], d_p, se_p, z)
+    row["prediction_source"] = p.get("source")  # calibration (measured there) or model
+    m = p["model"]  # the theory's own prediction, scored beside the shipped one
+    row["model"] = {
+        "delta": m["delta"],
+        "interval": m["interval"],
+        "vs_plain": m["vs_plain"],
+        "vs_plain_interval": m["vs_plain_interval"],
+        "covered": _covered(m["interval"], delta, se, z),
+        "covered_vs_plain": _covered(m["vs_plain_interval"], d_p, se_p, z),
+    }
     row["doc_nll"] = [float(x) for x in dl.nll]  # paired comparisons between any two, offline
     row["doc_tokens"] = tokens
     return row

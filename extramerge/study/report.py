@@ -23,7 +23,9 @@ def summary_lines(r: dict) -> list[str]:
     out = [
         f"recommended merge: {rec['name']}  (chosen on the calibration half: ΔL {rec['calib_delta']:+.4f} "
         f"± {rec['calib_se']:.4f})",
-        f"  predicted ΔL {_f(rec['predicted_delta'])}, 90% interval {_iv(rec['predicted_interval'])}",
+        f"  predicted ΔL {_f(rec['predicted_delta'])}, 90% interval {_iv(rec['predicted_interval'])} "
+        f"({rec['prediction_source'] or 'not identified'}); the model's: {_f(rec['model_predicted_delta'])} "
+        f"{_iv(rec['model_predicted_interval'])}",
     ]
     meas = next((m for m in r["measured"] if m["name"] == rec["name"]), None)
     if meas is not None:
@@ -108,7 +110,9 @@ def markdown(r: dict) -> str:
     lines += [
         "ΔL: loss minus the newest checkpoint's, nats per token, on the measurement half; s.e. paired, "
         "clustered by document. The interval is for the expected gain; 'covered' also allows the "
-        "measurement's own 90% half-width (Student t, documents − 1 degrees of freedom). 'vs best plain': "
+        "measurement's own 90% half-width (Student t, documents − 1 degrees of freedom). A merge measured on "
+        "the calibration half is predicted by that measurement; the others by the model (study.json keeps "
+        "the model's prediction of every merge under 'model'). 'vs best plain': "
         "the same against the plain merge with the lowest calibration ΔL; an interval wider than 0.25 nats "
         "is 'not identified' and not counted as covered. kind: plain (no theory) or theory (the fit's own "
         "merges, offered only through the gate).",
@@ -146,20 +150,20 @@ def alpha_figure(r: dict, path) -> str | None:
                 ms=4,
                 label=f"measured d={d}",
             )
-            if rows[0]["predicted"] is not None:
-                ax.plot(a, [m["predicted"] for m in rows], "-", color=color, lw=1, label=f"predicted d={d}")
+            if rows[0]["model"]["delta"] is not None:
+                ax.plot(a, [m["model"]["delta"] for m in rows], "-", color=color, lw=1, label=f"model d={d}")
                 nan = (math.nan, math.nan)  # a not-identified interval leaves a gap in the band
                 ax.fill_between(
                     a,
-                    [(m["predicted_interval"] or nan)[0] for m in rows],
-                    [(m["predicted_interval"] or nan)[1] for m in rows],
+                    [(m["model"]["interval"] or nan)[0] for m in rows],
+                    [(m["model"]["interval"] or nan)[1] for m in rows],
                     color=color,
                     alpha=0.12,
                 )
         ax.axhline(0, color="0.5", lw=0.8)
         ax.set_xlabel("α")
         ax.set_ylabel("ΔL vs newest checkpoint (nats/token)")
-        ax.set_title(f"Extra-Merge K={K}: measured and predicted")
+        ax.set_title(f"Extra-Merge K={K}: measured (± 90%) and the model's prediction (band: 90%)")
         ax.legend(fontsize=7)
         fig.savefig(path)
     return str(path)

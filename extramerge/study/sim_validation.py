@@ -77,6 +77,9 @@ def score_run(run, cfg) -> dict:
                 "interval": pr.get("interval"),
                 "vs_plain": pr.get("vs_plain"),
                 "vs_plain_interval": pr.get("vs_plain_interval"),
+                "source": pr.get("source"),
+                "model_interval": (pr.get("model") or {}).get("interval"),
+                "model_vs_plain_interval": (pr.get("model") or {}).get("vs_plain_interval"),
                 "test_delta": d_last,
                 "test_se": se_last,
                 "test_vs_plain": d_P,
@@ -86,6 +89,8 @@ def score_run(run, cfg) -> dict:
     for r in cands:
         r["covered"] = _covered(r["interval"], r["exact"])
         r["covered_vs_plain"] = _covered(r["vs_plain_interval"], r["exact_vs_plain"])
+        r["model_covered"] = _covered(r["model_interval"], r["exact"])
+        r["model_covered_vs_plain"] = _covered(r["model_vs_plain_interval"], r["exact_vs_plain"])
     row_of = {id(c): r for c, r in zip(ch.menu + ch.diag, cands, strict=True)}
     best = min((r for r in cands if not r["diagnostic"]), key=lambda r: r["exact"])
     rec = row_of[id(ch.recommendation)]
@@ -202,6 +207,17 @@ def summarize(rows: list[dict]) -> dict:
             [r["vs_plain_interval"][1] - r["vs_plain_interval"][0] for r in vp if r["vs_plain_interval"]]
         ),
         "median_se_vs_plain": _median([r["test_vs_plain_se"] for r in vp]),
+        # the model's own intervals (what the study shipped before it used the calibration measurement)
+        "model_coverage_vs_last": sum(r["model_covered"] for r in vl) / len(vl),
+        "model_coverage_vs_plain": sum(r["model_covered_vs_plain"] for r in vp) / len(vp),
+        "model_not_identified_vs_plain": sum(r["model_vs_plain_interval"] is None for r in vp),
+        "model_median_width_vs_plain": _median(
+            [
+                r["model_vs_plain_interval"][1] - r["model_vs_plain_interval"][0]
+                for r in vp
+                if r["model_vs_plain_interval"]
+            ]
+        ),
         "trusted": sum(row["trusted"] for row in rows),
         "gate_open": sum(not row["gate"] for row in rows),
         "alpha_cells": len(cells),
@@ -237,8 +253,9 @@ def table(results: list[dict]) -> str:
         "| scenario | cov. vs last (n/a) | cov. vs plain (n/a) | cov. among identified (last / plain) "
         "| trusted / gate open | median \\|α*−α_opt\\| (identified/cells) | median regret (max; > 2 s.e.) "
         "| median width vs plain (median s.e.) | theory recommended | theory_pick offered / harms (worst) "
-        "| theory offered / false passes vs plain / vs newest |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| theory offered / false passes vs plain / vs newest "
+        "| the model's own intervals: cov. vs last / vs plain (n/a), median width vs plain |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ae = "–" if r["median_alpha_error"] is None else f"{r['median_alpha_error']:.2f}"
@@ -251,7 +268,9 @@ def table(results: list[dict]) -> str:
             f"({r['max_regret']:.4f}; {r['regret_over_2se']}) | {_f4(r['median_width_vs_plain'])} "
             f"({_f4(r['median_se_vs_plain'])}) | {r['theory_recommended']} "
             f"| {r['theory_pick_offered']} / {r['theory_pick_harms']} ({r['theory_pick_worst']:+.4f}) "
-            f"| {r['theory_offered']} / {r['gate_false_passes']} / {r['gate_false_passes_vs_newest']} |"
+            f"| {r['theory_offered']} / {r['gate_false_passes']} / {r['gate_false_passes_vs_newest']} "
+            f"| {_pct(r['model_coverage_vs_last'])} / {_pct(r['model_coverage_vs_plain'])} "
+            f"({r['model_not_identified_vs_plain']}) , {_f4(r['model_median_width_vs_plain'])} |"
         )
     return "\n".join(out)
 
