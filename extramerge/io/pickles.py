@@ -37,7 +37,7 @@ _COST = {
     "REDUCE": 160,  # whatever the callable returns: a torch.Size, a tensor (and torch's C++ side of it)
     **dict.fromkeys(("PERSID", "BINPERSID"), 160),
     **dict.fromkeys(("GET", "BINGET", "LONG_BINGET", "DUP", "MARK"), 8),  # a stack slot
-    **dict.fromkeys(("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"), 32),
+    **dict.fromkeys(("INT", "BININT", "BININT2", "LONG", "LONG1", "LONG4"), 32),  # BININT1: cached
     **dict.fromkeys(("FLOAT", "BINFLOAT"), 24),
     **dict.fromkeys(("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS"), 0),  # per item below
 }
