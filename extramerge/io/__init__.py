@@ -23,15 +23,15 @@ torch is imported only when a PyTorch file is read or written, or when a caller 
 are held as safetensors codes (``TensorInfo.dtype_str``: 'F32', 'BF16', ...).
 
 Modules, one concern each: ``errors`` (CheckpointError), ``safety`` (input policy), ``pickles`` (every
-untrusted pickle scanned before it is unpickled: a memory budget, BUILD limits, no compressed zip
-records), ``layout`` (names on
-disk), ``formats`` (the format registry: each format's suffixes, reader, writer and what a merge writing
-it plans for), ``dtypes``, ``raw`` (madvise, direct I/O), ``mapped`` (a memory-mapped input file),
-``safetensors`` and ``torchfile`` (the two file formats: readers, and the torch writer), ``dcp/`` (DCP and
-Megatron folders: reader and writer; ``dcp/cover`` checks that chunks tile a tensor), ``checkpoint`` (Checkpoint), ``discovery`` (open/load
-checkpoints), ``outputs`` (output policy, staging and publishing), ``shards`` (the safetensors file
-layout: shards, headers, offsets, index; the streaming safetensors writer), ``writer`` (write_checkpoint)
-and ``ranged`` (preallocated outputs written at byte offsets by several processes).
+untrusted pickle scanned before it is unpickled: a memory budget, BUILD limits, no compressed zip records),
+``layout`` (names on disk), ``formats`` (the format registry: each format's suffixes, reader, writer and what
+a merge writing it plans for), ``dtypes``, ``raw`` (madvise, direct I/O), ``mapped`` (a memory-mapped input
+file), ``safetensors`` and ``torchfile`` (the two file formats: readers, and the torch writer), ``dcp/`` (DCP
+and Megatron folders: reader and writer; ``dcp/cover`` checks that chunks tile a tensor), ``checkpoint``
+(Checkpoint), ``discovery`` (open/load checkpoints), ``outputs`` (output policy, staging and publishing),
+``shards`` (the safetensors file layout: shards, headers, offsets, index; the streaming safetensors writer),
+``writer`` (write_checkpoint) and ``ranged`` (preallocated outputs written at byte offsets by several
+processes).
 """
 
 from __future__ import annotations

@@ -1,19 +1,22 @@
-"""Untrusted pickles checked before any unpickler sees them: ``scan`` walks the opcodes
-(``pickletools.genops``, nothing built, nothing called) and refuses, with one line naming the file, a pickle
-that would make the unpickler use more memory than a budget proportional to its size (nested empty
-containers are one byte each but cost ~64; a memo index of 2**31 makes the C unpickler allocate an array
-of that many pointers), and, where the caller says so, a BUILD whose target is not an object the pickle
-itself created with NEWOBJ of an allowed class (BUILD sets attributes, so on a class, a function or an
-enum member it would change process-wide state). ``check_torch_zip`` applies it to the ``data.pkl`` of a
-``torch.save`` archive (a ``.pt`` file or a DCP chunk) after refusing compressed members: torch.save never
-compresses, and an inflated record is a zip bomb.
+"""Untrusted pickles checked before any unpickler sees them: ``scan`` walks the opcodes (their layout
+taken from ``pickletools.opcodes``; nothing built, nothing called) and refuses, with one line naming the
+file, a pickle that would make the unpickler use more memory than a budget proportional to its size
+(nested empty containers are one byte each but cost ~64 to ~184; a memo index of 2**31 makes the C
+unpickler allocate an array of that many pointers), and, where the caller says so, a BUILD whose target
+is not an object the pickle itself created with NEWOBJ of an allowed class (BUILD sets attributes, so on
+a class, a function or an enum member it would change process-wide state). ``check_torch_zip`` applies
+it to the ``data.pkl`` of a ``torch.save`` archive (a ``.pt`` file or a DCP chunk) after refusing
+compressed members: torch.save never compresses, and an inflated record is a zip bomb.
 
-Budget: the estimated bytes the unpickler allocates (``_COST``, CPython 3.11 object sizes rounded up) may
-not exceed ``AMPLIFICATION`` times the pickle's size plus ``FLOOR``. Ordinary checkpoint pickles stay
-below a quarter of it (DCP metadata: ~6×; a state dict's data.pkl: ~5×)."""
+Budget: the estimated bytes the unpickler allocates (``_COST``, CPython 3.11 object sizes rounded up,
+every object counted as if it lived to the end) may not exceed ``AMPLIFICATION`` times the pickle's size
+plus ``FLOOR``. Ordinary checkpoint pickles estimate 11× (a state dict's data.pkl) to 27× (DCP metadata
+of 40 000 small chunks); nested empty containers 70× and more. The scan is Python: ~1 µs an opcode."""
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import pickletools
 import zipfile
 from collections.abc import Collection
@@ -59,37 +62,105 @@ _OPS = {
     )
     for op in pickletools.opcodes
 }
-_TAGGED = {"GLOBAL", "STACK_GLOBAL", "SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "NEWOBJ", "NEWOBJ_EX",
-           "EXT1", "EXT2", "EXT4", "DUP", "BUILD", "MARK", "POP"}  # fmt: skip
+_TAGGED = {"GLOBAL", "STACK_GLOBAL", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "NEWOBJ",
+           "NEWOBJ_EX", "EXT1", "EXT2", "EXT4", "DUP", "BUILD", "MARK", "POP"}  # fmt: skip
+
+
+def _arg_kinds() -> dict[int, tuple]:
+    """Each opcode's _OPS entry and how its argument is laid out: (kind, bytes), kind 0 none, 1 ``bytes``
+    fixed, 2 one line, 3 two lines (GLOBAL, INST), 4 a length of ``bytes`` (unsigned) then that many
+    bytes, 5 the same with a signed length."""
+    out = {}
+    for op in pickletools.opcodes:
+        a = op.arg
+        if a is None:
+            kind = (0, 0)
+        elif a.n >= 0:
+            kind = (1, a.n)
+        elif a.n == pickletools.UP_TO_NEWLINE:
+            kind = (3, 0) if a.name == "stringnl_noescape_pair" else (2, 0)
+        elif a.n == pickletools.TAKEN_FROM_ARGUMENT4:
+            kind = (5, 4)
+        else:
+            kind = (4, {pickletools.TAKEN_FROM_ARGUMENT1: 1, pickletools.TAKEN_FROM_ARGUMENT4U: 4,
+                        pickletools.TAKEN_FROM_ARGUMENT8U: 8}[a.n])  # fmt: skip
+        out[op.code.encode("latin-1")[0]] = (*_OPS[op.code], *kind)
+    return out
+
+
+_KINDS = _arg_kinds()
+_MEMO_OPS = {"PUT": 0, "BINPUT": 0, "LONG_BINPUT": 0, "MEMOIZE": 0, "GET": 1, "BINGET": 1, "LONG_BINGET": 1}
+_TEXT = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"}
 
 
 def scan(
-    data, where: object, *, build: Collection[tuple] | None = None, size=None, corrupt="corrupt pickle"
+    data,
+    where: object,
+    *,
+    build: Collection[tuple] | None = None,
+    size=None,
+    corrupt="corrupt pickle",
+    start=0,
 ) -> int:
-    """Check the pickle ``data`` (bytes, or a binary file read from its position, of ``size`` bytes)
-    opcode by opcode without building anything; returns the position after its STOP. ``build``: if
-    given, BUILD may only target an object made by NEWOBJ/NEWOBJ_EX of a class named (module, name) in
-    it. Raises CheckpointError naming ``where`` (``corrupt`` says what a pickle that is not one is)."""
-    size = len(data) if size is None else size
+    """Check the pickle at ``data[start:]`` (bytes, or an mmap of a file of ``size`` bytes) opcode by
+    opcode, building nothing; returns the position after its STOP. ``build``: if given, BUILD may only
+    target an object made by NEWOBJ/NEWOBJ_EX of a class named (module, name) in it. Raises
+    CheckpointError naming ``where`` (``corrupt`` says what a pickle that is not one is)."""
+    size = len(data) - start if size is None else size
     if size > PICKLE_LIMIT:
         raise CheckpointError(f"{where}: a pickle of {size} bytes (over {PICKLE_LIMIT}); refusing it")
     budget = AMPLIFICATION * size + FLOOR
-    end = 0
     state = _State()
+    stack, memo = state.stack, state.memo
+    pos, n, kinds = start, len(data), _KINDS
     try:
-        for op, arg, pos in pickletools.genops(data):
-            name, cost, to_mark, pops, pushes = _OPS[op.code]
-            state.cost += cost
-            if name in _STRINGS:
-                state.cost += len(arg)
-            if name == "MEMOIZE" or name == "BINPUT" or name == "LONG_BINPUT" or name == "PUT":
-                state.put(len(state.memo) if name == "MEMOIZE" else arg)
-            elif name == "BINGET" or name == "LONG_BINGET" or name == "GET":
-                state.stack.append(state.memo[arg])  # KeyError: never stored (a corrupt pickle)
+        while True:
+            if pos >= n:
+                raise ValueError("no STOP")
+            code = data[pos]
+            if code not in kinds:
+                raise ValueError(f"unknown opcode {bytes([code])!r} at byte {pos}")
+            name, cost, to_mark, pops, pushes, kind, k = kinds[code]
+            a = pos + 1
+            if kind == 0:
+                nxt = a
+            elif kind == 1:
+                nxt = a + k
+            elif kind == 2:
+                nxt = data.find(b"\n", a) + 1
+            elif kind == 3:
+                mid = data.find(b"\n", a) + 1
+                nxt = data.find(b"\n", mid) + 1 if mid else 0
+            else:
+                length = int.from_bytes(data[a : a + k], "little", signed=kind == 5)
+                a += k
+                nxt = a + length if length >= 0 else 0
+            if nxt <= pos or nxt > n:
+                raise ValueError(f"{name} at byte {pos}: its argument runs past the end")
+            state.cost += cost + (nxt - a if kind >= 2 else 0)  # a string or number: its size
+            memo_op = _MEMO_OPS.get(name)
+            if memo_op is not None:
+                if name == "MEMOIZE":
+                    key = len(memo)
+                elif kind == 1:
+                    key = int.from_bytes(data[a:nxt], "little")
+                else:
+                    key = int(bytes(data[a : nxt - 1]))
+                if memo_op:
+                    stack.append(memo[key])  # KeyError: never stored (a corrupt pickle)
+                else:
+                    state.put(key)
             elif to_mark or name in _TAGGED:
+                arg = None
+                if name in _TEXT and nxt - a <= 1024:
+                    raw = bytes(data[a : nxt - (kind == 2)])
+                    with contextlib.suppress(UnicodeDecodeError):
+                        arg = raw.decode("raw-unicode-escape" if kind == 2 else "utf-8", "surrogatepass")
+                elif kind == 3:
+                    module, _, attr = bytes(data[a : nxt - 1]).partition(b"\n")
+                    arg = (module.decode("utf-8", "replace"), attr.decode("utf-8", "replace"))
                 state.step(name, arg, to_mark, pops, pushes, build, where)
             else:
-                stack = state.stack
                 if len(stack) < pops or (pops and _MARK in stack[-pops:]):
                     raise ValueError(f"{name} pops {pops} items from a stack of {len(stack)} or a MARK")
                 if pops:
@@ -101,14 +172,15 @@ def scan(
                     f"{where}: refusing a pickle that would take more than {AMPLIFICATION}× its size in "
                     f"memory (about {state.cost} bytes by byte {pos}; a crafted file?)"
                 )
-            end = pos + 1
+            pos = nxt
+            if name == "STOP":
+                return pos
     except CheckpointError:
         raise
-    except Exception as e:  # genops' own checks: truncated arguments, unknown opcodes, no STOP
+    except Exception as e:  # truncated arguments, unknown opcodes, no STOP, bad memo keys
         text = f"memo key {e} was never stored" if isinstance(e, KeyError) else str(e)
         what = safety.shown(text.splitlines()[0] if text else type(e).__name__, 120)[1:-1]
         raise CheckpointError(f"{where}: {corrupt} ({what})") from None
-    return end
 
 
 class _State:
@@ -156,11 +228,10 @@ class _State:
             raise ValueError(f"{name} takes a MARK as an argument")
         pushed: list = [None] * pushes
         if name == "GLOBAL":
-            module, _, attr = arg.partition(" ")
-            pushed = [("g", module, attr)]
+            pushed = [("g", *arg)]
         elif name == "STACK_GLOBAL":
             pushed = [("g", *(p[1] if p and p[0] == "s" else None for p in popped))]
-        elif name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE") and len(arg) <= 256:
+        elif name in _TEXT and arg is not None and len(arg) <= 256:
             pushed = [("s", arg)]
         elif name in ("NEWOBJ", "NEWOBJ_EX") and popped[0] and popped[0][0] == "g":
             pushed = [("new", *popped[0][1:])]
@@ -214,31 +285,15 @@ _NOT_TORCH = "corrupt or not a PyTorch checkpoint"
 def check_torch_file(f, where: object, size: int) -> None:
     """A ``torch.save`` file open as ``f`` (binary, seekable, ``size`` bytes): its zip archive as
     ``check_torch_zip`` checks it, or the pickles of the legacy format (magic number, protocol, system
-    information, the object, its storage keys) scanned one after the other."""
+    information, the object, its storage keys) scanned one after the other in a map of the file."""
     f.seek(0)
     if zipfile.is_zipfile(f):
         f.seek(0)
         check_torch_zip(f, where, size, _NOT_TORCH)
         return
-    f.seek(0)
-    capped = _Capped(f, size)
-    for _ in range(5):
-        scan(capped, where, size=size, corrupt=_NOT_TORCH)
-
-
-class _Capped:
-    """A file whose reads never ask for more than its ``size`` (genops reads a length the pickle claims:
-    4 GiB claimed in a small file must not allocate 4 GiB)."""
-
-    def __init__(self, f, size: int):
-        self.f, self.size = f, size
-
-    def read(self, n: int = -1) -> bytes:
-        left = max(0, self.size - self.f.tell())
-        return self.f.read(left if n is None or n < 0 else min(n, left))
-
-    def readline(self) -> bytes:
-        return self.f.readline(max(0, self.size - self.f.tell()))
-
-    def tell(self) -> int:
-        return self.f.tell()
+    if size == 0:
+        raise CheckpointError(f"{where}: {_NOT_TORCH} (an empty file)")
+    with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as m:
+        pos = 0
+        for _ in range(5):
+            pos = scan(m, where, size=size, corrupt=_NOT_TORCH, start=pos)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import pickletools
 import zipfile
 from collections import OrderedDict
 
@@ -122,3 +123,25 @@ def test_pt_files_still_load_zip_and_legacy(tmp_path):
         assert torch.equal(ck.read("w"), sd["w"])
     finally:
         ck.close()
+
+
+def _objects():
+    sd = OrderedDict(a=1, b=[1.5, -(2**70), "é\n", b"\x00" * 300, bytearray(b"z")])
+    return [
+        sd,
+        {"x": (1, 2, 3), "y": {frozenset({1}), 2}, "z": [None, True, False, 2**31, -1, 3.25, "s" * 300]},
+        [sd, sd, (sd,)],  # memo GETs
+        OrderedDict,  # a global
+    ]
+
+
+@pytest.mark.parametrize("protocol", range(6))
+def test_scan_walks_every_protocol_as_pickletools_does(protocol):
+    for obj in _objects():
+        data = pickle.dumps(obj, protocol=protocol)
+        ends = [pos for _, _, pos in pickletools.genops(data)]
+        assert pickles.scan(data, "x") == ends[-1] + 1 == len(data)
+        assert pickles.scan(b"junk" + data, "x", start=4) == len(data) + 4
+        for cut in range(1, len(data), max(1, len(data) // 40)):  # every truncation is refused
+            with pytest.raises(CheckpointError, match="corrupt pickle"):
+                pickles.scan(data[:cut], "x")
