@@ -1,38 +1,5 @@
-"""River-valley parameters of a real (or simulated) trajectory from the losses of merges inside it.
-
-The model is THEORY.md's §g (any learning-rate schedule) written for an affine weight vector w over
-checkpoints 1..N at steps t_j with learning rates η_j:
-
-    L(w) = F(s(w)) + ω₀ · Σ_j w_j² r_j + ω₁ · Σ_jl w_j w_l √(r_j r_l) ρ^{|A_j − A_l|}
-
-- ``A_j``: the learning-rate area Σ_{k<t_j} η_k from the first checkpoint, in units of the mean area
-  between consecutive checkpoints (A_1 = 0, A_N = N − 1; with a constant learning rate A_j = j − 1);
-  s(w) = Σ_j w_j A_j − A_N ≤ 0 is the merge's position along the river relative to the newest checkpoint
-  (−lag in area units, §g), and F(s) = F0 + F1·s + ½F2·s² the river profile (F1 < 0: loss falls along it);
-- ``r_j = η_j / max η``: the valley variance of a checkpoint follows its learning rate (§a and §g's
-  adiabatic limit, V ∝ η), so under a decaying schedule older checkpoints are noisier;
-- two groups of valley directions: steep ones that decorrelate between checkpoints (ω₀) and slow ones that
-  decorrelate with the area between them at rate ρ per checkpoint interval of area (ω₁, §g: P ≈ e^{−λΔA}).
-
-- a path that bends: if the trajectory's floor curves, θ(A) ≈ θ_N + a·(A − A_N) + ½·b·(A − A_N)² with b
-  across the valley, then the merge Σw_jθ(A_j) = θ(s̄) + ½·b·B(w) leaves the floor by ½·b·B(w), with
-  B(w) = Σw_j(A_j − A_N)² − s(w)², and pays κ·B(w)² (κ = λ_b|b|²/8 ≥ 0, λ_b the curvature across). Pair
-  averages h apart pay κh⁴/16 (the sagitta of the chord); an extrapolation α·d past the window pays
-  ~κα²(1+α)²d⁴: this term is what makes long extrapolations blow up on real runs.
-
-Relative to the newest checkpoint, ΔL(w) = F1·s + ½F2·s² + ω₀(Σw_j²r_j − r_N) + ω₁(wᵀΓw − r_N) + κB(w)²;
-with a constant learning rate and F2 = κ = 0 this is §d' (``theory.weights_delta_loss``).
-
-The fit uses *calibration* merges that stay inside the data (nonnegative weights, s ≤ 0): every checkpoint,
-pair averages of checkpoints h = 1, 2, 4, 8 apart, and uniform windows of 4 and 8 checkpoints. Points past
-the newest checkpoint are never used
-(on a curved path their loss explodes and dominates a least-squares fit). Given ρ the model is linear in
-(F0, F1, F2, ω₀, ω₁, κ): least squares with ω, κ ≥ 0. ρ is profiled over a grid (0.02 … 0.99); its 90%
-confidence set is {ρ: SSE(ρ) ≤ SSE_min · (1 + F₀.₉(1, dof)/dof)}. ρ is *identified* when that set stays off
-the grid's upper edge (a slow group that never decorrelates inside the window cannot be told from the
-river's curvature). Every prediction is the union, over ρ in its confidence set, of the least-squares
-interval at that ρ: the interval includes the uncertainty in ρ.
-"""
+"""The §g model of the package docstring (:mod:`rivervalley.estimate`): its design matrix, the
+least-squares fit with ρ profiled, and every prediction with its 90% interval."""
 
 from __future__ import annotations
 
@@ -41,129 +8,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = [
-    "Grid",
-    "Fit",
-    "Interval",
-    "calibration_weights",
-    "fit",
-    "RHO_GRID",
-]
+from .grid import Grid
+
+__all__ = ["Fit", "Interval", "fit", "design", "features", "RHO_GRID"]
 
 RHO_GRID = np.round(np.concatenate([np.linspace(0.02, 0.9, 45), np.linspace(0.91, 0.99, 9)]), 4)
-
-
-@dataclass(frozen=True)
-class Grid:
-    """Where the checkpoints sit: ``area`` (normalised learning-rate area, A_1 = 0, A_N = N − 1) and
-    ``lr_ratio`` (η_j / max η) of each checkpoint, oldest first; ``history``: (area, lr_ratio) points
-    before the first checkpoint (area < 0), where the schedule is known, for the slow group's memory."""
-
-    area: np.ndarray
-    lr_ratio: np.ndarray
-    history: tuple = ((), ())
-
-    @property
-    def n(self) -> int:
-        return int(self.area.size)
-
-    @property
-    def constant_lr(self) -> bool:
-        return bool(np.all(self.lr_ratio == 1.0)) and all(r == 1.0 for r in self.history[1])
-
-    @classmethod
-    def constant(cls, n: int) -> Grid:
-        return cls(np.arange(n, dtype=float), np.ones(n))
-
-    @classmethod
-    def from_schedule(cls, steps, lr, *, history_intervals: float = 8.0) -> Grid:
-        """From checkpoint steps and a learning rate: a callable step -> lr, or (steps, lrs) samples that
-        cover the checkpoints (the area between two checkpoints is the trapezoid over every sample
-        between them). Up to ``history_intervals`` mean checkpoint intervals of the schedule before the
-        first checkpoint are kept, where known."""
-        steps = np.asarray(steps, dtype=float)
-        if steps.ndim != 1 or steps.size < 2 or np.any(np.diff(steps) <= 0):
-            raise ValueError("checkpoint steps must be increasing, at least 2")
-        if callable(lr):
-            span = (steps[-1] - steps[0]) / (steps.size - 1) * history_intervals
-            xs = np.arange(max(0.0, steps[0] - span), steps[-1] + 1)
-            ys = np.asarray([lr(int(x)) for x in xs], dtype=float)
-        else:
-            xs, ys = (np.asarray(a, dtype=float) for a in lr)
-            order = np.argsort(xs, kind="stable")
-            xs, ys = xs[order], ys[order]
-            if xs.size == 0 or xs[0] > steps[0] or xs[-1] < steps[-1]:
-                have = f"{xs[0]:g}..{xs[-1]:g}" if xs.size else "no steps"
-                raise ValueError(
-                    f"the learning-rate schedule covers {have}, not the checkpoints' steps "
-                    f"{steps[0]:g}..{steps[-1]:g}"
-                )
-        if not np.all(np.isfinite(ys)) or np.any(ys < 0):
-            raise ValueError("learning rates must be finite and >= 0")
-        at = np.interp(steps, xs, ys)
-        cum = np.concatenate([[0.0], np.cumsum(np.diff(xs) * (ys[1:] + ys[:-1]) / 2)])
-        cum -= np.interp(steps[0], xs, cum)
-        total = np.interp(steps[-1], xs, cum)
-        if total <= 0 or at.max() <= 0:
-            raise ValueError("the learning rate is zero over the checkpoints: no river progress to measure")
-        unit = total / (steps.size - 1)
-        pre = xs < steps[0]
-        hist_area = cum[pre] / unit
-        keep = hist_area >= -history_intervals
-        return cls(
-            np.interp(steps, xs, cum) / unit,
-            at / at.max(),
-            (tuple(hist_area[keep]), tuple(ys[pre][keep] / at.max())),
-        )
-
-    def slow_variance(self, rho: float) -> np.ndarray:
-        """Valley variance of the slow group at each checkpoint, relative to its stationary variance at
-        the largest learning rate: the relaxation dV/dA = −2κ(V − r(A)), κ = −ln ρ per unit of area
-        (§g: V_{t+1} = (1 − ηλ)² V_t + η²σ² for small ηλ), from stationarity at the earliest known point."""
-        xa = np.concatenate([np.asarray(self.history[0], dtype=float), self.area])
-        xr = np.concatenate([np.asarray(self.history[1], dtype=float), self.lr_ratio])
-        kappa = -math.log(rho)
-        V = xr[0]
-        out = []
-        first = len(self.history[0])
-        if first == 0:
-            out.append(V)
-        for i in range(1, xa.size):
-            da = xa[i] - xa[i - 1]
-            m = max(1, int(math.ceil(da * 8)))
-            for k in range(m):  # r linear in area between known points; exact for constant r per piece
-                r = xr[i - 1] + (xr[i] - xr[i - 1]) * (k + 0.5) / m
-                V = r + (V - r) * math.exp(-2 * kappa * da / m)
-            if i >= first:
-                out.append(V)
-        return np.asarray(out[-self.n :], dtype=float)
-
-
-def calibration_weights(n: int, distances=(1, 2, 4, 8), windows=(4, 8)) -> dict[str, np.ndarray]:
-    """The calibration merges (name → w), all inside the data: every checkpoint; pair averages of
-    checkpoints h apart (all pairs for h = 1; for h > 1, pairs starting every ⌈h/2⌉ checkpoints and always
-    the pair ending at the newest); uniform windows of K checkpoints ending at every other checkpoint and
-    at the newest (the building blocks of SMA and Extra-Merge)."""
-    if n < 3:
-        raise ValueError(f"calibration needs at least 3 checkpoints, got {n}")
-    out: dict[str, np.ndarray] = {}
-    eye = np.eye(n)
-    for j in range(n):
-        out[f"ckpt {j + 1}"] = eye[j]
-    for h in distances:
-        if h >= n:
-            continue
-        starts = set(range(0, n - h, 1 if h == 1 else -(-h // 2))) | {n - 1 - h}
-        for j in sorted(starts):
-            out[f"pair {j + 1}+{j + 1 + h}"] = 0.5 * (eye[j] + eye[j + h])
-    for k in windows:
-        if k >= n:
-            continue
-        for end in sorted({*range(n, k - 1, -2)}):
-            w = np.zeros(n)
-            w[end - k : end] = 1.0 / k
-            out[f"window {end - k + 1}-{end}"] = w
-    return out
 
 
 def _slow(grid: Grid, rho: float) -> np.ndarray:
