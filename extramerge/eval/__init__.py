@@ -3,14 +3,15 @@
     texts = load_texts("data/val.jsonl")
     blocks = token_blocks(texts, tokenizer, seq_len=256)        # tokenize once ...
     for state in weight_sets:                                    # ... evaluate many weight sets
-        model.load_state_dict(state)
+        load_weights(model, state)                               # as from_pretrained would
         r = evaluate_loss(model, tokenizer, None, blocks=blocks)  # r.loss, r.bits_per_byte
     items = build_cloze(texts, n_items=200, seed=0)              # fixed item set (save_cloze/load_cloze)
     c = cloze_accuracy(model, tokenizer, items)                  # c.accuracy ± c.stderr vs c.chance
     evaluate_model("runs/gpt2/step_004000", "data/val.jsonl", cloze_items=200)  # all of it, one dict
 
 Modules: ``data`` (texts, token blocks; the loss convention is in ``loss``), ``model`` (loading model
-folders), ``loss``, ``cloze_items`` (building the items), ``cloze`` (scoring them), ``report``
+folders, or weights into a model, as ``from_pretrained`` does), ``loss``, ``cloze_items`` (building the
+items), ``cloze`` (scoring them), ``report``
 (``evaluate_model``) and ``lmeval`` (the optional lm-evaluation-harness bridge, not imported here).
 """
 
@@ -20,7 +21,17 @@ from .cloze import ClozeResult, cloze_accuracy
 from .cloze_items import ClozeItem, build_cloze, is_cloze_file, load_cloze, save_cloze
 from .data import PAD, TokenBlocks, document_index, load_texts, token_blocks
 from .loss import LossResult, evaluate_loss
-from .model import check_model_folder, load_model, max_positions, tokenizer_files, tokenizer_fingerprint
+from .model import (
+    DEFAULT_SEQ_LEN,
+    check_model_folder,
+    load_model,
+    load_weights,
+    max_positions,
+    packed_inputs,
+    seq_len_of,
+    tokenizer_files,
+    tokenizer_fingerprint,
+)
 from .report import evaluate_model
 
 __all__ = [
@@ -40,7 +51,11 @@ __all__ = [
     "is_cloze_file",
     "check_model_folder",
     "load_model",
+    "load_weights",
     "max_positions",
+    "seq_len_of",
+    "packed_inputs",
+    "DEFAULT_SEQ_LEN",
     "evaluate_model",
     "tokenizer_files",
     "tokenizer_fingerprint",

@@ -39,7 +39,9 @@ def add_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--candidates", type=_positive, default=8, help="candidates per built item (default 8)")
     e.add_argument("--seed", type=int, default=0, help="seed of the built cloze items (default 0)")
     e.add_argument("--save-cloze", metavar="FILE.jsonl", help="save the cloze items used, to reuse later")
-    e.add_argument("--seq-len", type=_positive, help="tokens per evaluation block (default: model maximum)")
+    e.add_argument(
+        "--seq-len", type=_positive, help="tokens per evaluation block (default: model maximum, else 1024)"
+    )
     e.add_argument("--batch-size", type=_positive, default=16, help="blocks per forward pass (default 16)")
     e.add_argument("--cloze-batch-size", type=_positive, default=32, help="cloze sequences per pass (32)")
     e.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -156,9 +158,7 @@ def run_command(args) -> int:
             t0 = time.perf_counter()
             model, tok = E.load_model(folder, device=device)
             load_s = time.perf_counter() - t0
-            seq_len = args.seq_len or E.max_positions(model)
-            if seq_len is None:
-                raise ValueError(f"{folder}: the model config states no maximum length: pass --seq-len")
+            seq_len = E.seq_len_of(model, args.seq_len)
             key = (E.tokenizer_fingerprint(folder), seq_len)
             if key not in cache or key[0] is None:
                 cache[key] = E.token_blocks(texts, tok, seq_len)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .cloze_items import ClozeItem, load_cloze
 from .data import PAD
-from .model import autocast, max_positions, resolve_device
+from .model import autocast, packed_inputs, resolve_device, seq_len_of
 
 __all__ = ["ClozeResult", "cloze_accuracy"]
 
@@ -75,7 +75,7 @@ def cloze_accuracy(
     ``extramerge.eval.lmeval.write_task`` agrees): trailing whitespace of the context is moved to the
     continuation (this adds the same log P(' ' | context) to every candidate: the ranking is unchanged),
     the tokenizer's default special tokens are used, and sequences longer than ``max_length`` + 1 (default
-    the model's maximum positions) are cut on the left.
+    ``seq_len_of(model)``: the model's maximum positions, else 1024) are cut on the left.
 
     Two equivalent evaluation paths (same numbers up to float rounding): batched, where every
     context + candidate sequence is a row (sorted by length, right-padded, ``batch_size`` rows per
@@ -96,7 +96,7 @@ def cloze_accuracy(
         raise ValueError("no cloze items given")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    max_length = max_length or max_positions(model) or 2048
+    max_length = seq_len_of(model, max_length)
     device = resolve_device(model, device)
     if share_context is None:
         share_context = device.type == "cpu"
@@ -112,7 +112,7 @@ def cloze_accuracy(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), autocast(device):
+        with torch.inference_mode(), autocast(device), packed_inputs():
             for i, row in enumerate(pairs):
                 ctx = row[0][0]
                 fits = len(ctx) + max(len(cont) for _, cont in row) <= max_length + 1

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from .data import PAD, TokenBlocks, token_blocks
-from .model import autocast, max_positions, resolve_device
+from .model import autocast, max_positions, packed_inputs, resolve_device, seq_len_of
 
 __all__ = ["LossResult", "evaluate_loss"]
 
@@ -63,7 +63,7 @@ def evaluate_loss(
 ) -> LossResult:
     """Mean held-out NLL of a causal LM (see the module docstring for the exact convention).
 
-    ``seq_len`` defaults to the model's maximum positions. Pass ``blocks`` from ``token_blocks`` to skip
+    ``seq_len`` defaults to ``seq_len_of(model)``. Pass ``blocks`` from ``token_blocks`` to skip
     tokenization (then ``texts`` may be None): the fast path when many weight sets are loaded into the
     same model. Runs under ``torch.inference_mode`` in eval mode (the model's training flag is restored
     afterwards), with bf16 autocast on CUDA; NLL sums are accumulated in float64. ``device``: where to
@@ -77,10 +77,7 @@ def evaluate_loss(
     if blocks is None:
         if texts is None:
             raise ValueError("give texts or blocks")
-        seq_len = seq_len or limit
-        if seq_len is None:
-            raise ValueError("the model config states no maximum length: pass seq_len")
-        blocks = token_blocks(texts, tokenizer, seq_len)
+        blocks = token_blocks(texts, tokenizer, seq_len_of(model, seq_len))
     else:
         blocks = TokenBlocks(*blocks)
         if seq_len is not None and seq_len != blocks.seq_len:
@@ -97,7 +94,7 @@ def evaluate_loss(
     acc_dtype = torch.float32 if device.type == "mps" else torch.float64
     total = torch.zeros((), dtype=acc_dtype, device=device)
     try:
-        with torch.inference_mode(), autocast(device):
+        with torch.inference_mode(), autocast(device), packed_inputs():
             for i in range(0, ids.shape[0], batch_size):
                 b = ids[i : i + batch_size].to(device, non_blocking=True)
                 labels = b[:, 1:]

@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ..io import formats, open_checkpoint, safety
 
 __all__ = [
+    "DEFAULT_SEQ_LEN",
     "check_model_folder",
     "load_model",
+    "load_weights",
     "max_positions",
+    "seq_len_of",
+    "packed_inputs",
     "tokenizer_folder",
     "tokenizer_files",
     "tokenizer_fingerprint",
@@ -30,6 +36,7 @@ _WEIGHT_NAMES = (
 )
 _TOKENIZER_NAMES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 _TOKENIZER_FILES = (*_TOKENIZER_NAMES, "merges.txt", "special_tokens_map.json", "added_tokens.json")
+DEFAULT_SEQ_LEN = 1024  # tokens per block when the config states no maximum (BLOOM's ALiBi has none)
 
 
 # ------------------------------------------------------------------------------------------- folders
@@ -130,6 +137,58 @@ def load_model(path: str | os.PathLike, *, device=None, dtype=None):
     return model, tok
 
 
+def load_weights(model, state: Mapping[str, Any]) -> None:
+    """Put ``state`` (tensors keyed by a checkpoint's own names) into ``model`` as ``from_pretrained`` puts
+    that checkpoint: through transformers' own loader, which renames and converts the keys by the model's
+    registered conversions (GPT-NeoX's ``embed_out`` → ``lm_head``, legacy ``gamma``/``beta``, an added or
+    dropped base-model prefix, fused or split tensors), casts each tensor to its parameter's dtype on the
+    model's device, then ties the weights the model ties. ValueError naming the first tensors the model does
+    not have, parameters ``state`` lacks, or tensors of another shape.
+
+    Loading the newest checkpoint with ``load_model`` and every merge with this function is one key policy:
+    transformers' own, of the installed version."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+    except ImportError:  # transformers 4: from_pretrained renames nothing a 4.x model's own save holds
+        return _load_weights_v4(model, state)
+    device = next(model.parameters()).device
+    config = LoadStateDictConfig(device_map={"": device}, weight_mapping=get_model_conversion_mapping(model))
+    info, _ = convert_and_load_state_dict_in_model(model, dict(state), config)
+    model.tie_weights(missing_keys=info.missing_keys, recompute_mapping=False)
+    adjust = getattr(model, "_adjust_missing_and_unexpected_keys", None)
+    if adjust is not None:  # the keys from_pretrained itself lets pass (old rotary buffers, ...)
+        adjust(info)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    _refuse_keys(
+        unexpected=sorted(info.unexpected_keys),
+        missing=sorted(k for k in info.missing_keys if k in params),
+        mismatched=sorted(k[0] for k in info.mismatched_keys),
+        errors=sorted(info.conversion_errors),
+    )
+
+
+def _load_weights_v4(model, state: Mapping[str, Any]) -> None:
+    missing, unexpected = model.load_state_dict(dict(state), strict=False)
+    model.tie_weights()
+    params = list(model.named_parameters(remove_duplicate=False))
+    loaded = {id(p) for k, p in params if k in state}  # a tied parameter is loaded under its other name
+    absent = [k for k, p in params if k in missing and id(p) not in loaded]
+    _refuse_keys(unexpected=unexpected, missing=absent)
+
+
+def _refuse_keys(*, unexpected=(), missing=(), mismatched=(), errors=()) -> None:
+    for keys, what in (
+        (unexpected, "checkpoint tensors the model does not have"),
+        (missing, "model tensors missing from the checkpoints"),
+        (mismatched, "checkpoint tensors of another shape than the model's"),
+        (errors, "checkpoint tensors transformers cannot convert"),
+    ):
+        if keys:
+            raise ValueError(f"{what}: {list(keys)[:3]}")
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else ""
@@ -148,6 +207,31 @@ def max_positions(model) -> int | None:
         if isinstance(v, int) and v > 0:
             return v
     return None
+
+
+def seq_len_of(model, seq_len: int | None = None) -> int:
+    """Tokens per evaluation block: ``seq_len`` if given, else the model's maximum positions, else
+    ``DEFAULT_SEQ_LEN`` (the one default of ``extramerge eval`` and the study)."""
+    return seq_len or max_positions(model) or DEFAULT_SEQ_LEN
+
+
+class _NotPadded(logging.Filter):
+    """Evaluation and training feed packed text, never padded: transformers' warning that input_ids 'may be
+    padded' (EOS is also the pad token, and a block may start or end with it) does not apply."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "may be padded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def packed_inputs():
+    """Within: transformers' attention-mask warning, which is about padded inputs, is not printed."""
+    log, only = logging.getLogger("transformers.modeling_utils"), _NotPadded()
+    log.addFilter(only)
+    try:
+        yield
+    finally:
+        log.removeFilter(only)
 
 
 def resolve_device(model, device):

@@ -12,7 +12,7 @@ from .cloze import cloze_accuracy
 from .cloze_items import ClozeItem, build_cloze
 from .data import TokenBlocks, as_texts
 from .loss import evaluate_loss
-from .model import load_model, max_positions
+from .model import load_model, seq_len_of
 
 __all__ = ["evaluate_model"]
 
@@ -72,7 +72,7 @@ def evaluate_model(
         "perplexity": loss.perplexity,
         "tokens": loss.tokens,
         "bytes": loss.bytes,
-        "seq_len": seq_len or (TokenBlocks(*blocks).seq_len if blocks is not None else max_positions(model)),
+        "seq_len": TokenBlocks(*blocks).seq_len if blocks is not None else seq_len_of(model, seq_len),
         "loss_seconds": loss.seconds,
         "tokens_per_s": loss.tokens_per_s,
         "load_seconds": load_s,

@@ -62,19 +62,15 @@ class Evaluator:
 
         self.torch = torch
         self.device = device
+        self.path = ckpts[-1].path
         self.batch_size = batch_size
         try:
             self.model, _ = load_model(ckpts[-1].path, device=device, dtype=torch.float32)
         except ValueError as e:
             raise StudyError(str(e)) from None
         self.tokenizer = _load_tokenizer(tokenizer_path)
-        self.stacks: dict = {}
+        self.stacks: dict = {}  # by the checkpoints' own tensor names: transformers maps them to the model's
         self.fixed: dict = {}
-        self._shares: dict[str, set] = {}  # tied tensors (GPT-2's lm_head = wte) are absent from checkpoints
-        by_ptr: dict[int, set] = {}
-        for k, v in self.model.named_parameters(remove_duplicate=False):
-            self._shares[k] = by_ptr.setdefault(v.data_ptr(), set())
-            self._shares[k].add(k)
         if not str(device).startswith("cuda"):
             _check_memory(ckpts, names)
         for name in names:
@@ -88,9 +84,9 @@ class Evaluator:
         self._memo: dict = {}  # (weights bytes, half) -> DocLosses: a merge evaluated twice is read back
 
     def add_half(self, name: str, docs: list[str]) -> None:
-        from ..eval import document_index, max_positions, token_blocks
+        from ..eval import document_index, seq_len_of, token_blocks
 
-        L = max_positions(self.model) or 1024
+        L = seq_len_of(self.model)
         self.halves[name] = (
             token_blocks(docs, self.tokenizer, L),
             document_index(docs, self.tokenizer, L),
@@ -107,6 +103,9 @@ class Evaluator:
         return [int(x) for x in np.bincount(idx.numpy(), minlength=n_docs)]
 
     def load(self, w) -> None:
+        """Load the merge wᵀθ into the model as ``from_pretrained`` would load it from a folder."""
+        from ..eval import load_weights
+
         torch = self.torch
         wt = torch.as_tensor(np.asarray(w, dtype=np.float64), dtype=torch.float64, device=self.device)
         state = {}
@@ -114,12 +113,10 @@ class Evaluator:
             flat = st.reshape(st.shape[0], -1)
             state[name] = (wt @ flat.to(torch.float64)).to(torch.float32).reshape(st.shape[1:])
         state.update(self.fixed)
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if unexpected:
-            raise StudyError(f"checkpoint tensors the model does not have: {unexpected[:3]}")
-        untied = [k for k in missing if not (self._shares.get(k, {k}) - {k}) & state.keys()]
-        if untied:
-            raise StudyError(f"model tensors missing from the checkpoints: {untied[:3]}")
+        try:
+            load_weights(self.model, state)
+        except ValueError as e:
+            raise StudyError(f"{self.path}: {e}") from None
 
     def measure(self, w, half: str) -> DocLosses:
         """Per-document NLL of the merge wᵀθ on one half (each distinct merge evaluated once per half)."""
@@ -131,7 +128,7 @@ class Evaluator:
     def _measure(self, w, half: str) -> DocLosses:
         import torch.nn.functional as F
 
-        from ..eval import PAD
+        from ..eval import PAD, packed_inputs
 
         torch = self.torch
         self.load(w)
@@ -140,7 +137,7 @@ class Evaluator:
         nll = torch.zeros(n_docs + 1, dtype=torch.float64)
         cnt = torch.zeros(n_docs + 1, dtype=torch.float64)
         self.model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), packed_inputs():
             for i in range(0, ids.shape[0], self.batch_size):
                 b = ids[i : i + self.batch_size].to(self.device)
                 labels = b[:, 1:]

@@ -53,6 +53,7 @@ def read_checkpoints(paths) -> tuple[list, dict]:
             infos = check_compatible(ckpts)
         except ValueError as e:
             raise StudyError(f"checkpoints of different architectures: {e}") from None
+        _one_model_type(ckpts)
         steps = [c.step for c in ckpts]
         if any(s is None for s in steps):
             bad = next(c.path for c in ckpts if c.step is None)
@@ -65,6 +66,25 @@ def read_checkpoints(paths) -> tuple[list, dict]:
         for c in ckpts:
             c.close()
         raise
+
+
+def _one_model_type(ckpts) -> None:
+    """Every config.json names one model (``model_type`` and ``architectures``): two families with the same
+    tensors (Llama and Mistral) are still two models, and the newest checkpoint's config builds them all."""
+    first: dict = {}
+    for c in ckpts:
+        path = Path(c.path) / "config.json"
+        try:
+            cfg = safety.load_json(path, root=Path(c.path))
+        except (ValueError, OSError) as e:
+            raise StudyError(f"{path}: {e}") from None
+        cfg = cfg if isinstance(cfg, dict) else {}
+        arch = cfg.get("architectures")
+        kind = f"{cfg.get('model_type')} {arch if isinstance(arch, list) else []}"
+        first.setdefault(kind, c.path)
+        if len(first) > 1:
+            (a, pa), (b, pb) = first.items()
+            raise StudyError(f"checkpoints of different architectures: {pa} is {a}, {pb} is {b}")
 
 
 def tokenizer_of(ckpts, tokenizer: str | None) -> Path:
