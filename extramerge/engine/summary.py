@@ -36,7 +36,6 @@ def rss_peak() -> int:
     return peak if os.uname().sysname == "Darwin" else peak * 1024
 
 
-
 class _NoBar:
     def update(self, n: int) -> None:
         pass
@@ -46,12 +45,13 @@ class _NoBar:
 
 
 def progress_bar(total: int, progress: bool):
-    """A tqdm bar over bytes read with ETA; importing tqdm costs ~0.1 s, so only when shown."""
+    """A tqdm bar over bytes read with ETA (in place on a terminal, a line at most every 30 s in a log);
+    importing tqdm costs ~0.1 s, so only when shown."""
     if not progress:
         return _NoBar()
-    from tqdm.auto import tqdm
+    from rivervalley.common.progress import progress_bar as bar
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge", mininterval=0.5)
+    return bar(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge", mininterval=0.5)
 
 
 @dataclass

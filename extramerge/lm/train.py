@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import shutil
 import signal
@@ -52,8 +51,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from extramerge.eval.model import packed_inputs
 from extramerge.io import open_checkpoint
 from extramerge.online import OnlineMerger, parse_spec
+from rivervalley.common.progress import progress_bar
 from rivervalley.common.publish import deferred, write_file
 from rivervalley.common.resources import available_cores, flush_denormals
 
@@ -160,19 +161,12 @@ class Run:
     # ----------------------------------------------------------------------------------------- loop
     def run(self) -> None:
         r = self.resolved
-        from tqdm.auto import tqdm
-
         params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [g for opt in self.optimizers for g in opt.param_groups]
         ckpts, log_every, clip = set(self.ckpt_steps), r.log_every, r.grad_clip
         eval_every, save_every, tps = r.eval_every, r.save_every, r.tokens_per_step
-        bar = tqdm(
-            total=r.steps,
-            initial=self.step,
-            disable=not self.config.progress,
-            unit="step",
-            dynamic_ncols=True,
-            desc=self.dir.name,
+        bar = progress_bar(  # in place on a terminal, a line at most every 30 s in a log
+            enabled=self.config.progress, total=r.steps, initial=self.step, unit="step", desc=self.dir.name
         )
         t_loop, first = time.perf_counter(), self.step
         side = 0.0  # time spent in evaluation / checkpoints / resume saves (not the step path)
@@ -214,7 +208,8 @@ class Run:
                         tokens=step * tps,
                         elapsed=round(self.elapsed0 + now - self.t0, 3),
                     )
-                    bar.set_postfix(
+                    bar.set_postfix(  # shown with the next update: in a log, not a line of its own
+                        refresh=False,
                         loss=f"{train_loss:.3f}",
                         tok_s=f"{(step - first) * tps / max(now - t_loop - side, 1e-9):.0f}",
                     )
@@ -373,24 +368,6 @@ def _held_signals():
         yield
 
 
-class _NotPadded(logging.Filter):
-    """The trainer's windows are packed text, never padded: transformers' warning that input_ids 'may be
-    padded' (EOS is also the pad token, and a window may start or end with it) does not apply."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "may be padded" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _no_padding_warning():
-    log, only = logging.getLogger("transformers.modeling_utils"), _NotPadded()
-    log.addFilter(only)
-    try:
-        yield
-    finally:
-        log.removeFilter(only)
-
-
 @contextlib.contextmanager
 def _cpu_settings(device: str, threads: int | None):
     """CPU: flush denormals (AdamW slows down several-fold on them) and use every available core;
@@ -427,7 +404,7 @@ def train(config: TrainConfig) -> Path:
     published whole (never a partial folder), so the run continues with ``--resume``."""
     run = Run(config)
     try:
-        with _cpu_settings(run.resolved.device, config.threads), _no_padding_warning():
+        with _cpu_settings(run.resolved.device, config.threads), packed_inputs():  # windows are packed text
             run.setup()
             if run.step < run.resolved.steps:
                 run.run()

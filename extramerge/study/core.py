@@ -382,12 +382,12 @@ def _floats(w) -> list[float]:
 
 
 class _Bar:
+    """Evaluations done: in place on a terminal, a line at most every 30 s in a log (progress_bar)."""
+
     def __init__(self, enabled: bool):
-        import sys
+        from rivervalley.common.progress import progress_bar
 
-        from tqdm import tqdm
-
-        self._t = tqdm(desc="study", disable=not enabled, leave=False, file=sys.stderr, unit="eval")
+        self._t = progress_bar(enabled=enabled, desc="study", leave=False, unit="eval")
 
     def __call__(self):
         self._t.update()
