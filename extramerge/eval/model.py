@@ -153,9 +153,17 @@ def load_weights(model, state: Mapping[str, Any]) -> None:
         from transformers.modeling_utils import LoadStateDictConfig
     except ImportError:  # transformers 4: from_pretrained renames nothing a 4.x model's own save holds
         return _load_weights_v4(model, state)
+    from transformers.utils import logging as hf_logging
+
     device = next(model.parameters()).device
     config = LoadStateDictConfig(device_map={"": device}, weight_mapping=get_model_conversion_mapping(model))
-    info, _ = convert_and_load_state_dict_in_model(model, dict(state), config)
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar for each merge
+    try:
+        info, _ = convert_and_load_state_dict_in_model(model, dict(state), config)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     model.tie_weights(missing_keys=info.missing_keys, recompute_mapping=False)
     adjust = getattr(model, "_adjust_missing_and_unexpected_keys", None)
     if adjust is not None:  # the keys from_pretrained itself lets pass (old rotary buffers, ...)

@@ -160,3 +160,21 @@ def test_unknown_architecture_and_mixed_architectures_are_one_line(tmp_path, cap
         (f / "config.json").write_text(json.dumps({**cfg, "model_type": "riverllama-unknown"}))
     err = _one_line_exit_2(_study_argv(run, tmp_path), tmp_path, capsys)
     assert "checkpoint-500" in err and "riverllama-unknown" in err
+
+
+def test_load_weights_takes_checkpoint_names_and_refuses_what_does_not_fit():
+    from extramerge.eval import load_weights
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_config("gpt_neox")).eval()
+    state = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    state["embed_out.weight"] = state.pop("lm_head.weight")  # the name GPT-NeoX checkpoints use
+    load_weights(model, state)
+    assert torch.equal(model.lm_head.weight, state["embed_out.weight"])
+    with pytest.raises(ValueError, match="does not have: .*stray"):
+        load_weights(model, {**state, "stray.weight": torch.zeros(1)})
+    final = "gpt_neox.final_layer_norm.weight"
+    with pytest.raises(ValueError, match=f"missing from the checkpoints: .*{final}"):
+        load_weights(model, {k: v for k, v in state.items() if k != final})
+    with pytest.raises(ValueError, match=f"another shape.*{final}"):
+        load_weights(model, {**state, final: torch.zeros(3)})
