@@ -304,8 +304,8 @@ def _measured_row(c: dict, dl, base, plain, trusted: bool, n_docs: int, tokens) 
         "weights": _floats(c["weights"]),
         "delta": delta,
         "se": se,
-        "predicted": p["delta"] if trusted else None,
-        "predicted_interval": p["interval"] if trusted else None,
+        "predicted": p["delta"],  # a calibration measurement needs no fit; the model's is None untrusted
+        "predicted_interval": p["interval"],
         "delta_vs_plain": d_p,
         "se_vs_plain": se_p,
         "predicted_vs_plain": p["vs_plain"],

@@ -43,7 +43,8 @@ def test_report_has_the_promised_fields(report):
     for k in ("method", "weights", "alpha", "offset", "predicted_delta", "predicted_interval", "identified"):
         assert k in rec
     assert sum(rec["weights"]) == pytest.approx(1) and len(rec["weights"]) == r["checkpoints"]["n"] == 8
-    assert (rec["predicted_delta"] is None) == (not rec["identified"])
+    assert rec["identified"] == (rec["predicted_interval"] is not None)
+    assert rec["prediction_source"] == "calibration" and rec["predicted_delta"] == rec["calib_delta"]
     if rec["identified"]:
         lo, hi = rec["predicted_interval"]
         assert lo <= rec["predicted_delta"] <= hi
@@ -82,6 +83,13 @@ def test_menu_is_complete_and_every_merge_says_its_kind(report):
         assert d == pytest.approx(m["delta"], abs=1e-9)
     plain = next(m for m in r["measured"] if m["name"] == r["plain_best"]["name"])
     assert plain["delta_vs_plain"] == 0 and plain["kind"] == "plain"
+    cands = {c["name"]: c for c in r["candidates"]}
+    for m in r["measured"]:  # the shipped prediction and the model's, each scored
+        assert {"delta", "interval", "vs_plain_interval", "covered", "covered_vs_plain"} <= m["model"].keys()
+        c = cands.get(m["name"])
+        if c is not None and c["calib_delta"] is not None:
+            # measured on the calibration half: that measurement is the prediction
+            assert m["prediction_source"] == "calibration" and m["predicted"] == c["calib_delta"]
 
 
 def test_theory_is_offered_only_through_the_gate(report):
