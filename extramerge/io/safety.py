@@ -9,7 +9,9 @@ each enforced by one function here:
   it cannot block or stream forever (``open_regular``, ``regular``);
 * JSON is parsed with bounded size and depth and without non-finite numbers (``load_json``, ``parse_json``);
 * messages quote untrusted text escaped and shortened (``shown``), never raw bytes of a file;
-* one file or folder given twice (same device and inode) is refused (``distinct``).
+* one file or folder given twice (same device and inode) is refused (``distinct``);
+* an input file with several hard links is read, with one warning per file: a hard link to a file outside
+  the folder is a regular file inside it, which no path check can tell apart (``open_regular``).
 
 Every violation raises ``CheckpointError`` (a ValueError): the CLI prints it as one line and exits 2.
 """
@@ -19,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -49,6 +53,8 @@ _KINDS = {
     stat.S_IFDIR: "a folder",
     stat.S_IFLNK: "a symbolic link",
 }
+_LINKED: set[tuple[int, int, str]] = set()  # (device, inode, path) of the files warned about (once each)
+_LINKED_LOCK = threading.Lock()
 
 
 def shown(text: object, limit: int = 80) -> str:
@@ -103,7 +109,8 @@ def regular(path: Path, *, root: Path | None = None) -> os.stat_result:
 
 def open_regular(path: Path, *, root: Path | None = None) -> int:
     """A read-only descriptor of ``path``, opened without blocking (a FIFO cannot stall the open) and
-    checked to be a regular file (and inside ``root``) on the descriptor itself. The caller closes it."""
+    checked to be a regular file (and inside ``root``) on the descriptor itself; a file with several hard
+    links warns once (``_warn_linked``), from the same ``fstat``. The caller closes it."""
     if root is not None and not inside(path, root):
         raise CheckpointError(f"{path}: a link that leaves the checkpoint folder {root}; refusing to read it")
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -115,7 +122,24 @@ def open_regular(path: Path, *, root: Path | None = None) -> int:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise CheckpointError(f"{path}: is {kind(st.st_mode)}, not a regular file; refusing to read it")
+    if st.st_nlink > 1:
+        _warn_linked(path, st)
     return fd
+
+
+def _warn_linked(path: Path, st: os.stat_result) -> None:
+    """Warn once per file (device, inode and path) that ``path`` has several hard links: a hard link to a
+    file outside the folder cannot be told from a file of the folder, so its contents may be shared."""
+    key = (st.st_dev, st.st_ino, os.fspath(path))
+    with _LINKED_LOCK:
+        if key in _LINKED:
+            return
+        _LINKED.add(key)
+    warnings.warn(
+        f"{path}: has {st.st_nlink} hard links: its contents may be shared with a file outside the folder",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _no_constant(name: str):
