@@ -153,17 +153,61 @@ def _schedule_from_args(args):
     )
 
 
+def _simulate_preflight(args) -> None:
+    """Project every allocation of the run (the landscape, checkpoints, state, noise, results per seed,
+    schedule) from the flags alone and refuse, naming the flags, one that does not fit: before the
+    landscape is built and before anything is written."""
+    from rivervalley.simulate.budget import landscape_bytes, require_simulation_memory, simulation_bytes
+    from rivervalley.simulate.plan import checkpoint_plan, int_at_least
+
+    seeds = int_at_least("--seeds", args.seeds, 1)
+    steps, _, _, n_ckpts = checkpoint_plan(args.steps, ckpt_every=args.ckpt_every, ckpt_from=args.ckpt_from)
+    if args.landscape == "matrix":
+        if args.shape is None or min(args.shape) < 1:
+            return  # the landscape refuses it
+        dim, size_flag = args.shape[0] * args.shape[1], "--shape"
+    elif args.curvatures is not None:
+        dim, size_flag = 1 + len(args.curvatures), "--curvatures"
+    else:
+        m = 1 if args.m is None else args.m
+        if m < 0:
+            return  # the landscape refuses it
+        dim, size_flag = 1 + m, "--m"
+    name = args.optimizer.lower()
+    buffers = {"adam": 2, "adamw": 2, "muon": 5}.get(
+        name, 1 if args.momentum else 0
+    )  # as budget.optimizer_buffers
+    parts = simulation_bytes(
+        seeds=seeds,
+        dim=dim,
+        n_ckpts=n_ckpts,
+        steps=steps,
+        buffers=buffers,
+        exact=args.exact,
+        setup=landscape_bytes(args.landscape, dim, rotate=args.rotate, shape=args.shape),
+    )
+    require_simulation_memory(
+        parts,
+        sizes=f"{seeds} seeds (--seeds) x {n_ckpts} checkpoints (--steps {steps} --ckpt-every "
+        f"{args.ckpt_every}) x {dim} parameters ({size_flag})",
+        dtype="float64",
+        hint=f"lower --seeds, {size_flag}, --steps or raise --ckpt-every"
+        + (", or drop --rotate" if args.rotate and args.landscape != "matrix" else ""),
+    )
+
+
 def _cmd_simulate(args) -> int:
     import numpy as np
 
     from rivervalley.simulate import simulate
 
+    if args.ckpt_every is None:
+        args.ckpt_every = max(1, args.steps // 50)
+    _simulate_preflight(args)
     land = _landscape_from_args(args)
     opt = _optimizer_from_args(args, land)
     sched = _schedule_from_args(args)
     claim_folder(args.out, args.force, "simulate")  # before the run, not after it
-    if args.ckpt_every is None:
-        args.ckpt_every = max(1, args.steps // 50)
     t0 = time.perf_counter()
     res = simulate(
         land,

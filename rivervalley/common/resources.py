@@ -41,11 +41,21 @@ def available_memory() -> int | None:
 def require_memory(nbytes: int, what: str) -> None:
     """Refuse (ValueError naming the bytes needed and available) an allocation of ``nbytes`` that does not
     fit in the memory available now; ``what`` says what would be allocated and how to make it smaller."""
-    have = available_memory()
+    have, kind = available_memory(), "available"
+    if have is None:  # unknown: at least nothing beyond the machine's physical memory
+        have, kind = _installed_memory(), "installed"
     if have is not None and nbytes > have:
         raise ValueError(
-            f"{what} needs about {format_bytes(nbytes)} but only {format_bytes(have)} of memory is available"
+            f"{what} needs about {format_bytes(nbytes)} but only {format_bytes(have)} of memory is {kind}"
         )
+
+
+def _installed_memory() -> int | None:
+    """The machine's physical memory in bytes; None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def available_cores() -> int:

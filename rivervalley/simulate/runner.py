@@ -6,15 +6,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
-from rivervalley.common.formatting import format_bytes
-from rivervalley.common.resources import flush_denormals, require_memory
+from rivervalley.common.resources import flush_denormals
 from rivervalley.landscapes import EigenQuadratic, Landscape
 from rivervalley.optimizers import SGD
+from rivervalley.simulate.budget import optimizer_buffers, require_simulation_memory, simulation_bytes
 from rivervalley.simulate.exact import check_exact, run_exact
 from rivervalley.simulate.noise import NoiseSource, resolve_backend
-from rivervalley.simulate.plan import checkpoint_steps, int_at_least, lr_array, nonneg_float
+from rivervalley.simulate.plan import checkpoint_plan, int_at_least, lr_array, nonneg_float
 from rivervalley.simulate.result import SimResult
 from rivervalley.simulate.start import initial_theta
 from rivervalley.simulate.steps import run_steps
@@ -85,11 +86,28 @@ def simulate(
     s_count = int_at_least("seeds", seeds, 1)
     noise = nonneg_float("noise", noise)
     river_noise = None if river_noise is None else nonneg_float("river_noise", river_noise)
-    steps, ckpts = checkpoint_steps(steps, ckpt_every=ckpt_every, n_ckpts=n_ckpts, ckpt_from=ckpt_from)
+    steps, first, every, n_count = checkpoint_plan(
+        steps, ckpt_every=ckpt_every, n_ckpts=n_ckpts, ckpt_from=ckpt_from
+    )
     if record_loss_every is not None:
         record_loss_every = int_at_least("record_loss_every", record_loss_every, 1)
-    lrs, sched = lr_array(lr, steps)
+    if noise_threads is not None:
+        noise_threads = int_at_least("noise_threads", noise_threads, 1)
     device = torch.device(device)
+    backend = resolve_backend(noise_backend, device, dtype, noise_dtype)
+    ckpt_shape = (s_count, n_count, landscape.dim)
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != ckpt_shape:
+            raise ValueError(f"out must be a tensor of shape {list(ckpt_shape)} (seeds, checkpoints, dim)")
+        same_device = out.device.type == device.type and (
+            device.index is None or out.device.index == device.index
+        )
+        if out.dtype != dtype or not same_device or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {dtype} tensor on {device}")
+    if device.type == "cpu":  # every allocation below, projected before the first one
+        _check_memory(ckpt_shape, steps, dtype, noise_dtype, backend, optimizer, exact, out is None)
+    ckpts = first + every * np.arange(n_count, dtype=np.int64)
+    lrs, sched = lr_array(lr, steps)
     landscape = landscape.to(device, dtype)
     noise_fn = landscape.make_noise(noise, river_noise, noise_kind)  # validates noise_kind
     if exact:
@@ -107,19 +125,7 @@ def simulate(
         "landscape": landscape.describe(),
     }
 
-    if noise_threads is not None:
-        noise_threads = int_at_least("noise_threads", noise_threads, 1)
-    backend = resolve_backend(noise_backend, device, dtype, noise_dtype)
     config["noise_backend"] = backend
-    ckpt_shape = (s_count, len(ckpts), landscape.dim)
-    if out is not None:
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != ckpt_shape:
-            raise ValueError(f"out must be a tensor of shape {list(ckpt_shape)} (seeds, checkpoints, dim)")
-        same_device = out.device.type == device.type and (
-            device.index is None or out.device.index == device.index
-        )
-        if out.dtype != dtype or not same_device or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous {dtype} tensor on {device}")
     source = NoiseSource(
         (s_count, landscape.dim),
         seed,
@@ -143,8 +149,6 @@ def simulate(
             device,
             dtype,
         )
-        if out is None and device.type == "cpu":
-            _check_memory(ckpt_shape, dtype)
         ckpt_tensor = torch.empty(ckpt_shape, dtype=dtype, device=device) if out is None else out
         with flush_denormals(), torch.no_grad():
             if exact:
@@ -189,13 +193,27 @@ def simulate(
     )
 
 
-def _check_memory(ckpt_shape: tuple[int, int, int], dtype: torch.dtype) -> None:
-    """Refuse a run whose checkpoints (plus a few [S, p] working buffers) do not fit in available memory."""
+def _check_memory(ckpt_shape, steps, dtype, noise_dtype, backend, optimizer, exact, own_out) -> None:
+    """Refuse a run whose allocations (checkpoints, state, noise, results per seed, schedule) do not fit
+    in available memory (:mod:`rivervalley.simulate.budget`)."""
     s, n, p = ckpt_shape
     item = torch.empty((), dtype=dtype).element_size()
-    need = item * s * p * (n + 8)  # checkpoints, θ, gradient, optimizer state, noise draws
-    require_memory(
-        need,
-        f"simulate with {s} seeds x {n} checkpoints x {p} parameters ({dtype}, checkpoints "
-        f"{format_bytes(item * s * n * p)}; fewer seeds or checkpoints need less)",
+    noise_item = torch.empty((), dtype=noise_dtype).element_size()
+    parts = simulation_bytes(
+        seeds=s,
+        dim=p,
+        n_ckpts=n,
+        steps=steps,
+        item=item,
+        noise_item=noise_item,
+        native=backend == "native",
+        buffers=optimizer_buffers(optimizer),
+        exact=exact,
+        checkpoints=own_out,
+    )
+    require_simulation_memory(
+        parts,
+        sizes=f"{s} seeds x {n} checkpoints x {p} parameters",
+        dtype=dtype,
+        hint="fewer seeds or checkpoints need less",
     )
