@@ -157,7 +157,12 @@ def _simulate_preflight(args) -> None:
     """Project every allocation of the run (the landscape, checkpoints, state, noise, results per seed,
     schedule) from the flags alone and refuse, naming the flags, one that does not fit: before the
     landscape is built and before anything is written."""
-    from rivervalley.simulate.budget import landscape_bytes, require_simulation_memory, simulation_bytes
+    from rivervalley.simulate.budget import (
+        landscape_bytes,
+        optimizer_buffers,
+        require_simulation_memory,
+        simulation_bytes,
+    )
     from rivervalley.simulate.plan import checkpoint_plan, int_at_least
 
     seeds = int_at_least("--seeds", args.seeds, 1)
@@ -173,10 +178,7 @@ def _simulate_preflight(args) -> None:
         if m < 0:
             return  # the landscape refuses it
         dim, size_flag = 1 + m, "--m"
-    name = args.optimizer.lower()
-    buffers = {"adam": 2, "adamw": 2, "muon": 5}.get(
-        name, 1 if args.momentum else 0
-    )  # as budget.optimizer_buffers
+    buffers = optimizer_buffers(args.optimizer, args.momentum)
     parts = simulation_bytes(
         seeds=seeds,
         dim=dim,

@@ -12,10 +12,13 @@ from rivervalley.common.resources import require_memory
 __all__ = ["optimizer_buffers", "landscape_bytes", "simulation_bytes", "require_simulation_memory"]
 
 
-def optimizer_buffers(optimizer) -> int:
-    """[S, p] buffers an optimizer keeps (or allocates per step beyond the simulator's own)."""
+def optimizer_buffers(optimizer, momentum: float = 0.0) -> int:
+    """[S, p] buffers an optimizer keeps (or allocates per step beyond the simulator's own); ``optimizer``
+    an instance, or the CLI's name for one (``momentum``: SGD's, for a name)."""
     from rivervalley.optimizers import SGD, Adam, Muon
 
+    if isinstance(optimizer, str):
+        return {"adam": 2, "adamw": 2, "muon": 5}.get(optimizer.lower(), 1 if momentum else 0)
     if isinstance(optimizer, SGD):
         return 0 if optimizer.momentum == 0 else 1
     if isinstance(optimizer, Adam):
