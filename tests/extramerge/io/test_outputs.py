@@ -27,7 +27,8 @@ def _run(capsys, *argv) -> tuple[int, str]:
 
 def _refused(capsys, *argv, needle: str) -> str:
     rc, err = _run(capsys, *argv)
-    lines = [ln for ln in err.strip().splitlines() if "hard links" not in ln]  # inputs that are hard links warn
+    # inputs that are hard links warn first (io.safety): the error is the one line left
+    lines = [ln for ln in err.strip().splitlines() if "hard links" not in ln]
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("extramerge: error: "), err
     assert needle in lines[0], err
     return lines[0]
