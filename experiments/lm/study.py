@@ -41,6 +41,8 @@ def run_config(args) -> StudyConfig:
     calib = test = None
     if not args.data and not args.calib:
         calib, test = str(data / "val.jsonl"), str(data / "test.jsonl")
+        calib = None if args.measure else calib  # --measure: the calibration half is the predictions'
+        test = None if args.predict_only else test  # --predict-only: never read
     return config_from_args(
         args,
         checkpoints=[str(p) for p in steps],
@@ -85,7 +87,8 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {msg}", file=sys.stderr)
         return 2
     print_table(report)
-    print(f"wrote {report['out']}/study.json, study.md")
+    wrote = "predictions.json, predictions.md" if args.predict_only else "study.json, study.md"
+    print(f"wrote {report['out']}/{wrote}")
     return 0
 
 

@@ -43,7 +43,8 @@ def check_output(out: Path, inputs, force: bool) -> Path:
 
 
 def study(cfg: StudyConfig) -> dict:
-    """Run the study and publish study.json, study.md and the figure to ``cfg.out`` (atomically)."""
+    """Run the study and publish study.json, study.md and the figure to ``cfg.out`` (atomically); with
+    ``predict_only`` publish predictions.json and predictions.md instead (:mod:`.prereg`)."""
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -56,18 +57,27 @@ def study(cfg: StudyConfig) -> dict:
 
     from ..io import outputs
     from . import report as R
+    from .prereg import FILE
 
-    out = check_output(
-        Path(cfg.out), cfg.checkpoints + list(cfg.data) + [p for p in (cfg.calib, cfg.test) if p], cfg.force
-    )
+    inputs = cfg.checkpoints + list(cfg.data) + [p for p in (cfg.calib, cfg.test, cfg.measure) if p]
+    out = check_output(Path(cfg.out), inputs, cfg.force)
     # force: an earlier study, checked above, is replaced only once the new one is complete
     with publishing(out, force=True, commit=outputs.publish) as tmp:
         with flush_denormals():
             rep = run_study(cfg, tmp)
-        fig = R.alpha_figure(rep, tmp / "alpha.png")
-        rep["figures"] = ["alpha.png"] if fig else []
+        try:
+            if cfg.predict_only:
+                (tmp / FILE).write_text(json.dumps(jsonable(rep, finite=True), indent=1))
+                (tmp / "predictions.md").write_text(R.markdown(rep))
+            else:
+                fig = R.alpha_figure(rep, tmp / "alpha.png")
+                rep["figures"] = ["alpha.png"] if fig else []
+                (tmp / "study.json").write_text(json.dumps(jsonable(rep), indent=1))
+                (tmp / "study.md").write_text(R.markdown(rep))
+        except (KeyError, TypeError, IndexError) as e:  # only reachable from a hand-edited predictions.json
+            raise StudyError(
+                f"--measure {cfg.measure}: a malformed field ({type(e).__name__}: {e})"
+            ) from None
         outputs.mark_output(tmp, "study")
-        (tmp / "study.json").write_text(json.dumps(jsonable(rep), indent=1))
-        (tmp / "study.md").write_text(R.markdown(rep))
     rep["out"] = str(out)
     return rep

@@ -15,9 +15,10 @@ def add_arguments(p: argparse.ArgumentParser, *, checkpoints: bool = True) -> No
     if checkpoints:
         p.add_argument(
             "checkpoints",
-            nargs="+",
+            nargs="*",
             metavar="CKPT",
-            help="HF model folders, a run folder or a folder of step_N/ checkpoint-N/ folders",
+            help="HF model folders, a run folder or a folder of step_N/ checkpoint-N/ folders (with "
+            "--measure: default the checkpoints the predictions name)",
         )
         p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="output folder")
     p.add_argument(
@@ -60,6 +61,20 @@ def add_arguments(p: argparse.ArgumentParser, *, checkpoints: bool = True) -> No
         help="also choose the merge from the checkpoints up to STEP only, and measure that choice at the "
         "newest checkpoint (the choice an online merge faces)",
     )
+    p.add_argument(
+        "--predict-only",
+        action="store_true",
+        help="pre-register: write OUT/predictions.json (every merge's predicted ΔL and interval, α*, the "
+        "recommendation, the forecast) from --calib alone; the measurement half is never read",
+    )
+    p.add_argument(
+        "--measure",
+        type=Path,
+        default=None,
+        metavar="PRED",
+        help="measure the merges of earlier predictions (a --predict-only output) on --test FILE and write "
+        "the usual study; refuses other checkpoints, another tokenizer, or the calibration half as --test",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
@@ -84,6 +99,25 @@ def config_from_args(a, *, checkpoints=None, out=None, run=None, calib=None, tes
         if not torch.cuda.is_available():
             raise StudyError(f"--device {a.device}: CUDA is not available")
     ckpts = list(checkpoints if checkpoints is not None else a.checkpoints)
+    measure = getattr(a, "measure", None)
+    if measure is not None:
+        fixed = {
+            "--window": a.window != 4,
+            "--offsets": tuple(a.offsets) != (2, 4, 8),
+            "--alphas": tuple(a.alphas) != tuple(CANDIDATE_ALPHAS),
+            "--forecast-from": a.forecast_from is not None,
+            "--lr-schedule": a.lr_schedule is not None,
+            "--quick": a.quick,
+        }
+        given = [flag for flag, on in fixed.items() if on]
+        if given:
+            raise StudyError(
+                f"{', '.join(given)}: fixed by the predictions; --measure PRED takes them from PRED"
+            )
+    elif not ckpts:
+        raise StudyError("no checkpoints: give CKPT ... (or --measure PRED to measure earlier predictions)")
+    if a.predict_only and a.quick:
+        raise StudyError("--quick has no measurement half to skip; --predict-only already reads none")
     if run is None and len(ckpts) == 1 and (Path(ckpts[0]) / "run.json").is_file():
         run = Path(ckpts[0])
     return StudyConfig(
@@ -105,6 +139,8 @@ def config_from_args(a, *, checkpoints=None, out=None, run=None, calib=None, tes
         threads=a.threads,
         force=a.force,
         progress=not a.quiet,
+        predict_only=a.predict_only,
+        measure=measure,
     )
 
 
@@ -116,5 +152,8 @@ def run_command(args) -> int:
     rep = study(config_from_args(args))
     for line in summary_lines(rep):
         print(line)
-    print(f"wrote {rep['out']}/study.json, study.md")
+    if args.predict_only:
+        print(f"wrote {rep['out']}/predictions.json, predictions.md (measure later: --measure {rep['out']})")
+    else:
+        print(f"wrote {rep['out']}/study.json, study.md")
     return 0

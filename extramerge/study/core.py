@@ -8,14 +8,18 @@
    through) is evaluated and the lowest calibration ΔL is *recommended*, with the theory's prediction
    relative to the best plain merge and its 90% interval, or "not identified".
 3. Optionally (:mod:`.forecast`) the same decision from the checkpoints up to a step only.
-4. On the measurement half (skipped by ``quick``): every candidate, α = 3, the theory's diagnostics; ΔL
-   relative to the newest checkpoint and to the best plain merge, paired standard errors clustered by
-   document, and the ablation ``theory_vs_plain``: the theory's best offered merge minus the best plain one.
+4. On the measurement half (:mod:`.measure`; skipped by ``quick``): every candidate, α = 3, the theory's
+   diagnostics; ΔL relative to the newest checkpoint and to the best plain merge, paired standard errors
+   clustered by document, and the ablation ``theory_vs_plain``: the theory's best offered merge minus the
+   best plain one.
+
+Steps 2–3 produce the *predictions* (:func:`predict`, JSON-shaped), and step 4 reads nothing else, so a study
+can be pre-registered: ``--predict-only`` writes them without the measurement half ever being read
+(:mod:`.prereg`), and ``--measure PRED --test FILE`` measures exactly those merges later.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from rivervalley import estimate as est
+from rivervalley.common.formatting import jsonable
 
+from . import prereg
 from .choose import Choice, choose, predict_candidate
-from .evaluator import Evaluator, paired_delta
+from .evaluator import Evaluator
 from .forecast import forecast, prefix_size
 from .inputs import (
     StudyError,
@@ -36,8 +42,8 @@ from .inputs import (
     split_documents,
     tokenizer_of,
 )
+from .measure import measure
 from .menu import extra
-from .theory import sign_class
 
 __all__ = ["StudyConfig", "run_study", "CANDIDATE_ALPHAS"]
 
@@ -67,30 +73,45 @@ class StudyConfig:
     threads: int | None = None
     force: bool = False
     progress: bool = True
+    predict_only: bool = False  # write the predictions only: the measurement half is never read
+    measure: Path | None = None  # a predictions folder (or its predictions.json) to measure
 
 
 # ---------------------------------------------------------------------------------------------- study
 
 
 def run_study(cfg: StudyConfig, tmp: Path) -> dict:
-    """Run the study; figures go under ``tmp``; returns the report (the caller writes and publishes)."""
+    """Run the study (or its predictions only, or the measurement of earlier predictions); figures go
+    under ``tmp``; returns the report (the caller writes and publishes)."""
     t0 = time.perf_counter()
+    if cfg.measure is not None:
+        return _measure_later(cfg, t0)
     ckpts, infos = read_checkpoints(cfg.checkpoints)
     try:
-        return _study(cfg, ckpts, list(infos), tmp, t0)
+        return _study(cfg, ckpts, list(infos), t0)
     finally:
         for c in ckpts:
             c.close()
 
 
-def _halves(cfg: StudyConfig) -> tuple[list[str], list[str], dict]:
+def _halves(cfg: StudyConfig) -> tuple[list[str], list[str] | None, dict]:
+    """(calibration documents, measurement documents or None with --predict-only, where they came from)."""
+    if cfg.predict_only:
+        if cfg.data or cfg.test or not cfg.calib:
+            raise StudyError(
+                "--predict-only reads the calibration half only: give --calib FILE (not --data or --test); "
+                "the measurement half is given later, to --measure"
+            )
+        calib = load_documents([cfg.calib])
+        check_half(calib, f"--calib {cfg.calib}")
+        return calib, None, {"files": {"calib": str(cfg.calib)}}
     if cfg.calib or cfg.test:
         if not (cfg.calib and cfg.test) or cfg.data:
             raise StudyError("give --data TEXT, or both --calib FILE and --test FILE")
         calib, test = load_documents([cfg.calib]), load_documents([cfg.test])
         check_half(calib, f"--calib {cfg.calib}")
         check_half(test, f"--test {cfg.test}")
-        return calib, test, {"calib": str(cfg.calib), "test": str(cfg.test)}
+        return calib, test, {"files": {"calib": str(cfg.calib), "test": str(cfg.test)}}
     if not cfg.data:
         raise StudyError("no held-out text: give --data TEXT (or --calib FILE --test FILE)")
     docs = load_documents(cfg.data)
@@ -112,8 +133,14 @@ def _grid_of(lr):
     return grid
 
 
-def _study(cfg: StudyConfig, ckpts, names, tmp: Path, t0: float) -> dict:
-    n = len(ckpts)
+def _threads(cfg: StudyConfig) -> None:
+    if cfg.threads and not str(cfg.device).startswith("cuda"):
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+
+
+def _study(cfg: StudyConfig, ckpts, names, t0: float) -> dict:
     steps = [int(c.step) for c in ckpts]
     calib_docs, test_docs, source = _halves(cfg)
     tok = tokenizer_of(ckpts, cfg.tokenizer)
@@ -122,52 +149,100 @@ def _study(cfg: StudyConfig, ckpts, names, tmp: Path, t0: float) -> dict:
     grid = grid_of(steps)
     if cfg.forecast_from is not None:
         grid_of(steps[: prefix_size(steps, cfg)])  # a bad --forecast-from fails before any evaluation
-
-    if cfg.threads and not str(cfg.device).startswith("cuda"):
-        import torch
-
-        torch.set_num_threads(cfg.threads)
-    ev = Evaluator(ckpts, names, tok, device=cfg.device, batch_size=cfg.batch_size)
+    _threads(cfg)
+    ev = Evaluator(ckpts, names, tok, device=cfg.device, batch_size=cfg.batch_size, digests=cfg.predict_only)
     ev.add_half("calib", calib_docs)
-    ev.add_half("test", test_docs)
+    if test_docs is not None:
+        ev.add_half("test", test_docs)
     bar = _Bar(cfg.progress)
-    fc_block = fc_merge = None
     try:
-        ch = choose(ev, grid, n, cfg, bar)
-        if cfg.forecast_from is not None:
-            fc_block, fc_merge = forecast(ev, steps, grid_of, cfg, bar)
-        measured, tvp = [], None
-        if not cfg.quick:
-            measured, tvp = _measure(ev, ch, cfg, len(test_docs), fc_merge, bar)
+        pred = jsonable(predict(cfg, ev, ckpts, grid, grid_of, steps, source, lr is not None, bar))
+        if cfg.predict_only:
+            pred["preregistration"] = prereg.record(cfg, ev, ckpts, tok, calib_docs)
+            rep = pred
+        elif cfg.quick:
+            rep = {k: v for k, v in pred.items() if k != "to_measure"}
+            rep.update(measured=[], theory_vs_plain=None)
+            rep["data"]["test"] = _half_stats(ev, "test")
+        else:
+            rep = measure(pred, ev, bar)
+            rep["data"]["test"] = _half_stats(ev, "test")
     finally:
         bar.close()
-    if fc_block is not None and measured:
-        _score_forecast(fc_block, fc_merge, measured)
+    rep["evaluations"] = ev.calls
+    rep["seconds"] = time.perf_counter() - t0
+    return rep
 
+
+def _measure_later(cfg: StudyConfig, t0: float) -> dict:
+    """``--measure PRED --test FILE``: every merge PRED predicted, measured on the measurement half, after
+    checking that the checkpoints and the tokenizer are the ones the predictions were made from."""
+    if cfg.data or cfg.calib or not cfg.test or cfg.predict_only:
+        raise StudyError(
+            "--measure PRED takes --test FILE (the measurement half), not --data, --calib or --predict-only"
+        )
+    pred, digest = prereg.load(cfg.measure)
+    paths = cfg.checkpoints or pred["checkpoints"]["paths"]
+    ckpts, infos = read_checkpoints(paths)
+    try:
+        test_docs = load_documents([cfg.test])
+        check_half(test_docs, f"--test {cfg.test}")
+        shared = prereg.check_documents(pred, test_docs, cfg)
+        tok = tokenizer_of(ckpts, cfg.tokenizer or pred["preregistration"]["tokenizer"]["path"])
+        _threads(cfg)
+        ev = Evaluator(ckpts, list(infos), tok, device=cfg.device, batch_size=cfg.batch_size, digests=True)
+        prereg.check_inputs(pred, cfg, ev, ckpts, tok)
+        ev.add_half("test", test_docs)
+        bar = _Bar(cfg.progress)
+        try:
+            rep = measure(pred, ev, bar)
+        finally:
+            bar.close()
+    finally:
+        for c in ckpts:
+            c.close()
+    rep["data"] = {**rep["data"], "files": {**rep["data"].get("files", {}), "test": str(cfg.test)}}
+    rep["data"]["test"] = _half_stats(ev, "test")
+    rep["mode"] = "full"  # as if run in one go; the preregistration block says it was not
+    rep["preregistration"] = {
+        **pred["preregistration"],
+        **prereg.measured_record(cfg, digest, pred, test_docs, shared),
+    }
+    rep["evaluations"] = pred["evaluations"] + ev.calls
+    rep["seconds"] = pred["seconds"] + time.perf_counter() - t0
+    return rep
+
+
+def predict(cfg: StudyConfig, ev, ckpts, grid, grid_of, steps, source: dict, lr_given: bool, bar) -> dict:
+    """Everything decided from the calibration half: the report without its measurement, and
+    ``to_measure``: each merge the measurement half will measure with its prediction."""
+    n = len(ckpts)
+    ch = choose(ev, grid, n, cfg, bar)
+    fc_block = fc_merge = None
+    if cfg.forecast_from is not None:
+        fc_block, fc_merge = forecast(ev, steps, grid_of, cfg, bar)
+    extra3 = [extra(n, cfg.window, d, 3.0) for d in ch.offsets]
+    for c in extra3:
+        c["predicted"] = predict_candidate(ch, c)
+    rows = ch.menu + extra3 + ch.diag
+    if fc_merge is not None and not any(np.array_equal(fc_merge["weights"], c["weights"]) for c in rows):
+        fc_merge = {**fc_merge, "name": f"forecast: {fc_merge['name']}", "group": "forecast"}
+        fc_merge["predicted"] = predict_candidate(ch, fc_merge)
+        rows = rows + [fc_merge]
     rec, pick = ch.recommendation, ch.theory_pick["candidate"]
-    report = {
-        "mode": "quick" if cfg.quick else "full",
+    return {
+        "mode": "predict-only" if cfg.predict_only else ("quick" if cfg.quick else "full"),
         "checkpoints": {"n": n, "steps": steps, "paths": [str(c.path) for c in ckpts]},
-        "data": {
-            **source,
-            "calib": {
-                "documents": len(calib_docs),
-                "tokens": ev.tokens("calib"),
-                "doc_tokens": ev.doc_tokens("calib"),
-            },
-            "test": {
-                "documents": len(test_docs),
-                "tokens": ev.tokens("test"),
-                "doc_tokens": ev.doc_tokens("test"),
-            },
-        },
-        "lr": {"given": lr is not None, "area": grid.area.tolist(), "lr_ratio": grid.lr_ratio.tolist()},
+        "data": {**source, "calib": _half_stats(ev, "calib")},
+        "lr": {"given": lr_given, "area": grid.area.tolist(), "lr_ratio": grid.lr_ratio.tolist()},
         "recommendation": _recommendation(rec, ch),
         "plain_best": {
             "name": ch.plain_best["name"],
             "calib_delta": ch.plain_best["calib_delta"],
             "calib_se": ch.plain_best["calib_se"],
+            "weights": _floats(ch.plain_best["weights"]),
         },
+        "theory_best": ch.theory_best["name"] if ch.theory_best is not None else None,
         "theory_pick": {
             "name": pick["name"],
             "kind": pick["kind"],
@@ -177,7 +252,6 @@ def _study(cfg: StudyConfig, ckpts, names, tmp: Path, t0: float) -> dict:
             "why_not": ch.theory_pick["why"],
         },
         "theory_gate": {"open": not ch.gate, "why_closed": ch.gate},
-        "theory_vs_plain": tvp,
         "fit": {**ch.fit.to_dict(), "trusted": ch.trusted, "problems": ch.problems},
         "extra": {
             "window": cfg.window,
@@ -186,45 +260,30 @@ def _study(cfg: StudyConfig, ckpts, names, tmp: Path, t0: float) -> dict:
         },
         "calibration": {"losses": ch.cal_losses, **ch.cal_detail},
         "candidates": [_candidate(c) for c in ch.menu],
-        "measured": measured,
         "forecast": fc_block,
-        "evaluations": ev.calls,
+        "to_measure": [_row(c) for c in rows],
     }
-    if measured:
-        _add_alpha_cells(report, measured, ch.offsets)
-    report["seconds"] = time.perf_counter() - t0
-    return report
 
 
-def _measure(ev, ch: Choice, cfg, n_docs: int, fc_merge, bar) -> tuple[list[dict], dict]:
-    """Every candidate, α = 3 and the diagnostics on the measurement half: ΔL against the newest
-    checkpoint and against the best plain calibration merge, and the theory-versus-plain ablation."""
-    n, K = ch.n, cfg.window
-    extra3 = [extra(n, K, d, 3.0) for d in ch.offsets]
-    for c in extra3:
-        c["predicted"] = predict_candidate(ch, c)
-    rows = ch.menu + extra3 + ch.diag
-    if fc_merge is not None and not any(np.array_equal(fc_merge["weights"], c["weights"]) for c in rows):
-        fc_merge = {**fc_merge, "name": f"forecast: {fc_merge['name']}", "group": "forecast"}
-        fc_merge["predicted"] = predict_candidate(ch, fc_merge)
-        rows = rows + [fc_merge]
-    base = ev.measure(np.eye(n)[-1], "test")
-    plain = ev.measure(ch.plain_best["weights"], "test")
-    tokens = [int(x) for x in base.tokens]
-    out, dls = [], {}
-    for c in rows:
-        dl = ev.measure(c["weights"], "test")
-        dls[c["name"]] = dl
-        out.append(_measured_row(c, dl, base, plain, ch.trusted, n_docs, tokens))
-        bar()
-    tb = ch.theory_best
-    if tb is None:
-        why = ch.gate or ["no theory merge passed the gate (see candidates[].not_offered_because)"]
-        tvp = {"delta": None, "se": None, "theory": None, "plain": ch.plain_best["name"], "why": why}
-    else:
-        d, se = paired_delta(dls[tb["name"]], plain)
-        tvp = {"delta": d, "se": se, "theory": tb["name"], "plain": ch.plain_best["name"], "why": []}
-    return out, tvp
+def _half_stats(ev, half: str) -> dict:
+    doc_tokens = ev.doc_tokens(half)
+    return {"documents": len(doc_tokens), "tokens": ev.tokens(half), "doc_tokens": doc_tokens}
+
+
+def _row(c: dict) -> dict:
+    """A merge to measure: what the measurement needs of it, and its prediction."""
+    row = {
+        "name": c["name"],
+        "group": c.get("group", c["method"]),
+        "kind": c["kind"],
+        "weights": _floats(c["weights"]),
+        "predicted": c["predicted"],
+    }
+    if c["method"] == "extra" and "alpha" in c:
+        row["alpha"], row["offset"] = c["alpha"], c["offset"]
+    if c["kind"] == "theory":
+        row["offered"] = c.get("offered", False)
+    return row
 
 
 def _steps_grid(steps) -> est.Grid:
@@ -279,102 +338,6 @@ def _candidate(c: dict) -> dict:
         out["offered"] = c.get("offered", False)
         out["not_offered_because"] = c.get("not_offered_because", [])
     return out
-
-
-def _covered(interval, delta: float, se: float, z: float) -> bool | None:
-    """Whether the measured value lies in the predicted interval widened by the measurement's own 90%
-    half-width (the interval is for the expected gain); None for a not-identified interval."""
-    if interval is None or not math.isfinite(se):
-        return None
-    lo, hi = interval
-    return bool(abs(delta - 0.5 * (hi + lo)) <= math.hypot(0.5 * (hi - lo), z * se))
-
-
-def _measured_row(c: dict, dl, base, plain, trusted: bool, n_docs: int, tokens) -> dict:
-    from scipy import stats
-
-    delta, se = paired_delta(dl, base)
-    d_p, se_p = paired_delta(dl, plain)
-    z = float(stats.t.ppf(0.95, max(n_docs - 1, 1)))  # Student t, documents − 1 degrees of freedom
-    p = c["predicted"]
-    row = {
-        "name": c["name"],
-        "group": c.get("group", c["method"]),
-        "kind": c["kind"],
-        "weights": _floats(c["weights"]),
-        "delta": delta,
-        "se": se,
-        "predicted": p["delta"],  # a calibration measurement needs no fit; the model's is None untrusted
-        "predicted_interval": p["interval"],
-        "delta_vs_plain": d_p,
-        "se_vs_plain": se_p,
-        "predicted_vs_plain": p["vs_plain"],
-        "predicted_vs_plain_interval": p["vs_plain_interval"],
-    }
-    if "alpha" in c and c["method"] == "extra":
-        row["alpha"] = c["alpha"]
-        row["offset"] = c["offset"]
-    if c["kind"] == "theory":
-        row["offered"] = c.get("offered", False)
-    row["covered"] = _covered(row["predicted_interval"], delta, se, z)
-    row["covered_vs_plain"] = _covered(row["predicted_vs_plain_interval"], d_p, se_p, z)
-    row["prediction_source"] = p.get("source")  # calibration (measured there) or model
-    m = p["model"]  # the theory's own prediction, scored beside the shipped one
-    row["model"] = {
-        "delta": m["delta"],
-        "interval": m["interval"],
-        "vs_plain": m["vs_plain"],
-        "vs_plain_interval": m["vs_plain_interval"],
-        "covered": _covered(m["interval"], delta, se, z),
-        "covered_vs_plain": _covered(m["vs_plain_interval"], d_p, se_p, z),
-    }
-    row["doc_nll"] = [float(x) for x in dl.nll]  # paired comparisons between any two, offline
-    row["doc_tokens"] = tokens
-    return row
-
-
-def _score_forecast(block: dict, merge: dict, measured: list[dict]) -> None:
-    """The forecast's merge measured at the newest checkpoint, and its gap to the measured best."""
-    row = next(m for m in measured if np.allclose(m["weights"], merge["weights"], atol=1e-12))
-    best = min(measured, key=lambda m: m["delta"])
-    gap, se = paired_delta(_dl(row), _dl(best))
-    block["measured"] = {
-        "delta": row["delta"],
-        "se": row["se"],
-        "best": best["name"],
-        "best_delta": best["delta"],
-        "gap_to_best": gap,
-        "gap_se": se,
-    }
-
-
-def _dl(row):
-    from .evaluator import DocLosses
-
-    return DocLosses(np.asarray(row["doc_nll"]), np.asarray(row["doc_tokens"], dtype=float))
-
-
-def _add_alpha_cells(report: dict, measured: list[dict], offsets) -> None:
-    """Per offset d: the measured best α on the α grid (α = 0 is SMA K) next to the theory's α*."""
-    K = report["extra"]["window"]
-    sma = next((m for m in measured if m["name"] == f"SMA K={K}"), None)
-    for d in offsets:
-        grid = [
-            (m["alpha"], m["delta"], m["se"])
-            for m in measured
-            if m.get("offset") == d and m["group"] == "extra" and m["kind"] == "plain"
-        ]
-        if sma is not None:
-            grid.append((0.0, sma["delta"], sma["se"]))
-        if not grid:
-            continue
-        a, delta, se = min(grid, key=lambda g: g[1])
-        cell = report["extra"]["by_offset"][str(d)]
-        cell["measured_best_alpha"] = a
-        cell["measured_best_delta"] = delta
-        cell["measured_best_se"] = se
-        cell["measured_sign"] = sign_class(a)
-        cell["sign_match"] = cell["sign"] == sign_class(a) if cell["identified"] else None
 
 
 def _floats(w) -> list[float]:

@@ -8,6 +8,7 @@ every token predicted once); the NLL is also summed per document, for standard e
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,7 +56,7 @@ def _check_memory(ckpts, names) -> None:
 class Evaluator:
     """Holds every checkpoint's float tensors and one model; ``measure(w, half)`` gives its DocLosses."""
 
-    def __init__(self, ckpts, names, tokenizer_path, *, device="cpu", batch_size=16):
+    def __init__(self, ckpts, names, tokenizer_path, *, device="cpu", batch_size=16, digests=False):
         import torch
 
         from ..eval import load_model
@@ -73,12 +74,16 @@ class Evaluator:
         self.fixed: dict = {}
         if not str(device).startswith("cuda"):
             _check_memory(ckpts, names)
-        for name in names:
+        hashes = [hashlib.sha256() for _ in ckpts] if digests else []
+        for name in sorted(names):
             tensors = [c.read(name) for c in ckpts]
+            for h, t in zip(hashes, tensors, strict=False):  # no hashes without digests
+                _digest(h, name, t)
             if tensors[-1].is_floating_point():
                 self.stacks[name] = torch.stack([t.to(torch.float32) for t in tensors]).to(device)
             else:  # integer/bool buffers: the newest checkpoint's, as the merge engine does
                 self.fixed[name] = tensors[-1].clone().to(device)
+        self.digests = [h.hexdigest() for h in hashes]  # of each checkpoint's tensors, as read
         self.halves: dict = {}
         self.calls = 0
         self._memo: dict = {}  # (weights bytes, half) -> DocLosses: a merge evaluated twice is read back
@@ -163,6 +168,14 @@ class Evaluator:
                 "a merge's loss is not finite (its weights overflow the model): shrink the α grid"
             )
         return out
+
+
+def _digest(h, name: str, t) -> None:
+    """Add one tensor (name, dtype, shape, bytes) to a checkpoint's SHA-256."""
+    import torch
+
+    h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def _load_tokenizer(path):

@@ -27,7 +27,7 @@ def summary_lines(r: dict) -> list[str]:
         f"({rec['prediction_source'] or 'not identified'}); the model's: {_f(rec['model_predicted_delta'])} "
         f"{_iv(rec['model_predicted_interval'])}",
     ]
-    meas = next((m for m in r["measured"] if m["name"] == rec["name"]), None)
+    meas = next((m for m in r.get("measured", []) if m["name"] == rec["name"]), None)
     if meas is not None:
         best = min(r["measured"], key=lambda m: m["delta"])
         out.append(
@@ -80,18 +80,43 @@ def _theory_lines(r: dict) -> list[str]:
     return out
 
 
+def _predictions_table(r: dict) -> list[str]:
+    """predictions.md: every merge the measurement will measure, with its prediction."""
+    reg = r["preregistration"]
+    lines = [
+        f"Predictions made {reg['predicted_utc']} before the measurement half was read; measure them with "
+        "`extramerge study --measure PRED --test FILE -o OUT`.",
+        "",
+        "| merge | kind | predicted ΔL | 90% interval | source | vs best plain | 90% interval |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in r["to_measure"]:
+        p = m["predicted"]
+        lines.append(
+            f"| {m['name']} | {m['kind']} | {_f(p['delta'])} | {_iv(p['interval'])} | "
+            f"{p.get('source') or '-'} | {_f(p['vs_plain'])} | {_iv(p['vs_plain_interval'])} |"
+        )
+    return [*lines, ""]
+
+
 def markdown(r: dict) -> str:
     lines = ["# Extra-Merge study", "", *(f"    {s}" for s in summary_lines(r)), ""]
     d = r["data"]
     steps = r["checkpoints"]["steps"]
+    test = (
+        f"measurement half {d['test']['documents']} / {d['test']['tokens']}"
+        if "test" in d
+        else "measurement half not read"
+    )
     lines += [
         f"{r['checkpoints']['n']} checkpoints at steps {steps[0]}..{steps[-1]}; calibration half "
-        f"{d['calib']['documents']} documents / {d['calib']['tokens']} tokens, measurement half "
-        f"{d['test']['documents']} / {d['test']['tokens']}; mode {r['mode']}, "
+        f"{d['calib']['documents']} documents / {d['calib']['tokens']} tokens, {test}; mode {r['mode']}, "
         f"{r['evaluations']} evaluations, {r['seconds']:.0f} s.",
         "",
     ]
-    if r["measured"]:
+    if "to_measure" in r:
+        lines += _predictions_table(r)
+    if r.get("measured"):
         lines += [
             "| merge | kind | measured ΔL | s.e. | predicted ΔL | 90% interval | covered "
             "| vs best plain: measured | s.e. | predicted | 90% interval | covered |",
@@ -123,7 +148,7 @@ def markdown(r: dict) -> str:
 
 def alpha_figure(r: dict, path) -> str | None:
     """ΔL against α per offset d: measured (± 1.645 s.e.) and predicted (line and 90% band)."""
-    if not r["measured"]:
+    if not r.get("measured"):
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
