@@ -7,6 +7,9 @@ each enforced by one function here:
   name whose real path stays inside the checkpoint's folder (``member``, ``inside``);
 * only regular files are read: a FIFO, device or socket is refused before it is opened for reading, so
   it cannot block or stream forever (``open_regular``, ``regular``);
+* a check is bound to what is used: ``open_regular`` checks the descriptor it opened (regular file, and
+  where the kernel says it lives: inside the root), and ``copy_regular`` copies through that descriptor,
+  so swapping a file for a link between the check and the use (a folder others can write) gains nothing;
 * JSON is parsed with bounded size and depth and without non-finite numbers (``load_json``, ``parse_json``);
 * messages quote untrusted text escaped and shortened (``shown``), never raw bytes of a file;
 * one file or folder given twice (same device and inode) is refused (``distinct``);
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import threading
 import warnings
@@ -35,6 +39,7 @@ __all__ = [
     "inside",
     "regular",
     "open_regular",
+    "copy_regular",
     "read_text",
     "parse_json",
     "load_json",
@@ -71,8 +76,20 @@ def kind(mode: int) -> str:
 
 
 def inside(path: Path, root: Path) -> bool:
-    """Whether ``path``'s real location (symbolic links resolved) lies inside ``root``'s."""
-    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
+    """Whether ``path``'s real location (symbolic links resolved) lies inside ``root``'s. An entry that
+    changes between the steps of resolving it (a link one moment, a file the next: EINVAL) raises
+    CheckpointError naming it."""
+    return Path(_real(path)).is_relative_to(_real(root))
+
+
+def _real(path: Path) -> str:
+    try:
+        return os.path.realpath(path)
+    except OSError as e:
+        raise CheckpointError(
+            f"{path}: changed while it was being checked ({e.strerror or type(e).__name__}); refusing to "
+            "read it"
+        ) from None
 
 
 def member(root: Path, name: object, what: str) -> Path:
@@ -122,9 +139,31 @@ def open_regular(path: Path, *, root: Path | None = None) -> int:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise CheckpointError(f"{path}: is {kind(st.st_mode)}, not a regular file; refusing to read it")
+    if root is not None and not _opened_inside(fd, root):  # swapped for a link since the check above
+        os.close(fd)
+        raise CheckpointError(f"{path}: a link that leaves the checkpoint folder {root}; refusing to read it")
     if st.st_nlink > 1:
         _warn_linked(path, st)
     return fd
+
+
+def _opened_inside(fd: int, root: Path) -> bool:
+    """Whether the file open as ``fd`` lies inside ``root``'s real path, as the kernel names it
+    (/proc/self/fd/N): what was opened, whatever the path pointed to a moment before. Where there is no
+    /proc (not Linux), the path check made before the open stands."""
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return True
+    return Path(real).is_relative_to(_real(root))
+
+
+def copy_regular(path: Path, dst: Path, *, root: Path | None = None) -> int:
+    """Copy the regular file ``path`` (inside ``root``) to the new file ``dst`` through the descriptor
+    ``open_regular`` checked, never by path again. Returns the bytes copied."""
+    with os.fdopen(open_regular(path, root=root), "rb") as f, open(dst, "xb") as g:
+        shutil.copyfileobj(f, g, 2**20)
+        return g.tell()
 
 
 def _warn_linked(path: Path, st: os.stat_result) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -189,8 +188,7 @@ def _copy_hf_files(template: Checkpoint, folder: Path, infos: Mapping[str, Tenso
     template's folder are read."""
     copied = []
     for p in _hf_side_files(template):
-        safety.regular(p, root=template.root)
-        shutil.copyfile(p, folder / p.name)
+        safety.copy_regular(p, folder / p.name, root=template.root)
         copied.append(p.name)
     if "config.json" in copied:
         _set_config_dtype(folder / "config.json", infos)

@@ -11,7 +11,6 @@ merged: they are counted in ``Checkpoint.state_tensors`` and left out of a merge
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,8 +225,7 @@ def _copy_megatron_files(template: Checkpoint | None, folder: Path) -> list[str]
     src = template.path if megatron_in else None
     for fname in (MEGATRON_CONFIG, MEGATRON_COMMON):
         if src is not None and (src / fname).is_file():
-            safety.regular(src / fname, root=template.root)
-            shutil.copyfile(src / fname, folder / fname)
+            safety.copy_regular(src / fname, folder / fname, root=template.root)
             copied.append(fname)
     if MEGATRON_CONFIG not in copied:
         (folder / MEGATRON_CONFIG).write_text(

@@ -58,3 +58,19 @@ def test_a_file_with_one_link_gives_no_warning(tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", str(folder)]) == 0
     assert "hard link" not in capsys.readouterr().err
+
+
+def test_a_hard_linked_side_file_copied_into_an_output_warns(tmp_path):
+    """Side files are copied through the descriptor ``open_regular`` checked (issue 21 items 4 and 14):
+    the same one warning as any other file read."""
+    import extramerge
+
+    run = make_hf_run(tmp_path / "run", n=2)
+    outside = tmp_path / "elsewhere.txt"
+    outside.write_text("shared notes\n")
+    os.link(outside, run[-1] / "notes.txt")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        extramerge.merge(run, method="sma", output=tmp_path / "out", progress=False)
+    hits = [w for w in seen if NEEDLE in str(w.message) and "notes.txt" in str(w.message)]
+    assert len(hits) >= 1 and (tmp_path / "out" / "notes.txt").read_text() == "shared notes\n"
