@@ -50,11 +50,12 @@ def tokenizer_folder(folder: Path) -> Path | None:
     return None
 
 
-def check_model_folder(path: str | os.PathLike, *, tokenizer: bool = True) -> Path:
+def check_model_folder(path: str | os.PathLike, *, tokenizer: bool = True, root=None) -> Path:
     """Check that ``path`` is a Hugging Face causal-LM folder (config.json + weights + tokenizer files,
     the tokenizer possibly in the parent folder) without loading it; ValueError naming the path.
 
-    As the merge reader checks a folder: no entry is a link leaving it or a special file, config.json is
+    As the merge reader checks a folder: no entry is a link leaving it (or ``root``, a folder above it: a hub
+    cache's repository folder, whose snapshots link into its blobs/) or a special file, config.json is
     bounded, strict JSON, and every weight file (all those the index names, in subfolders too) is a regular
     file inside the folder, checked by ``extramerge.io.open_checkpoint`` itself."""
     p = Path(path)
@@ -68,20 +69,38 @@ def check_model_folder(path: str | os.PathLike, *, tokenizer: bool = True) -> Pa
         raise ValueError(f"{p}: no model weights (expected model.safetensors or pytorch_model.bin)")
     if tokenizer and tokenizer_folder(p) is None:
         raise ValueError(f"{p}: no tokenizer (expected tokenizer.json or tokenizer_config.json)")
-    safety.folder_files(p)  # no links leaving the folder, no FIFOs, before transformers opens anything
+    root = p if root is None else Path(root)
+    if root == p:
+        safety.folder_files(p)  # no links leaving the folder, no FIFOs, before transformers opens anything
+    else:
+        _entries_inside(p, root)
     if tokenizer and tokenizer_folder(p) != p:
         safety.folder_files(p.parent, _TOKENIZER_FILES)
     # transformers parses config.json with the stdlib json (100k nested '[' is a RecursionError there)
-    if not isinstance(safety.load_json(p / "config.json", root=p), dict):
+    if not isinstance(safety.load_json(p / "config.json", root=root), dict):
         raise ValueError(f"{p / 'config.json'}: not a JSON object")
-    _check_weights(p)
+    _check_weights(p, root)
     return p
 
 
-def _check_weights(folder: Path) -> None:
+def _entries_inside(folder: Path, root: Path) -> None:
+    """``safety.folder_files`` with the bound at ``root``: every entry of ``folder`` resolves inside ``root``
+    and is a regular file or a folder."""
+    if not safety.inside(folder, root):
+        raise ValueError(f"{folder}: not inside {root}")
+    for e in folder.iterdir():
+        if e.name.startswith(".") or not (e.exists() or e.is_symlink()):
+            continue
+        if e.is_dir() and safety.inside(e, root):
+            continue
+        safety.regular(e, root=root)  # a link leaving root, a FIFO or a device: CheckpointError
+
+
+def _check_weights(folder: Path, root: Path | None = None) -> None:
     """The merge reader's own check of the weights: every file the index names (in subfolders too) is a
-    regular file whose real path stays inside the folder, and each opens as a checkpoint (headers only)."""
-    with open_checkpoint(folder) as ckpt:
+    regular file whose real path stays inside the folder (or ``root``), and each opens as a checkpoint
+    (headers only)."""
+    with open_checkpoint(folder, root=root) as ckpt:
         if formats.get(ckpt.format).hf_stem is None:  # e.g. a DCP folder: transformers reads other files
             raise ValueError(f"{folder}: not a Hugging Face model folder (its weights are {ckpt.format})")
 
@@ -106,15 +125,15 @@ def tokenizer_fingerprint(path: str | os.PathLike) -> str | None:
 # ------------------------------------------------------------------------------------------- loading
 
 
-def load_model(path: str | os.PathLike, *, device=None, dtype=None):
+def load_model(path: str | os.PathLike, *, device=None, dtype=None, root=None):
     """``(model, tokenizer)`` from a local HF folder via AutoModelForCausalLM / AutoTokenizer
     (``local_files_only=True``); the tokenizer may sit in the parent folder. ValueError naming the path
-    when the folder is not a loadable causal LM."""
+    when the folder is not a loadable causal LM; ``root``: see ``check_model_folder``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    p = check_model_folder(path)
+    p = check_model_folder(path, root=root)
     hf_logging.disable_progress_bar()
     # trust_remote_code=False: a folder's own .py (config.json's auto_map) never runs, and transformers
     # never asks on stdin whether to run it

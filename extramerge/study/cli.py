@@ -21,6 +21,13 @@ def add_arguments(p: argparse.ArgumentParser, *, checkpoints: bool = True) -> No
             "--measure: default the checkpoints the predictions name)",
         )
         p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="output folder")
+        p.add_argument(
+            "--revisions",
+            metavar="REVS",
+            help="CKPT is one Hugging Face Hub repository (org/name) and these its revisions, found in "
+            "huggingface_hub's cache (never downloaded): step1000,step2000,... or step1000:step8000:1000; "
+            "the step is the one a name carries, else the order given",
+        )
     p.add_argument(
         "--data",
         nargs="+",
@@ -99,6 +106,8 @@ def config_from_args(a, *, checkpoints=None, out=None, run=None, calib=None, tes
         if not torch.cuda.is_available():
             raise StudyError(f"--device {a.device}: CUDA is not available")
     ckpts = list(checkpoints if checkpoints is not None else a.checkpoints)
+    if getattr(a, "revisions", None) is not None:
+        ckpts = _revisions(ckpts, a.revisions)
     measure = getattr(a, "measure", None)
     if measure is not None:
         fixed = {
@@ -142,6 +151,25 @@ def config_from_args(a, *, checkpoints=None, out=None, run=None, calib=None, tes
         predict_only=a.predict_only,
         measure=measure,
     )
+
+
+def _revisions(ckpts: list, spec: str) -> list[str]:
+    """``REPO --revisions SPEC`` as the checkpoints REPO@rev, ... (resolved from the cache by the study)."""
+    from ..io import CheckpointError
+    from .hub import hub_ref, parse_revisions
+    from .inputs import StudyError
+
+    try:
+        revs = parse_revisions(spec)
+    except CheckpointError as e:
+        raise StudyError(str(e)) from None
+    if len(ckpts) != 1 or hub_ref(str(ckpts[0])) is None or "@" in str(ckpts[0]):
+        given = " ".join(map(str, ckpts)) or "none"
+        raise StudyError(
+            f"--revisions: give one Hugging Face Hub repository (org/name, not a local path) as CKPT, "
+            f"not {given}"
+        )
+    return [f"{ckpts[0]}@{r}" for r in revs]
 
 
 def run_command(args) -> int:

@@ -60,13 +60,15 @@ class Evaluator:
         import torch
 
         from ..eval import load_model
+        from .hub import snapshot_root
 
         self.torch = torch
         self.device = device
         self.path = ckpts[-1].path
         self.batch_size = batch_size
         try:
-            self.model, _ = load_model(ckpts[-1].path, device=device, dtype=torch.float32)
+            root = snapshot_root(ckpts[-1].path)  # a hub cache snapshot links into its repository's blobs/
+            self.model, _ = load_model(ckpts[-1].path, device=device, dtype=torch.float32, root=root)
         except ValueError as e:
             raise StudyError(str(e)) from None
         self.tokenizer = _load_tokenizer(tokenizer_path)

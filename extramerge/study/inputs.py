@@ -34,14 +34,12 @@ class StudyError(ValueError):
 
 
 def read_checkpoints(paths) -> tuple[list, dict]:
-    """Open the checkpoints (folders, run folders, ``step_N``/``checkpoint-N`` parents; oldest first by
-    the step in their names) and check they share one architecture. Returns (checkpoints, tensor infos)."""
-    from ..io import CheckpointError, check_compatible, load_checkpoints
+    """Open the checkpoints (folders, run folders, ``step_N``/``checkpoint-N`` parents, ``org/name@revision``
+    of a hub repository in huggingface_hub's cache (:mod:`.hub`); oldest first by the step in their names)
+    and check they share one architecture. Returns (checkpoints, tensor infos)."""
+    from ..io import check_compatible
 
-    try:
-        ckpts = load_checkpoints([str(p) for p in paths])
-    except (CheckpointError, ValueError, OSError) as e:
-        raise StudyError(str(e)) from None
+    ckpts = _open(paths)
     try:
         for c in ckpts:
             if not Path(c.path).is_dir() or not (Path(c.path) / "config.json").is_file():
@@ -68,6 +66,33 @@ def read_checkpoints(paths) -> tuple[list, dict]:
         raise
 
 
+def _open(paths) -> list:
+    """Local paths through the merge engine's reader; hub revisions and snapshot folders of the hub cache
+    with their repository's cache folder as the root of every read (see :mod:`.hub`)."""
+    from ..io import CheckpointError, load_checkpoints, open_checkpoint
+    from . import hub
+
+    if not paths:
+        raise StudyError("no checkpoints given")
+    refs = [hub.hub_ref(str(p)) for p in paths]
+    ckpts: list = []
+    try:
+        if any(refs):
+            ckpts = hub.open_revisions([r for r in refs if r], by_order=all(refs))
+        for p, r in zip(paths, refs, strict=True):
+            root = None if r else hub.snapshot_root(Path(p))
+            if root is not None:
+                ckpts.append(open_checkpoint(p, step=hub.snapshot_step(Path(p)), root=root))
+            elif not r:
+                ckpts.extend(load_checkpoints([str(p)]))
+        safety.distinct(c.path for c in ckpts)
+    except (CheckpointError, ValueError, OSError) as e:
+        for c in ckpts:
+            c.close()
+        raise StudyError(str(e)) from None
+    return ckpts
+
+
 def _one_model_type(ckpts) -> None:
     """Every config.json names one model (``model_type`` and ``architectures``): two families with the same
     tensors (Llama and Mistral) are still two models, and the newest checkpoint's config builds them all."""
@@ -75,7 +100,7 @@ def _one_model_type(ckpts) -> None:
     for c in ckpts:
         path = Path(c.path) / "config.json"
         try:
-            cfg = safety.load_json(path, root=Path(c.path))
+            cfg = safety.load_json(path, root=getattr(c, "root", None) or Path(c.path))
         except (ValueError, OSError) as e:
             raise StudyError(f"{path}: {e}") from None
         cfg = cfg if isinstance(cfg, dict) else {}
