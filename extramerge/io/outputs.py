@@ -20,10 +20,12 @@ of ``rivervalley.common.publish.refusal``, applied here to extramerge's outputs)
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from rivervalley.common import publish as _shared
+from rivervalley.common.entries import identity, owned
 from rivervalley.common.publish import clean_stale, mark, marked, own_json, publishing, refusal
 
 from . import safety
@@ -143,12 +145,13 @@ def check_output(output, inputs: Iterable = (), *, force=False, what="input chec
 # ------------------------------------------------------------------------------------------ publishing
 
 
-def publish(src: Path, dst: Path, force: bool) -> None:
-    """``rivervalley.common.publish.publish`` (rename into place, an existing ``dst`` renamed aside first and
+def publish(src: Path, dst: Path, force: bool, **expect) -> None:
+    """``rivervalley.common.publish.publish`` (rename into place, an existing ``dst`` renamed aside first,
+    compared with what was checked (``expect=``: its device and inode, see ``check_merge_output``) and
     deleted once the new one is in), refusing a special file at ``dst`` even with force."""
     refuse_special(dst)
     try:
-        _shared.publish(src, dst, force)
+        _shared.publish(src, dst, force, **expect)
     except FileExistsError as e:
         raise CheckpointError(str(e)) from None
 
@@ -156,8 +159,9 @@ def publish(src: Path, dst: Path, force: bool) -> None:
 # ------------------------------------------------------------------------------------- merge outputs
 
 
-def check_record_path(output: Path) -> None:
-    """X.merge.json beside an output file X.safetensors is replaced only when it is our own record."""
+def check_record_path(output: Path) -> tuple[int, int] | None:
+    """X.merge.json beside an output file X.safetensors is replaced only when it is our own record.
+    Returns the identity (device, inode) of the record recognised, None when there is none."""
     rec = record_path(output)
     refuse_special(rec)
     # ours is replaced with the output, with or without force; a folder there is not a record
@@ -166,15 +170,23 @@ def check_record_path(output: Path) -> None:
             f"{rec} exists and is not an extramerge record; refusing to replace it (move it, or choose "
             "another output)"
         )
+    return _bound(rec, identity(rec) and owned(rec, "tool", "extramerge"))
 
 
-def check_merge_output(out: Path) -> None:
+def check_merge_output(out: Path) -> dict[Path, tuple[int, int] | None]:
     """What ``--force`` may replace: an existing output only when it is extramerge's own earlier merge (a
     folder holding an extramerge merge.json, or a file with its extramerge X.merge.json beside it), never
     a user's folder or file that merely has the name; and X.merge.json only when it is our own record.
-    Whether force was given is ``check_output``'s to decide."""
-    if out.suffix in WEIGHT_SUFFIXES:
-        check_record_path(out)
+    Whether force was given is ``check_output``'s to decide.
+
+    Returns what was checked, path -> (device, inode) or None (absent), for ``publish(..., expect=)``:
+    the entry replaced must be the one checked. A folder's identity is that of the folder whose
+    merge.json was read (through a descriptor of it), so a folder swapped in and out during the check
+    cannot pass for it."""
+    checked = {}
+    file_out = out.suffix in WEIGHT_SUFFIXES
+    if file_out:
+        checked[record_path(out)] = check_record_path(out)
     rec = record_path(out)
     why = refusal(out, True, lambda p: _is_record(rec))
     if why == "special":
@@ -184,10 +196,30 @@ def check_merge_output(out: Path) -> None:
             f"output {out} exists and was not written by an extramerge merge (it has no extramerge "
             f"record {rec.name}); refusing to replace it, even with --force"
         )
+    try:
+        st = os.lstat(out)
+    except FileNotFoundError:
+        st = None
+    if st is None or file_out or not stat.S_ISDIR(st.st_mode):  # a file: unlink is all its replacing does
+        checked[out] = _bound(out, st and (st.st_dev, st.st_ino), folder=not file_out)
+    elif not any(out.iterdir()):  # an empty folder: publish removes it only while empty
+        checked[out] = (st.st_dev, st.st_ino)
+    else:
+        checked[out] = _bound(out, owned(out, "tool", "extramerge", marker="merge.json"))
+    return checked
 
 
 def _is_record(path: Path) -> bool:
     return own_json(path, "tool", "extramerge")
+
+
+def _bound(path: Path, ident: tuple[int, int] | None, *, folder: bool = True) -> tuple[int, int] | None:
+    """``ident``, the identity of ``path`` as checked, when ``path`` is still that entry (and, unless
+    ``folder``, not a folder): otherwise it changed during the check (someone else writes its folder)."""
+    now = identity(path)
+    if now != ident or (not folder and now is not None and os.path.isdir(path) and not path.is_symlink()):
+        raise CheckpointError(f"output {path} changed while it was being checked; run again")
+    return ident
 
 
 # ---------------------------------------------------------------------------------------- single files

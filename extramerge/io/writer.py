@@ -265,14 +265,14 @@ def publish_checkpoint(
         t_sync += time.perf_counter() - t0
     t_publish = time.perf_counter()
     with locked(out):  # a concurrent merge to the same output publishes before or after us
-        check_merge_output(out)  # again: another run may have published there while we merged
+        checked = check_merge_output(out)  # again: another run may have published there while we merged
         if folder_out:
-            publish(tmp, out, force)
+            publish(tmp, out, force, expect=checked[out])
             published = [out / f for f in files]
         else:
-            if record is not None:
-                publish(tmp / rec_name, record_path(out), force=True)  # vetted by check_merge_output
-            publish(tmp / fname, out, force)
+            if record is not None:  # vetted by check_merge_output
+                publish(tmp / rec_name, record_path(out), True, expect=checked[record_path(out)])
+            publish(tmp / fname, out, force, expect=checked[out])
             tmp.rmdir()
             published = [out] + ([record_path(out)] if record is not None else [])
     if fsync:

@@ -9,8 +9,9 @@ policy on top: overlap with inputs, the merge's record rule).
   for its output);
 * ``locked(out)``: holds an exclusive lock on ``out``'s parent folder, so that two runs publishing to the
   same output (an output file and its side record) publish one after the other, never interleaved;
-* ``publish(src, dst, force)``: rename into place; an existing ``dst`` is renamed aside to
-  ``.NAME.old-PID@HOST-*`` first and deleted once the new one is in;
+* ``publish(src, dst, force, expect)``: rename into place; an existing ``dst`` is renamed aside to
+  ``.NAME.old-PID@HOST-*`` first, compared with what was checked (``expect``: device and inode; put back
+  if it differs) and deleted through a descriptor once the new one is in (``entries``);
 * ``clean_stale(out)``: what a killed run (kill -9) left beside ``out`` is removed, or put back;
 * ``write_file(path, write)``: one file through ``publishing`` (``write(tmp_path)``, then publish);
 * ``interruptible()``: SIGTERM and SIGHUP raise ``Terminated`` (a KeyboardInterrupt), so they unwind
@@ -43,6 +44,8 @@ import threading
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
+
+from .entries import identity, own_json, remove_checked, rename_noreplace
 
 __all__ = [
     "publishing",
@@ -181,30 +184,54 @@ def _umask() -> int:
     return mask
 
 
-def publish(src: Path, dst: Path, force: bool) -> None:
+_UNCHECKED = object()
+
+
+def publish(src: Path, dst: Path, force: bool, expect=_UNCHECKED) -> None:
     """Rename ``src`` to ``dst``; an existing ``dst`` (allowed by the caller's checks) is renamed aside
     first and deleted only after the new one is in place. Without ``force`` an existing non-empty ``dst``
-    raises FileExistsError."""
+    raises FileExistsError.
+
+    ``expect``: the ``entries.identity`` of ``dst`` the caller checked (None: checked absent). What is
+    renamed aside must be that very entry, compared after the rename: anything else (swapped in since
+    the check by someone who can write the folder) is put back and FileExistsError raised, nothing
+    replaced; the old output is deleted through a descriptor compared again (``entries.remove_checked``).
+    Without ``expect``, the entry found when this call starts is the one expected."""
+    expect = identity(dst) if expect is _UNCHECKED else expect
     aside = None
     if dst.exists() or dst.is_symlink():
         if dst.is_dir() and not dst.is_symlink() and not any(dst.iterdir()):
             dst.rmdir()
-        elif not force:
+        elif not force or expect is None:
             raise FileExistsError(f"output {dst} appeared while writing; pass force=True to replace it")
         else:
             aside = dst.with_name(f".{_short(dst.name)}.old-{_tag()}-{uuid.uuid4().hex[:8]}")
             os.rename(dst, aside)
+            if identity(aside) != expect:
+                _put_back(aside, dst)
     try:
-        os.rename(src, dst)
-    except BaseException:
+        rename_noreplace(src, dst)
+    except BaseException as e:
         if aside is not None:
             os.rename(aside, dst)
+        if isinstance(e, FileExistsError):
+            raise FileExistsError(f"output {dst} appeared while writing; run again") from None
         raise
     if aside is not None:
-        if aside.is_dir() and not aside.is_symlink():
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            aside.unlink()
+        remove_checked(aside, expect)
+
+
+def _put_back(aside: Path, dst: Path) -> None:
+    """``dst`` was swapped since it was checked: put what was renamed aside back and refuse."""
+    where = ""
+    try:
+        rename_noreplace(aside, dst)
+    except OSError:
+        where = f" (it is at {aside})"
+    raise FileExistsError(
+        f"output {dst} changed while it was being replaced (not the one checked{where}); nothing "
+        "replaced, run again"
+    )
 
 
 @contextlib.contextmanager
@@ -233,13 +260,14 @@ def publishing(
         out.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(out)
         tmp = Path(tempfile.mkdtemp(prefix=f".{_short(out.name)}.tmp-{_tag()}-", dir=out.parent))
+        made = identity(tmp)  # what the clean-up may delete: this folder, whatever is at its name later
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the output gets the usual mode
         yield tmp
         if commit is not None:
             commit(tmp / out.name if file else tmp, out, force)
     finally:
         if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was published
+            remove_checked(tmp, made)  # gone already when it was published
         _remove_created(created)
 
 
@@ -351,26 +379,6 @@ def refusal(
     if ours is not None and (path.is_symlink() or not ours(path)):
         return "foreign"
     return None
-
-
-def own_json(path, key: str, value: str, *, limit: int = 2**20) -> bool:
-    """Whether ``path`` is a regular file of at most ``limit`` bytes holding a JSON object with ``key`` =
-    ``value`` (how an output marker, a merge record or a report is recognised as this package's own).
-    Opened without blocking: a FIFO is not waited on, and anything but a regular file is not ours."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return False
-    try:
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                return False
-            raw = f.read(limit + 1)
-        doc = json.loads(raw) if len(raw) <= limit else None
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(doc, dict) and doc.get(key) == value
 
 
 def mark(folder, doc: Mapping[str, str], marker: str = MARKER) -> None:

@@ -65,13 +65,13 @@ def test_concurrent_merges_to_one_file_publish_weights_and_record_together(tmp_p
     extramerge.merge(run, method="sma", output=out, progress=False)
     real, order, held = writer.publish, [], threading.Event()
 
-    def slow_publish(src, dst, force):
+    def slow_publish(src, dst, force, **expect):
         name = threading.current_thread().name
         order.append((name, dst.name))
         if name == "first" and dst.name.endswith(".merge.json"):
             held.set()
             time.sleep(0.5)  # the second merge reaches its publish meanwhile
-        real(src, dst, force)
+        real(src, dst, force, **expect)
 
     monkeypatch.setattr(writer, "publish", slow_publish)
 
@@ -90,6 +90,34 @@ def test_concurrent_merges_to_one_file_publish_weights_and_record_together(tmp_p
         weights = [float(x) for x in f.metadata()["extramerge.weights"].split(",")]
     record = json.loads((tmp_path / "merged.merge.json").read_text())
     assert record["method"] == "wma" and record["weights"] == weights
+
+
+def test_two_merge_processes_started_together_leave_weights_and_record_of_one(tmp_path):
+    """Issue 21 item 10, as reproduced: two ``extramerge merge ... -o x.safetensors --force`` processes
+    with different methods started together, a few trials: the weights' method (in their header) and
+    the record's always agree."""
+    import subprocess
+    import sys
+    from subprocess import PIPE
+
+    run = make_safetensors_files(tmp_path / "run", n=3)
+    out = tmp_path / "x.safetensors"
+    extramerge.merge(run, method="sma", output=out, progress=False)
+    cmd = [sys.executable, "-m", "extramerge", "merge", *map(str, run), "-o", str(out), "--force", "--quiet"]
+    for _ in range(3):
+        procs = [
+            subprocess.Popen([*cmd, "--method", m], stdout=subprocess.DEVNULL, stderr=PIPE, text=True)
+            for m in ("ema", "wma")
+        ]
+        for p in procs:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+        with safe_open(str(out), "pt") as f:
+            header = f.metadata()
+        record = json.loads((tmp_path / "x.merge.json").read_text())
+        assert header["extramerge.method"] == record["method"]
+        assert [float(x) for x in header["extramerge.weights"].split(",")] == record["weights"]
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_a_merge_that_cannot_fit_in_memory_is_refused_before_it_starts(tmp_path, capsys, monkeypatch):

@@ -98,3 +98,84 @@ def test_the_path_bound_copy_was_raceable(tmp_path):
             os.unlink(target)
     if not leaked:
         pytest.skip("the attacker never won the path-bound race in the time given")
+
+
+# ------------------------------------------------------------- --force replaces only the output it checked
+
+
+def _merge_and_user_folder(tmp_path: Path) -> tuple[list[Path], Path, Path]:
+    """Inputs, an earlier merge at ``out`` (what --force may replace), and a user's folder beside it
+    holding a file the attacker would have deleted."""
+    from _ckpt_factory import make_safetensors_files
+
+    run = make_safetensors_files(tmp_path / "run", n=2)
+    out = tmp_path / "out"
+    extramerge.merge(run, method="sma", output=out, progress=False)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work\n")
+    return run, out, user
+
+
+def _alive(fd: int) -> bool:
+    """Whether the file or folder open as ``fd`` still has a name (a deleted one has no link left)."""
+    return os.fstat(fd).st_nlink > 0
+
+
+def test_a_folder_swapped_in_after_the_force_check_is_not_deleted(tmp_path, monkeypatch):
+    """The hook swaps the user's folder in right after the check under the output lock: renamed aside and
+    deleted by path, it was lost; compared by (device, inode) after the rename, it is put back."""
+    from extramerge.io import writer
+
+    run, out, user = _merge_and_user_folder(tmp_path)
+    real = writer.check_merge_output
+
+    def check_then_swap(path):
+        checked = real(path)
+        if inspect.stack(0)[1].function == "publish_checkpoint":  # the check under the lock, not the first
+            exchange(out, user)
+        return checked
+
+    monkeypatch.setattr(writer, "check_merge_output", check_then_swap)
+    with pytest.raises(CheckpointError, match="changed while it was being replaced"):
+        extramerge.merge(run, method="ema", output=out, force=True, progress=False)
+    assert (out / "thesis.tex").read_text() == "years of work\n"  # put back where the attacker left it
+    assert (user / "merge.json").is_file()  # and the earlier merge where it was moved to
+
+
+def test_force_never_deletes_a_folder_swapped_in_by_an_attacker(tmp_path):
+    run, out, user = _merge_and_user_folder(tmp_path)
+    thesis = os.open(user / "thesis.tex", os.O_RDONLY)
+    done = refused = 0
+    try:
+        with swapping(out, user):
+            end = time.monotonic() + RACE_SECONDS
+            while time.monotonic() < end:
+                try:
+                    extramerge.merge(run, method="sma", output=out, force=True, progress=False)
+                    done += 1
+                except CheckpointError:
+                    refused += 1
+                assert _alive(thesis), (done, refused)
+    finally:
+        os.close(thesis)
+    assert done + refused > 3, (done, refused)
+
+
+def test_publish_compares_what_it_renamed_aside(tmp_path):
+    """``publish`` at the unit level: the entry renamed aside must be the one checked."""
+    from rivervalley.common.entries import identity
+    from rivervalley.common.publish import publish
+
+    dst, other, src = tmp_path / "dst", tmp_path / "other", tmp_path / "src"
+    for p in (dst, other, src):
+        p.mkdir()
+        (p / "f").write_text(p.name)
+    checked = identity(dst)
+    exchange(dst, other)  # after the check
+    with pytest.raises(FileExistsError, match="changed while it was being replaced"):
+        publish(src, dst, True, expect=checked)
+    assert (dst / "f").read_text() == "other" and (other / "f").read_text() == "dst"
+    assert (src / "f").read_text() == "src"
+    publish(src, dst, True, expect=identity(dst))  # checked now: replaced
+    assert (dst / "f").read_text() == "src" and sorted(p.name for p in tmp_path.iterdir()) == ["dst", "other"]
