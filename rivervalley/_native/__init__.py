@@ -107,13 +107,15 @@ def _declare(lib) -> None:
 
 def _private_folder(folder: Path) -> None:
     """Create ``folder`` and its missing parents (mode 0o700 whatever the umask) if needed; refuse one that
-    another user owns or others can write to, since a library loaded from it runs in this process."""
+    another user owns or others can write to, or one inside a folder that others could swap it out of
+    (``_check_ancestors``), since a library loaded from it runs in this process."""
     missing = [p for p in (folder, *folder.parents) if not p.exists()]
     for p in reversed(missing):
         with contextlib.suppress(FileExistsError):
             p.mkdir(mode=0o700)
             os.chmod(p, 0o700)  # mkdir's mode is masked by the umask: set it exactly
     _check_private(folder)
+    _check_ancestors(folder)
 
 
 def _check_private(path: Path) -> None:
@@ -128,23 +130,72 @@ def _check_private(path: Path) -> None:
         raise OSError(f"{path} is not private to this user (owner, or group/world write permission)")
 
 
+def _check_ancestors(folder: Path) -> None:
+    """Refuse a cache folder with an ancestor (its real path's) that group or others may write without
+    the sticky bit, or that a user other than root and this one owns: whoever can write there can rename
+    the cache folder away and put their own in its place between our checks and the load."""
+    for p in Path(os.path.realpath(folder)).parents:
+        st = os.stat(p)
+        shared = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX
+        if shared or st.st_uid not in (0, os.getuid()):
+            raise OSError(
+                f"{folder} is inside {p}, which "
+                + ("others may write (no sticky bit)" if shared else f"user {st.st_uid} owns")
+                + "; refusing to load a library from it (set RIVERVALLEY_CACHE to a private folder)"
+            )
+
+
+def _open_library(path: Path) -> int:
+    """A descriptor of the library ``path`` (not a link), checked on the descriptor: a regular file this
+    user owns that neither group nor others may write. What is loaded is this very file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    st = os.fstat(fd)
+    if (
+        not stat.S_ISREG(st.st_mode)
+        or st.st_uid != os.getuid()
+        or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    ):
+        os.close(fd)
+        raise OSError(f"{path} is not private to this user (owner, or group/world write permission)")
+    return fd
+
+
+def _dlopen(path: Path):
+    """ctypes.CDLL of the library checked by ``_open_library``, loaded through its descriptor
+    (/proc/self/fd/N) where /proc exists. The descriptor stays open while the library may be loaded:
+    the dynamic loader knows a loaded library by that name, so the number must never name another."""
+    fd = _open_library(path)
+    name = f"/proc/self/fd/{fd}"
+    if not os.path.exists(name):  # no /proc (not Linux): the path, just checked
+        os.close(fd)
+        name = str(path)
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        with contextlib.suppress(OSError):
+            if name != str(path):
+                os.close(fd)
+        raise
+
+
 def _load_or_build(cc: list[str], flags: list[str], path: Path):
-    """Load the library at ``path``, building it first if it is missing; a file that does not load is
-    rebuilt once. Returns (lib, None), or (None, error) when the compiler fails."""
+    """Load the library at ``path``, building it first if it is missing; a file that does not load, or
+    lacks the kernel's functions (a stale or foreign build), is rebuilt once. Returns (lib, None), or
+    (None, error) when the compiler fails."""
     _private_folder(path.parent)
     for attempt in range(2):
         if attempt or not path.exists():
             err = _compile(cc, flags, path)
             if err:
                 return None, err
-        _check_private(path)
         try:
-            lib = ctypes.CDLL(str(path))
-        except OSError:
+            lib = _dlopen(path)
+            _declare(lib)
+        except (OSError, AttributeError) as e:
             if attempt:
-                raise
+                why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                raise OSError(f"{path} does not load as the kernel ({why})") from None
             continue  # a stale or broken file: rebuild it once
-        _declare(lib)
         return lib, None
     raise OSError(f"{path} does not load")  # pragma: no cover - the loop returns or raises first
 

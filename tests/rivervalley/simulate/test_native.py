@@ -407,3 +407,90 @@ def test_checkpoints_do_not_change_the_trajectory(exact):
     assert c.checkpoints is out and torch.equal(out, b.checkpoints)
     with pytest.raises(ValueError, match="^out must"):
         simulate(q, ckpt_every=2, out=out[:, 1:], **kw)
+
+
+# --------------------------------------------------------------------------- the cache, bound to what loads
+
+
+def _shared_lib(tmp_path, name: str, body: str):
+    """Compile the C ``body`` into tmp_path/name (a shared library)."""
+    src = tmp_path / f"{name}.c"
+    src.write_text(body)
+    out = tmp_path / name
+    subprocess.run(["cc", "-shared", "-fPIC", str(src), "-o", str(out)], check=True, capture_output=True)
+    out.chmod(0o700)
+    return out
+
+
+_CTOR = (
+    "#include <fcntl.h>\n#include <stdlib.h>\n#include <unistd.h>\n"
+    '__attribute__((constructor)) static void ran(void) { close(open(getenv("RV_TEST_MARK"), '
+    "O_CREAT | O_WRONLY, 0600)); }\n"
+)
+
+
+def test_a_library_swapped_after_its_check_is_not_the_one_loaded(tmp_path, monkeypatch):
+    """Issue 21 item 4: the library is checked on a descriptor and loaded through it (/proc/self/fd/N).
+    The hook swaps a foreign library in between the check and the load: loaded by path, its constructor
+    ran in this process."""
+    import ctypes
+
+    from _race import can_exchange, exchange
+
+    if not can_exchange(tmp_path):
+        pytest.skip("renameat2(RENAME_EXCHANGE) unavailable")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RIVERVALLEY_CACHE", str(cache))
+    assert _native._load()[0] is not None
+    (built,) = cache.glob("noise-*.so")
+    foreign = _shared_lib(tmp_path, "foreign.so", _CTOR)
+    mark = tmp_path / "constructor-ran"
+    monkeypatch.setenv("RV_TEST_MARK", str(mark))
+    fresh = tmp_path / "fresh"  # a new file of the kernel: this process has not loaded it yet
+    fresh.mkdir(mode=0o700)
+    shutil.copy2(built, fresh / built.name)
+    monkeypatch.setenv("RIVERVALLEY_CACHE", str(fresh))
+    real, swapped = ctypes.CDLL, []
+
+    def swap_then_load(name, *args, **kwargs):
+        if not swapped and name != "None" and name is not None:
+            exchange(fresh / built.name, foreign)  # the attacker's move, between check and load
+            swapped.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(ctypes, "CDLL", swap_then_load)
+    lib, detail = _native._load()
+    assert swapped and lib is not None, detail
+    assert not mark.exists()  # the foreign constructor never ran
+    assert lib.rv_normal_f32 is not None
+
+
+def test_a_cache_inside_a_folder_others_can_write_is_refused(tmp_path, monkeypatch):
+    shared = tmp_path / "project"
+    (shared / "cache").mkdir(parents=True, mode=0o700)
+    shared.chmod(0o777)  # a shared project folder without the sticky bit
+    monkeypatch.setenv("RIVERVALLEY_CACHE", str(shared / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))  # the fallback folder is there too
+    lib, detail = _native._load()
+    assert lib is None and "others may write (no sticky bit)" in detail and str(shared) in detail
+    assert not list(shared.rglob("*.so"))
+    shared.chmod(0o1777)  # with the sticky bit (as /tmp): others cannot rename our folder away
+    lib, detail = _native._load()
+    assert lib is not None, detail
+
+
+def test_a_stale_library_without_the_kernel_functions_is_rebuilt(tmp_path, monkeypatch):
+    """Issue 21 item 12: a library in the cache that loads but lacks the kernel's symbols (an old build)
+    gave an AttributeError traceback; it is rebuilt."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RIVERVALLEY_CACHE", str(cache))
+    assert _native._load()[0] is not None
+    (built,) = cache.glob("noise-*.so")
+    stale_dir = tmp_path / "stale"
+    stale_dir.mkdir(mode=0o700)
+    old = _shared_lib(tmp_path, "old.so", "int rv_something_else(void) { return 1; }\n")
+    old.rename(stale_dir / built.name)
+    monkeypatch.setenv("RIVERVALLEY_CACHE", str(stale_dir))
+    lib, detail = _native._load()
+    assert lib is not None and str(stale_dir / built.name) in detail, detail
+    assert lib.rv_normal_f32 is not None
