@@ -465,8 +465,10 @@ def test_tensor_info_holds_safetensors_codes_and_converts_lazily():
         TensorInfo("x", (1,), "not-a-dtype")
 
 
-def test_numpy_reads_match_torch_reads_bit_for_bit(tmp_path):
+def test_numpy_reads_match_torch_reads_bit_for_bit(tmp_path, monkeypatch):
     import numpy as np
+
+    monkeypatch.setenv("EXTRAMERGE_MMAP", "1")  # views of the map too (reads are preads by default)
 
     from extramerge.io import to_numpy, to_torch
 

@@ -171,10 +171,12 @@ def _fsdp_states() -> list[dict]:
     return [{k: torch.randn(s, generator=g) for k, s in shapes.items()} for _ in range(2)]
 
 
-def test_fsdp2_two_process_checkpoint(tmp_path):
+def test_fsdp2_two_process_checkpoint(tmp_path, monkeypatch):
     import socket
 
     import torch.multiprocessing as mp
+
+    monkeypatch.setenv("EXTRAMERGE_MMAP", "1")  # the zero-copy spans are checked too
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -118,7 +118,8 @@ def _write_chunked(folder: Path, full: dict, boxes: dict) -> None:
     write_metadata(folder, infos, plan, stored, fsync=False)
 
 
-def test_tensor_and_pipeline_parallel_chunkings(tmp_path):
+def test_tensor_and_pipeline_parallel_chunkings(tmp_path, monkeypatch):
+    monkeypatch.setenv("EXTRAMERGE_MMAP", "1")  # the zero-copy spans are checked too
     g = torch.Generator().manual_seed(5)
     full = {
         "qkv": torch.randn(3, 6, 4, generator=g),  # per layer, column-parallel halves: intervals
