@@ -194,6 +194,7 @@ def merge_weights(
             + (2 * DIRECT_BLOCK if not collects else 0)  # the direct-I/O blocks
             + (bytes_written - carried if collects else 0)
             + held
+            + sum(ckpts[j].held_bytes(chunk, n_workers) for j in active)  # strided copies, DCP slabs
             + (bytes_read if resident else 0)  # e.g. torch-file inputs: pages read stay resident
         )
         free_disk = shutil.disk_usage(_first_existing(out_path.parent)).free
@@ -354,7 +355,7 @@ def merge_weights(
     rss.append(rss_now())
     seconds = time.perf_counter() - t0
     summary.files = result.files
-    summary.bytes_written = result.bytes_written
+    summary.bytes_written = result.bytes_written + carried  # as projected: side files, byte entries too
     summary.seconds = seconds
     summary.read_bandwidth = bytes_read / seconds if seconds > 0 else 0.0
     summary.peak_rss_bytes = rss_peak()

@@ -169,6 +169,11 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(i.nbytes for i in self.infos.values())
 
+    def held_bytes(self, chunk: int, workers: int) -> int:
+        """Memory its sources take to read every tensor in ranges of ``chunk`` elements on ``workers``
+        threads, besides the caller's buffers (contiguous copies of strided torch tensors, DCP slabs)."""
+        return sum(f(chunk, workers) for f in (getattr(s, "held_bytes", None) for s in self._sources) if f)
+
     def _source(self, name: str):
         name = self.aliases.get(name, name)
         try:

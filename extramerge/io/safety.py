@@ -46,10 +46,12 @@ __all__ = [
     "jsonl",
     "folder_files",
     "distinct",
+    "check_npz",
 ]
 
 JSON_LIMIT = 100 * 2**20  # bytes of an index/config JSON file read at most
 LINE_LIMIT = 16 * 2**20  # bytes of one JSONL line (a data document or a cloze item) read at most
+NPZ_MEMBERS = 64  # arrays of an .npz read at most (a gram.npz has 9)
 _KINDS = {
     stat.S_IFIFO: "a FIFO",
     stat.S_IFCHR: "a character device",
@@ -285,3 +287,46 @@ def distinct(paths: Iterable[Path]) -> None:
                 f"{p}: the same checkpoint as {seen[key]} (given twice); list each checkpoint once"
             )
         seen[key] = p
+
+
+def check_npz(path: Path) -> None:
+    """Refuse an .npz whose arrays could take more memory than the file's size (a zip bomb): more than
+    NPZ_MEMBERS members, a compressed member (``np.savez`` never compresses), or a member whose array
+    header claims more bytes than it holds (numpy allocates what the header says before reading). Each
+    stored array then takes at most its member's size, and all of them at most the file's."""
+    import zipfile
+
+    from numpy.lib import format as npf
+
+    with os.fdopen(open_regular(path), "rb") as f:
+        try:
+            with zipfile.ZipFile(f) as z:
+                members = z.infolist()
+                if len(members) > NPZ_MEMBERS:
+                    raise CheckpointError(f"{path}: {len(members)} arrays, over {NPZ_MEMBERS}; refusing it")
+                for m in members:
+                    _check_npz_member(z, m, path, npf)
+        except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{path}: not an .npz file ({type(e).__name__})") from None
+
+
+def _check_npz_member(z, m, path: Path, npf) -> None:
+    import math
+    import zipfile
+
+    what = f"{path}: array {shown(m.filename)}"
+    if m.compress_type != zipfile.ZIP_STORED:
+        raise CheckpointError(f"{what} is compressed (np.savez never compresses); refusing to inflate it")
+    with z.open(m) as f:
+        version = npf.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise CheckpointError(f"{what}: .npy format version {version} is not read")
+        read = npf.read_array_header_1_0 if version == (1, 0) else npf.read_array_header_2_0
+        shape, _, dtype = read(f)
+    claimed = math.prod(shape) * dtype.itemsize
+    if dtype.hasobject or claimed > m.file_size:
+        raise CheckpointError(
+            f"{what}: its header claims {claimed} bytes but it holds {m.file_size}; refusing to read it"
+        )

@@ -87,6 +87,12 @@ class TorchFile:
         self.infos = {n: TensorInfo(n, tuple(t.shape), t.dtype) for n, t in self.tensors.items()}
         self.metadata = {}
 
+    def held_bytes(self, chunk: int = 0, workers: int = 1) -> int:
+        """Memory that reading takes besides the mapped file: a tensor saved as a strided view (a
+        transpose, or an expand with stride 0 whose storage is far smaller than the tensor) is copied
+        contiguous once and kept (``read_range``)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values() if not t.is_contiguous())
+
     def read(self, name: str, *, numpy: bool = False):
         t = self.tensors[name]
         return to_numpy(t) if numpy else t

@@ -228,6 +228,23 @@ class DcpSource:
         whole = to_torch(buf).view(info.dtype).as_strided(c.sizes, st.stride, st.storage_offset)
         return whole[i:j]
 
+    def held_bytes(self, chunk: int, workers: int) -> int:
+        """Memory that reading the tensors in ranges of ``chunk`` elements on ``workers`` threads takes
+        besides the caller's buffers: for a tensor not stored as flat pieces, the slab of whole dim-0 rows
+        kept between calls (``_rows``) and, per thread, a chunk stored non-contiguously read whole
+        (``_chunk_rows``); the largest such tensor counts (one slab is kept at a time)."""
+        most = 0
+        for name, info in self.infos.items():
+            lay = self._layout(name)
+            if lay.flat or info.numel == 0:
+                continue
+            row = max(math.prod(info.shape[1:]), 1)
+            row_bytes = max(row * info.itemsize, 1)
+            rows = min(info.shape[0], max(-(-chunk // row) + 1, SLAB_BYTES // row_bytes))
+            strided = max((st.nbytes for st in lay.stored if not st.contiguous), default=0)
+            most = max(most, rows * row_bytes + workers * strided)
+        return most
+
     # ------------------------------------------------------------------------- the Checkpoint protocol
 
     def copies(self, name: str) -> bool:

@@ -418,3 +418,36 @@ def test_a_truncation_between_the_last_check_and_the_read_is_an_error_not_sigbus
     _one_line_error(p.returncode, p.stderr, f"{files[0]}: ")
     assert os.path.getsize(files[0]) == cut  # the cut did happen
     assert not out.exists() and not [q for q in tmp_path.rglob("*") if ".tmp-" in q.name]
+
+
+# ------------------------------------------------------------------------------ --gram: no npz zip bombs
+
+
+def _bomb_npz(path: Path, *, compressed: bool) -> None:
+    """A gram.npz lookalike: compressed (64 MiB of zeros in a few KB), or stored with an array header
+    claiming 8 TiB."""
+    import zipfile
+
+    import numpy as np
+    from numpy.lib import format as npf
+
+    if compressed:
+        np.savez_compressed(path, gram=np.zeros((2**12, 2**11)), names=np.array(["w"]))
+        return
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z, z.open("gram.npy", "w") as f:
+        npf.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False, "shape": (2**40,)})
+        f.write(b"\0" * 64)
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_a_gram_npz_bomb_is_refused_before_numpy_inflates_it(tmp_path, capsys, compressed):
+    """Issue 21 item 8: ``--gram`` refuses a compressed member, or a header claiming more than the member
+    holds, in one line before numpy allocates anything."""
+    run = make_safetensors_files(tmp_path / "run", n=3)
+    bomb = tmp_path / "gram.npz"
+    _bomb_npz(bomb, compressed=compressed)
+    assert bomb.stat().st_size < 2**20
+    rc, err = _cli(capsys, "merge", *run, "--method", "pc1", "--gram", bomb, "-o", tmp_path / "m", "--quiet")
+    why = "is compressed" if compressed else "its header claims 8796093022208 bytes but it holds 192"
+    _one_line_error(rc, err, f"{bomb}: array 'gram.npy'", why)
+    assert not (tmp_path / "m").exists()
