@@ -152,10 +152,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
         config = config_from_args(argv)
-        ignored = [s for s in (signal.SIGINT, signal.SIGHUP) if signal.getsignal(s) is signal.SIG_IGN]
-        with interruptible():  # SIGTERM/SIGHUP unwind like Ctrl-C
-            for s in ignored:  # started ignoring Ctrl-C (`cmd &` in a script) or SIGHUP (nohup): it stays so
-                signal.signal(s, signal.SIG_IGN)
+        with interruptible():  # SIGTERM/SIGHUP unwind like Ctrl-C; one started ignored (nohup) stays so
             train(config)
     except Interrupted as e:
         print(stopped_line(e, argv), file=sys.stderr)

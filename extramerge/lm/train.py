@@ -42,7 +42,6 @@ import json
 import math
 import shutil
 import signal
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -222,7 +221,7 @@ class Run:
                     t_side = time.perf_counter()
                     if is_ckpt or (eval_every and step % eval_every == 0):
                         self._evaluate()
-                    with _held_signals():  # a signal waits: a published checkpoint has its resume state
+                    with deferred():  # a signal waits: a published checkpoint has its resume state
                         if is_ckpt:
                             save_checkpoint(self, factor)
                             self._save_online_merges()
@@ -352,20 +351,6 @@ class Run:
 
 def _bpb(loss: float | None) -> str:
     return "-" if loss is None else f"{loss / math.log(2):.3f}"
-
-
-@contextlib.contextmanager
-def _held_signals():
-    """``deferred()``, except that a signal this process ignores (SIGINT in a background job of a script,
-    SIGHUP under nohup) stays ignored: not held, so not delivered, nor raised as the second one."""
-    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    ignored = [s for s in stops if signal.getsignal(s) == signal.SIG_IGN]
-    if threading.current_thread() is not threading.main_thread():
-        ignored = []  # deferred() is a no-op there, and only the main thread may set a handler
-    with deferred():
-        for s in ignored:  # deferred() puts them back to SIG_IGN as it ends
-            signal.signal(s, signal.SIG_IGN)
-        yield
 
 
 @contextlib.contextmanager

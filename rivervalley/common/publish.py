@@ -17,6 +17,7 @@ policy on top: overlap with inputs, the merge's record rule).
 * ``interruptible()``: SIGTERM and SIGHUP raise ``Terminated`` (a KeyboardInterrupt), so they unwind
   through the same clean-up code as Ctrl-C;
 * ``deferred()``: SIGINT, SIGTERM and SIGHUP wait until a block ends (a unit of outputs saved whole);
+  neither touches a signal the process inherited as ignored (``nohup``, a script's background job);
 * ``refusal(path, force, ours)``: the one rule for what an output may replace: an absent path or an
   empty folder always; anything else only with ``force`` and only when ``ours`` recognises it as the same
   command's earlier output; never a link, FIFO, device or socket. ``claim_folder`` / ``claim_file`` apply
@@ -297,13 +298,21 @@ def _raise(signum, frame):
     raise Terminated(signum)
 
 
+def _handled(signals, handler) -> dict:
+    """Install ``handler`` for each of ``signals`` this process does not ignore; returns the handlers
+    replaced. A signal inherited as ignored (SIGINT in a background job of a script, SIGHUP under nohup)
+    stays ignored: a background job that ignores Ctrl-C keeps ignoring it."""
+    return {s: signal.signal(s, handler) for s in signals if signal.getsignal(s) is not signal.SIG_IGN}
+
+
 @contextlib.contextmanager
 def interruptible():
-    """Within this block SIGTERM and SIGHUP raise ``Terminated`` (main thread only; restored after)."""
+    """Within this block SIGTERM and SIGHUP raise ``Terminated`` (main thread only; restored after). One
+    this process ignores stays ignored (``nohup``: SIGHUP)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = {s: signal.signal(s, _raise) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old = _handled((signal.SIGTERM, signal.SIGHUP), _raise)
     try:
         yield
     finally:
@@ -316,7 +325,8 @@ def deferred():
     """Within this block SIGINT, SIGTERM and SIGHUP are held, so that outputs which belong together (a
     checkpoint and its resume state) are saved whole; the first one is delivered when the block ends, to
     the handlers in force outside it. A second one during the block raises at once (KeyboardInterrupt or
-    ``Terminated``): the caller's clean-up still runs. Main thread only; elsewhere a no-op."""
+    ``Terminated``): the caller's clean-up still runs. A signal this process ignores stays ignored (not
+    held, so neither delivered nor raised). Main thread only; elsewhere a no-op."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -327,7 +337,7 @@ def deferred():
             raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
         held.append(signum)
 
-    old = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    old = _handled((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), hold)
     try:
         yield
     finally:

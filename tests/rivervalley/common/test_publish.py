@@ -228,3 +228,30 @@ def test_an_output_name_near_the_limit_is_staged_and_a_longer_one_refused_first(
     with pytest.raises(OSError, match="longer than 255 bytes"), P.publishing(too, file=True):
         pass
     assert not (tmp_path / "made").exists()
+
+
+def test_interruptible_and_deferred_leave_an_inherited_ignore_alone():
+    """Issue 21: a background job of a script (SIGINT ignored) or a run under nohup (SIGHUP ignored)
+    keeps ignoring them inside both blocks, also when one arrives; SIGTERM still stops it."""
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with P.interruptible():
+            with P.deferred():
+                assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+                assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+                os.kill(os.getpid(), signal.SIGINT)  # ignored: neither held nor raised at the end
+                os.kill(os.getpid(), signal.SIGHUP)
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            with pytest.raises(P.Terminated) as e:
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before os.kill returns here
+            assert e.value.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
