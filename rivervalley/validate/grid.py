@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from types import SimpleNamespace
 
 from rivervalley import theory
+from rivervalley.common.resources import require_memory
 from rivervalley.validate.report import Report, Study
 from rivervalley.validate.sampling import NOISE_BACKENDS, using_noise_backend
 from rivervalley.validate.studies import (
@@ -22,6 +23,10 @@ from rivervalley.validate.studies import (
 )
 
 __all__ = ["plan", "run"]
+
+# Simulations run in chunks of seeds of at most this many bytes of checkpoints (sampling._CHUNK_ELEMENTS
+# float64 entries), with the state and noise beside them: what one chunk may take, whatever --seeds is.
+_CHUNK_WORKING_SET = 4 * 8 * 4_000_000
 
 
 def _formulas(overrides: Mapping[str, Callable] | None) -> SimpleNamespace:
@@ -143,6 +148,22 @@ def run(
         return _run(fast, seeds, seed, only, overrides, progress, noise_backend)
 
 
+def _require_memory(studies: list[Study], seeds: int | None) -> None:
+    """Refuse, before anything is simulated, a run whose per-seed statistics cannot fit in the memory
+    available now: a study keeps [seeds, rows] float64 values, as chunks and stacked, and its mean and
+    standard error take two more of that size; one chunk of simulation runs beside them."""
+    if not studies:
+        return
+    big = max(studies, key=lambda st: (int(seeds) if seeds is not None else st.seeds) * len(st.rows))
+    n = int(seeds) if seeds is not None else big.seeds
+    need = 4 * 8 * n * len(big.rows) + _CHUNK_WORKING_SET
+    require_memory(
+        need,
+        f"validate with {n} seeds (--seeds) x {len(big.rows)} rows (study {big.name}: per-seed statistics; "
+        "lower --seeds or pick studies with --only)",
+    )
+
+
 def _run(fast, seeds, seed, only, overrides, progress, noise_backend) -> Report:
     if seeds is not None and (isinstance(seeds, bool) or int(seeds) != seeds or seeds < 2):
         raise ValueError(f"seeds must be an integer >= 2 (a standard error needs two), got {seeds!r}")
@@ -155,6 +176,7 @@ def _run(fast, seeds, seed, only, overrides, progress, noise_backend) -> Report:
         if unknown:
             raise ValueError(f"unknown study name(s) {unknown}; known: {sorted(names)}")
         studies = [s for s in studies if s.name in set(only)]
+    _require_memory(studies, seeds)
     t0 = time.perf_counter()
     rows, timings = [], {}
     for i, st in enumerate(studies):

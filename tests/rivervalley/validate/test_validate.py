@@ -190,3 +190,17 @@ def test_cli_validate_replaces_only_its_own_report(tmp_path, capsys):
     (tmp_path / "report.txt").write_text("my table")
     assert cli.main(["validate", "--fast", "--json", str(ours)]) == 2
     assert "pass --force" in capsys.readouterr().err
+
+
+def test_cli_validate_refuses_seeds_that_cannot_fit_before_simulating(tmp_path, capsys):
+    """``rivervalley validate --seeds 10**9``: the per-seed statistics alone would take terabytes; one line
+    naming --seeds and the bytes, exit 2, nothing written, nothing simulated (it returns at once)."""
+    import time
+
+    t0 = time.perf_counter()
+    rc = cli.main(["validate", "--fast", "--seeds", str(10**9), "-o", str(tmp_path / "v"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith("rivervalley: error: validate with 1000000000 seeds (--seeds)"), err
+    assert "needs about" in err
+    assert time.perf_counter() - t0 < 30 and not (tmp_path / "v").exists()
