@@ -203,7 +203,9 @@ def _set_config_dtype(path: Path, infos: Mapping[str, TensorInfo]) -> None:
     name = dtypes.pop()
     try:
         config = json.loads(path.read_text())
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested 10**5 deep: copied as it is
+        return
+    if not isinstance(config, dict):
         return
     keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
     if all(config.get(k) == name for k in keys):

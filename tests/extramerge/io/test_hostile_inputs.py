@@ -451,3 +451,14 @@ def test_a_gram_npz_bomb_is_refused_before_numpy_inflates_it(tmp_path, capsys, c
     why = "is compressed" if compressed else "its header claims 8796093022208 bytes but it holds 192"
     _one_line_error(rc, err, f"{bomb}: array 'gram.npy'", why)
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, "[1, 2]"])
+def test_a_config_json_nested_deep_or_not_an_object_is_copied_as_it_is(tmp_path, capsys, text):
+    """Issue 21 item 12: an HF config.json of 100k nested '[' gave a RecursionError traceback when the
+    merge set its dtype (and a list, an AttributeError); it is copied as it is, as invalid JSON was."""
+    run = make_hf_run(tmp_path / "run", n=2)
+    (run[-1] / "config.json").write_text(text)
+    rc, err = _cli(capsys, "merge", *run, "--method", "sma", "-o", tmp_path / "m", "--quiet")
+    assert rc == 0, err
+    assert (tmp_path / "m" / "config.json").read_text() == text
