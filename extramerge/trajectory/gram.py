@@ -29,30 +29,27 @@ _UNIT_BYTES = 4 * 2**20  # per checkpoint and work unit (one worker maps N of th
 
 def _segment_gram(xs: list, ref: int, scratch) -> tuple[np.ndarray, float]:
     """Σ over equal-length flat arrays xs (one per checkpoint) of (x_i − x_ref)(x_j − x_ref), as an
-    (N−1) × N block (rows: the checkpoints other than ``ref`` in order; the last column is 0), and
-    ‖x_ref‖², both in float64.
+    (N−1) × (N−1) block (rows and columns: the checkpoints other than ``ref`` in order), and ‖x_ref‖², both
+    in float64.
 
     Block by block, each checkpoint's slice is converted to float64 (exact) and the reference subtracted
-    (exact for float32/bf16/fp16 inputs), laid out as S small matrices [N, _GEMM_COLS] so that one
-    stacked matmul (a BLAS gemm per matrix, operands in L2) forms the S Gram blocks. The last row of each
-    matrix is zero: the product A·Bᵀ with A = rows :N−1 and B = all rows is then a plain gemm, several times
-    faster than the syrk numpy would pick for A·Aᵀ with these shapes.
+    (exact for float32/bf16/fp16 inputs), laid out as S small matrices [N, _GEMM_COLS] whose last row is
+    the reference itself, so that one stacked matmul (a BLAS gemm per matrix, operands in L2) forms the S
+    N × N blocks: the differences' Gram in the first N−1 rows and columns and ‖x_ref‖² in the corner (the
+    products of differences with x_ref that fill the rest are not used).
     """
     n, m = len(xs), xs[0].size
     others = [j for j in range(n) if j != ref]
     bg = min(_GEMM_COLS, max(64, 1 << max(m - 1, 0).bit_length()))
     s_max = max(1, _BLOCK_BYTES // (8 * n * bg))
     F3 = scratch.get("gram_F", (s_max * n * bg,), np.float64)
-    R3 = scratch.get("gram_R", (s_max * bg,), np.float64)
-    Gs = scratch.get("gram_G", (s_max * (n - 1) * n,), np.float64)
-    G = np.zeros((n - 1, n))
-    r2 = 0.0
+    Gs = scratch.get("gram_G", (s_max * n * n,), np.float64)
+    G = np.zeros((n, n))
     for s in range(0, m, s_max * bg):
         e = min(s + s_max * bg, m)
         full, rest = divmod(e - s, bg)
         S = full + (rest > 0)
         F = F3[: S * n * bg].reshape(S, n, bg)
-        R = R3[: S * bg].reshape(S, bg)
 
         def put(dst, x, s=s, e=e, full=full, rest=rest):  # x[s:e] into dst [S, bg], zero-padded
             if full:
@@ -61,26 +58,23 @@ def _segment_gram(xs: list, ref: int, scratch) -> tuple[np.ndarray, float]:
                 np.copyto(dst[full, :rest], x[s + full * bg : e])
                 dst[full, rest:] = 0.0
 
-        put(R, xs[ref])
+        put(F[:, n - 1, :], xs[ref])
         for row, j in enumerate(others):
             put(F[:, row, :], xs[j])
-        F[:, n - 1, :] = 0.0
-        np.subtract(F[:, : n - 1, :], R[:, None, :], out=F[:, : n - 1, :])
-        out = Gs[: S * (n - 1) * n].reshape(S, n - 1, n)
-        np.matmul(F[:, : n - 1, :], F.transpose(0, 2, 1), out=out)
+        np.subtract(F[:, : n - 1, :], F[:, n - 1 :, :], out=F[:, : n - 1, :])
+        out = Gs[: S * n * n].reshape(S, n, n)
+        np.matmul(F, F.transpose(0, 2, 1), out=out)
         G += out.sum(axis=0)
-        r = R.reshape(-1)
-        r2 += float(r @ r)
-    return G, r2
+    return G[: n - 1, : n - 1], float(G[n - 1, n - 1])
 
 
 def _embed(G: np.ndarray, ref: int) -> np.ndarray:
-    """The N × N Gram from the (N−1) × N block of ``_segment_gram`` (reference row and column zero),
+    """The N × N Gram from the (N−1) × (N−1) block of ``_segment_gram`` (reference row and column zero),
     symmetrised."""
-    n = G.shape[1]
+    n = G.shape[0] + 1
     others = [j for j in range(n) if j != ref]
     full = np.zeros((n, n))
-    full[np.ix_(others, others)] = G[:, : n - 1]
+    full[np.ix_(others, others)] = G
     return (full + full.T) / 2
 
 
@@ -176,7 +170,7 @@ def gram_pass(
         _fill(run, plan, range(len(plan)), blocks, done, workers, total, progress, background)
         grams, norms = _add_blocks(blocks, len(names), n)
         return _gram_data(ckpts, infos, names, skipped, grams, norms, ref)
-    grams = np.zeros((len(names), n - 1, n))
+    grams = np.zeros((len(names), n - 1, n - 1))
     norms = np.zeros(len(names))
     bar = _progress(total, progress)
     try:
@@ -197,7 +191,7 @@ def _blocks(plan, n: int, workers: int) -> tuple[np.ndarray, np.ndarray]:
     and the tensor index; and a counter of bytes read per worker. In shared memory, so forked workers
     can fill them."""
     rows = sum(len(u) for u in plan)
-    width = (n - 1) * n + 2
+    width = (n - 1) * (n - 1) + 2
     shm = np.frombuffer(mmap.mmap(-1, 8 * (rows * width + max(workers, 1))), dtype=np.float64)
     return shm[: rows * width].reshape(rows, width), shm[rows * width :]
 
@@ -259,11 +253,11 @@ def _fill(run, plan, todo, blocks, done, workers, total, progress, background) -
 def _add_blocks(blocks: np.ndarray, n_names: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-tensor Gram blocks and ‖θ_ref‖², added up row by row: unit order, segment order, the inline
     pass's order of additions, so the result is bit-for-bit the same whoever computed what."""
-    grams = np.zeros((n_names, n - 1, n))
+    grams = np.zeros((n_names, n - 1, n - 1))
     norms = np.zeros(n_names)
     for row in blocks:
         t = int(row[-1])
-        grams[t] += row[:-2].reshape(n - 1, n)
+        grams[t] += row[:-2].reshape(n - 1, n - 1)
         norms[t] += row[-2]
     return grams, norms
 
