@@ -70,7 +70,8 @@ def gram_for(ckpts, gram, progress: bool) -> tuple[GramData, str]:
     if gram is None:
         return gram_pass(ckpts, progress=progress), "computed by an extra read pass"
     if not isinstance(gram, GramData):
-        safety.check_npz(Path(gram))  # a zip bomb is refused before numpy allocates what it claims
+        # a zip bomb is refused before numpy allocates what it claims
+        safety.check_npz(Path(gram), "a gram.npz written by extramerge analyze")
     data = gram if isinstance(gram, GramData) else load_gram(gram)
     mine = [str(Path(c.path).resolve()) for c in ckpts]
     theirs = [str(Path(p).resolve()) for p in data.paths]

@@ -289,11 +289,12 @@ def distinct(paths: Iterable[Path]) -> None:
         seen[key] = p
 
 
-def check_npz(path: Path) -> None:
+def check_npz(path: Path, what: str = "an .npz file") -> None:
     """Refuse an .npz whose arrays could take more memory than the file's size (a zip bomb): more than
     NPZ_MEMBERS members, a compressed member (``np.savez`` never compresses), or a member whose array
     header claims more bytes than it holds (numpy allocates what the header says before reading). Each
-    stored array then takes at most its member's size, and all of them at most the file's."""
+    stored array then takes at most its member's size, and all of them at most the file's. ``what``
+    names what the file should be, in the message for one that is not a zip archive."""
     import zipfile
 
     from numpy.lib import format as npf
@@ -309,7 +310,7 @@ def check_npz(path: Path) -> None:
         except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
             if isinstance(e, CheckpointError):
                 raise
-            raise CheckpointError(f"{path}: not an .npz file ({type(e).__name__})") from None
+            raise CheckpointError(f"{path}: not {what} ({type(e).__name__})") from None
 
 
 def _check_npz_member(z, m, path: Path, npf) -> None:
@@ -325,8 +326,10 @@ def _check_npz_member(z, m, path: Path, npf) -> None:
             raise CheckpointError(f"{what}: .npy format version {version} is not read")
         read = npf.read_array_header_1_0 if version == (1, 0) else npf.read_array_header_2_0
         shape, _, dtype = read(f)
+    if dtype.hasobject:
+        return  # pickled objects: np.load(allow_pickle=False) refuses them without reading them
     claimed = math.prod(shape) * dtype.itemsize
-    if dtype.hasobject or claimed > m.file_size:
+    if claimed > m.file_size:
         raise CheckpointError(
             f"{what}: its header claims {claimed} bytes but it holds {m.file_size}; refusing to read it"
         )

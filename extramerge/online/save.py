@@ -123,8 +123,8 @@ def _save_dcp(merger: Merges, name: str, out: Path, record: dict, force: bool) -
         if leader:
             (tmp / "merge.json").write_text(json.dumps(record, indent=1) + "\n")
             with locked(out):
-                check_merge_output(out)
-                publish(tmp, out, force)
+                checked = check_merge_output(out)
+                publish(tmp, out, force, expect=checked[out])  # only the output checked is replaced
         if group:
             dist.barrier()
     return out

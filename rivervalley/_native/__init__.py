@@ -145,6 +145,11 @@ def _check_ancestors(folder: Path) -> None:
             )
 
 
+class _NotPrivate(OSError):
+    """A library in the cache that is not this user's alone: never loaded, nor replaced (its folder is
+    skipped)."""
+
+
 def _open_library(path: Path) -> int:
     """A descriptor of the library ``path`` (not a link), checked on the descriptor: a regular file this
     user owns that neither group nor others may write. What is loaded is this very file."""
@@ -156,7 +161,7 @@ def _open_library(path: Path) -> int:
         or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
     ):
         os.close(fd)
-        raise OSError(f"{path} is not private to this user (owner, or group/world write permission)")
+        raise _NotPrivate(f"{path} is not private to this user (owner, or group/world write permission)")
     return fd
 
 
@@ -192,6 +197,8 @@ def _load_or_build(cc: list[str], flags: list[str], path: Path):
             lib = _dlopen(path)
             _declare(lib)
         except (OSError, AttributeError) as e:
+            if isinstance(e, _NotPrivate):
+                raise
             if attempt:
                 why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
                 raise OSError(f"{path} does not load as the kernel ({why})") from None
