@@ -59,6 +59,10 @@ def study(cfg: StudyConfig) -> dict:
     from . import report as R
     from .prereg import FILE
 
+    if cfg.dry_run:
+        from .core import dry_run
+
+        return dry_run(cfg)
     inputs = cfg.checkpoints + list(cfg.data) + [p for p in (cfg.calib, cfg.test, cfg.measure) if p]
     out = check_output(Path(cfg.out), inputs, cfg.force)
     # force: an earlier study, checked above, is replaced only once the new one is complete

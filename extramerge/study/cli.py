@@ -82,6 +82,18 @@ def add_arguments(p: argparse.ArgumentParser, *, checkpoints: bool = True) -> No
         help="measure the merges of earlier predictions (a --predict-only output) on --test FILE and write "
         "the usual study; refuses other checkpoints, another tokenizer, or the calibration half as --test",
     )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        default=None,
+        help="build each merge from the checkpoint files tensor by tensor (memory: the model and one tensor) "
+        "even where every checkpoint fits in memory (default: stacked where that fits in half of it)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the checkpoints and the text and print the projected memory; evaluate and write nothing",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
@@ -149,6 +161,8 @@ def config_from_args(a, *, checkpoints=None, out=None, run=None, calib=None, tes
         force=a.force,
         progress=not a.quiet,
         predict_only=a.predict_only,
+        stream=a.stream,
+        dry_run=a.dry_run,
         measure=measure,
     )
 
@@ -175,9 +189,12 @@ def _revisions(ckpts: list, spec: str) -> list[str]:
 def run_command(args) -> int:
     """`extramerge study`: run it, print the summary and where it was written."""
     from . import study
-    from .report import summary_lines
+    from .report import plan_line, summary_lines
 
     rep = study(config_from_args(args))
+    if rep.get("dry_run"):
+        print(plan_line(rep["plan"]) + "; nothing evaluated, nothing written")
+        return 0
     for line in summary_lines(rep):
         print(line)
     if args.predict_only:

@@ -73,6 +73,8 @@ class StudyConfig:
     threads: int | None = None
     force: bool = False
     progress: bool = True
+    stream: bool | None = None  # None: stacked in memory when it fits in half of it, else streamed
+    dry_run: bool = False  # check the inputs and print the memory plan; evaluate and write nothing
     predict_only: bool = False  # write the predictions only: the measurement half is never read
     measure: Path | None = None  # a predictions folder (or its predictions.json) to measure
 
@@ -140,6 +142,23 @@ def _threads(cfg: StudyConfig) -> None:
         torch.set_num_threads(cfg.threads)
 
 
+def dry_run(cfg: StudyConfig) -> dict:
+    """Open the checkpoints and the text, and say how the study would hold them and the memory it needs."""
+    from .evaluator import plan
+
+    ckpts, infos = read_checkpoints(cfg.checkpoints)
+    try:
+        if cfg.measure is None:
+            _halves(cfg)
+        steps = [int(c.step) for c in ckpts]
+        if cfg.forecast_from is not None:
+            prefix_size(steps, cfg)
+        return {"dry_run": True, "steps": steps, "plan": plan(ckpts, list(infos), cfg.device, cfg.stream)}
+    finally:
+        for c in ckpts:
+            c.close()
+
+
 def _study(cfg: StudyConfig, ckpts, names, t0: float) -> dict:
     steps = [int(c.step) for c in ckpts]
     calib_docs, test_docs, source = _halves(cfg)
@@ -150,7 +169,15 @@ def _study(cfg: StudyConfig, ckpts, names, t0: float) -> dict:
     if cfg.forecast_from is not None:
         grid_of(steps[: prefix_size(steps, cfg)])  # a bad --forecast-from fails before any evaluation
     _threads(cfg)
-    ev = Evaluator(ckpts, names, tok, device=cfg.device, batch_size=cfg.batch_size, digests=cfg.predict_only)
+    ev = Evaluator(
+        ckpts,
+        names,
+        tok,
+        device=cfg.device,
+        batch_size=cfg.batch_size,
+        digests=cfg.predict_only,
+        stream=cfg.stream,
+    )
     ev.add_half("calib", calib_docs)
     if test_docs is not None:
         ev.add_half("test", test_docs)
@@ -170,6 +197,7 @@ def _study(cfg: StudyConfig, ckpts, names, t0: float) -> dict:
     finally:
         bar.close()
     rep["evaluations"] = ev.calls
+    rep["memory"] = ev.plan
     rep["seconds"] = time.perf_counter() - t0
     return rep
 
@@ -190,7 +218,15 @@ def _measure_later(cfg: StudyConfig, t0: float) -> dict:
         shared = prereg.check_documents(pred, test_docs, cfg)
         tok = tokenizer_of(ckpts, cfg.tokenizer or pred["preregistration"]["tokenizer"]["path"])
         _threads(cfg)
-        ev = Evaluator(ckpts, list(infos), tok, device=cfg.device, batch_size=cfg.batch_size, digests=True)
+        ev = Evaluator(
+            ckpts,
+            list(infos),
+            tok,
+            device=cfg.device,
+            batch_size=cfg.batch_size,
+            digests=True,
+            stream=cfg.stream,
+        )
         prereg.check_inputs(pred, cfg, ev, ckpts, tok)
         ev.add_half("test", test_docs)
         bar = _Bar(cfg.progress)
@@ -209,6 +245,7 @@ def _measure_later(cfg: StudyConfig, t0: float) -> dict:
         **prereg.measured_record(cfg, digest, pred, test_docs, shared),
     }
     rep["evaluations"] = pred["evaluations"] + ev.calls
+    rep["memory"] = ev.plan
     rep["seconds"] = pred["seconds"] + time.perf_counter() - t0
     return rep
 

@@ -1,21 +1,26 @@
 """Evaluate any weight vector over a set of checkpoints as a causal LM, with the NLL of every document.
 
-The checkpoints' floating-point tensors are held stacked [N, ...] in float32 (refused up front when they
-cannot fit in memory); a merge wᵀθ is built tensor by tensor in float64 (long extrapolations cancel a lot)
-and loaded into one model. Losses follow ``extramerge.eval.loss``'s convention (one packed stream per half,
-every token predicted once); the NLL is also summed per document, for standard errors clustered by document.
+The checkpoints' floating-point tensors are held stacked [N, ...] in float32 where that fits in half the
+memory available, else streamed: each merge is built from the checkpoint files tensor by tensor, in chunks,
+as transformers' loader sets each parameter, so memory holds the model and one tensor (:func:`plan`). Either
+way a merge wᵀθ is accumulated in float64 on CPU (long extrapolations cancel a lot) and loaded into one
+model through transformers' own loader. Losses follow ``extramerge.eval.loss``'s convention (one packed
+stream per half, every token predicted once); the NLL is also summed per document, for standard errors
+clustered by document.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from .inputs import StudyError
 
-__all__ = ["Evaluator", "DocLosses", "paired_delta"]
+__all__ = ["Evaluator", "DocLosses", "paired_delta", "plan"]
 
 
 @dataclass(frozen=True)
@@ -43,20 +48,53 @@ def paired_delta(a: DocLosses, base: DocLosses) -> tuple[float, float]:
     return delta, float(np.sqrt(D / (D - 1) * (r @ r)) / n.sum())
 
 
-def _check_memory(ckpts, names) -> None:
-    from rivervalley.common.resources import require_memory
+CHUNK = 1 << 22  # elements per read when streaming (32 MiB of float64 accumulator)
+
+
+def plan(ckpts, names, device="cpu", stream=None) -> dict:
+    """How the study holds its checkpoints and the memory that needs: ``stacked`` (every checkpoint's float
+    tensors in float32, one matrix product per tensor and merge) when that fits in half the memory available
+    now, else ``streamed`` (each merge built tensor by tensor from the checkpoint files, straight into the
+    model's parameters: the model, its largest tensor and two read chunks). ``stream`` True/False forces it.
+    On CUDA the stacks live on the device, so host memory is planned as streamed."""
+    from rivervalley.common.resources import available_memory
 
     infos = ckpts[-1].infos
     sizes = [infos[n].numel for n in names if n in infos and infos[n].dtype_str.startswith(("F", "BF"))]
-    n = len(ckpts)
-    need = 4 * (n + 2) * sum(sizes) + 8 * (n + 1) * max(sizes, default=0)
-    require_memory(need, f"the study of {n} checkpoints x {sum(sizes) / 1e6:.3g}M parameters (float32)")
+    n, big = len(ckpts), max(sizes, default=0)
+    stacked = 4 * (n + 2) * sum(sizes) + 8 * (n + 1) * big
+    streamed = 4 * sum(sizes) + 4 * big + 24 * min(CHUNK, big)
+    have = available_memory()
+    if stream is None:
+        stream = str(device).startswith("cuda") or (have is not None and stacked > have // 2)
+    return {
+        "mode": "streamed" if stream else "stacked",
+        "bytes": streamed if stream else stacked,
+        "stacked_bytes": stacked,
+        "streamed_bytes": streamed,
+        "available_bytes": have,
+        "checkpoints": n,
+        "parameters": sum(sizes),
+    }
+
+
+def _check_memory(p: dict) -> None:
+    from rivervalley.common.resources import require_memory
+
+    hint = " (float32)" if p["mode"] == "stacked" else ", streamed"
+    require_memory(
+        p["bytes"],
+        f"the study of {p['checkpoints']} checkpoints x {p['parameters'] / 1e6:.3g}M parameters{hint}",
+    )
 
 
 class Evaluator:
-    """Holds every checkpoint's float tensors and one model; ``measure(w, half)`` gives its DocLosses."""
+    """One model and the checkpoints' float tensors, stacked in memory or streamed from their files
+    (:func:`plan`); ``measure(w, half)`` gives the merge wᵀθ's DocLosses."""
 
-    def __init__(self, ckpts, names, tokenizer_path, *, device="cpu", batch_size=16, digests=False):
+    def __init__(
+        self, ckpts, names, tokenizer_path, *, device="cpu", batch_size=16, digests=False, stream=None
+    ):
         import torch
 
         from ..eval import load_model
@@ -66,24 +104,37 @@ class Evaluator:
         self.device = device
         self.path = ckpts[-1].path
         self.batch_size = batch_size
+        self.plan = plan(ckpts, names, device, stream)
+        if not str(device).startswith("cuda"):
+            _check_memory(self.plan)
         try:
             root = snapshot_root(ckpts[-1].path)  # a hub cache snapshot links into its repository's blobs/
             self.model, _ = load_model(ckpts[-1].path, device=device, dtype=torch.float32, root=root)
         except ValueError as e:
             raise StudyError(str(e)) from None
         self.tokenizer = _load_tokenizer(tokenizer_path)
+        self.streamed = self.plan["mode"] == "streamed"
+        self.ckpts = ckpts
         self.stacks: dict = {}  # by the checkpoints' own tensor names: transformers maps them to the model's
+        self.floats: dict = {}  # streamed: name -> (shape, numel)
         self.fixed: dict = {}
-        if not str(device).startswith("cuda"):
-            _check_memory(ckpts, names)
         hashes = [hashlib.sha256() for _ in ckpts] if digests else []
+        infos = ckpts[-1].infos
         for name in sorted(names):
+            if self.streamed:  # one tensor of one checkpoint in memory at a time
+                for h, c in zip(hashes, ckpts, strict=False):  # no hashes without digests
+                    _digest(h, name, c.read(name))
+                if infos[name].dtype_str.startswith(("F", "BF")):
+                    self.floats[name] = (tuple(infos[name].shape), int(infos[name].numel))
+                else:  # integer/bool buffers: the newest checkpoint's, as the merge engine does
+                    self.fixed[name] = ckpts[-1].read(name).clone().to(device)
+                continue
             tensors = [c.read(name) for c in ckpts]
-            for h, t in zip(hashes, tensors, strict=False):  # no hashes without digests
+            for h, t in zip(hashes, tensors, strict=False):
                 _digest(h, name, t)
             if tensors[-1].is_floating_point():
                 self.stacks[name] = torch.stack([t.to(torch.float32) for t in tensors]).to(device)
-            else:  # integer/bool buffers: the newest checkpoint's, as the merge engine does
+            else:
                 self.fixed[name] = tensors[-1].clone().to(device)
         self.digests = [h.hexdigest() for h in hashes]  # of each checkpoint's tensors, as read
         self.halves: dict = {}
@@ -114,14 +165,21 @@ class Evaluator:
         from ..eval import load_weights
 
         torch = self.torch
-        wt = torch.as_tensor(np.asarray(w, dtype=np.float64), dtype=torch.float64, device=self.device)
         state = {}
-        for name, st in self.stacks.items():
-            flat = st.reshape(st.shape[0], -1)
-            state[name] = (wt @ flat.to(torch.float64)).to(torch.float32).reshape(st.shape[1:])
+        if self.streamed:
+            for name, (shape, numel) in self.floats.items():
+                state[name] = _Merged(self, name, shape, numel, np.asarray(w, dtype=np.float64))
+        else:
+            wt = torch.as_tensor(np.asarray(w, dtype=np.float64), dtype=torch.float64, device=self.device)
+            for name, st in self.stacks.items():
+                flat = st.reshape(st.shape[0], -1)
+                state[name] = (wt @ flat.to(torch.float64)).to(torch.float32).reshape(st.shape[1:])
         state.update(self.fixed)
+        if self.streamed and not _lazy_loader():  # transformers 4 loads tensors only: built whole here
+            state = {k: (v[...] if isinstance(v, _Merged) else v) for k, v in state.items()}
         try:
-            load_weights(self.model, state)
+            with _one_tensor_at_a_time():
+                load_weights(self.model, state)
         except ValueError as e:
             raise StudyError(f"{self.path}: {e}") from None
 
@@ -170,6 +228,58 @@ class Evaluator:
                 "a merge's loss is not finite (its weights overflow the model): shrink the α grid"
             )
         return out
+
+
+class _Merged:
+    """One tensor of a merge, built when transformers' loader materialises it (``t[...]``): Σᵢ wᵢ θᵢ read in
+    chunks from each checkpoint's file, accumulated in float64 on CPU (float32 on the device)."""
+
+    def __init__(self, ev: Evaluator, name: str, shape, numel: int, w):
+        self.ev, self.name, self.shape, self.numel, self.w = ev, name, shape, numel, w
+
+    def __getitem__(self, key):
+        torch = self.ev.torch
+        dev = self.ev.device
+        cuda = str(dev).startswith("cuda")
+        out = torch.empty(self.numel, dtype=torch.float32, device=dev)
+        acc = torch.empty(
+            min(CHUNK, max(self.numel, 1)), dtype=torch.float32 if cuda else torch.float64, device=dev
+        )
+        for start in range(0, self.numel, CHUNK):
+            stop = min(start + CHUNK, self.numel)
+            a = acc[: stop - start].zero_()
+            for c, wi in zip(self.ev.ckpts, self.w, strict=True):
+                if wi != 0:
+                    a.add_(
+                        c.read_range(self.name, start, stop).to(device=dev, dtype=a.dtype), alpha=float(wi)
+                    )
+            out[start:stop] = a
+        return out.reshape(self.shape)[key]
+
+
+def _lazy_loader() -> bool:
+    """Whether the installed transformers loads through ``core_model_loading`` (5.x), which materialises
+    each value with ``value[...]``."""
+    try:
+        import transformers.core_model_loading  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _one_tensor_at_a_time():
+    """transformers' loader materialises each tensor just before it is set, instead of all at once in its
+    thread pool, while this holds (HF_DEACTIVATE_ASYNC_LOAD): a streamed merge never exists whole."""
+    old = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
+        else:
+            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = old
 
 
 def _digest(h, name: str, t) -> None:

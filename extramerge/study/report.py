@@ -6,7 +6,7 @@ import math
 
 from rivervalley.common import plotting
 
-__all__ = ["markdown", "summary_lines", "alpha_figure"]
+__all__ = ["markdown", "summary_lines", "alpha_figure", "plan_line"]
 
 
 def _f(x, spec="+.4f") -> str:
@@ -15,6 +15,18 @@ def _f(x, spec="+.4f") -> str:
 
 def _iv(iv) -> str:
     return "not identified" if iv is None else f"[{iv[0]:+.4f}, {iv[1]:+.4f}]"
+
+
+def plan_line(p: dict) -> str:
+    """The memory plan (``evaluator.plan``) in one line."""
+    from rivervalley.common.formatting import format_bytes
+
+    have = "unknown" if p["available_bytes"] is None else format_bytes(p["available_bytes"])
+    stacked, streamed = format_bytes(p["stacked_bytes"]), format_bytes(p["streamed_bytes"])
+    return (
+        f"{p['checkpoints']} checkpoints x {p['parameters'] / 1e6:.3g}M parameters, held {p['mode']}: about "
+        f"{format_bytes(p['bytes'])} of memory ({have} available; stacked {stacked}, streamed {streamed})"
+    )
 
 
 def summary_lines(r: dict) -> list[str]:
