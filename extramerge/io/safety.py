@@ -289,28 +289,29 @@ def distinct(paths: Iterable[Path]) -> None:
         seen[key] = p
 
 
-def check_npz(path: Path, what: str = "an .npz file") -> None:
+def check_npz(f, path: Path, what: str = "an .npz file") -> None:
     """Refuse an .npz whose arrays could take more memory than the file's size (a zip bomb): more than
     NPZ_MEMBERS members, a compressed member (``np.savez`` never compresses), or a member whose array
     header claims more bytes than it holds (numpy allocates what the header says before reading). Each
-    stored array then takes at most its member's size, and all of them at most the file's. ``what``
-    names what the file should be, in the message for one that is not a zip archive."""
+    stored array then takes at most its member's size, and all of them at most the file's. ``f`` is the
+    open binary file the caller then loads (checked where it is read: rewound to its start after);
+    ``path`` names it and ``what`` what it should be, in the message for one that is not a zip archive."""
     import zipfile
 
     from numpy.lib import format as npf
 
-    with os.fdopen(open_regular(path), "rb") as f:
-        try:
-            with zipfile.ZipFile(f) as z:
-                members = z.infolist()
-                if len(members) > NPZ_MEMBERS:
-                    raise CheckpointError(f"{path}: {len(members)} arrays, over {NPZ_MEMBERS}; refusing it")
-                for m in members:
-                    _check_npz_member(z, m, path, npf)
-        except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
-            if isinstance(e, CheckpointError):
-                raise
-            raise CheckpointError(f"{path}: not {what} ({type(e).__name__})") from None
+    try:
+        with zipfile.ZipFile(f) as z:
+            members = z.infolist()
+            if len(members) > NPZ_MEMBERS:
+                raise CheckpointError(f"{path}: {len(members)} arrays, over {NPZ_MEMBERS}; refusing it")
+            for m in members:
+                _check_npz_member(z, m, path, npf)
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: not {what} ({type(e).__name__})") from None
+    f.seek(0)
 
 
 def _check_npz_member(z, m, path: Path, npf) -> None:

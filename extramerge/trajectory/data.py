@@ -59,8 +59,15 @@ def load_gram(path) -> GramData:
     file, no pickles, every array present with consistent shapes and finite values, else one
     CheckpointError naming the file."""
     fd = safety.open_regular(Path(path))  # np.load would block on a FIFO
+    with os.fdopen(fd, "rb") as f:
+        # a zip bomb is refused before numpy allocates what it claims, on the file numpy then reads
+        safety.check_npz(f, Path(path), "a gram.npz written by extramerge analyze")
+        return _gram_of(f, path)
+
+
+def _gram_of(f, path) -> GramData:
     try:
-        with os.fdopen(fd, "rb") as f, np.load(f, allow_pickle=False) as z:
+        with np.load(f, allow_pickle=False) as z:
             data = GramData(
                 gram=np.asarray(z["gram"], dtype=np.float64),
                 names=[str(s) for s in z["names"]],
