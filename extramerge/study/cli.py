@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..argtypes import floats, ints
 from .core import CANDIDATE_ALPHAS, StudyConfig
+from .models import ModelSource
 
 __all__ = ["add_arguments", "config_from_args", "run_command"]
 
@@ -94,6 +95,19 @@ def add_arguments(p: argparse.ArgumentParser, *, checkpoints: bool = True) -> No
         action="store_true",
         help="check the checkpoints and the text and print the projected memory; evaluate and write nothing",
     )
+    p.add_argument(
+        "--config",
+        dest="model_config",
+        metavar="DIR",
+        help="an HF config folder (config.json) to build the model from, for checkpoints in another format "
+        "(.pt, safetensors files, DCP) whose tensors carry that model's HF names",
+    )
+    p.add_argument(
+        "--model-factory",
+        metavar="MODULE:FN",
+        help="a function building the model (a torch.nn.Module) from the newest checkpoint, for checkpoints "
+        "of other models, e.g. extramerge.study.factories:nanogpt for nanoGPT .pt files",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
@@ -137,6 +151,7 @@ def config_from_args(a, *, checkpoints=None, out=None, run=None, calib=None, tes
             )
     elif not ckpts:
         raise StudyError("no checkpoints: give CKPT ... (or --measure PRED to measure earlier predictions)")
+    ModelSource(config=a.model_config, factory=a.model_factory).check()
     if a.predict_only and a.quick:
         raise StudyError("--quick has no measurement half to skip; --predict-only already reads none")
     if run is None and len(ckpts) == 1 and (Path(ckpts[0]) / "run.json").is_file():
@@ -164,6 +179,8 @@ def config_from_args(a, *, checkpoints=None, out=None, run=None, calib=None, tes
         stream=a.stream,
         dry_run=a.dry_run,
         measure=measure,
+        model_config=a.model_config,
+        model_factory=a.model_factory,
     )
 
 

@@ -44,6 +44,7 @@ from .inputs import (
 )
 from .measure import measure
 from .menu import extra
+from .models import ModelSource
 
 __all__ = ["StudyConfig", "run_study", "CANDIDATE_ALPHAS"]
 
@@ -77,6 +78,12 @@ class StudyConfig:
     dry_run: bool = False  # check the inputs and print the memory plan; evaluate and write nothing
     predict_only: bool = False  # write the predictions only: the measurement half is never read
     measure: Path | None = None  # a predictions folder (or its predictions.json) to measure
+    model_config: str | None = None  # an HF config folder building the model (checkpoints in HF names)
+    model_factory: str | None = None  # module:function building the model from the newest checkpoint
+
+    @property
+    def model(self) -> ModelSource:
+        return ModelSource(config=self.model_config, factory=self.model_factory)
 
 
 # ---------------------------------------------------------------------------------------------- study
@@ -88,7 +95,7 @@ def run_study(cfg: StudyConfig, tmp: Path) -> dict:
     t0 = time.perf_counter()
     if cfg.measure is not None:
         return _measure_later(cfg, t0)
-    ckpts, infos = read_checkpoints(cfg.checkpoints)
+    ckpts, infos = read_checkpoints(cfg.checkpoints, any_format=cfg.model.given)
     try:
         return _study(cfg, ckpts, list(infos), t0)
     finally:
@@ -146,7 +153,7 @@ def dry_run(cfg: StudyConfig) -> dict:
     """Open the checkpoints and the text, and say how the study would hold them and the memory it needs."""
     from .evaluator import plan
 
-    ckpts, infos = read_checkpoints(cfg.checkpoints)
+    ckpts, infos = read_checkpoints(cfg.checkpoints, any_format=cfg.model.given)
     try:
         if cfg.measure is None:
             _halves(cfg)
@@ -177,6 +184,7 @@ def _study(cfg: StudyConfig, ckpts, names, t0: float) -> dict:
         batch_size=cfg.batch_size,
         digests=cfg.predict_only,
         stream=cfg.stream,
+        model=cfg.model,
     )
     ev.add_half("calib", calib_docs)
     if test_docs is not None:
@@ -211,7 +219,7 @@ def _measure_later(cfg: StudyConfig, t0: float) -> dict:
         )
     pred, digest = prereg.load(cfg.measure)
     paths = cfg.checkpoints or pred["checkpoints"]["paths"]
-    ckpts, infos = read_checkpoints(paths)
+    ckpts, infos = read_checkpoints(paths, any_format=cfg.model.given)
     try:
         test_docs = load_documents([cfg.test])
         check_half(test_docs, f"--test {cfg.test}")
@@ -226,6 +234,7 @@ def _measure_later(cfg: StudyConfig, t0: float) -> dict:
             batch_size=cfg.batch_size,
             digests=True,
             stream=cfg.stream,
+            model=cfg.model,
         )
         prereg.check_inputs(pred, cfg, ev, ckpts, tok)
         ev.add_half("test", test_docs)

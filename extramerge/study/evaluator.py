@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .inputs import StudyError
+from .models import ModelSource, build_model, context_length, load_state, logits_of
 
 __all__ = ["Evaluator", "DocLosses", "paired_delta", "plan"]
 
@@ -93,11 +94,20 @@ class Evaluator:
     (:func:`plan`); ``measure(w, half)`` gives the merge wᵀθ's DocLosses."""
 
     def __init__(
-        self, ckpts, names, tokenizer_path, *, device="cpu", batch_size=16, digests=False, stream=None
+        self,
+        ckpts,
+        names,
+        tokenizer_path,
+        *,
+        device="cpu",
+        batch_size=16,
+        digests=False,
+        stream=None,
+        model: ModelSource | None = None,
     ):
         import torch
 
-        from ..eval import load_model
+        from ..eval import seq_len_of
         from .hub import snapshot_root
 
         self.torch = torch
@@ -107,11 +117,11 @@ class Evaluator:
         self.plan = plan(ckpts, names, device, stream)
         if not str(device).startswith("cuda"):
             _check_memory(self.plan)
-        try:
-            root = snapshot_root(ckpts[-1].path)  # a hub cache snapshot links into its repository's blobs/
-            self.model, _ = load_model(ckpts[-1].path, device=device, dtype=torch.float32, root=root)
-        except ValueError as e:
-            raise StudyError(str(e)) from None
+        self.source = model or ModelSource()
+        root = snapshot_root(ckpts[-1].path)  # a hub cache snapshot links into its repository's blobs/
+        self.model = build_model(ckpts[-1], self.source, device=device, root=root)
+        self.seq_len = seq_len_of(self.model) if self.source.hf else context_length(self.model)
+        self.aliases = dict(ckpts[-1].aliases)  # a factory's model: tied duplicates the file left out
         self.tokenizer = _load_tokenizer(tokenizer_path)
         self.streamed = self.plan["mode"] == "streamed"
         self.ckpts = ckpts
@@ -142,9 +152,9 @@ class Evaluator:
         self._memo: dict = {}  # (weights bytes, half) -> DocLosses: a merge evaluated twice is read back
 
     def add_half(self, name: str, docs: list[str]) -> None:
-        from ..eval import document_index, seq_len_of, token_blocks
+        from ..eval import document_index, token_blocks
 
-        L = seq_len_of(self.model)
+        L = self.seq_len
         self.halves[name] = (
             token_blocks(docs, self.tokenizer, L),
             document_index(docs, self.tokenizer, L),
@@ -175,6 +185,8 @@ class Evaluator:
                 flat = st.reshape(st.shape[0], -1)
                 state[name] = (wt @ flat.to(torch.float64)).to(torch.float32).reshape(st.shape[1:])
         state.update(self.fixed)
+        if not self.source.hf:  # a factory's model: by the checkpoints' names, one tensor at a time
+            return load_state(self.model, state, self.aliases, self.path)
         if self.streamed and not _lazy_loader():  # transformers 4 loads tensors only: built whole here
             state = {k: (v[...] if isinstance(v, _Merged) else v) for k, v in state.items()}
         try:
@@ -206,7 +218,7 @@ class Evaluator:
             for i in range(0, ids.shape[0], self.batch_size):
                 b = ids[i : i + self.batch_size].to(self.device)
                 labels = b[:, 1:]
-                logits = self.model(input_ids=b[:, :-1].clamp_min(0), use_cache=False).logits
+                logits = self._logits(b[:, :-1].clamp_min(0))
                 tok = (
                     F.cross_entropy(
                         logits.reshape(-1, logits.shape[-1]).float(),
@@ -228,6 +240,17 @@ class Evaluator:
                 "a merge's loss is not finite (its weights overflow the model): shrink the α grid"
             )
         return out
+
+    def _logits(self, ids):
+        if self.source.hf:
+            return self.model(input_ids=ids, use_cache=False).logits
+        logits = logits_of(self.model(ids))
+        if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(ids.shape):
+            raise StudyError(
+                f"--model-factory {self.source.factory}: the model's logits have shape "
+                f"{tuple(logits.shape)}, not [batch, {ids.shape[1]}, vocab] (the logits of every position)"
+            )
+        return logits
 
 
 class _Merged:

@@ -33,25 +33,28 @@ class StudyError(ValueError):
     """Bad input to the study: one line naming the file, checkpoint or flag at fault."""
 
 
-def read_checkpoints(paths) -> tuple[list, dict]:
+def read_checkpoints(paths, *, any_format: bool = False) -> tuple[list, dict]:
     """Open the checkpoints (folders, run folders, ``step_N``/``checkpoint-N`` parents, ``org/name@revision``
     of a hub repository in huggingface_hub's cache (:mod:`.hub`); oldest first by the step in their names)
-    and check they share one architecture. Returns (checkpoints, tensor infos)."""
+    and check they share one architecture. Returns (checkpoints, tensor infos). ``any_format``: the model
+    comes from ``--config`` or ``--model-factory``, so checkpoints need not be HF folders (any format the
+    merge engine reads)."""
     from ..io import check_compatible
 
     ckpts = _open(paths)
     try:
-        for c in ckpts:
+        for c in [] if any_format else ckpts:
             if not Path(c.path).is_dir() or not (Path(c.path) / "config.json").is_file():
                 raise StudyError(
                     f"{c.path}: not a model folder transformers can load (no config.json); the study "
-                    "evaluates each merge as a causal LM"
+                    "evaluates each merge as a causal LM (other formats: --config DIR or --model-factory)"
                 )
         try:
             infos = check_compatible(ckpts)
         except ValueError as e:
             raise StudyError(f"checkpoints of different architectures: {e}") from None
-        _one_model_type(ckpts)
+        if not any_format:
+            _one_model_type(ckpts)
         steps = [c.step for c in ckpts]
         if any(s is None for s in steps):
             bad = next(c.path for c in ckpts if c.step is None)
