@@ -50,6 +50,7 @@ def paired_delta(a: DocLosses, base: DocLosses) -> tuple[float, float]:
 
 
 CHUNK = 1 << 22  # elements per read when streaming (32 MiB of float64 accumulator)
+LOGITS_BUDGET = 128 << 20  # bytes of logits per forward (cross-entropy takes as much again)
 
 
 def plan(ckpts, names, device="cpu", stream=None) -> dict:
@@ -63,8 +64,9 @@ def plan(ckpts, names, device="cpu", stream=None) -> dict:
     infos = ckpts[-1].infos
     sizes = [infos[n].numel for n in names if n in infos and infos[n].dtype_str.startswith(("F", "BF"))]
     n, big = len(ckpts), max(sizes, default=0)
-    stacked = 4 * (n + 2) * sum(sizes) + 8 * (n + 1) * big
-    streamed = 4 * sum(sizes) + 4 * big + 24 * min(CHUNK, big)
+    logits = 2 * LOGITS_BUDGET  # a forward's logits and the cross-entropy's own
+    stacked = 4 * (n + 2) * sum(sizes) + 8 * (n + 1) * big + logits
+    streamed = 4 * sum(sizes) + 4 * big + 24 * min(CHUNK, big) + logits
     have = available_memory()
     if stream is None:
         stream = str(device).startswith("cuda") or (have is not None and stacked > have // 2)
@@ -147,6 +149,9 @@ class Evaluator:
             else:
                 self.fixed[name] = tensors[-1].clone().to(device)
         self.digests = [h.hexdigest() for h in hashes]  # of each checkpoint's tensors, as read
+        self.targets: dict = {}  # streamed: checkpoint name -> the parameter that takes it as it is
+        self._learned = False
+        self._buf = None
         self.halves: dict = {}
         self.calls = 0
         self._memo: dict = {}  # (weights bytes, half) -> DocLosses: a merge evaluated twice is read back
@@ -179,6 +184,7 @@ class Evaluator:
         if self.streamed:
             for name, (shape, numel) in self.floats.items():
                 state[name] = _Merged(self, name, shape, numel, np.asarray(w, dtype=np.float64))
+            merged = dict(state)
         else:
             wt = torch.as_tensor(np.asarray(w, dtype=np.float64), dtype=torch.float64, device=self.device)
             for name, st in self.stacks.items():
@@ -194,6 +200,18 @@ class Evaluator:
                 load_weights(self.model, state)
         except ValueError as e:
             raise StudyError(f"{self.path}: {e}") from None
+        if self.streamed and not self._learned:  # the parameters that took a merged tensor as it was built
+            ptrs = {m.ptr: name for name, m in merged.items() if m.ptr is not None}
+            for p in self.model.parameters():
+                if p.data_ptr() in ptrs:
+                    self.targets[ptrs[p.data_ptr()]] = p
+            self._learned = True
+
+    def read_buffer(self):
+        """One reusable buffer for the streamed reads (a chunk of the widest dtype)."""
+        if self._buf is None:
+            self._buf = self.torch.empty(CHUNK * 8, dtype=self.torch.uint8)
+        return self._buf
 
     def measure(self, w, half: str) -> DocLosses:
         """Per-document NLL of the merge wᵀθ on one half (each distinct merge evaluated once per half)."""
@@ -214,9 +232,10 @@ class Evaluator:
         nll = torch.zeros(n_docs + 1, dtype=torch.float64)
         cnt = torch.zeros(n_docs + 1, dtype=torch.float64)
         self.model.eval()
+        rows = self._rows(ids.shape[1] - 1)
         with torch.inference_mode(), packed_inputs():
-            for i in range(0, ids.shape[0], self.batch_size):
-                b = ids[i : i + self.batch_size].to(self.device)
+            for i in range(0, ids.shape[0], rows):
+                b = ids[i : i + rows].to(self.device)
                 labels = b[:, 1:]
                 logits = self._logits(b[:, :-1].clamp_min(0))
                 tok = (
@@ -229,7 +248,7 @@ class Evaluator:
                     .to(torch.float64)
                     .cpu()
                 )
-                di = doc_idx[i : i + self.batch_size].reshape(-1)
+                di = doc_idx[i : i + rows].reshape(-1)
                 slot = torch.where(di >= 0, di, n_docs)
                 nll.index_add_(0, slot, tok)
                 cnt.index_add_(0, slot, (di >= 0).to(torch.float64))
@@ -240,6 +259,14 @@ class Evaluator:
                 "a merge's loss is not finite (its weights overflow the model): shrink the α grid"
             )
         return out
+
+    def _rows(self, length: int) -> int:
+        """Blocks per forward: --batch-size, fewer where their logits (blocks x length x vocabulary floats)
+        would pass LOGITS_BUDGET: batched by tokens, so a 50k vocabulary does not need gigabytes."""
+        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        if not isinstance(vocab, int) or vocab < 1:
+            return self.batch_size
+        return max(1, min(self.batch_size, LOGITS_BUDGET // (4 * length * vocab)))
 
     def _logits(self, ids):
         if self.source.hf:
@@ -255,27 +282,35 @@ class Evaluator:
 
 class _Merged:
     """One tensor of a merge, built when transformers' loader materialises it (``t[...]``): Σᵢ wᵢ θᵢ read in
-    chunks from each checkpoint's file, accumulated in float64 on CPU (float32 on the device)."""
+    chunks from each checkpoint's file, accumulated in float64 on CPU (float32 on the device). Once the
+    first load has shown which parameter takes this tensor as it is (``Evaluator.targets``), the merge is
+    written into that parameter's own storage: the model is never held twice."""
 
     def __init__(self, ev: Evaluator, name: str, shape, numel: int, w):
         self.ev, self.name, self.shape, self.numel, self.w = ev, name, shape, numel, w
+        self.ptr = None
 
     def __getitem__(self, key):
         torch = self.ev.torch
         dev = self.ev.device
         cuda = str(dev).startswith("cuda")
-        out = torch.empty(self.numel, dtype=torch.float32, device=dev)
+        t = self.ev.targets.get(self.name)
+        if t is not None and t.numel() == self.numel and t.is_contiguous() and t.dtype == torch.float32:
+            out = t.detach().view(-1)
+        else:
+            out = torch.empty(self.numel, dtype=torch.float32, device=dev)
+        self.ptr = out.data_ptr()
         acc = torch.empty(
             min(CHUNK, max(self.numel, 1)), dtype=torch.float32 if cuda else torch.float64, device=dev
         )
+        buf = self.ev.read_buffer()
         for start in range(0, self.numel, CHUNK):
             stop = min(start + CHUNK, self.numel)
             a = acc[: stop - start].zero_()
             for c, wi in zip(self.ev.ckpts, self.w, strict=True):
                 if wi != 0:
-                    a.add_(
-                        c.read_range(self.name, start, stop).to(device=dev, dtype=a.dtype), alpha=float(wi)
-                    )
+                    x = c.read_range(self.name, start, stop, out=buf)
+                    a.add_(x.to(dev) if cuda else x, alpha=float(wi))  # promoted to a's dtype in place
             out[start:stop] = a
         return out.reshape(self.shape)[key]
 

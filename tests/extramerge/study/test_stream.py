@@ -44,11 +44,17 @@ def test_streamed_losses_equal_stacked_and_build_one_tensor_at_a_time(run, monke
         ev = E.Evaluator(ckpts, list(infos), tokenizer_of(ckpts, None), stream=stream, digests=True)
         assert ev.plan["mode"] == ("streamed" if stream else "stacked")
         ev.add_half("calib", docs)
-        out[stream] = (ev.measure(w, "calib").nll, ev.digests)
+        out[stream] = (ev.measure(w, "calib").nll, ev.digests, ev.measure(w[::-1].copy(), "calib").nll)
+        if stream:  # after the first merge each tensor is written into the parameter that takes it
+            assert len(ev.targets) == len(ev.floats) and all(
+                t.dtype.is_floating_point for t in ev.targets.values()
+            )
     assert np.array_equal(out[True][0], out[False][0])  # both accumulate in float64, in the same order
+    assert np.array_equal(out[True][2], out[False][2])  # the second merge too, built in place
     assert out[True][1] == out[False][1]  # the checkpoints' digests, read either way
     names = [n for n, _ in seen]
-    assert sorted(names) == sorted(n for n in infos if infos[n].dtype_str.startswith("F"))
+    floats = sorted(n for n in infos if infos[n].dtype_str.startswith("F"))
+    assert sorted(set(names)) == floats and len(names) == 2 * len(floats)  # each tensor once per merge
     assert {t for _, t in seen} == {threading.get_ident()}  # materialised in turn, not by a thread pool
     for c in ckpts:
         c.close()

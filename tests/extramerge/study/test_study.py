@@ -387,11 +387,12 @@ def test_study_refuses_checkpoints_that_cannot_fit_in_memory(tmp_path, monkeypat
 
     ckpts = [open_checkpoint(p) for p in make_safetensors_files(tmp_path, n=3)]
     names = list(ckpts[-1].infos)
-    E._check_memory(ckpts, names)  # fits
+    E._check_memory(E.plan(ckpts, names))  # fits
     monkeypatch.setattr(resources, "available_memory", lambda: 1000)
     need = r"the study of 3 checkpoints x .* needs about [\d.]+ [KMGT]?i?B but only 1000 B"
-    with pytest.raises(ValueError, match=need):
-        E._check_memory(ckpts, names)
+    for stream in (False, True):  # neither held in memory nor streamed
+        with pytest.raises(ValueError, match=need):
+            E._check_memory(E.plan(ckpts, names, stream=stream))
 
 
 def test_study_error_is_a_value_error():
