@@ -9,16 +9,27 @@ Public helpers:
     same_tree(a, b)                     every file under output a equals b's byte for byte (merge.json
                                         apart from its time stamp)
     leftovers(folder)                   hidden entries of folder (staging folders left behind)
+    default_signals                     preexec_fn: the child starts with SIGINT, SIGTERM and SIGHUP at
+                                        their defaults, whatever the test run inherited
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+
+def default_signals() -> None:
+    """For ``preexec_fn``: SIGINT, SIGTERM and SIGHUP at their defaults in the child. A test run started as a
+    background job inherits SIGINT ignored, under nohup SIGHUP too, and the commands keep an inherited
+    ignore (by design); a test that signals its child sets what it relies on."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
 
 
 def _free_port() -> int:

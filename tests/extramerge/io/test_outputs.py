@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from _ckpt_factory import byte_gpt2, make_safetensors_files
+from _procs import default_signals
 
 from extramerge.cli import main
 from extramerge.io import CheckpointError, outputs
@@ -208,7 +209,7 @@ def test_sigterm_and_sighup_leave_no_staging_folder(tmp_path, sig):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     code = _SELF_SIGNAL.replace("{sig}", sig)
     cmd = [sys.executable, "-c", code, "merge", *map(str, run), "--method", "sma", "-o", str(out), "--quiet"]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, preexec_fn=default_signals)
     assert p.returncode == 128 + getattr(signal, sig), p.stderr
     assert p.stderr.strip() == f"extramerge: terminated ({sig})"
     assert not out.exists() and not out.parent.exists()  # nor the folder it created for the output
@@ -333,6 +334,6 @@ def test_sighup_during_analyze_leaves_no_staging_folder(tmp_path):
     out = tmp_path / "report"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     cmd = [sys.executable, "-c", _ANALYZE_SIGNAL, "analyze", *map(str, run), "-o", str(out), "--quiet"]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, preexec_fn=default_signals)
     assert p.returncode == 128 + signal.SIGHUP and p.stderr.strip() == "extramerge: terminated (SIGHUP)"
     assert not out.exists() and _leftovers(tmp_path) == []

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from _procs import default_signals
 
 from experiments.lm import study as lm_study
 from extramerge.cli import main as em_main
@@ -371,7 +372,12 @@ def test_signals_leave_no_partial_study(run, tmp_path):
     argv = ["--run", str(run), "-o", str(out), *FAST]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HF_HUB_OFFLINE": "1"}
     p = subprocess.run(
-        [sys.executable, "-c", _STUDY_SIGNAL, *argv], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-c", _STUDY_SIGNAL, *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        preexec_fn=default_signals,
     )
     assert p.returncode == 128 + signal.SIGTERM, p.stderr
     last = p.stderr.strip().splitlines()[-1]
