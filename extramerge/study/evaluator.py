@@ -152,6 +152,7 @@ class Evaluator:
         self.targets: dict = {}  # streamed: checkpoint name -> the parameter that takes it as it is
         self._learned = False
         self._buf = None
+        self._acc = None
         self.halves: dict = {}
         self.calls = 0
         self._memo: dict = {}  # (weights bytes, half) -> DocLosses: a merge evaluated twice is read back
@@ -206,6 +207,14 @@ class Evaluator:
                 if p.data_ptr() in ptrs:
                     self.targets[ptrs[p.data_ptr()]] = p
             self._learned = True
+
+    def accumulator(self):
+        """One reusable chunk accumulator for the streamed merges: float64 on CPU, float32 on the device."""
+        if self._acc is None:
+            f32 = str(self.device).startswith("cuda")
+            dtype = self.torch.float32 if f32 else self.torch.float64
+            self._acc = self.torch.empty(CHUNK, dtype=dtype, device=self.device)
+        return self._acc
 
     def read_buffer(self):
         """One reusable buffer for the streamed reads (a chunk of the widest dtype)."""
@@ -300,9 +309,7 @@ class _Merged:
         else:
             out = torch.empty(self.numel, dtype=torch.float32, device=dev)
         self.ptr = out.data_ptr()
-        acc = torch.empty(
-            min(CHUNK, max(self.numel, 1)), dtype=torch.float32 if cuda else torch.float64, device=dev
-        )
+        acc = self.ev.accumulator()
         buf = self.ev.read_buffer()
         for start in range(0, self.numel, CHUNK):
             stop = min(start + CHUNK, self.numel)
