@@ -26,7 +26,29 @@ from dataclasses import asdict, dataclass
 from .data import PAD, TokenBlocks, token_blocks
 from .model import autocast, max_positions, packed_inputs, resolve_device, seq_len_of
 
-__all__ = ["LossResult", "evaluate_loss"]
+__all__ = ["LossResult", "evaluate_loss", "token_nll"]
+
+NLL_CHUNK_BYTES = 32 << 20  # float32 logits per cross-entropy call (it takes as much again)
+
+
+def token_nll(logits, labels):
+    """The NLL (float64, float32 on MPS; nats) of every label position, PAD positions 0: the cross-entropy of the float32
+    logits, taken over a few rows at a time so that its float copy and log-softmax never hold more than
+    ``NLL_CHUNK_BYTES`` (one call over a 1024 x 50k block would take 400 MB beside the logits). Each row's
+    value is the one a single call gives."""
+    import torch
+    import torch.nn.functional as F
+
+    flat = logits.reshape(-1, logits.shape[-1])
+    lab = labels.reshape(-1)
+    f64 = logits.device.type != "mps"  # MPS has no float64
+    out = torch.empty(lab.shape[0], dtype=torch.float64 if f64 else torch.float32, device=logits.device)
+    rows = max(1, NLL_CHUNK_BYTES // (4 * flat.shape[1]))
+    for i in range(0, flat.shape[0], rows):
+        out[i : i + rows] = F.cross_entropy(
+            flat[i : i + rows].float(), lab[i : i + rows], ignore_index=PAD, reduction="none"
+        )
+    return out
 
 
 @dataclass
@@ -70,7 +92,6 @@ def evaluate_loss(
     run (the model is moved there); default the model's device.
     """
     import torch
-    import torch.nn.functional as F
 
     t0 = time.perf_counter()
     limit = max_positions(model)
@@ -100,13 +121,7 @@ def evaluate_loss(
                 labels = b[:, 1:]
                 inputs = b[:, :-1].clamp_min(0)  # PAD only trails the last block: harmless under causality
                 logits = model(input_ids=inputs, use_cache=False).logits
-                nll = F.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]).float(),
-                    labels.reshape(-1),
-                    ignore_index=PAD,
-                    reduction="sum",
-                )
-                total += nll.to(acc_dtype)
+                total += token_nll(logits, labels).to(acc_dtype).sum()
         nats = float(total.item())  # .item() waits for the device
     finally:
         model.train(was_training)

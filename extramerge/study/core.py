@@ -152,6 +152,7 @@ def _threads(cfg: StudyConfig) -> None:
 def dry_run(cfg: StudyConfig) -> dict:
     """Open the checkpoints and the text, and say how the study would hold them and the memory it needs."""
     from .evaluator import plan
+    from .models import model_dims
 
     ckpts, infos = read_checkpoints(cfg.checkpoints, any_format=cfg.model.given)
     try:
@@ -160,7 +161,11 @@ def dry_run(cfg: StudyConfig) -> dict:
         steps = [int(c.step) for c in ckpts]
         if cfg.forecast_from is not None:
             prefix_size(steps, cfg)
-        return {"dry_run": True, "steps": steps, "plan": plan(ckpts, list(infos), cfg.device, cfg.stream)}
+        return {
+            "dry_run": True,
+            "steps": steps,
+            "plan": plan(ckpts, list(infos), cfg.device, cfg.stream, model_dims(ckpts[-1], cfg.model)),
+        }
     finally:
         for c in ckpts:
             c.close()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .inputs import StudyError
-from .models import ModelSource, build_model, context_length, load_state, logits_of
+from .models import ModelSource, build_model, context_length, load_state, logits_of, model_dims
 
 __all__ = ["Evaluator", "DocLosses", "paired_delta", "plan"]
 
@@ -49,36 +49,61 @@ def paired_delta(a: DocLosses, base: DocLosses) -> tuple[float, float]:
     return delta, float(np.sqrt(D / (D - 1) * (r @ r)) / n.sum())
 
 
-CHUNK = 1 << 22  # elements per read when streaming (32 MiB of float64 accumulator)
+CHUNK = 1 << 20  # elements per read when streaming (8 MiB of float64 accumulator)
 LOGITS_BUDGET = 128 << 20  # bytes of logits per forward (cross-entropy takes as much again)
 
 
-def plan(ckpts, names, device="cpu", stream=None) -> dict:
+def plan(ckpts, names, device="cpu", stream=None, dims=None) -> dict:
     """How the study holds its checkpoints and the memory that needs: ``stacked`` (every checkpoint's float
     tensors in float32, one matrix product per tensor and merge) when that fits in half the memory available
     now, else ``streamed`` (each merge built tensor by tensor from the checkpoint files, straight into the
-    model's parameters: the model, its largest tensor and two read chunks). ``stream`` True/False forces it.
-    On CUDA the stacks live on the device, so host memory is planned as streamed."""
+    model's parameters). ``stream`` True/False forces it. On CUDA the stacks live on the device, so host
+    memory is planned as streamed.
+
+    Counted: the model in float32, the stacks (stacked) or one reusable read buffer and accumulator
+    (streamed), one forward's logits (``LOGITS_BUDGET``, or one block's where that is more) and the
+    cross-entropy's chunks, an estimate of the forward's activations (16 floats per position and hidden
+    unit, from ``dims``: ``models.model_dims``), and this process as it stands (the interpreter, torch).
+    Not counted: allocator slack, and tensors a factory's model holds besides its parameters."""
     from rivervalley.common.resources import available_memory
+
+    from ..eval.loss import NLL_CHUNK_BYTES
 
     infos = ckpts[-1].infos
     sizes = [infos[n].numel for n in names if n in infos and infos[n].dtype_str.startswith(("F", "BF"))]
     n, big = len(ckpts), max(sizes, default=0)
-    logits = 2 * LOGITS_BUDGET  # a forward's logits and the cross-entropy's own
-    stacked = 4 * (n + 2) * sum(sizes) + 8 * (n + 1) * big + logits
-    streamed = 4 * sum(sizes) + 4 * big + 24 * min(CHUNK, big) + logits
+    dims = dims or {}
+    length, vocab, hidden = dims.get("seq_len"), dims.get("vocab"), dims.get("hidden")
+    one_block = 4 * length * vocab if length and vocab else 0
+    forward = max(LOGITS_BUDGET, one_block) + 2 * NLL_CHUNK_BYTES
+    if length and hidden:
+        rows = max(1, LOGITS_BUDGET // one_block) if one_block else 1
+        forward += 16 * 4 * rows * length * hidden
+    process = _resident_bytes()
+    stacked = process + 4 * (n + 2) * sum(sizes) + 8 * (n + 1) * big + forward
+    streamed = process + 4 * sum(sizes) + 16 * min(CHUNK, big) + forward
     have = available_memory()
     if stream is None:
-        stream = str(device).startswith("cuda") or (have is not None and stacked > have // 2)
+        stream = str(device).startswith("cuda") or (have is not None and stacked - process > have // 2)
     return {
         "mode": "streamed" if stream else "stacked",
         "bytes": streamed if stream else stacked,
         "stacked_bytes": stacked,
         "streamed_bytes": streamed,
+        "process_bytes": process,
         "available_bytes": have,
         "checkpoints": n,
         "parameters": sum(sizes),
     }
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory now (0 where /proc does not say)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _check_memory(p: dict) -> None:
@@ -86,7 +111,7 @@ def _check_memory(p: dict) -> None:
 
     hint = " (float32)" if p["mode"] == "stacked" else ", streamed"
     require_memory(
-        p["bytes"],
+        p["bytes"] - p["process_bytes"],  # what is resident already is not asked of the kernel again
         f"the study of {p['checkpoints']} checkpoints x {p['parameters'] / 1e6:.3g}M parameters{hint}",
     )
 
@@ -109,6 +134,8 @@ class Evaluator:
     ):
         import torch
 
+        from rivervalley.common.resources import return_large_frees
+
         from ..eval import seq_len_of
         from .hub import snapshot_root
 
@@ -116,10 +143,12 @@ class Evaluator:
         self.device = device
         self.path = ckpts[-1].path
         self.batch_size = batch_size
-        self.plan = plan(ckpts, names, device, stream)
+        self.source = model or ModelSource()
+        self.plan = plan(ckpts, names, device, stream, model_dims(ckpts[-1], self.source))
         if not str(device).startswith("cuda"):
             _check_memory(self.plan)
-        self.source = model or ModelSource()
+        if self.plan["mode"] == "streamed":
+            return_large_frees()  # each forward's freed logits and activations go back to the kernel
         root = snapshot_root(ckpts[-1].path)  # a hub cache snapshot links into its repository's blobs/
         self.model = build_model(ckpts[-1], self.source, device=device, root=root)
         self.seq_len = seq_len_of(self.model) if self.source.hf else context_length(self.model)
@@ -230,9 +259,8 @@ class Evaluator:
         return self._memo[key]
 
     def _measure(self, w, half: str) -> DocLosses:
-        import torch.nn.functional as F
-
-        from ..eval import PAD, packed_inputs
+        from ..eval import packed_inputs
+        from ..eval.loss import token_nll
 
         torch = self.torch
         self.load(w)
@@ -247,16 +275,8 @@ class Evaluator:
                 b = ids[i : i + rows].to(self.device)
                 labels = b[:, 1:]
                 logits = self._logits(b[:, :-1].clamp_min(0))
-                tok = (
-                    F.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]).float(),
-                        labels.reshape(-1),
-                        ignore_index=PAD,
-                        reduction="none",
-                    )
-                    .to(torch.float64)
-                    .cpu()
-                )
+                tok = token_nll(logits, labels).to(torch.float64).cpu()
+                del logits
                 di = doc_idx[i : i + rows].reshape(-1)
                 slot = torch.where(di >= 0, di, n_docs)
                 nll.index_add_(0, slot, tok)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .inputs import StudyError
 
-__all__ = ["ModelSource", "build_model", "load_state", "logits_of", "context_length"]
+__all__ = ["ModelSource", "build_model", "load_state", "logits_of", "context_length", "model_dims"]
 
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _LENGTHS = ("n_positions", "max_position_embeddings", "n_ctx", "block_size", "max_seq_len")
@@ -134,6 +134,40 @@ def _from_config(folder: str):
         raise StudyError(
             f"--config {folder}: cannot build a causal LM ({type(e).__name__}: {what})"
         ) from None
+
+
+def model_dims(ckpt, source: ModelSource) -> dict:
+    """The sizes the memory plan needs before any model is built — ``seq_len`` (evaluation block),
+    ``vocab`` and ``hidden`` — from the HF config (``--config`` or the newest checkpoint's folder); {}
+    with a factory or where the config does not say."""
+    from ..eval import DEFAULT_SEQ_LEN
+    from ..io import safety
+
+    if source.factory is not None:
+        return {}
+    folder = Path(source.config) if source.config is not None else Path(ckpt.path)
+    if not folder.is_dir():
+        return {}
+    try:
+        cfg = safety.load_json(folder / "config.json", root=folder)
+    except (ValueError, OSError):
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+
+    def first(*keys):
+        for k in keys:
+            v = cfg.get(k)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return None
+
+    return {
+        "seq_len": first("n_positions", "max_position_embeddings", "n_ctx") or DEFAULT_SEQ_LEN,
+        "vocab": first("vocab_size"),
+        "hidden": first("n_embd", "hidden_size", "d_model"),
+    }
 
 
 def _first_line(e: BaseException) -> str:
