@@ -12,7 +12,9 @@
 Modules: ``data`` (texts, token blocks; the loss convention is in ``loss``), ``model`` (loading model
 folders, or weights into a model, as ``from_pretrained`` does), ``loss``, ``cloze_items`` (building the
 items), ``cloze`` (scoring them), ``report``
-(``evaluate_model``) and ``lmeval`` (the optional lm-evaluation-harness bridge, not imported here).
+(``evaluate_model``), ``lmeval`` (the optional lm-evaluation-harness bridge) and ``checkpoints``
+(checkpoints in any format the merge engine reads, loaded into one model ``extramerge.study.models`` builds:
+``extramerge eval --config/--model-factory``); the last two are not imported here.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .model import (
     DEFAULT_SEQ_LEN,
     check_model_folder,
     load_model,
+    load_tokenizer,
     load_weights,
     max_positions,
     packed_inputs,
@@ -51,6 +54,7 @@ __all__ = [
     "is_cloze_file",
     "check_model_folder",
     "load_model",
+    "load_tokenizer",
     "load_weights",
     "max_positions",
     "seq_len_of",

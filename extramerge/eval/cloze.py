@@ -8,11 +8,13 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import numpy as np
 
 from .cloze_items import ClozeItem, load_cloze
 from .data import PAD
+from .loss import hf_logits
 from .model import autocast, packed_inputs, resolve_device, seq_len_of
 
 __all__ = ["ClozeResult", "cloze_accuracy"]
@@ -67,6 +69,7 @@ def cloze_accuracy(
     device=None,
     max_length: int | None = None,
     share_context: bool | None = None,
+    forward=None,
 ) -> ClozeResult:
     """Multiple-choice cloze accuracy: each candidate is scored by the summed log-likelihood of its tokens
     given the context; prediction = argmax (first on ties); accuracy = fraction predicting the target.
@@ -84,7 +87,9 @@ def cloze_accuracy(
     transformers renamed it) (≈ n_candidates times less compute for short candidates, but two small
     forwards per item).
     ``share_context`` None picks shared on CPU, batched elsewhere; items whose longest sequence would be
-    cut on the left always take the batched path.
+    cut on the left always take the batched path. ``forward``: input_ids [B, T] → the logits of every
+    position, for a model that is not transformers' (a ``--model-factory`` one): every item then takes the
+    batched path (such a model has no KV cache to share).
     """
     import torch
 
@@ -100,6 +105,8 @@ def cloze_accuracy(
     device = resolve_device(model, device)
     if share_context is None:
         share_context = device.type == "cpu"
+    share_context = share_context and forward is None
+    forward = forward if forward is not None else partial(hf_logits, model)
 
     # (context ids, continuation ids) per candidate, items in order
     pairs = [_encode_item(tokenizer, it.context, it.candidates) for it in items]
@@ -129,7 +136,7 @@ def cloze_accuracy(
                 ctx, cont = pairs[i][j]
                 full = (ctx + cont)[-(max_length + 1) :]
                 seqs.append((full, min(len(cont), len(full) - 1)))
-            for (i, j), v in zip(batched, _score_batched(model, seqs, batch_size, device), strict=True):
+            for (i, j), v in zip(batched, _score_batched(forward, seqs, batch_size, device), strict=True):
                 scores[i][j] = v
     finally:
         model.train(was_training)
@@ -149,7 +156,7 @@ def cloze_accuracy(
     )
 
 
-def _score_batched(model, seqs: list[tuple[list[int], int]], batch_size: int, device) -> list[float]:
+def _score_batched(forward, seqs: list[tuple[list[int], int]], batch_size: int, device) -> list[float]:
     """Summed log-prob of the last n tokens of each sequence; rows sorted by length, right-padded."""
     import torch
 
@@ -165,7 +172,7 @@ def _score_batched(model, seqs: list[tuple[list[int], int]], batch_size: int, de
             full[r, : len(toks)] = torch.tensor(toks, dtype=torch.long)
             mask[r, len(toks) - 1 - n_cont : len(toks) - 1] = True  # positions predicting the continuation
         full, mask = full.to(device), mask.to(device)
-        logits = model(input_ids=full[:, :-1].clamp_min(0), use_cache=False).logits
+        logits = forward(full[:, :-1].clamp_min(0))
         lp = logits[mask].float().log_softmax(-1).gather(1, full[:, 1:][mask][:, None])[:, 0]
         per_row = torch.zeros(len(idx), dtype=torch.float64, device=device)
         per_row.index_add_(0, mask.nonzero()[:, 0], lp.double())

@@ -26,16 +26,21 @@ from dataclasses import asdict, dataclass
 from .data import PAD, TokenBlocks, token_blocks
 from .model import autocast, max_positions, packed_inputs, resolve_device, seq_len_of
 
-__all__ = ["LossResult", "evaluate_loss", "token_nll"]
+__all__ = ["LossResult", "evaluate_loss", "token_nll", "hf_logits"]
 
 NLL_CHUNK_BYTES = 32 << 20  # float32 logits per cross-entropy call (it takes as much again)
 
 
+def hf_logits(model, input_ids):
+    """The logits of every position of a transformers causal LM, without a KV cache."""
+    return model(input_ids=input_ids, use_cache=False).logits
+
+
 def token_nll(logits, labels):
-    """The NLL (float64, float32 on MPS; nats) of every label position, PAD positions 0: the cross-entropy of the float32
-    logits, taken over a few rows at a time so that its float copy and log-softmax never hold more than
-    ``NLL_CHUNK_BYTES`` (one call over a 1024 x 50k block would take 400 MB beside the logits). Each row's
-    value is the one a single call gives."""
+    """The NLL (float64, float32 on MPS; nats) of every label position, PAD positions 0: the cross-entropy
+    of the float32 logits, taken over a few rows at a time so that its float copy and log-softmax never
+    hold more than ``NLL_CHUNK_BYTES`` (one call over a 1024 x 50k block would take 400 MB beside the
+    logits). Each row's value is the one a single call gives."""
     import torch
     import torch.nn.functional as F
 
@@ -82,6 +87,7 @@ def evaluate_loss(
     batch_size: int = 16,
     device=None,
     blocks: TokenBlocks | tuple | None = None,
+    forward=None,
 ) -> LossResult:
     """Mean held-out NLL of a causal LM (see the module docstring for the exact convention).
 
@@ -89,7 +95,9 @@ def evaluate_loss(
     tokenization (then ``texts`` may be None): the fast path when many weight sets are loaded into the
     same model. Runs under ``torch.inference_mode`` in eval mode (the model's training flag is restored
     afterwards), with bf16 autocast on CUDA; NLL sums are accumulated in float64. ``device``: where to
-    run (the model is moved there); default the model's device.
+    run (the model is moved there); default the model's device. ``forward``: input_ids [B, T] → the
+    logits of every position [B, T, vocab], for a model that is not transformers' (default
+    :func:`hf_logits`).
     """
     import torch
 
@@ -120,7 +128,7 @@ def evaluate_loss(
                 b = ids[i : i + batch_size].to(device, non_blocking=True)
                 labels = b[:, 1:]
                 inputs = b[:, :-1].clamp_min(0)  # PAD only trails the last block: harmless under causality
-                logits = model(input_ids=inputs, use_cache=False).logits
+                logits = forward(inputs) if forward is not None else hf_logits(model, inputs)
                 total += token_nll(logits, labels).to(acc_dtype).sum()
         nats = float(total.item())  # .item() waits for the device
     finally:

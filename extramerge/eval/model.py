@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_SEQ_LEN",
     "check_model_folder",
     "load_model",
+    "load_tokenizer",
     "load_weights",
     "max_positions",
     "seq_len_of",
@@ -130,7 +131,7 @@ def load_model(path: str | os.PathLike, *, device=None, dtype=None, root=None):
     (``local_files_only=True``); the tokenizer may sit in the parent folder. ValueError naming the path
     when the folder is not a loadable causal LM; ``root``: see ``check_model_folder``."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     p = check_model_folder(path, root=root)
@@ -140,12 +141,7 @@ def load_model(path: str | os.PathLike, *, device=None, dtype=None, root=None):
     kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    try:
-        tok = AutoTokenizer.from_pretrained(
-            tokenizer_folder(p), local_files_only=True, trust_remote_code=False
-        )
-    except Exception as e:
-        raise ValueError(f"{p}: cannot load the tokenizer ({type(e).__name__}: {_first_line(e)})") from None
+    tok = load_tokenizer(tokenizer_folder(p), name=p, check=False)  # check_model_folder checked its files
     try:
         model = AutoModelForCausalLM.from_pretrained(p, **kwargs)
     except Exception as e:
@@ -154,6 +150,24 @@ def load_model(path: str | os.PathLike, *, device=None, dtype=None, root=None):
         model.to(device)
     model.eval()
     return model, tok
+
+
+def load_tokenizer(folder: str | os.PathLike, *, name=None, check: bool = True):
+    """The tokenizer of a folder holding tokenizer files, via AutoTokenizer (``local_files_only``, no remote
+    code); ``check``: its tokenizer files that are links leaving the folder or special files are refused
+    first. ValueError naming ``name`` (default the folder) when it does not load."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if check:
+        safety.folder_files(folder, _TOKENIZER_FILES)
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except Exception as e:
+        what = name if name is not None else folder
+        raise ValueError(
+            f"{what}: cannot load the tokenizer ({type(e).__name__}: {_first_line(e)})"
+        ) from None
 
 
 def load_weights(model, state: Mapping[str, Any]) -> None:
@@ -275,10 +289,12 @@ def resolve_device(model, device):
     return device
 
 
-def autocast(device):
-    """bf16 autocast on CUDA, nothing elsewhere."""
+def autocast(device, dtype: str = "auto"):
+    """Autocast to bf16 (matmuls in bf16, reductions and the loss in float32): on CUDA by default
+    (``"auto"``), on any device with ``"bf16"``; none with ``"fp32"``."""
     import torch
 
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    device = torch.device(device)
+    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

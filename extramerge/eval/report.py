@@ -31,13 +31,17 @@ def evaluate_model(
     dtype=None,
     blocks: TokenBlocks | None = None,
     seed: int = 0,
+    forward=None,
+    max_length: int | None = None,
 ) -> dict:
     """Loss, bits per byte and (optionally) cloze accuracy of one model, as a JSON-ready dict.
 
     ``model_or_path``: a model object (then ``tokenizer`` is required) or a local HF folder (loaded with
     ``load_model``). ``data``: held-out texts or a path for ``load_texts``. ``cloze_items``: None (no
     cloze), an int N (``build_cloze(data, n_items=N, n_candidates=..., seed=...)``), a JSONL path from
-    ``save_cloze``, or items. ``blocks``: precomputed ``token_blocks`` (skips tokenization).
+    ``save_cloze``, or items. ``blocks``: precomputed ``token_blocks`` (skips tokenization). ``forward``
+    (input_ids → logits of every position) and ``max_length`` (the longest cloze sequence, default the
+    model's maximum): for a model that is not transformers' (see ``evaluate_loss``, ``cloze_accuracy``).
 
     Keys: name, path, loss, bits_per_byte, perplexity, tokens, bytes, seq_len, loss_seconds, tokens_per_s,
     load_seconds, device, and cloze (None or {accuracy, n, chance, stderr, seconds, items_per_s}).
@@ -55,13 +59,28 @@ def evaluate_model(
     load_s = time.perf_counter() - t0
     texts = None if blocks is not None and not isinstance(cloze_items, int) else as_texts(data)
     loss = evaluate_loss(
-        model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size, device=device, blocks=blocks
+        model,
+        tokenizer,
+        texts,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        device=device,
+        blocks=blocks,
+        forward=forward,
     )
     cloze = None
     if cloze_items is not None and not (isinstance(cloze_items, int) and cloze_items == 0):
         if isinstance(cloze_items, int):
             cloze_items = build_cloze(texts, n_items=cloze_items, n_candidates=n_candidates, seed=seed)
-        c = cloze_accuracy(model, tokenizer, cloze_items, batch_size=cloze_batch_size, device=device)
+        c = cloze_accuracy(
+            model,
+            tokenizer,
+            cloze_items,
+            batch_size=cloze_batch_size,
+            device=device,
+            max_length=max_length,
+            forward=forward,
+        )
         cloze = {**c.to_dict(), "items_per_s": c.items_per_s}
     dev = next(model.parameters()).device
     return {

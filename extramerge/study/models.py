@@ -15,7 +15,15 @@ from pathlib import Path
 
 from .inputs import StudyError
 
-__all__ = ["ModelSource", "build_model", "load_state", "logits_of", "context_length", "model_dims"]
+__all__ = [
+    "ModelSource",
+    "build_model",
+    "load_state",
+    "logits_of",
+    "factory_forward",
+    "context_length",
+    "model_dims",
+]
 
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _LENGTHS = ("n_positions", "max_position_embeddings", "n_ctx", "block_size", "max_seq_len")
@@ -232,3 +240,23 @@ def logits_of(out):
     if isinstance(logits, torch.Tensor):
         return logits
     raise StudyError(f"the model's forward returned a {type(out).__name__}, not logits")
+
+
+def factory_forward(model, factory: str):
+    """A factory's model as a function input_ids [B, T] → the logits of every position [B, T, vocab]
+    (``module(input_ids)`` through :func:`logits_of`); StudyError naming ``factory`` when it gives no
+    logits or not every position's (nanoGPT's own forward gives the last position's only)."""
+
+    def forward(ids):
+        try:
+            logits = logits_of(model(ids))
+        except StudyError as e:
+            raise StudyError(f"--model-factory {factory}: {e}") from None
+        if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(ids.shape):
+            raise StudyError(
+                f"--model-factory {factory}: the model's logits have shape {tuple(logits.shape)}, not "
+                f"[batch, {ids.shape[1]}, vocab] (the logits of every position)"
+            )
+        return logits
+
+    return forward
