@@ -1,5 +1,6 @@
 """`extramerge eval`: its arguments and its command (held-out loss, bits/byte and cloze accuracy of causal
-LM folders, optionally through lm-evaluation-harness). transformers is imported only when it runs."""
+LM folders, optionally through lm-evaluation-harness; with --config or --model-factory, of checkpoints in
+any format the merge engine reads, see :mod:`.checkpoints`). transformers is imported only when it runs."""
 
 from __future__ import annotations
 
@@ -24,10 +25,30 @@ def add_arguments(e: argparse.ArgumentParser) -> None:
         "models",
         nargs="+",
         metavar="MODEL",
-        help="Hugging Face model folders, or run folders of step_XXXX/ model folders (each is evaluated)",
+        help="Hugging Face model folders, or run folders of step_XXXX/ model folders (each is evaluated); "
+        "with --config or --model-factory, checkpoints in any format the merge engine reads (.pt, "
+        "safetensors files, DCP and Megatron folders) or folders of them",
     )
     e.add_argument(
         "--data", required=True, metavar="FILE", help="held-out text: .jsonl ({'text': ...} per line), .txt"
+    )
+    e.add_argument(
+        "--config",
+        dest="model_config",
+        metavar="DIR",
+        help="an HF config folder (config.json) to build the model from, for checkpoints in another format "
+        "whose tensors carry that model's HF names (as extramerge study --config)",
+    )
+    e.add_argument(
+        "--model-factory",
+        metavar="MODULE:FN",
+        help="a function building the model (a torch.nn.Module) from the last checkpoint, e.g. "
+        "extramerge.study.factories:nanogpt for nanoGPT .pt files (as extramerge study --model-factory)",
+    )
+    e.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="tokenizer folder, with --config or --model-factory (default: the checkpoints' own)",
     )
     e.add_argument(
         "--cloze",
@@ -101,13 +122,37 @@ def _model_folders(paths: list[str]) -> list[tuple[str, object, int | None]]:
     return out
 
 
-def _eval_inputs(args, models) -> list:
+def _eval_inputs(args, models, checkpoints=None) -> list:
     """Everything eval reads (never written onto or into): the data and cloze files, each model folder and
-    the tokenizer files it uses (possibly in its run folder)."""
+    the tokenizer files it uses (possibly in its run folder), or the checkpoints and their tokenizer."""
     inputs = [Path(args.data)] + ([Path(args.cloze)] if isinstance(args.cloze, str) else [])
+    if checkpoints is not None:
+        return inputs + checkpoints.inputs
     for _, folder, _ in models:
         inputs += [Path(folder), *E.tokenizer_files(folder)]
     return inputs
+
+
+def _checkpoint_model(args, device):
+    """With --config or --model-factory: the checkpoints and the one model they are loaded into
+    (:class:`.checkpoints.CheckpointModel`), everything checked; else None (HF folders, loaded whole)."""
+    from ..study.models import ModelSource
+
+    source = ModelSource(config=args.model_config, factory=args.model_factory)
+    if not source.given:
+        if args.tokenizer is not None:
+            raise ValueError(
+                f"--tokenizer {args.tokenizer}: goes with --config or --model-factory (an HF model folder "
+                "is evaluated with its own tokenizer)"
+            )
+        return None
+    if args.lm_eval:
+        raise ValueError(
+            "--lm-eval: lm-evaluation-harness loads HF model folders, not --config/--model-factory"
+        )
+    from .checkpoints import CheckpointModel
+
+    return CheckpointModel(args.models, source, args.tokenizer, device=device, seq_len=args.seq_len)
 
 
 def _is_eval_json(path) -> bool:
@@ -115,15 +160,38 @@ def _is_eval_json(path) -> bool:
 
 
 def run_command(args) -> int:
-    """`extramerge eval`: evaluate each model folder, print one row each, optionally write --json."""
+    """`extramerge eval`: evaluate each model folder (or checkpoint), print one row each, optionally write
+    --json."""
     import torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)
-    models = _model_folders(args.models)
-    inputs = _eval_inputs(args, models)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    checkpoints = _checkpoint_model(args, device)
+    try:
+        return _evaluate(args, device, checkpoints)
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()
+
+
+def _load(models, checkpoints, i: int, device):
+    """(model, tokenizer, forward, context, tokenizer fingerprint) of model i: an HF folder loaded whole,
+    or checkpoint i's tensors put into the one model."""
+    if checkpoints is None:
+        folder = models[i][1]
+        model, tok = E.load_model(folder, device=device)
+        return model, tok, None, None, E.tokenizer_fingerprint(folder)
+    checkpoints.load(i)
+    fp = E.tokenizer_fingerprint(checkpoints.tokenizer_folder)
+    return checkpoints.model, checkpoints.tokenizer, checkpoints.forward, checkpoints.context, fp
+
+
+def _evaluate(args, device, checkpoints) -> int:
+    models = _model_folders(args.models) if checkpoints is None else checkpoints.entries
+    inputs = _eval_inputs(args, models, checkpoints)
     for out, own in ((args.json, _is_eval_json), (args.save_cloze, E.is_cloze_file)):
         if out:  # before any work: refused outputs fail now, not after the evaluation
             check_file(out, force=args.force, own=own, inputs=inputs)
@@ -144,7 +212,6 @@ def run_command(args) -> int:
         lmeval.write_task(texts, task_dir)
         if items is not None:
             lmeval.write_task(items, task_dir)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     width = max(24, *(len(name) for name, _, _ in models))
     head = f"{len(texts)} documents from {args.data}"
     if items:
@@ -154,12 +221,12 @@ def run_command(args) -> int:
     cache: dict = {}
     rows = []
     try:
-        for name, folder, step in models:
+        for i, (name, folder, step) in enumerate(models):
             t0 = time.perf_counter()
-            model, tok = E.load_model(folder, device=device)
+            model, tok, forward, context, fingerprint = _load(models, checkpoints, i, device)
             load_s = time.perf_counter() - t0
-            seq_len = E.seq_len_of(model, args.seq_len)
-            key = (E.tokenizer_fingerprint(folder), seq_len)
+            seq_len = args.seq_len or context or E.seq_len_of(model)
+            key = (fingerprint, seq_len)
             if key not in cache or key[0] is None:
                 cache[key] = E.token_blocks(texts, tok, seq_len)
             row = E.evaluate_model(
@@ -171,6 +238,8 @@ def run_command(args) -> int:
                 batch_size=args.batch_size,
                 cloze_batch_size=args.cloze_batch_size,
                 device=device,
+                forward=forward,
+                max_length=context,
             )
             row.update(name=name, path=str(folder), step=step, load_seconds=load_s)
             c = row["cloze"]
@@ -203,6 +272,9 @@ def run_command(args) -> int:
             "device": device,
             "seq_len": args.seq_len,
             "batch_size": args.batch_size,
+            "model_config": args.model_config,
+            "model_factory": args.model_factory,
+            "tokenizer": None if checkpoints is None else str(checkpoints.tokenizer_folder),
             "cloze": None
             if items is None
             else {
