@@ -11,7 +11,7 @@ CKPT is a checkpoint file (.safetensors, .bin, .pt), a Hugging Face model folder
 step_XXXX/ checkpoints (expanded and sorted by step). Checkpoints are ordered oldest first as given.
 Exit status: 0 on success, 2 on a usage or input error (one line on stderr, never a traceback).
 
-merge and analyze also run as several processes, each reading its share (extramerge.distributed):
+merge, analyze and study also run as several processes, each doing its share (extramerge.distributed):
     torchrun --nproc-per-node N -m extramerge merge CKPT... --method sma -o OUT
 """
 
@@ -299,8 +299,8 @@ def build_parser(ranks: bool = False) -> argparse.ArgumentParser:
     )
     study_cli.add_arguments(st)
     st.set_defaults(func=study_cli.run_command)
-    if ranks:  # one of several processes (torchrun, srun): only merge and analyze split their work
-        for one in (q, e, st):
+    if ranks:  # one of several processes (torchrun, srun): merge, analyze and study split their work
+        for one in (q, e):
             one.set_defaults(func=_one_process)
     return p
 
@@ -314,8 +314,8 @@ class _InputError(ValueError):
 
 def _one_process(args) -> int:
     raise ValueError(
-        f"extramerge {args.command} runs as one process: start it without torchrun/srun (merge and "
-        "analyze split their work across processes)"
+        f"extramerge {args.command} runs as one process: start it without torchrun/srun (merge, analyze "
+        "and study split their work across processes)"
     )
 
 

@@ -63,8 +63,16 @@ def study(cfg: StudyConfig) -> dict:
         from .core import dry_run
 
         return dry_run(cfg)
+    from .. import distributed
+
     inputs = cfg.checkpoints + list(cfg.data) + [p for p in (cfg.calib, cfg.test, cfg.measure) if p]
     out = check_output(Path(cfg.out), inputs, cfg.force)
+    group = distributed.current()
+    if group is not None and not group.leader:  # under torchrun: every rank evaluates, rank 0 publishes
+        with flush_denormals():
+            rep = run_study(cfg, None)
+        rep["out"] = str(out)
+        return rep
     # force: an earlier study, checked above, is replaced only once the new one is complete
     with publishing(out, force=True, commit=outputs.publish) as tmp:
         with flush_denormals():

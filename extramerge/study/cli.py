@@ -108,7 +108,18 @@ def add_arguments(p: argparse.ArgumentParser, *, checkpoints: bool = True) -> No
         help="a function building the model (a torch.nn.Module) from the newest checkpoint, for checkpoints "
         "of other models, e.g. extramerge.study.factories:nanogpt for nanoGPT .pt files",
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda or cuda:N (default cpu); under torchrun cuda is each process's cuda:LOCAL_RANK",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="fp32 (default), or bf16: forwards under bf16 autocast, the loss in float32 (merges are always "
+        "built in float32 or better)",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
     p.add_argument("--force", action="store_true", help="replace an earlier study in OUT")
@@ -126,11 +137,7 @@ def config_from_args(a, *, checkpoints=None, out=None, run=None, calib=None, tes
         raise StudyError("--alphas: the α grid is empty")
     if a.threads is not None and a.threads < 1:
         raise StudyError(f"--threads {a.threads}: must be at least 1")
-    if str(a.device).startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise StudyError(f"--device {a.device}: CUDA is not available")
+    _check_device(a.device)
     ckpts = list(checkpoints if checkpoints is not None else a.checkpoints)
     if getattr(a, "revisions", None) is not None:
         ckpts = _revisions(ckpts, a.revisions)
@@ -171,6 +178,7 @@ def config_from_args(a, *, checkpoints=None, out=None, run=None, calib=None, tes
         quick=a.quick,
         forecast_from=a.forecast_from,
         device=a.device,
+        dtype=a.dtype,
         batch_size=a.batch_size,
         threads=a.threads,
         force=a.force,
@@ -182,6 +190,26 @@ def config_from_args(a, *, checkpoints=None, out=None, run=None, calib=None, tes
         model_config=a.model_config,
         model_factory=a.model_factory,
     )
+
+
+def _check_device(device: str) -> None:
+    """--device names a device this machine has: one line naming it otherwise."""
+    import torch
+
+    from .inputs import StudyError
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise StudyError(f"--device {device}: not a device (cpu, cuda, cuda:N)") from None
+    if d.type == "cpu":
+        return
+    if d.type != "cuda":
+        raise StudyError(f"--device {device}: the study runs on cpu or cuda")
+    if not torch.cuda.is_available():
+        raise StudyError(f"--device {device}: CUDA is not available")
+    if d.index is not None and d.index >= torch.cuda.device_count():
+        raise StudyError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
 
 
 def _revisions(ckpts: list, spec: str) -> list[str]:
@@ -205,9 +233,11 @@ def _revisions(ckpts: list, spec: str) -> list[str]:
 
 def run_command(args) -> int:
     """`extramerge study`: run it, print the summary and where it was written."""
+    from .. import distributed
     from . import study
     from .report import plan_line, summary_lines
 
+    distributed.join()  # under torchrun/srun: each process evaluates its share of every half
     rep = study(config_from_args(args))
     if rep.get("dry_run"):
         print(plan_line(rep["plan"]) + "; nothing evaluated, nothing written")

@@ -69,7 +69,8 @@ class StudyConfig:
     ema_decays: tuple = (0.5, 0.8, 0.9)
     quick: bool = False
     forecast_from: int | None = None  # a step: also choose from the checkpoints up to it only
-    device: str = "cpu"
+    device: str = "cpu"  # under torchrun "cuda" is each rank's cuda:LOCAL_RANK
+    dtype: str = "fp32"  # or "bf16": forwards under bf16 autocast, the loss in float32
     batch_size: int = 16
     threads: int | None = None
     force: bool = False
@@ -143,10 +144,70 @@ def _grid_of(lr):
 
 
 def _threads(cfg: StudyConfig) -> None:
-    if cfg.threads and not str(cfg.device).startswith("cuda"):
+    """--threads, or under torchrun this machine's cores shared among its ranks (CPU only)."""
+    from .. import distributed
+
+    if str(cfg.device).startswith("cuda"):
+        return
+    group = distributed.current()
+    n = cfg.threads or (distributed.workers_per_rank(1 << 16, group) if group is not None else None)
+    if n:
         import torch
 
-        torch.set_num_threads(cfg.threads)
+        torch.set_num_threads(n)
+
+
+def _rank_device(device: str) -> str:
+    """``cuda`` under torchrun: this rank's own GPU (cuda:LOCAL_RANK); any other device as given."""
+    import os
+
+    from .. import distributed
+
+    if distributed.current() is None or device != "cuda":
+        return device
+    import torch
+
+    local = int(os.environ.get("LOCAL_RANK", distributed.current().rank))
+    if local >= torch.cuda.device_count():
+        raise StudyError(
+            f"--device cuda: rank {distributed.current().rank} would use cuda:{local}, but this machine "
+            f"has {torch.cuda.device_count()} GPU(s) (start at most that many processes per node)"
+        )
+    return f"cuda:{local}"
+
+
+def _evaluator(cfg: StudyConfig, ckpts, names, tok, *, digests: bool) -> Evaluator:
+    """The evaluator, built on every rank together (a failure on one stops them all)."""
+    from .. import distributed
+
+    with distributed.agreed():
+        return Evaluator(
+            ckpts,
+            names,
+            tok,
+            device=_rank_device(cfg.device),
+            batch_size=cfg.batch_size,
+            digests=digests,
+            stream=cfg.stream,
+            model=cfg.model,
+            dtype=cfg.dtype,
+        )
+
+
+def _timing(ev: Evaluator) -> dict:
+    """Where the evaluations' time went (this process's clock; under torchrun rank 0's): building the
+    merges (reading and summing the checkpoints into the model) and the forwards, tokens/s of the latter
+    over every rank."""
+    from .. import distributed
+
+    t = dict(ev.timing)
+    group = distributed.current()
+    t["ranks"] = 1 if group is None else group.world
+    t["device"] = str(ev.device)
+    t["dtype"] = ev.dtype
+    fwd = t["forward_seconds"]
+    t["tokens_per_s"] = t["tokens"] / fwd if fwd > 0 else None
+    return t
 
 
 def dry_run(cfg: StudyConfig) -> dict:
@@ -181,16 +242,7 @@ def _study(cfg: StudyConfig, ckpts, names, t0: float) -> dict:
     if cfg.forecast_from is not None:
         grid_of(steps[: prefix_size(steps, cfg)])  # a bad --forecast-from fails before any evaluation
     _threads(cfg)
-    ev = Evaluator(
-        ckpts,
-        names,
-        tok,
-        device=cfg.device,
-        batch_size=cfg.batch_size,
-        digests=cfg.predict_only,
-        stream=cfg.stream,
-        model=cfg.model,
-    )
+    ev = _evaluator(cfg, ckpts, names, tok, digests=cfg.predict_only)
     ev.add_half("calib", calib_docs)
     if test_docs is not None:
         ev.add_half("test", test_docs)
@@ -211,6 +263,7 @@ def _study(cfg: StudyConfig, ckpts, names, t0: float) -> dict:
         bar.close()
     rep["evaluations"] = ev.calls
     rep["memory"] = ev.plan
+    rep["timing"] = _timing(ev)
     rep["seconds"] = time.perf_counter() - t0
     return rep
 
@@ -231,16 +284,7 @@ def _measure_later(cfg: StudyConfig, t0: float) -> dict:
         shared = prereg.check_documents(pred, test_docs, cfg)
         tok = tokenizer_of(ckpts, cfg.tokenizer or pred["preregistration"]["tokenizer"]["path"])
         _threads(cfg)
-        ev = Evaluator(
-            ckpts,
-            list(infos),
-            tok,
-            device=cfg.device,
-            batch_size=cfg.batch_size,
-            digests=True,
-            stream=cfg.stream,
-            model=cfg.model,
-        )
+        ev = _evaluator(cfg, ckpts, list(infos), tok, digests=True)
         prereg.check_inputs(pred, cfg, ev, ckpts, tok)
         ev.add_half("test", test_docs)
         bar = _Bar(cfg.progress)
@@ -260,6 +304,7 @@ def _measure_later(cfg: StudyConfig, t0: float) -> dict:
     }
     rep["evaluations"] = pred["evaluations"] + ev.calls
     rep["memory"] = ev.plan
+    rep["timing"] = _timing(ev)
     rep["seconds"] = pred["seconds"] + time.perf_counter() - t0
     return rep
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,6 +132,7 @@ class Evaluator:
         digests=False,
         stream=None,
         model: ModelSource | None = None,
+        dtype: str = "fp32",
     ):
         import torch
 
@@ -141,6 +143,7 @@ class Evaluator:
 
         self.torch = torch
         self.device = device
+        self.dtype = dtype  # "fp32", or "bf16": forwards under bf16 autocast (the loss in float32)
         self.path = ckpts[-1].path
         self.batch_size = batch_size
         self.source = model or ModelSource()
@@ -184,6 +187,7 @@ class Evaluator:
         self._acc = None
         self.halves: dict = {}
         self.calls = 0
+        self.timing = {"build_seconds": 0.0, "forward_seconds": 0.0, "tokens": 0}
         self._memo: dict = {}  # (weights bytes, half) -> DocLosses: a merge evaluated twice is read back
 
     def add_half(self, name: str, docs: list[str]) -> None:
@@ -259,35 +263,59 @@ class Evaluator:
         return self._memo[key]
 
     def _measure(self, w, half: str) -> DocLosses:
+        """Build the merge, then evaluate this rank's share of the half's blocks (all of them in one process;
+        under torchrun a contiguous block each, ``distributed.rank_block``) and sum the per-document NLL
+        over the ranks: every rank gets the same numbers, equal to one process's up to summation order."""
+        from .. import distributed
         from ..eval import packed_inputs
         from ..eval.loss import token_nll
+        from ..eval.model import autocast
 
         torch = self.torch
-        self.load(w)
+        group = distributed.current()
         blocks, doc_idx, n_docs = self.halves[half]
         ids = blocks.ids
         nll = torch.zeros(n_docs + 1, dtype=torch.float64)
         cnt = torch.zeros(n_docs + 1, dtype=torch.float64)
-        self.model.eval()
-        rows = self._rows(ids.shape[1] - 1)
-        with torch.inference_mode(), packed_inputs():
-            for i in range(0, ids.shape[0], rows):
-                b = ids[i : i + rows].to(self.device)
-                labels = b[:, 1:]
-                logits = self._logits(b[:, :-1].clamp_min(0))
-                tok = token_nll(logits, labels).to(torch.float64).cpu()
-                del logits
-                di = doc_idx[i : i + rows].reshape(-1)
-                slot = torch.where(di >= 0, di, n_docs)
-                nll.index_add_(0, slot, tok)
-                cnt.index_add_(0, slot, (di >= 0).to(torch.float64))
+        mine = distributed.rank_block([1] * ids.shape[0], group)
+        with distributed.agreed(group):  # a failure on one rank (a read, memory) stops every rank here
+            t0 = time.perf_counter()
+            self.load(w)
+            self._sync()
+            t1 = time.perf_counter()
+            self.model.eval()
+            rows = self._rows(ids.shape[1] - 1)
+            with torch.inference_mode(), autocast(self.device, self.dtype), packed_inputs():
+                for i in range(mine.start, mine.stop, rows):
+                    j = min(i + rows, mine.stop)
+                    b = ids[i:j].to(self.device)
+                    logits = self._logits(b[:, :-1].clamp_min(0))
+                    tok = token_nll(logits, b[:, 1:]).to(torch.float64).cpu()
+                    del logits
+                    di = doc_idx[i:j].reshape(-1)
+                    slot = torch.where(di >= 0, di, n_docs)
+                    nll.index_add_(0, slot, tok)
+                    cnt.index_add_(0, slot, (di >= 0).to(torch.float64))
+            self._sync()
+            t2 = time.perf_counter()
+        if group is not None:
+            group.all_reduce_sum(nll.numpy())
+            group.all_reduce_sum(cnt.numpy())
         self.calls += 1
+        self.timing["build_seconds"] += t1 - t0
+        self.timing["forward_seconds"] += t2 - t1
+        self.timing["tokens"] += int(blocks.n_tokens)
         out = DocLosses(nll[:n_docs].numpy(), cnt[:n_docs].numpy())
         if not np.isfinite(out.nll).all():
             raise StudyError(
                 "a merge's loss is not finite (its weights overflow the model): shrink the α grid"
             )
         return out
+
+    def _sync(self) -> None:
+        """Wait for the device (timings of CUDA work)."""
+        if str(self.device).startswith("cuda"):
+            self.torch.cuda.synchronize(self.device)
 
     def _rows(self, length: int) -> int:
         """Blocks per forward: --batch-size, fewer where their logits (blocks x length x vocabulary floats)
