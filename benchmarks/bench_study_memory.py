@@ -22,7 +22,7 @@ from pathlib import Path
 TARGET = 2.5  # peak RSS / one checkpoint (the issue's)
 
 
-def _make(root: Path, n: int) -> list[Path]:
+def make_run(root: Path, n: int) -> list[Path]:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -60,7 +60,7 @@ def main() -> int:
     p.add_argument("--data", type=Path, default=Path(".bench/data/study-gpt2-124m"))
     p.add_argument("--out", type=Path, default=Path("results/benchmarks/study_memory.json"))
     a = p.parse_args()
-    paths = _make(a.data, a.checkpoints)
+    paths = make_run(a.data, a.checkpoints)
     one = sum(f.stat().st_size for f in paths[-1].glob("*.safetensors"))
     calib = _docs(a.data / "calib.jsonl", 4, 17)  # the least the study takes: 4 documents, 4 KiB a half
     test = _docs(a.data / "test.jsonl", 4, 17)

@@ -20,7 +20,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .inputs import StudyError
-from .models import ModelSource, build_model, context_length, load_state, logits_of, model_dims
+from .models import (
+    ModelSource,
+    build_model,
+    context_length,
+    factory_forward,
+    load_state,
+    model_dims,
+)
 
 __all__ = ["Evaluator", "DocLosses", "paired_delta", "plan"]
 
@@ -56,10 +63,10 @@ LOGITS_BUDGET = 128 << 20  # bytes of logits per forward (cross-entropy takes as
 
 def plan(ckpts, names, device="cpu", stream=None, dims=None) -> dict:
     """How the study holds its checkpoints and the memory that needs: ``stacked`` (every checkpoint's float
-    tensors in float32, one matrix product per tensor and merge) when that fits in half the memory available
-    now, else ``streamed`` (each merge built tensor by tensor from the checkpoint files, straight into the
-    model's parameters). ``stream`` True/False forces it. On CUDA the stacks live on the device, so host
-    memory is planned as streamed.
+    tensors in float32, summed in float64 one checkpoint at a time) when that fits in half the memory
+    available now, else ``streamed`` (each merge built tensor by tensor from the checkpoint files, straight
+    into the model's parameters). ``stream`` True/False forces it. On CUDA the stacks live on the device,
+    so host memory is planned as streamed.
 
     Counted: the model in float32, the stacks (stacked) or one reusable read buffer and accumulator
     (streamed), one forward's logits (``LOGITS_BUDGET``, or one block's where that is more) and the
@@ -81,7 +88,7 @@ def plan(ckpts, names, device="cpu", stream=None, dims=None) -> dict:
         rows = max(1, LOGITS_BUDGET // one_block) if one_block else 1
         forward += 16 * 4 * rows * length * hidden
     process = _resident_bytes()
-    stacked = process + 4 * (n + 2) * sum(sizes) + 8 * (n + 1) * big + forward
+    stacked = process + 4 * (n + 2) * sum(sizes) + 12 * big + forward
     streamed = process + 4 * sum(sizes) + 16 * min(CHUNK, big) + forward
     have = available_memory()
     if stream is None:
@@ -155,6 +162,7 @@ class Evaluator:
         root = snapshot_root(ckpts[-1].path)  # a hub cache snapshot links into its repository's blobs/
         self.model = build_model(ckpts[-1], self.source, device=device, root=root)
         self.seq_len = seq_len_of(self.model) if self.source.hf else context_length(self.model)
+        self._forward = None if self.source.hf else factory_forward(self.model, self.source.factory)
         self.aliases = dict(ckpts[-1].aliases)  # a factory's model: tied duplicates the file left out
         self.tokenizer = _load_tokenizer(tokenizer_path)
         self.streamed = self.plan["mode"] == "streamed"
@@ -220,10 +228,12 @@ class Evaluator:
                 state[name] = _Merged(self, name, shape, numel, np.asarray(w, dtype=np.float64))
             merged = dict(state)
         else:
-            wt = torch.as_tensor(np.asarray(w, dtype=np.float64), dtype=torch.float64, device=self.device)
-            for name, st in self.stacks.items():
-                flat = st.reshape(st.shape[0], -1)
-                state[name] = (wt @ flat.to(torch.float64)).to(torch.float32).reshape(st.shape[1:])
+            for name, st in self.stacks.items():  # Σᵢ wᵢ θᵢ in float64, one checkpoint at a time
+                acc = torch.zeros(st.shape[1:], dtype=torch.float64, device=self.device)
+                for x, wi in zip(st, np.asarray(w, dtype=np.float64), strict=True):
+                    if wi != 0:
+                        acc.add_(x, alpha=float(wi))  # promoted to float64 in place, as streamed
+                state[name] = acc.to(torch.float32)
         state.update(self.fixed)
         if not self.source.hf:  # a factory's model: by the checkpoints' names, one tensor at a time
             return load_state(self.model, state, self.aliases, self.path)
@@ -328,13 +338,7 @@ class Evaluator:
     def _logits(self, ids):
         if self.source.hf:
             return self.model(input_ids=ids, use_cache=False).logits
-        logits = logits_of(self.model(ids))
-        if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(ids.shape):
-            raise StudyError(
-                f"--model-factory {self.source.factory}: the model's logits have shape "
-                f"{tuple(logits.shape)}, not [batch, {ids.shape[1]}, vocab] (the logits of every position)"
-            )
-        return logits
+        return self._forward(ids)
 
 
 class _Merged:
@@ -404,13 +408,11 @@ def _digest(h, name: str, t) -> None:
 
 
 def _load_tokenizer(path):
-    from transformers import AutoTokenizer
-
     from ..eval import tokenizer_files
+    from ..eval.model import load_tokenizer
 
     files = tokenizer_files(path)
-    folder = files[0].parent if files else path
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    except Exception as e:
-        raise StudyError(f"{path}: cannot load the tokenizer ({type(e).__name__})") from None
+        return load_tokenizer(files[0].parent if files else path, name=path, check=False)
+    except ValueError as e:
+        raise StudyError(str(e)) from None
