@@ -1,16 +1,23 @@
-"""Optional compiled kernels for the simulator: Philox4x32-10 + Box-Muller normals fused with the update.
+"""Optional compiled kernels, built with the system C compiler on first use and loaded with ctypes.
 
-``noise.c`` is compiled with the system C compiler (``$CC``, default ``cc``) on first use, cached under
-``$RIVERVALLEY_CACHE`` (default ``$XDG_CACHE_HOME/rivervalley`` or ``~/.cache/rivervalley``) by a hash of
-the source, the flags, the compiler and the CPU, and loaded with ctypes. Without a compiler, or with
-``RIVERVALLEY_NATIVE=0``, :func:`load` returns None and the simulator uses torch's sampler instead;
-:func:`status` says why.
+Each kernel is a :class:`Kernel`: one C source in this folder, the ctypes declarations of its functions and
+the flag sets to try. ``load(kernel)`` compiles the source with ``$CC`` (default ``cc``), caches the library
+under ``$RIVERVALLEY_CACHE`` (default ``$XDG_CACHE_HOME/rivervalley`` or ``~/.cache/rivervalley``) by a
+hash of the source, the flags, the compiler and the CPU, checks it through a file descriptor (this user's,
+not writable by others) and loads it. Without a compiler, or with ``RIVERVALLEY_NATIVE=0``, :func:`load`
+returns None and the caller uses its pure-Python path; :func:`status` says why.
 
-Why a kernel of our own: torch's CPU ``randn`` (mt19937 + Box-Muller) yields about 240 M float32 normals/s
-per core here, which capped the simulator at 19% of the memory-bandwidth bound. Philox is counter-based,
-so a normal is generated in registers right where the update needs it and never touches memory; the
-kernel draws about 4x as many normals per second as torch's sampler
-(``python -m benchmarks.bench_simulator``).
+* :data:`NOISE` (``noise.c``, the default): Philox4x32-10 + Box-Muller normals fused with the simulator's
+  update. torch's CPU ``randn`` (mt19937 + Box-Muller) yields about 240 M float32 normals/s per core here,
+  which capped the simulator at 19% of the memory-bandwidth bound. Philox is counter-based, so a normal is
+  generated in registers right where the update needs it and never touches memory; the kernel draws about
+  4x as many normals per second as torch's sampler (``python -m benchmarks.bench_simulator``).
+  :class:`PhiloxNormals` drives it (importing torch when first used).
+* :data:`GRAM` (``gram.c``): the Gram matrix of differences from a reference in one pass over float32,
+  bfloat16, float16 or float64 inputs, accumulated in float64 (``rv_gram_diff``; extramerge's analysis
+  pass uses it).
+
+This module does not import torch.
 """
 
 from __future__ import annotations
@@ -26,12 +33,16 @@ import stat
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-__all__ = ["load", "status", "PhiloxNormals"]
+__all__ = ["GRAM", "NOISE", "Kernel", "PhiloxNormals", "load", "philox4x32_10", "status"]
 
 SOURCE = Path(__file__).with_name("noise.c")
 # -ffast-math lets gcc vectorise logf through glibc's libmvec (noise.c computes sin and cos itself). The
@@ -72,12 +83,12 @@ def _compiler_id(cc: list[str]) -> str | None:
     return out.stdout.splitlines()[0] if out.returncode == 0 and out.stdout else None
 
 
-def _compile(cc: list[str], flags: list[str], dest: Path) -> str | None:
-    """Compile ``noise.c`` to ``dest`` (atomically: build in a temporary folder, then rename). Returns an
+def _compile(cc: list[str], flags: list[str], dest: Path, source: Path = SOURCE) -> str | None:
+    """Compile ``source`` to ``dest`` (atomically: build in a temporary folder, then rename). Returns an
     error message, or None on success. The link step omits -ffast-math on purpose (see noise.c)."""
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        obj, so = os.path.join(tmp, "noise.o"), os.path.join(tmp, "noise.so")
-        for cmd in ([*cc, *flags, "-c", str(SOURCE), "-o", obj], [*cc, "-shared", obj, "-o", so, "-lm"]):
+        obj, so = os.path.join(tmp, "kernel.o"), os.path.join(tmp, "kernel.so")
+        for cmd in ([*cc, *flags, "-c", str(source), "-o", obj], [*cc, "-shared", obj, "-o", so, "-lm"]):
             try:
                 out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             except (OSError, subprocess.SubprocessError) as e:
@@ -91,6 +102,7 @@ def _compile(cc: list[str], flags: list[str], dest: Path) -> str | None:
 
 
 def _declare(lib) -> None:
+    """ctypes signatures of noise.c's functions (an AttributeError if the library lacks one)."""
     i64, u64, vp = ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p
     lib.rv_philox4x32_10.argtypes = [vp, vp, vp]
     lib.rv_philox4x32_10.restype = None
@@ -155,11 +167,7 @@ def _open_library(path: Path) -> int:
     user owns that neither group nor others may write. What is loaded is this very file."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
     st = os.fstat(fd)
-    if (
-        not stat.S_ISREG(st.st_mode)
-        or st.st_uid != os.getuid()
-        or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    ):
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         os.close(fd)
         raise _NotPrivate(f"{path} is not private to this user (owner, or group/world write permission)")
     return fd
@@ -183,19 +191,49 @@ def _dlopen(path: Path):
         raise
 
 
-def _load_or_build(cc: list[str], flags: list[str], path: Path):
+def _declare_gram(lib) -> None:
+    """ctypes signature of gram.c's ``rv_gram_diff(xs, codes, n, ref, m, out) -> int32``."""
+    i64, vp = ctypes.c_int64, ctypes.c_void_p
+    lib.rv_gram_diff.argtypes = [vp, vp, i64, i64, i64, vp]
+    lib.rv_gram_diff.restype = ctypes.c_int32
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One compiled kernel: ``name`` (of the cached library, ``name-<hash>.so``), its C ``source``, the
+    ``declare`` function that sets its functions' ctypes signatures (raising AttributeError on a library
+    that lacks one) and the compiler ``flag_sets`` tried in order."""
+
+    name: str
+    source: Path
+    declare: Callable
+    flag_sets: tuple
+
+
+NOISE = Kernel("noise", SOURCE, _declare, FLAG_SETS)
+# No -ffast-math: NaN and Inf must reach the result (the caller detects them), and the summation order is
+# written out in vector code, so nothing is gained by letting the compiler reassociate.
+GRAM = Kernel(
+    "gram",
+    SOURCE.with_name("gram.c"),
+    _declare_gram,
+    (["-O3", "-march=native", "-fPIC"], ["-O3", "-fPIC"], ["-O2", "-fPIC"]),
+)
+
+
+def _load_or_build(cc: list[str], flags: list[str], path: Path, kernel: Kernel = NOISE):
     """Load the library at ``path``, building it first if it is missing; a file that does not load, or
     lacks the kernel's functions (a stale or foreign build), is rebuilt once. Returns (lib, None), or
     (None, error) when the compiler fails."""
     _private_folder(path.parent)
     for attempt in range(2):
         if attempt or not path.exists():
-            err = _compile(cc, flags, path)
+            err = _compile(cc, flags, path, kernel.source)
             if err:
                 return None, err
         try:
             lib = _dlopen(path)
-            _declare(lib)
+            kernel.declare(lib)
         except (OSError, AttributeError) as e:
             if isinstance(e, _NotPrivate):
                 raise
@@ -207,7 +245,7 @@ def _load_or_build(cc: list[str], flags: list[str], path: Path):
     raise OSError(f"{path} does not load")  # pragma: no cover - the loop returns or raises first
 
 
-def _load():
+def _load(kernel: Kernel = NOISE):
     if os.environ.get("RIVERVALLEY_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None, "disabled by RIVERVALLEY_NATIVE=0"
     cc = shlex.split(os.environ.get("CC") or "cc")
@@ -217,17 +255,17 @@ def _load():
     if cid is None:
         return None, f"C compiler {' '.join(cc)!r} does not run"
     try:
-        source = SOURCE.read_text()
+        source = kernel.source.read_text()
     except OSError as e:
         return None, f"cannot read the kernel source: {e}"
     errors = []
-    for flags in FLAG_SETS:
+    for flags in kernel.flag_sets:
         key = "\n".join([source, " ".join(cc), " ".join(flags), cid, platform.machine(), _cpu_flags()])
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"rivervalley-{os.getuid()}"):
-            path = folder / f"noise-{digest}.so"
+            path = folder / f"{kernel.name}-{digest}.so"
             try:
-                lib, err = _load_or_build(cc, flags, path)
+                lib, err = _load_or_build(cc, flags, path, kernel)
             except OSError as e:  # an unwritable or shared cache folder, or a library that does not load
                 errors.append(f"{path}: {e}")
                 continue
@@ -235,21 +273,23 @@ def _load():
                 errors.append(err)
                 break  # these flags fail to compile: another folder will not help
             return lib, f"compiled with {' '.join(cc)} {' '.join(flags)}: {path}"
-    return None, "could not build the native kernel: " + "; ".join(errors)
+    return None, f"could not build the native kernel {kernel.source.name}: " + "; ".join(errors)
 
 
-def load():
-    """The compiled library (ctypes.CDLL), or None when it is unavailable (see :func:`status`)."""
+def load(kernel: Kernel = NOISE):
+    """The compiled library of ``kernel`` (ctypes.CDLL), or None when it is unavailable (see
+    :func:`status`). Built or loaded once per process."""
     with _lock:
-        if "lib" not in _state:
-            _state["lib"], _state["reason"] = _load()
-        return _state["lib"]
+        if kernel.name not in _state:
+            _state[kernel.name] = _load(kernel)
+        return _state[kernel.name][0]
 
 
-def status() -> dict:
-    """``{'available': bool, 'detail': str}``: where the library came from, or why there is none."""
-    lib = load()
-    return {"available": lib is not None, "detail": _state["reason"]}
+def status(kernel: Kernel = NOISE) -> dict:
+    """``{'available': bool, 'detail': str}``: where ``kernel``'s library came from, or why there is
+    none."""
+    lib = load(kernel)
+    return {"available": lib is not None, "detail": _state[kernel.name][1]}
 
 
 def philox4x32_10(counter, key) -> list[int]:
@@ -265,20 +305,32 @@ def philox4x32_10(counter, key) -> list[int]:
     return list(out)
 
 
+class _TorchFloats:
+    """(torch.float32, torch.float64), imported on first use: this module does not import torch."""
+
+    def __get__(self, obj, owner) -> tuple:
+        import torch
+
+        return (torch.float32, torch.float64)
+
+
 class PhiloxNormals:
     """Standard normals for [S, p] tensors from the native kernel: normal (i, j) of draw d is a pure
     function of (key, d, i, j), so the numbers never depend on the thread count. Each :meth:`fill` or
     :meth:`affine` call consumes one draw. Rows are split across ``threads`` (ctypes releases the GIL)."""
 
-    DTYPES = (torch.float32, torch.float64)
+    DTYPES = _TorchFloats()
 
     def __init__(self, key: int, threads: int | None = None):
+        import torch
+
         self.lib = load()
         if self.lib is None:
             raise RuntimeError(status()["detail"])
         self.key = int(key) & (2**64 - 1)
         self.draws = 0
         self.threads = max(1, int(threads if threads is not None else torch.get_num_threads()))
+        self._f64 = torch.float64
         self.pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
 
     def close(self) -> None:
@@ -319,7 +371,7 @@ class PhiloxNormals:
     def fill(self, out: torch.Tensor) -> torch.Tensor:
         """Write fresh normals into ``out`` [S, p] and return it."""
         self._check(out, "out")
-        fn = self.lib.rv_normal_f64 if out.dtype == torch.float64 else self.lib.rv_normal_f32
+        fn = self.lib.rv_normal_f64 if out.dtype == self._f64 else self.lib.rv_normal_f32
         self._run(fn, out.shape[0], out.shape[1], out.data_ptr(), out.stride(0))
         return out
 
@@ -347,7 +399,7 @@ class PhiloxNormals:
         vecs = self._vectors(x, ((a, "a"), (b, "b"), (c, "c")))
         dst = self._copy(x, copy)
         # one jump of the multi-jump kernel, its slot being ``copy`` (or none)
-        fn = self.lib.rv_ar1_jumps_f64 if x.dtype == torch.float64 else self.lib.rv_ar1_jumps_f32
+        fn = self.lib.rv_ar1_jumps_f64 if x.dtype == self._f64 else self.lib.rv_ar1_jumps_f32
         self._run(fn, x.shape[0], x.shape[1], x.data_ptr(), x.stride(0), *dst, 0, *vecs, 1)
         return x
 
@@ -358,13 +410,13 @@ class PhiloxNormals:
         between. ``copy``: as in :meth:`affine`, receives the final values."""
         self._check(x, "x")
         vecs = self._vectors(x, ((h, "h"), (g, "g"), (sd, "sd")))
-        if lrs.dtype != torch.float64 or lrs.ndim != 1 or not lrs.is_contiguous() or lrs.device.type != "cpu":
+        if lrs.dtype != self._f64 or lrs.ndim != 1 or not lrs.is_contiguous() or lrs.device.type != "cpu":
             raise ValueError("lrs: need a contiguous CPU float64 vector")
         n = lrs.numel()
         if n == 0:
             return x if copy is None else copy.copy_(x)
         dst = self._copy(x, copy)
-        fn = self.lib.rv_sgd_steps_f64 if x.dtype == torch.float64 else self.lib.rv_sgd_steps_f32
+        fn = self.lib.rv_sgd_steps_f64 if x.dtype == self._f64 else self.lib.rv_sgd_steps_f32
         args = (x.data_ptr(), x.stride(0), *dst, *vecs, lrs.data_ptr(), n)
         self._run(fn, x.shape[0], x.shape[1], *args, draws=n)
         return x
@@ -396,7 +448,7 @@ class PhiloxNormals:
         n = out.shape[1]
         if n == 0:
             return x
-        fn = self.lib.rv_ar1_jumps_f64 if x.dtype == torch.float64 else self.lib.rv_ar1_jumps_f32
+        fn = self.lib.rv_ar1_jumps_f64 if x.dtype == self._f64 else self.lib.rv_ar1_jumps_f32
         args = (x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), out.stride(1), *vecs, n)
         self._run(fn, s, p, *args, draws=n)
         return x
