@@ -460,7 +460,8 @@ class Bench:
             else:
                 best.peak_rss_bytes = max(best.peak_rss_bytes, run.peak_rss_bytes)
         print(
-            f"  {name:<28} {best.wall_s:8.2f} s   peak RSS {best.peak_rss_bytes / MiB:8.0f} MiB"
+            f"  {name:<28} {best.wall_s:8.2f} s (CPU {best.user_s + best.sys_s:.2f} s)"
+            f"   peak RSS {best.peak_rss_bytes / MiB:8.0f} MiB"
             f"   (anon≤{best.peak_rss_anon_bytes / MiB:.0f}, file≤{best.peak_rss_file_bytes / MiB:.0f} MiB;"
             f" inputs {100 * best.input_cache_residency:.0f}% cached; rc={best.returncode})",
             flush=True,
@@ -552,6 +553,8 @@ class Bench:
 
         fl = self.floors(inputs, ckpt_bytes, "merge")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        if a.analyze_only:
+            have_mk = False
         # Reference point: what any torch-based tool pays before touching a tensor.
         self.timed(
             "baseline_import_torch",
@@ -563,7 +566,7 @@ class Bench:
         )
         out_ours, out_mk, out_naive = self.outs / "ours", self.outs / "mergekit", self.outs / "naive"
         ours = mk = naive = None
-        if have_ours:
+        if have_ours and not a.analyze_only:
             ours = self.timed(
                 "ours_merge", "extramerge merge sma", ours_merge_cmd(ckpts, out_ours), inputs, out_ours, env
             )
@@ -577,7 +580,7 @@ class Bench:
                 env,
             )
         need = a.n * ckpt_bytes * 1.3 + 2 * ckpt_bytes + 2 * GB
-        if a.skip_naive:
+        if a.skip_naive or a.analyze_only:
             pass
         elif need > meminfo()["MemAvailable"]:
             print(
@@ -804,6 +807,9 @@ def main() -> None:
     ap.add_argument("--skip-mergekit", action="store_true", help="do not run mergekit")
     ap.add_argument("--skip-naive", action="store_true", help="do not run the naive script")
     ap.add_argument("--skip-analyze", action="store_true", help="do not run extramerge analyze")
+    ap.add_argument(
+        "--analyze-only", action="store_true", help="time extramerge analyze alone (no merge contenders)"
+    )
     ap.add_argument("--scaling", action="store_true", help="also time ours at N = 2, 4, 8, 16")
     ap.add_argument(
         "--scaling-params",
