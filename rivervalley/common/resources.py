@@ -19,6 +19,7 @@ __all__ = [
     "flush_denormals",
     "single_thread",
     "return_large_frees",
+    "trim_heap",
 ]
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -39,6 +40,21 @@ def return_large_frees(threshold: int = 256 << 10) -> bool:
         return bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1)
     except (OSError, AttributeError):  # not glibc: no mallopt
         return False
+
+
+def trim_heap() -> None:
+    """Give the free pages inside glibc's heaps back to the kernel (``malloc_trim(0)``, every arena): what
+    ``return_large_frees`` leaves behind, the fragments of smaller blocks freed between allocations that
+    stay. A no-op where the C library has no malloc_trim."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        if name:
+            ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def available_memory() -> int | None:
