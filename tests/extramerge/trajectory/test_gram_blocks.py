@@ -168,3 +168,21 @@ def test_analyze_falls_back_to_numpy_when_the_kernel_is_disabled(tmp_path):
     assert p.returncode == 0, p.stderr
     got = np.load(out)
     assert np.allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+
+
+@needs_kernel
+def test_every_flag_set_builds_a_kernel_that_agrees(tmp_path, monkeypatch):
+    """The loader falls back to plainer flags (no -march=native; -O2) where a set fails: each one gives the
+    same blocks (to 1e-12) as numpy."""
+    import dataclasses
+
+    from rivervalley import _native as rn
+
+    monkeypatch.setenv("RIVERVALLEY_CACHE", str(tmp_path / "cache"))
+    xs = _trajectory(4099, 8, np.float32, 3)
+    want, want_r2 = _explicit(xs, 2)
+    for flags in rn.GRAM.flag_sets:
+        lib, detail = rn._load(dataclasses.replace(rn.GRAM, flag_sets=(flags,)))
+        assert lib is not None, detail
+        got, r2 = native.gram_of_differences(lib, xs, 2)
+        assert np.allclose(got, want, rtol=1e-12) and r2 == pytest.approx(want_r2, rel=1e-12)
