@@ -173,18 +173,20 @@ def load_tokenizer(folder: str | os.PathLike, *, name=None, check: bool = True):
 def load_weights(model, state: Mapping[str, Any]) -> None:
     """Put ``state`` (tensors keyed by a checkpoint's own names) into ``model`` as ``from_pretrained`` puts
     that checkpoint: through transformers' own loader, which renames and converts the keys by the model's
-    registered conversions (GPT-NeoX's ``embed_out`` → ``lm_head``, legacy ``gamma``/``beta``, an added or
-    dropped base-model prefix, fused or split tensors), casts each tensor to its parameter's dtype on the
-    model's device, then ties the weights the model ties. ValueError naming the first tensors the model does
-    not have, parameters ``state`` lacks, or tensors of another shape.
+    registered conversions (5.x: GPT-NeoX's ``embed_out`` → ``lm_head``, fused or split tensors; legacy
+    ``gamma``/``beta``; an added or dropped base-model prefix), casts each tensor to its parameter's dtype on
+    the model's device, then ties the weights the model ties. A value may be lazy: anything ``value[...]``
+    turns into the tensor, materialised just before it is set, one at a time. ValueError naming the first
+    tensors the model does not have, parameters ``state`` lacks, or tensors of another shape.
 
     Loading the newest checkpoint with ``load_model`` and every merge with this function is one key policy:
-    transformers' own, of the installed version."""
+    transformers' own, of the installed version (5.x: ``core_model_loading``; 4.x: the steps of
+    ``PreTrainedModel._load_pretrained_model``)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
-    except ImportError:  # transformers 4: from_pretrained renames nothing a 4.x model's own save holds
+    except ImportError:  # transformers 4.x
         return _load_weights_v4(model, state)
     from transformers.utils import logging as hf_logging
 
@@ -211,12 +213,79 @@ def load_weights(model, state: Mapping[str, Any]) -> None:
 
 
 def _load_weights_v4(model, state: Mapping[str, Any]) -> None:
-    missing, unexpected = model.load_state_dict(dict(state), strict=False)
+    """transformers 4.x: the steps ``_load_pretrained_model`` takes for an in-memory state dict, on a model
+    already built: its key renaming (``_get_key_renaming_mapping``: legacy names, the class's
+    ``_checkpoint_conversion_mapping`` where ``from_pretrained`` applies it, a base-model prefix added or
+    dropped), its missing and unexpected keys (tied groups, non-persistent buffers, old rotary buffers, the
+    class's ignore lists), its shape check (as with ``ignore_mismatched_sizes``, to refuse instead), then
+    ``_load_state_dict_into_meta_model`` casting and placing each tensor, and ``tie_weights``. Everything is
+    checked before anything is set; the initialisation of weights the state lacks is not run (they are
+    refused). These helpers are private and their signatures differ between 4.56 and 4.57: each is called
+    with the keywords it takes."""
+    import torch
+    from transformers import modeling_utils as hf
+
+    cls = type(model)
+    keys = list(state)
+    prefix = model.base_model_prefix
+    has_prefix = len(prefix) > 0 and any(k.startswith(prefix) for k in keys)
+    expects_prefix = len(prefix) > 0 and hasattr(model, prefix)
+    task_from_base = not has_prefix and expects_prefix
+    base_from_task = has_prefix and not expects_prefix
+    vlm = any(n in c.__name__.lower() for c in cls.__mro__[:-1] for n in hf.VLMS)
+    key_mapping = cls._checkpoint_conversion_mapping if vlm else None  # as from_pretrained chooses it
+    renaming = model._get_key_renaming_mapping(keys, key_mapping, base_from_task, task_from_base)
+    missing, unexpected = _call(
+        hf._find_missing_and_unexpected_keys,
+        cls=cls,
+        model=model,
+        original_checkpoint_keys=keys,
+        checkpoint_keys=list(renaming.values()),
+        loading_base_model_from_task_state_dict=base_from_task,
+        hf_quantizer=None,
+        device_map=None,
+    )
+    adjust = getattr(model, "_adjust_missing_and_unexpected_keys", None)
+    if adjust is not None:  # 4.57: the ignore lists and old rotary buffers, applied apart
+        missing, unexpected = adjust(missing, unexpected, task_from_base)
+    mismatched, _ = hf._find_mismatched_keys(model, state, None, True, renaming, False, True)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    _refuse_keys(
+        unexpected=sorted(unexpected),
+        missing=sorted(k for k in missing if k in params),
+        mismatched=sorted(mismatched),
+    )
+    target = model
+    if task_from_base:  # a base model's checkpoint into a model with a head: loaded into its base
+        target = getattr(model, prefix)
+        renaming = {k: v[len(prefix) + 1 :] for k, v in renaming.items()}
+    expected = set(target.state_dict())
+    reverse = {v: k for k, v in renaming.items()}
+    device_map = {"": next(model.parameters()).device}
+    for key, name in renaming.items():
+        if name not in expected:  # unexpected keys from_pretrained lets pass: never materialised
+            continue
+        value = state[key]
+        tensor = value if isinstance(value, torch.Tensor) else value[...]
+        _call(
+            hf._load_state_dict_into_meta_model,
+            model=target,
+            state_dict={name: tensor},
+            shard_file="",
+            expected_keys=expected,
+            reverse_renaming_mapping=reverse,
+            device_map=device_map,
+        )
+        del tensor  # one tensor at a time
     model.tie_weights()
-    params = list(model.named_parameters(remove_duplicate=False))
-    loaded = {id(p) for k, p in params if k in state}  # a tied parameter is loaded under its other name
-    absent = [k for k, p in params if k in missing and id(p) not in loaded]
-    _refuse_keys(unexpected=unexpected, missing=absent)
+
+
+def _call(f, **kwargs):
+    """``f`` with those of ``kwargs`` its signature names."""
+    import inspect
+
+    names = inspect.signature(f).parameters
+    return f(**{k: v for k, v in kwargs.items() if k in names})
 
 
 def _refuse_keys(*, unexpected=(), missing=(), mismatched=(), errors=()) -> None:

@@ -237,8 +237,6 @@ class Evaluator:
         state.update(self.fixed)
         if not self.source.hf:  # a factory's model: by the checkpoints' names, one tensor at a time
             return load_state(self.model, state, self.aliases, self.path)
-        if self.streamed and not _lazy_loader():  # transformers 4 loads tensors only: built whole here
-            state = {k: (v[...] if isinstance(v, _Merged) else v) for k, v in state.items()}
         try:
             with _one_tensor_at_a_time():
                 load_weights(self.model, state)
@@ -276,6 +274,8 @@ class Evaluator:
         """Build the merge, then evaluate this rank's share of the half's blocks (all of them in one process;
         under torchrun a contiguous block each, ``distributed.rank_block``) and sum the per-document NLL
         over the ranks: every rank gets the same numbers, equal to one process's up to summation order."""
+        from rivervalley.common.resources import trim_heap
+
         from .. import distributed
         from ..eval import packed_inputs
         from ..eval.loss import token_nll
@@ -308,6 +308,8 @@ class Evaluator:
                     cnt.index_add_(0, slot, (di >= 0).to(torch.float64))
             self._sync()
             t2 = time.perf_counter()
+            if self.streamed:
+                trim_heap()  # the forward's freed fragments: resident memory stays at the model's
         if group is not None:
             group.all_reduce_sum(nll.numpy())
             group.all_reduce_sum(cnt.numpy())
@@ -374,20 +376,11 @@ class _Merged:
         return out.reshape(self.shape)[key]
 
 
-def _lazy_loader() -> bool:
-    """Whether the installed transformers loads through ``core_model_loading`` (5.x), which materialises
-    each value with ``value[...]``."""
-    try:
-        import transformers.core_model_loading  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @contextlib.contextmanager
 def _one_tensor_at_a_time():
-    """transformers' loader materialises each tensor just before it is set, instead of all at once in its
-    thread pool, while this holds (HF_DEACTIVATE_ASYNC_LOAD): a streamed merge never exists whole."""
+    """transformers 5's loader materialises each tensor just before it is set, instead of all at once in its
+    thread pool, while this holds (HF_DEACTIVATE_ASYNC_LOAD): a streamed merge never exists whole. (On 4.x
+    ``load_weights`` sets one tensor at a time anyway.)"""
     old = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
     os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
     try:

@@ -167,10 +167,12 @@ def test_load_weights_takes_checkpoint_names_and_refuses_what_does_not_fit():
 
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(_config("gpt_neox")).eval()
-    state = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
-    state["embed_out.weight"] = state.pop("lm_head.weight")  # the name GPT-NeoX checkpoints use
+    # the name GPT-NeoX checkpoints use: transformers 5 calls the module lm_head and renames it on load
+    rename = {"lm_head.weight": "embed_out.weight"}
+    state = {rename.get(k, k): torch.randn_like(v) for k, v in model.state_dict().items()}
+    assert "embed_out.weight" in state
     load_weights(model, state)
-    assert torch.equal(model.lm_head.weight, state["embed_out.weight"])
+    assert torch.equal(model.get_output_embeddings().weight, state["embed_out.weight"])
     with pytest.raises(ValueError, match="does not have: .*stray"):
         load_weights(model, {**state, "stray.weight": torch.zeros(1)})
     final = "gpt_neox.final_layer_norm.weight"
@@ -178,3 +180,20 @@ def test_load_weights_takes_checkpoint_names_and_refuses_what_does_not_fit():
         load_weights(model, {k: v for k, v in state.items() if k != final})
     with pytest.raises(ValueError, match=f"another shape.*{final}"):
         load_weights(model, {**state, final: torch.zeros(3)})
+
+
+def test_load_weights_takes_a_base_models_checkpoint_as_from_pretrained():
+    """A checkpoint of the base model alone (no ``model.`` prefix) loads into the causal LM, as
+    ``from_pretrained`` loads it, the head tied to its embeddings."""
+    from extramerge.eval import load_weights
+
+    torch.manual_seed(0)
+    cfg = _config("llama")
+    cfg.tie_word_embeddings = True
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    state = {k: torch.randn_like(v) for k, v in model.model.state_dict().items()}
+    load_weights(model, state)
+    got = model.model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in state.items())
+    assert torch.equal(model.lm_head.weight, state["embed_tokens.weight"])
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
