@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the test suite against the lowest torch (and, with TRANSFORMERS=..., transformers) that
 # pyproject.toml claims: torch>=2.9 (torch.optim.Muon), transformers>=4.56 (the `dtype=` keyword; merges then
-# load through eval.load_weights' 4.x path: tests/extramerge/{eval,study,lm} ran green on 4.56.2 and 4.57.6).
+# load through eval.load_weights' 4.x path: tests/extramerge/{eval,study,lm} green on 4.56.2, and its own tests,
+# study/test_families.py and test_stream.py, on 4.57.6).
 #   [TRANSFORMERS=4.56.2] bash scripts/check_torch_floor.sh [TORCH_VERSION] [pytest args...]
 # CI tests the pinned torch of constraints.txt; this checks the floor of the range, in its own venv (PyPI's
 # build for that version: about 3 GB with its CUDA libraries, run on the CPU). It never touches the
