@@ -676,7 +676,39 @@ class Bench:
 
         if a.scaling:
             self.scaling(have_ours, env)
+        if have_ours and a.gram_cpu:
+            self.gram_cpu(ckpts, a.gram_cpu, env)
         self.report()
+
+    def gram_cpu(self, ckpts: list[Path], runs: int, env: dict) -> None:
+        """CPU seconds of the Gram pass alone, inline (one worker, OPENBLAS_NUM_THREADS=1): less at the mercy
+        of other jobs than wall time. Compiled kernel vs numpy (RIVERVALLEY_NATIVE=0), alternating, each run
+        a fresh process that warms up with one pass, then times one."""
+        code = (
+            "import sys, time\n"
+            "from extramerge.io import load_checkpoints\n"
+            "from extramerge.trajectory import gram_pass\n"
+            "ck = load_checkpoints(sys.argv[1:])\n"
+            "gram_pass(ck, progress=False, workers=0)\n"
+            "t = time.process_time()\n"
+            "gram_pass(ck, progress=False, workers=0)\n"
+            "print(time.process_time() - t)\n"
+        )
+        out: dict = {"kernel": [], "numpy": []}
+        for _ in range(runs):
+            for key, native in (("numpy", "0"), ("kernel", "1")):
+                e = {**env, "RIVERVALLEY_NATIVE": native, "OPENBLAS_NUM_THREADS": "1"}
+                p = subprocess.run(
+                    [sys.executable, "-c", code, *map(str, ckpts)], env=e, capture_output=True, text=True
+                )
+                if p.returncode:
+                    print(f"  gram pass ({key}) failed: {p.stderr.strip().splitlines()[-1:]}", flush=True)
+                    return
+                out[key].append(float(p.stdout))
+        self.results["gram_cpu_s"] = out
+        for key, v in out.items():
+            times = ", ".join(f"{x:.2f}" for x in v)
+            print(f"  gram pass CPU, inline, {key:<6}: {times} s", flush=True)
 
     def read_passes(self, what: str, run: Run, in_bytes: int) -> None:
         """Bytes read through read()/pread() (rchar) / input bytes. A reader that maps the files (mmap +
@@ -809,6 +841,13 @@ def main() -> None:
     ap.add_argument("--skip-analyze", action="store_true", help="do not run extramerge analyze")
     ap.add_argument(
         "--analyze-only", action="store_true", help="time extramerge analyze alone (no merge contenders)"
+    )
+    ap.add_argument(
+        "--gram-cpu",
+        type=int,
+        default=0,
+        metavar="RUNS",
+        help="also RUNS alternating CPU-second timings of the inline Gram pass, compiled kernel vs numpy",
     )
     ap.add_argument("--scaling", action="store_true", help="also time ours at N = 2, 4, 8, 16")
     ap.add_argument(
