@@ -134,6 +134,27 @@ static inline void stream_tile_f32(float *o, const float *w) {
 #define FTZ_END() ((void)0)
 #endif
 
+/* The updates below are written with explicit fused multiply-adds where the CPU has them. Left to itself,
+ * gcc (-ffast-math, -ffp-contract=fast) contracts `a x + b + c z` into FMAs separately in each copy of a
+ * loop that it makes: the vector body, its narrower vector epilogue and the scalar loop it keeps for
+ * operands that might alias (the loop is versioned on a run-time overlap check of x's row against the
+ * coefficient vectors). Those copies contracted differently, so a row whose buffer happened to lie just
+ * after a coefficient vector in memory (and a tail column) came out 1 ulp off from the same row elsewhere:
+ * the numbers depended on where the allocator put the tensors, not only on (key, draw, row, column).
+ * fma() is one operation that gcc never splits nor re-associates, so every copy rounds alike; without
+ * hardware FMA there is no contraction to differ (test_native checks packed vs separate tensors). */
+#if defined(__FP_FAST_FMA)
+#define RV_FMA_double(a, b, c) fma((a), (b), (c))
+#else
+#define RV_FMA_double(a, b, c) ((a) * (b) + (c))
+#endif
+#if defined(__FP_FAST_FMAF)
+#define RV_FMA_float(a, b, c) fmaf((a), (b), (c))
+#else
+#define RV_FMA_float(a, b, c) ((a) * (b) + (c))
+#endif
+#define RV_FMA(T, a, b, c) RV_FMA_##T(a, b, c)
+
 #define ROW_LOOP(...)                                                                                        \
     FTZ_BEGIN()                                                                                              \
     uint32_t d_lo = (uint32_t)draw, d_hi = (uint32_t)(draw >> 32);                                           \
@@ -184,7 +205,7 @@ void rv_normal_f64(double *out, int64_t ld, int64_t row0, int64_t row1, int64_t 
                     T *xi = xr + j0;                                                                         \
                     const T *hj = h + j0, *gj = g + j0, *sj = sd + j0;                                       \
                     for (int64_t u = 0; u < m; u++)                                                          \
-                        xi[u] = (1 - lr * hj[u]) * xi[u] + lr * gj[u] - lr * sj[u] * (T)z[u];              \
+                        xi[u] = RV_FMA(T, -lr * sj[u], (T)z[u], RV_FMA(T, 1 - lr * hj[u], xi[u], lr * gj[u])); \
                 }                                                                                            \
             }                                                                                                \
             if (copy != 0) {                                                                                 \
@@ -225,7 +246,7 @@ SGD_KERNEL(rv_sgd_steps_f32, float, stream_tile_f32)
                     int64_t m = cols - j0 < TILE ? cols - j0 : TILE;                                         \
                     T *xi = xr + j0;                                                                         \
                     const T *aj = a + j0, *bj = b + j0, *cj = c + j0;                                        \
-                    for (int64_t u = 0; u < m; u++) xi[u] = aj[u] * xi[u] + bj[u] + cj[u] * (T)z[u];         \
+                    for (int64_t u = 0; u < m; u++) xi[u] = RV_FMA(T, cj[u], (T)z[u], RV_FMA(T, aj[u], xi[u], bj[u])); \
                     if (stream && m == TILE) {                                                               \
                         STREAM(o + j0, xi);                                                                  \
                     } else if (o != 0) {                                                                     \

@@ -192,6 +192,47 @@ def test_jumps_kernel_streams_each_result_to_its_slot(dtype, p):
     assert torch.equal(x, y) and out[:, 0].isnan().all()
 
 
+def _packed(x0, vecs):
+    """``vecs`` and then ``x0``'s rows, back to back in one buffer: x's row 0 starts right after the last
+    vector, where gcc's run-time overlap check sends the update loop to its scalar copy."""
+    p = x0.shape[1]
+    buf = torch.empty(len(vecs) * p + x0.numel(), dtype=x0.dtype)
+    parts = [buf[k * p : (k + 1) * p].copy_(v) for k, v in enumerate(vecs)]
+    return buf[len(vecs) * p :].view_as(x0).copy_(x0), parts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("p", [3, 4, 5, 67])
+def test_updates_do_not_depend_on_threads_or_on_where_the_tensors_lie(dtype, p):
+    """Every row gets the same bits whichever thread runs it and wherever x and the coefficient vectors
+    lie in memory: a row right after a vector once took gcc's scalar loop, which contracted
+    a x + b + c ξ into FMAs differently from the vector loop (1 ulp apart, a flaky simulator test)."""
+    gen = torch.Generator().manual_seed(p)
+    s, n = 263, 19  # odd rows, s·p·n ≥ 2^15 for p ≥ 7: split across threads
+    x0 = torch.randn(s, p, generator=gen, dtype=F64).to(dtype)
+    a, b, c = (torch.randn(p, generator=gen, dtype=F64).to(dtype) for _ in range(3))
+    h, sd = a.abs(), c.abs()
+    lrs = torch.linspace(0.3, 0.1, n, dtype=F64)
+    ref = _native.PhiloxNormals(4, threads=1)
+    jumps_ref = torch.empty(s, n, p, dtype=dtype)
+    x_jumps = ref.jumps(x0.clone(), a, b, c, jumps_ref)
+    x_affine = ref.affine(x0.clone(), a, b, c)
+    x_sgd = ref.sgd_steps(x0.clone(), h, b, sd, lrs)
+    for threads in (1, 2, 3):
+        src = _native.PhiloxNormals(4, threads=threads)
+        x, (pa, pb, pc) = _packed(x0, (a, b, c))
+        out = torch.full((s, n, p), math.nan, dtype=dtype)
+        assert torch.equal(src.jumps(x, pa, pb, pc, out), x_jumps)
+        assert torch.equal(out, jumps_ref)
+        x, (pa, pb, pc) = _packed(x0, (a, b, c))
+        assert torch.equal(src.affine(x, pa, pb, pc), x_affine)
+        x, (ph, pg, psd) = _packed(x0, (h, b, sd))
+        assert torch.equal(src.sgd_steps(x, ph, pg, psd, lrs), x_sgd)
+        # and in separate allocations, on any thread split
+        src.draws = 0
+        assert torch.equal(src.jumps(x0.clone(), a, b, c, out), x_jumps)
+
+
 def test_loss_curve_and_checkpoints_on_the_native_path():
     """Loss records and checkpoints cut the native multi-step calls into segments: a record at a checkpoint
     step is that checkpoint's mean loss exactly, the records land on the same steps as on the torch path,
