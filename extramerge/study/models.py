@@ -101,9 +101,8 @@ def build_model(ckpt, source: ModelSource, *, device, root=None):
         except StudyError:
             raise
         except Exception as e:
-            what = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise StudyError(
-                f"--model-factory {source.factory}: failed ({type(e).__name__}: {what})"
+                f"--model-factory {source.factory}: failed ({type(e).__name__}: {_first_line(e)})"
             ) from None
         if not isinstance(model, torch.nn.Module):
             raise StudyError(

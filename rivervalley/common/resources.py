@@ -8,6 +8,7 @@ memory guard without loading torch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 from .formatting import format_bytes
@@ -31,13 +32,8 @@ def return_large_frees(threshold: int = 256 << 10) -> bool:
     block freed (up to 32 MiB), after which the tensors a loop frees and allocates again stay in the heap,
     fragmented: a streamed study's resident memory grew by a third that way (``bench_study_memory``).
     Process-wide and lasting; True where it was set (glibc), False elsewhere."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        return bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1)
+        return _libc().mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1
     except (OSError, AttributeError):  # not glibc: no mallopt
         return False
 
@@ -46,15 +42,18 @@ def trim_heap() -> None:
     """Give the free pages inside glibc's heaps back to the kernel (``malloc_trim(0)``, every arena): what
     ``return_large_frees`` leaves behind, the fragments of smaller blocks freed between allocations that
     stay. A no-op where the C library has no malloc_trim."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
     try:
-        if name:
-            ctypes.CDLL(name).malloc_trim(0)
+        _libc().malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+@functools.cache
+def _libc():
+    """The C library this process runs on (its own symbols: no search, no ldconfig subprocess per call)."""
+    import ctypes
+
+    return ctypes.CDLL(None)
 
 
 def available_memory() -> int | None:
